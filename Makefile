@@ -1,0 +1,55 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Each creates the virtual environment when missing and installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+STATE  ?= .siterecovery
+PYTEST_ARGS ?=
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/$(STATE)/prefect
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: all venv system demo demo-clean test test-fast lint validate clean bench ui ui-stop
+
+all: test
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q -e '.[orchestration,test]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import siterecovery, prefect, paramiko, xxhash, zstandard"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages the tests and the demo use (sshd, rsync, chromium, virsh); skipped when present.
+system:
+	bash scripts/setup-system.sh
+
+validate: venv
+	$(BIN)/siterecovery validate plans
+
+demo: venv system
+	$(BIN)/siterecovery demo
+
+demo-clean: venv
+	$(BIN)/siterecovery demo --clean
+
+lint: venv
+	$(BIN)/ruff check src flows tasks tests bench
+	$(BIN)/mypy
+
+test: venv system lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The unit tier only: no sshd, no Prefect server, no browser.
+test-fast: venv
+	$(BIN)/pytest -m "not sshd and not prefect_server and not browser and not slow" $(PYTEST_ARGS)
+
+bench: venv system
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) $(STATE) .pytest_cache .mypy_cache .ruff_cache

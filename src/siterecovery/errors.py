@@ -1,0 +1,138 @@
+"""The project's one exception tree.
+
+Plan errors are about input (a file, a line, a field); execution errors are about the estate (a VM,
+a host, an operation) and always say what to do next. Every exception survives pickling, because
+Prefect serialises task exceptions between processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class SiteRecoveryError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.fields))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[SiteRecoveryError], message: str, fields: dict[str, Any]) -> SiteRecoveryError:
+    err = cls.__new__(cls)
+    SiteRecoveryError.__init__(err, message, **fields)
+    for key, value in fields.items():
+        setattr(err, key, value)
+    return err
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One thing wrong with an input file, located precisely enough to jump to."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        field = f" {self.path}:" if self.path else ""
+        return f"{where}:{field} {self.message}"
+
+
+class PlanError(SiteRecoveryError):
+    """Input that cannot be used: every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem] | tuple[Problem, ...]) -> None:
+        probs = tuple(sorted(set(problems)))
+        lines = "\n".join(f"  {p}" for p in probs)
+        noun = "problem" if len(probs) == 1 else "problems"
+        super().__init__(f"{len(probs)} {noun} found:\n{lines}", problems=probs)
+        self.problems = probs
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PlanError, (self.problems,))
+
+
+class ExecutionError(SiteRecoveryError):
+    """Something went wrong while acting on the estate.
+
+    Carries the VM, host and operation it concerns and a hint that tells the operator what to do next.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        vm: str | None = None,
+        host: str | None = None,
+        operation: str | None = None,
+        hint: str | None = None,
+        error_id: str | None = None,
+    ) -> None:
+        parts = [message]
+        ctx = ", ".join(f"{k}={v}" for k, v in (("vm", vm), ("host", host), ("operation", operation)) if v)
+        if ctx:
+            parts.append(f"[{ctx}]")
+        if error_id:
+            parts.append(f"(error id: {error_id})")
+        if hint:
+            parts.append(f"Next: {hint}")
+        super().__init__(
+            " ".join(parts), vm=vm, host=host, operation=operation, hint=hint, error_id=error_id
+        )
+        self.vm = vm
+        self.host = host
+        self.operation = operation
+        self.hint = hint
+        self.error_id = error_id
+
+
+class FabricError(ExecutionError):
+    """A fabric refused or failed an operation."""
+
+
+class TransientFabricError(FabricError):
+    """A failure worth retrying: connection lost, timeout, host busy."""
+
+
+class InvalidStateError(FabricError):
+    """The VM is not in a state that allows the operation."""
+
+
+class NotFoundError(FabricError):
+    """A VM, host or recovery point does not exist."""
+
+
+class HostKeyError(ExecutionError):
+    """An SSH host key is unknown or does not match what the topology pins."""
+
+
+class ConnectionFailed(TransientFabricError):
+    """A host could not be reached."""
+
+
+class ScriptError(ExecutionError):
+    """A plan's script failed, timed out or could not be started."""
+
+
+class ApprovalRejected(ExecutionError):
+    """A manual action was rejected by its approver."""
+
+
+class ApprovalTimedOut(ExecutionError):
+    """Nobody answered a manual action before its timeout."""
+
+
+class ConfigurationError(SiteRecoveryError):
+    """The environment is not set up as required (a missing credential, an unknown fabric kind)."""

@@ -1,0 +1,116 @@
+"""Protection: replication policies, cloud pairings, network and storage mappings.
+
+A pairing protects one cloud with another under one policy, as in the source documents. Which
+values a policy may take depends on the fabric (Hyper-V accepts exactly 30, 300 or 900 s copy
+frequency; the built-in engine anything from 5 s); that check needs the topology and lives in
+validate.py.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from .common import Frozen, Name, Slug
+
+
+class NetworkInitial(Frozen):
+    method: Literal["network"] = "network"
+    start_at: datetime | None = Field(None, description="schedule the copy; within 7 days")
+
+
+class OfflineInitial(Frozen):
+    method: Literal["offline"]
+    export_path: str = Field(..., min_length=1, description="where the primary exports the initial copy")
+    import_path: str = Field(..., min_length=1, description="where the replica site imports it from")
+
+
+class ExistingReplicaInitial(Frozen):
+    method: Literal["existing_replica"]
+
+
+InitialReplication = Annotated[
+    NetworkInitial | OfflineInitial | ExistingReplicaInitial, Field(discriminator="method")
+]
+
+
+class ReplicationPolicy(Frozen):
+    name: Name
+    copy_frequency_seconds: int = Field(300, ge=1)
+    recovery_history_hours: int = Field(0, ge=0, le=24)
+    app_consistent_frequency_hours: int | None = Field(None, ge=1, le=12)
+    compression: bool = True
+    initial_replication: InitialReplication = NetworkInitial()
+    delete_replica_on_disable: bool = False
+    rpo_threshold_seconds: int | None = Field(None, ge=1, description="alert above this; default 2x copy frequency")
+    authentication: Literal["kerberos", "certificate"] = "kerberos"
+    certificate_thumbprint: str | None = None
+    resync_window: tuple[str, str] | None = Field(None, description="off-hours window, 'HH:MM' local pair")
+
+    @property
+    def rpo_threshold(self) -> int:
+        return self.rpo_threshold_seconds or 2 * self.copy_frequency_seconds
+
+    @model_validator(mode="after")
+    def _coherent(self) -> ReplicationPolicy:
+        if self.app_consistent_frequency_hours is not None:
+            if self.recovery_history_hours == 0:
+                raise ValueError("app_consistent_frequency_hours needs recovery_history_hours above 0")
+            if self.app_consistent_frequency_hours >= self.recovery_history_hours:
+                raise ValueError(
+                    f"app_consistent_frequency_hours ({self.app_consistent_frequency_hours}) must be below "
+                    f"recovery_history_hours ({self.recovery_history_hours})"
+                )
+        if self.authentication == "certificate" and not self.certificate_thumbprint:
+            raise ValueError("certificate authentication needs certificate_thumbprint")
+        if self.resync_window is not None:
+            for t in self.resync_window:
+                hh, _, mm = t.partition(":")
+                if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60 and len(mm) == 2):
+                    raise ValueError(f"resync_window time '{t}' is not HH:MM")
+        return self
+
+
+class Pairing(Frozen):
+    name: Slug
+    protected_cloud: Name
+    protecting_cloud: Name
+    policy: Name
+
+
+class NetworkMapping(Frozen):
+    source: Name
+    target: Name
+
+
+class StorageMapping(Frozen):
+    source: Name
+    target: Name
+
+
+class Protection(Frozen):
+    kind: Literal["Protection"] = "Protection"
+    policies: tuple[ReplicationPolicy, ...] = ()
+    pairings: tuple[Pairing, ...] = ()
+    network_mappings: tuple[NetworkMapping, ...] = ()
+    storage_mappings: tuple[StorageMapping, ...] = ()
+
+    def policy(self, name: str) -> ReplicationPolicy:
+        for p in self.policies:
+            if p.name == name:
+                return p
+        raise KeyError(f"unknown policy '{name}'")
+
+    def pairing(self, name: str) -> Pairing:
+        for p in self.pairings:
+            if p.name == name:
+                return p
+        raise KeyError(f"unknown pairing '{name}' (known: {', '.join(p.name for p in self.pairings) or 'none'})")
+
+    def pairing_for(self, source_cloud: str, target_cloud: str) -> Pairing | None:
+        for p in self.pairings:
+            if (p.protected_cloud, p.protecting_cloud) == (source_cloud, target_cloud):
+                return p
+        return None

@@ -1,0 +1,230 @@
+"""The estate: sites, hosts, clouds, VMs, VM networks and storage.
+
+Mirrors the source documents' VMM vocabulary (clouds of host groups, VM networks with subnets,
+storage classifications) so that mapping rules can be written the way those documents state them.
+Credentials are references only: a Prefect Secret block name or an environment variable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .common import FabricKind, Frozen, Name
+
+
+class Credential(Frozen):
+    """Where a host's secret lives. Exactly one of the two; never the secret itself."""
+
+    secret_block: Name | None = Field(None, description="name of a Prefect Secret block")
+    env: Name | None = Field(None, description="name of an environment variable")
+    kind: Literal["password", "private_key"] = "private_key"
+    key_file: str | None = Field(None, description="path of a private key file on the orchestrator")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Credential:
+        sources = [s for s in (self.secret_block, self.env, self.key_file) if s]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of secret_block, env or key_file")
+        return self
+
+
+class ReplicaServer(Frozen):
+    """Hyper-V replica server settings of a host (Set-VMReplicationServer)."""
+
+    port: int = Field(80, ge=1, le=65535)
+    authentication: Literal["kerberos", "certificate"] = "kerberos"
+    certificate_thumbprint: str | None = None
+    allowed_primaries: tuple[Name, ...] = Field((), description="hosts allowed to replicate here; empty: any")
+    storage_location: str | None = None
+
+    @model_validator(mode="after")
+    def _thumbprint(self) -> ReplicaServer:
+        if self.authentication == "certificate" and not self.certificate_thumbprint:
+            raise ValueError("certificate authentication needs certificate_thumbprint")
+        if self.authentication == "kerberos" and self.certificate_thumbprint:
+            raise ValueError("kerberos authentication takes no certificate_thumbprint")
+        return self
+
+
+class Host(Frozen):
+    name: Name
+    site: Name
+    fabric: FabricKind
+    address: str = Field(..., min_length=1, max_length=255)
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field("root", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._\\@-]+$")
+    host_key: str | None = Field(None, description="pinned public key, 'ssh-ed25519 AAAA...'")
+    known_hosts: str | None = Field(None, description="known_hosts file to verify against")
+    credential: Credential | None = None
+    default_storage: str | None = Field(None, description="where replicas go when no storage mapping applies")
+    replica_server: ReplicaServer | None = None
+    max_active_transfers: int = Field(3, ge=1, le=64)
+    broker: bool = Field(False, description="a Hyper-V Replica Broker client access point")
+    root: str | None = Field(None, description="linux fabric: the site's state directory on this host")
+
+    @field_validator("host_key")
+    @classmethod
+    def _key_shape(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = v.split()
+        if len(parts) < 2 or not parts[0].startswith(("ssh-", "ecdsa-")):
+            raise ValueError("host_key must look like '<type> <base64>' (e.g. 'ssh-ed25519 AAAA...')")
+        return v
+
+
+class CapacityProfile(Frozen):
+    vcpus: int | None = Field(None, ge=0)
+    memory_gb: float | None = Field(None, ge=0)
+    storage_gb: float | None = Field(None, ge=0)
+
+
+class HostGroup(Frozen):
+    name: Name
+    hosts: tuple[Name, ...] = Field(..., min_length=1)
+
+
+class Cloud(Frozen):
+    name: Name
+    site: Name
+    host_groups: tuple[HostGroup, ...] = Field(..., min_length=1)
+    capacity: CapacityProfile = CapacityProfile()
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(h for g in self.host_groups for h in g.hosts)
+
+
+class IPPool(Frozen):
+    start: ipaddress.IPv4Address
+    end: ipaddress.IPv4Address
+
+    @model_validator(mode="after")
+    def _order(self) -> IPPool:
+        if int(self.end) < int(self.start):
+            raise ValueError("pool end is before its start")
+        return self
+
+
+class Subnet(Frozen):
+    name: Name
+    cidr: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address | None = None
+    dns: tuple[ipaddress.IPv4Address, ...] = ()
+    pool: IPPool | None = None
+
+    @model_validator(mode="after")
+    def _inside(self) -> Subnet:
+        if self.gateway is not None and self.gateway not in self.cidr:
+            raise ValueError(f"gateway {self.gateway} is outside {self.cidr}")
+        if self.pool is not None and (self.pool.start not in self.cidr or self.pool.end not in self.cidr):
+            raise ValueError(f"pool {self.pool.start}-{self.pool.end} is outside {self.cidr}")
+        return self
+
+
+class VMNetwork(Frozen):
+    name: Name
+    site: Name
+    subnets: tuple[Subnet, ...] = Field(..., min_length=1)
+    isolated: bool = Field(False, description="an isolated network for test failovers")
+    switch: str | None = Field(None, description="Hyper-V virtual switch (or linux bridge) backing it")
+
+    def subnet(self, name: str) -> Subnet | None:
+        return next((s for s in self.subnets if s.name == name), None)
+
+
+class StorageClassification(Frozen):
+    name: Name
+    site: Name
+    locations: tuple[str, ...] = Field(..., min_length=1, description="SMB shares, CSVs or directories")
+    hosts: tuple[Name, ...] = Field((), description="hosts that reach these locations; empty: every host of the site")
+
+
+class FailoverIP(Frozen):
+    """A static address injected at failover (Set-VMNetworkAdapterFailoverConfiguration)."""
+
+    address: ipaddress.IPv4Address
+    prefix_length: int = Field(..., ge=1, le=32)
+    gateway: ipaddress.IPv4Address | None = None
+    dns: tuple[ipaddress.IPv4Address, ...] = ()
+
+
+class NIC(Frozen):
+    name: Name = "eth0"
+    network: Name
+    subnet: Name
+    address: ipaddress.IPv4Address | None = None
+    failover_ip: FailoverIP | None = None
+    failback_ip: FailoverIP | None = None
+
+
+class Disk(Frozen):
+    name: Name
+    path: str = Field(..., min_length=1, max_length=1024)
+    size_bytes: int | None = Field(None, ge=0)
+    classification: Name | None = None
+
+
+class Compute(Frozen):
+    """How a linux-fabric VM runs: a process started with its disks, or a libvirt domain."""
+
+    backend: Literal["process", "libvirt"] = "process"
+    command: tuple[str, ...] = Field((), description="argv; jinja2 placeholders: disks, vm, site, network")
+    domain: str | None = None
+    freeze: tuple[str, ...] = Field((), description="argv that makes the disks consistent before a point")
+    thaw: tuple[str, ...] = ()
+    health: tuple[str, ...] = Field((), description="argv that exits 0 once the VM is healthy")
+
+
+class VM(Frozen):
+    name: Name
+    host: Name
+    cloud: Name
+    disks: tuple[Disk, ...] = ()
+    nics: tuple[NIC, ...] = ()
+    replica_host: Name | None = Field(None, description="pin the replica's host; default: chosen by storage mapping")
+    compute: Compute | None = None
+    quiesce: tuple[str, ...] = Field((), description="argv run before an app-consistent point")
+    memory_mb: int | None = Field(None, ge=0)
+    vcpus: int | None = Field(None, ge=0)
+
+
+class Site(Frozen):
+    name: Name
+    description: str = ""
+
+
+class Topology(Frozen):
+    kind: Literal["Topology"] = "Topology"
+    sites: tuple[Site, ...] = Field(..., min_length=1)
+    hosts: tuple[Host, ...] = ()
+    clouds: tuple[Cloud, ...] = ()
+    vm_networks: tuple[VMNetwork, ...] = ()
+    storage_classifications: tuple[StorageClassification, ...] = ()
+    vms: tuple[VM, ...] = ()
+
+    def host(self, name: str) -> Host:
+        return _find(self.hosts, name, "host")
+
+    def vm(self, name: str) -> VM:
+        return _find(self.vms, name, "VM")
+
+    def cloud(self, name: str) -> Cloud:
+        return _find(self.clouds, name, "cloud")
+
+    def network(self, name: str) -> VMNetwork:
+        return _find(self.vm_networks, name, "VM network")
+
+    def classification(self, name: str) -> StorageClassification:
+        return _find(self.storage_classifications, name, "storage classification")
+
+
+def _find(items: tuple, name: str, what: str):  # type: ignore[no-untyped-def,type-arg]
+    for item in items:
+        if item.name == name:
+            return item
+    known = ", ".join(sorted(i.name for i in items)) or "none"
+    raise KeyError(f"unknown {what} '{name}' (known: {known})")

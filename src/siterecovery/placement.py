@@ -1,0 +1,57 @@
+"""Resolve where each VM of a pairing or plan lives and where it fails over to, in one direction.
+
+This is the single place that turns a project (topology + protection) into the Placement a fabric
+driver acts on: the replica host from storage mapping, disk locations, NIC networks and IPs from the
+network mapping, and the isolated test network of the target site.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from .fabric.base import Placement
+from .mapping import place_disks, place_nic, replica_host
+from .model import Direction, Pairing, RecoveryPlan
+from .project import Project
+
+
+def test_network(project: Project, site: str) -> str | None:
+    """The isolated network test failovers use at `site`: its switch name, else its name."""
+    for net in project.topology.vm_networks:
+        if net.site == site and net.isolated:
+            return net.switch or net.name
+    return None
+
+
+def pairing_placements(project: Project, pairing: Pairing, direction: Direction = Direction.forward,
+                       vms: list[str] | None = None) -> dict[str, Placement]:
+    """Placements of the VMs of a pairing's protected cloud (or the named subset), in plan order of names."""
+    t, pr = project.topology, project.protection
+    policy = pr.policy(pairing.policy)
+    taken: set[ipaddress.IPv4Address] = set()
+    out: dict[str, Placement] = {}
+    members = [v for v in t.vms if v.cloud == pairing.protected_cloud]
+    if vms is not None:
+        unknown = sorted(set(vms) - {v.name for v in members})
+        if unknown:
+            raise KeyError(f"not in cloud '{pairing.protected_cloud}' of pairing '{pairing.name}': {', '.join(unknown)}")
+        members = [v for v in members if v.name in vms]
+    for vm in members:
+        primary = t.host(vm.host)
+        replica = t.host(replica_host(vm, t, pr, pairing.protecting_cloud))
+        nics = tuple(place_nic(n, t, pr, direction, taken) for n in vm.nics)
+        disks = place_disks(vm, t, pr, replica.name)
+        source, target = (primary, replica) if direction == Direction.forward else (replica, primary)
+        out[vm.name] = Placement(
+            vm=vm.name, pairing=pairing.name, direction=direction, source=source, target=target, policy=policy,
+            disks=disks, nics=nics, compute=vm.compute, quiesce=vm.quiesce,
+            test_network=test_network(project, target.site),
+        )
+    return out
+
+
+def plan_placements(project: Project, plan: RecoveryPlan, direction: Direction = Direction.forward) -> dict[str, Placement]:
+    pairing = project.protection.pairing_for(plan.source, plan.target)
+    if pairing is None:
+        raise KeyError(f"plan '{plan.name}': {plan.source} -> {plan.target} is not a configured pairing")
+    return pairing_placements(project, pairing, direction, list(plan.vm_names))
