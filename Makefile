@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/pip install -q -e '.[orchestration,test]' 2>&1 | grep -v "^WARNING: Location" || true
+	mkdir -p $(PREFECT_HOME)
 	$(BIN)/python -c "import siterecovery, prefect, paramiko, xxhash, zstandard"
 	touch $(STAMP)
 

@@ -110,11 +110,11 @@ def hosts_reaching(topology: Topology, classification: str, candidates: Iterable
     return [h for h in cands if h in cls.hosts]
 
 
-def replica_host(vm: VM, topology: Topology, protection: Protection, protecting_cloud: str) -> str:
-    """Where the replica lives: the VM's pin, else the first host of the protecting cloud that reaches
-    the mapped storage of all the VM's classified disks, else the cloud's first host."""
+def replica_candidates(vm: VM, topology: Topology, protection: Protection, protecting_cloud: str) -> list[str]:
+    """Hosts that may hold the replica: the VM's pin, else the hosts of the protecting cloud that reach
+    the mapped storage of the VM's classified disks (all of the cloud's hosts when none does)."""
     if vm.replica_host:
-        return vm.replica_host
+        return [vm.replica_host]
     hosts = list(topology.cloud(protecting_cloud).hosts)
     for d in vm.disks:
         tcls = target_classification(d.classification, protection)
@@ -122,7 +122,7 @@ def replica_host(vm: VM, topology: Topology, protection: Protection, protecting_
             reach = hosts_reaching(topology, tcls, hosts)
             if reach:
                 hosts = reach
-    return hosts[0]
+    return hosts
 
 
 def place_disks(vm: VM, topology: Topology, protection: Protection, target_host: str) -> tuple[DiskPlacement, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 
 from .fabric.base import Placement
-from .mapping import place_disks, place_nic, replica_host
+from .mapping import place_disks, place_nic, replica_candidates
 from .model import Direction, Pairing, RecoveryPlan
 from .project import Project
 
@@ -28,23 +28,29 @@ def pairing_placements(project: Project, pairing: Pairing, direction: Direction 
     """Placements of the VMs of a pairing's protected cloud (or the named subset), in plan order of names."""
     t, pr = project.topology, project.protection
     policy = pr.policy(pairing.policy)
-    taken: set[ipaddress.IPv4Address] = set()
-    out: dict[str, Placement] = {}
     members = [v for v in t.vms if v.cloud == pairing.protected_cloud]
     if vms is not None:
         unknown = sorted(set(vms) - {v.name for v in members})
         if unknown:
             raise KeyError(f"not in cloud '{pairing.protected_cloud}' of pairing '{pairing.name}': {', '.join(unknown)}")
-        members = [v for v in members if v.name in vms]
+    # Every VM of the cloud is placed, in topology order, so that a VM gets the same replica host and
+    # pool address whichever subset is asked for.
+    taken: set[ipaddress.IPv4Address] = set()
+    load: dict[str, int] = {}
+    out: dict[str, Placement] = {}
     for vm in members:
-        primary = t.host(vm.host)
-        replica = t.host(replica_host(vm, t, pr, pairing.protecting_cloud))
+        # Spread replicas: the least-loaded candidate host, in the cloud's host order on a tie.
+        cands = replica_candidates(vm, t, pr, pairing.protecting_cloud)
+        chosen = min(cands, key=lambda h: (load.get(h, 0), cands.index(h)))
+        load[chosen] = load.get(chosen, 0) + 1
+        primary, replica = t.host(vm.host), t.host(chosen)
         nics = tuple(place_nic(n, t, pr, direction, taken) for n in vm.nics)
-        disks = place_disks(vm, t, pr, replica.name)
+        if vms is not None and vm.name not in vms:
+            continue
         source, target = (primary, replica) if direction == Direction.forward else (replica, primary)
         out[vm.name] = Placement(
             vm=vm.name, pairing=pairing.name, direction=direction, source=source, target=target, policy=policy,
-            disks=disks, nics=nics, compute=vm.compute, quiesce=vm.quiesce,
+            disks=place_disks(vm, t, pr, replica.name), nics=nics, compute=vm.compute, quiesce=vm.quiesce,
             test_network=test_network(project, target.site),
         )
     return out

@@ -15,7 +15,7 @@ from .errors import Problem
 from .model import FabricKind, RecoveryPlan
 from .project import PlanSource, Project
 from .render import check_template
-from .yamlload import SourceMap
+from .yamlload import Path_, SourceMap
 
 HYPERV_FREQUENCIES = (30, 300, 900)
 LINUX_MIN_FREQUENCY = 5
@@ -66,7 +66,7 @@ def check_topology(p: Project) -> list[Problem]:
         kinds = set()
         for g, hg in enumerate(c.host_groups):
             for j, hn in enumerate(hg.hosts):
-                loc = ("clouds", i, "host_groups", g, "hosts", j)
+                loc: Path_ = ("clouds", i, "host_groups", g, "hosts", j)
                 if hn not in hosts:
                     out.append(src.problem(loc, _unknown("host", hn, set(hosts))))
                     continue
@@ -84,10 +84,10 @@ def check_topology(p: Project) -> list[Problem]:
             if s.name in seen:
                 out.append(src.problem(("vm_networks", i, "subnets", j, "name"), f"subnet '{s.name}' is defined twice"))
             seen.add(s.name)
-    for i, c in enumerate(t.storage_classifications):
-        if c.site not in sites:
-            out.append(src.problem(("storage_classifications", i, "site"), _unknown("site", c.site, sites)))
-        for j, hn in enumerate(c.hosts):
+    for i, sc in enumerate(t.storage_classifications):
+        if sc.site not in sites:
+            out.append(src.problem(("storage_classifications", i, "site"), _unknown("site", sc.site, sites)))
+        for j, hn in enumerate(sc.hosts):
             if hn not in hosts:
                 out.append(src.problem(("storage_classifications", i, "hosts", j), _unknown("host", hn, set(hosts))))
     for i, vm in enumerate(t.vms):
@@ -247,7 +247,7 @@ def check_plan(p: Project, ps: PlanSource) -> list[Problem]:
             out.append(src.problem(("groups", gi, "name"), f"group '{g.name}' is defined twice (first at groups[{gnames[g.name]}])"))
         gnames.setdefault(g.name, gi)
         for vi, gvm in enumerate(g.vms):
-            loc = ("groups", gi, "vms", vi)
+            loc: Path_ = ("groups", gi, "vms", vi)
             if gvm.name not in vms:
                 out.append(src.problem(loc, _unknown("VM", gvm.name, set(vms))))
             elif vms[gvm.name].cloud != plan.source:
@@ -300,7 +300,7 @@ def check_plans_together(p: Project) -> list[Problem]:
     """A VM must not play opposite roles in two plans (protected in one direction here, the other there)."""
     out: list[Problem] = []
     role: dict[str, tuple[str, RecoveryPlan]] = {}
-    for name, ps in sorted(p.plans.items()):
+    for _name, ps in sorted(p.plans.items()):
         for gi, g in enumerate(ps.plan.groups):
             for vi, vm in enumerate(g.vm_names):
                 pair = f"{ps.plan.source} -> {ps.plan.target}"

@@ -110,7 +110,7 @@ class MemoryFabric:
         still records its call and uses up its injected fault."""
         with self._lock:
             if self.state_file is None:
-                st = {"vms": {k: asdict(v) for k, v in self._vms.items()},
+                st: dict[str, Any] = {"vms": {k: asdict(v) for k, v in self._vms.items()},
                       "faults": {f"{k[0]}|{k[1]}": v for k, v in self._faults.items()},
                       "unreachable": sorted(self.unreachable), "calls": []}
                 try:
@@ -127,6 +127,7 @@ class MemoryFabric:
                 fcntl.flock(lockf, fcntl.LOCK_EX)
                 try:
                     st = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+                    assert isinstance(st, dict)
                     for key, empty in (("vms", {}), ("faults", {}), ("unreachable", []), ("calls", [])):
                         st.setdefault(key, empty)
                     before = len(st["calls"])

@@ -1,0 +1,5 @@
+"""`python -m siterecovery` is the CLI."""
+
+from .cli import main
+
+main()

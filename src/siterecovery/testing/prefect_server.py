@@ -1,0 +1,109 @@
+"""Start and stop a real Prefect server on 127.0.0.1 as a subprocess, with its own PREFECT_HOME.
+
+Anything interactive (pause and resume, deployments, schedules, the UI) is tested against a real
+server, not the ephemeral one. Used by the test suite, `make ui` and the demo. Never imports prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_env(home: Path, api_url: str | None = None) -> dict[str, str]:
+    """Environment for the server and for its clients: analytics off (it causes SQLite's
+    `database is locked`), a private PREFECT_HOME, fast polling so tests do not wait 10 s."""
+    env = dict(os.environ)
+    env.update({
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": env.get("PREFECT_UI_ENABLED", "true"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
+    })
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+@dataclass
+class PrefectServer:
+    home: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+    def env(self) -> dict[str, str]:
+        return server_env(self.home, self.api_url)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:  # noqa: S310 - loopback only
+                return r.status == 200 and json.loads(r.read() or b"false") is True
+        except (OSError, ValueError):
+            return False
+
+    def start(self, timeout: float = 120.0, log: Path | None = None) -> PrefectServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        logf = open(log or self.home / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
+        exe = Path(sys.executable).with_name("prefect")
+        cmd = [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = subprocess.Popen(cmd, env=server_env(self.home), stdout=logf, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prefect server exited with {self.process.returncode}; see {logf.name}")
+            if self.healthy():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"prefect server not healthy after {timeout:.0f}s; see {logf.name}")
+
+    def stop(self, grace: float = 15.0) -> None:
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        # The server starts uvicorn and services in its own session: signal the whole group.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def running_server(home: Path, port: int | None = None, timeout: float = 120.0) -> Iterator[PrefectServer]:
+    """A real Prefect server for the duration of the block."""
+    server = PrefectServer(home, port or free_port()).start(timeout)
+    try:
+        yield server
+    finally:
+        server.stop()
