@@ -6,7 +6,6 @@ Exit codes: 0 success, 1 problems found (or the operation failed), 2 usage error
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -120,16 +119,23 @@ def show(
         out.print("[dim]cleanup steps run after the drill, and also when anything fails[/]")
 
 
+def _load_commands() -> None:
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
+        importlib.import_module(f"{commands.__name__}.{mod}")
+
+
 def main() -> None:
+    _load_commands()
     try:
         app()
     except SiteRecoveryError as exc:
         err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
         sys.exit(1)
-
-
-def _json(obj: object) -> str:
-    return json.dumps(obj, indent=2, default=str)
 
 
 if __name__ == "__main__":
