@@ -773,7 +773,7 @@ class HyperVFabric:
                 or (auth == "Kerberos" and cur.kerberos_port != rs.port)
                 or (auth == "Certificate" and (cur.certificate_port != rs.port
                                                or cur.thumbprint.lower() != (rs.certificate_thumbprint or "").lower()))
-                or (storage and cur.storage != storage)):
+                or (want_any and storage and cur.storage != storage)):
             params: dict[str, Any] = {"ReplicationEnabled": True, "AllowedAuthenticationType": auth,
                                       "ReplicationAllowedFromAnyServer": want_any}
             if auth == "Kerberos":
@@ -821,7 +821,8 @@ class HyperVFabric:
         if st.simple is not None:
             if st.mode == "Primary" and st.simple.replica.lower() == _server_name(p.target).lower():
                 return result(p, op, False, S(st.state), "replication already enabled", t0, host=p.source.name)
-            raise self._invalid(p, p.source, op, st, f"no replication, or replication to {p.target.name}")
+            # Enabled toward another host: send the cmdlet anyway so the host answers its own error
+            # (VMReplication_AlreadyEnabled) rather than one we made up.
         if p.policy.initial_replication.method == "existing_replica":
             # The replica VM already exists (restored from a backup): make it a replica first, so the
             # primary's Enable-VMReplication pairs with it instead of creating a new one.
@@ -851,7 +852,8 @@ class HyperVFabric:
             st = self._act(p.source, p.vm, op, [cmd("Start-VMInitialReplication", VM=Var("vm"), **params)])
             changed = True
         elif st.state != S.InitialReplicationInProgress.value:
-            raise self._invalid(p, p.source, op, st, "ReadyForInitialReplication")
+            # Wrong state or mode: let Hyper-V refuse with its documented error.
+            self._act(p.source, p.vm, op, [cmd("Start-VMInitialReplication", VM=Var("vm"))])
         if init.method == "offline":
             rst = self.vm_state(p.target, p.vm, op)
             if rst.state == S.WaitingForInitialReplication.value:
@@ -931,6 +933,13 @@ class HyperVFabric:
         m = next((x for x in st.measures if x.relationship == "Simple"), None)
         last = rel.last_replication if rel else None
         details = "; ".join(m.details) if m else ""
+        test_active = bool(rel and rel.test_vm)
+        try:
+            # Test failovers live on the replica: only its Get-VMReplication names the test VM.
+            rst = self.vm_state(p.target, p.vm, "replication_health")
+            test_active = test_active or bool(rst.simple and rst.simple.test_vm)
+        except FabricError:
+            pass  # health of the primary is still worth reporting with the replica host down
         return ReplicationHealth(
             vm=p.vm, state=S(st.state), health=Health(rel.health) if rel else Health.NotApplicable,
             mode=ReplicationMode(st.mode), primary_host=rel.primary or None if rel else None,
@@ -939,7 +948,7 @@ class HyperVFabric:
             missed_cycles=m.missed if m else 0,
             current_rpo_seconds=(utcnow() - last).total_seconds() if last else None,
             resync_required=st.state == S.WaitingForStartResynchronize.value or "Resynchronization is required"
-            in details, test_failover_active=bool(rel and rel.test_vm), details=details)
+            in details, test_failover_active=test_active, details=details)
 
     def recovery_points(self, p: Placement) -> tuple[RecoveryPoint, ...]:
         return self.vm_state(p.target, p.vm, "recovery_points").points
@@ -996,9 +1005,10 @@ class HyperVFabric:
         st = self.vm_state(p.source, p.vm, op)
         if st.state == S.PreparedForFailover.value:
             return result(p, op, False, S(st.state), "already prepared", t0, host=p.source.name)
-        if st.mode != "Primary" or st.state != S.Replicating.value:
-            raise self._invalid(p, p.source, op, st, "Primary/Replicating")
-        lines = [cmd("Stop-VM", VM=Var("vm"))] if st.power != "Off" else []
+        # Shut the VM down only when the prepare can succeed; otherwise send the prepare alone and let
+        # Hyper-V refuse it (InvalidState), so a wrong call never stops a production VM.
+        ready = st.mode == "Primary" and st.state == S.Replicating.value
+        lines = [cmd("Stop-VM", VM=Var("vm"))] if st.power != "Off" and ready else []
         lines.append(cmd("Start-VMFailover", VM=Var("vm"), Prepare=SWITCH, Confirm=NO_CONFIRM))
         st = self._act(p.source, p.vm, op, lines)
         return result(p, op, True, S(st.state), "primary shut down, pending changes sent", t0, host=p.source.name)
@@ -1058,13 +1068,21 @@ class HyperVFabric:
                 st = self._act(p.target, p.vm, op, [cmd("Start-VMInitialReplication", VM=Var("vm"))])
                 return result(p, op, True, S(st.state), "reverse initial replication started", t0)
             return result(p, op, False, S(st.state), "replication already reversed", t0)
+        if st.state not in (S.FailedOverWaitingCompletion.value, S.FailedOver.value):
+            # Not failed over: never touch the old primary; Hyper-V refuses the reverse itself.
+            self._act(p.target, p.vm, op, [cmd("Set-VMReplication", VM=Var("vm"), Reverse=SWITCH,
+                                               ReplicaServerName=old)])
         src = self.vm_state(p.source, p.vm, op)
         if src.state == S.PreparedForFailover.value:
             st = self._act(p.target, p.vm, op, [cmd("Set-VMReplication", VM=Var("vm"), Reverse=SWITCH,
                                                     ReplicaServerName=old)])
             return result(p, op, True, S(st.state), f"now replicating {p.target.name} -> {p.source.name}", t0)
         if not (src.mode == "Replica" and src.state == S.WaitingForInitialReplication.value):
-            self._act(p.source, p.vm, op, [cmd("Set-VMReplication", VM=Var("vm"), AsReplica=SWITCH)])
+            # The old primary may have come back running (it crashed, someone started it): it must be
+            # off before it can become a replica.
+            off = [cmd("Stop-VM", VM=Var("vm"), TurnOff=SWITCH, Force=SWITCH)] if src.power != "Off" else []
+            self._act(p.source, p.vm, op, [*off, cmd("Set-VMReplication", VM=Var("vm"), AsReplica=SWITCH,
+                                                     AllowedPrimaryServer=_server_name(p.target))])
         st = self._act(p.target, p.vm, op, [cmd("Set-VMReplication", VM=Var("vm"), Reverse=SWITCH,
                                                 ReplicaServerName=old),
                                             cmd("Start-VMInitialReplication", VM=Var("vm"))])
@@ -1143,7 +1161,6 @@ class HyperVFabric:
                     self._act(p.target, p.vm, op, [cmd("Start-VMInitialReplication", VM=Var("vm"))])
                     return result(p, op, True, S(st.state), "extended initial replication started", t0)
                 return result(p, op, False, S(st.state), "extended replication already enabled", t0)
-            raise self._invalid(p, p.target, op, st, "no extended relationship to another host")
         rs = extended.replica_server
         cert = p.policy.authentication == "certificate"
         st = self._act(p.target, p.vm, op, [
