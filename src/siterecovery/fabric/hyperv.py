@@ -663,7 +663,7 @@ class HyperVFabric:
 
     # ---- transport ---------------------------------------------------------------------------
     def _client(self, host: Host) -> paramiko.SSHClient:
-        key = f"{host.name}|{host.address}|{host.port}|{host.user}"
+        key = host.model_dump_json()  # a different pinned key or credential is a different connection
         with self._lock:
             c = self._clients.get(key)
             t = c.get_transport() if c is not None else None
@@ -676,7 +676,7 @@ class HyperVFabric:
             return c
 
     def _drop(self, host: Host) -> None:
-        key = f"{host.name}|{host.address}|{host.port}|{host.user}"
+        key = host.model_dump_json()
         with self._lock:
             c = self._clients.pop(key, None)
         if c is not None:
@@ -1177,7 +1177,9 @@ class HyperVFabric:
         """After failing A over to B without reversing: B becomes the primary toward C (Resume -Continue)."""
         t0, op = utcnow(), "continue_extended_replication"
         st = self.vm_state(p.target, p.vm, op)
-        if st.mode == "Primary" and st.extended is None:
+        # Done already: B is now a primary replicating onward (to C), not back to the old primary.
+        if st.mode == "Primary" and st.extended is None and st.simple is not None \
+                and st.simple.replica.lower() != _server_name(p.source).lower():
             return result(p, op, False, S(st.state), "already replicating onward", t0)
         st = self._act(p.target, p.vm, op, [cmd("Resume-VMReplication", VM=Var("vm"), Continue=SWITCH)])
         return result(p, op, True, S(st.state), "extended replication continues from the failed-over replica", t0)

@@ -540,6 +540,15 @@ class HyperVSimulator:
                 for r in (vm.rel, replica.rel):
                     r.last_replication, r.successful = when, r.successful + 1
 
+    def add_checkpoint(self, host: str, name: str) -> Snapshot:
+        """A Standard checkpoint (not a recovery point): failing over to it must be refused."""
+        with self.lock:
+            vm = self.vm(host, name)
+            snap = Snapshot(id=str(uuid.uuid4()), name=f"{vm.name} - checkpoint", type="Standard",
+                            created=self.now(), vm_id=vm.id, host=vm.host)
+            vm.points.append(snap)
+            return snap
+
     def require_resync(self, host: str, name: str) -> None:
         """What Hyper-V does when change logs outgrow 50% of the disks: WaitingForStartResynchronize, Critical."""
         with self.lock:
@@ -651,6 +660,8 @@ class HyperVSimulator:
                     out += [v if isinstance(v, str) else f"{type(v).__name__}" for v in value]
         except PSError as exc:
             return error(exc.fqid, exc.category, exc.message)
+        except GrammarError as exc:
+            return error("SimulatorParseError", "ParserError", str(exc))
         return "\n".join(out) + "\n", 0
 
     def _run(self, host: SimHost, c: Command, piped: list[Any] | None, variables: dict[str, Any]) -> list[Any]:
@@ -1541,7 +1552,10 @@ class HyperVSimulator:
                 continue
             command = server.wait_command(chan.get_id())
             if command is None:
-                chan.close()
+                try:
+                    chan.close()
+                except (OSError, EOFError, paramiko.SSHException):
+                    pass
                 continue
             t = threading.Thread(target=self._exec, args=(chan, server.user, command), daemon=True)
             t.start()
@@ -1556,10 +1570,9 @@ class HyperVSimulator:
                                           "message": f"{type(exc).__name__}: {exc}"}), 1
             chan.sendall(out.encode("utf-8"))
             chan.send_exit_status(status)
-        except (OSError, EOFError, paramiko.SSHException):
-            pass
-        finally:
             chan.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # the client went away (a test closed its driver): nothing left to answer
 
     def close(self) -> None:
         self._stop.set()
