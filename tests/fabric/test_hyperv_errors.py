@@ -173,7 +173,7 @@ def test_raw_cmdlet_rules(sim, driver, hosts) -> None:
     assert run(a, "Start-VM -VM $nothing") == "SimulatorParseError"
     driver.run(a, [*find("vm", VM), "Remove-VMReplication -VM $vm", "Out-SrOk | ConvertTo-Json -Compress"], "t")
     assert run(a, "Remove-VMReplication -VM $vm") == f"InvalidState,{HV}RemoveVMReplication"
-    assert run(a, "Enable-VMReplication -VM $vm -AsReplica -AllowedPrimaryServer 'x'") == \
+    assert run(b, "Enable-VMReplication -VM $vm -AsReplica -AllowedPrimaryServer 'x'") == \
         f"VMReplication_AlreadyEnabled,{HV}EnableVMReplication"
 
 
