@@ -1537,7 +1537,7 @@ class HyperVSimulator:
 
     def _serve(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport = paramiko.Transport(conn)
+        transport = _SimTransport(conn)
         self._transports.append(transport)
         transport.add_server_key(self.host_key)
         server = _Server(self)
@@ -1557,11 +1557,14 @@ class HyperVSimulator:
                 except (OSError, EOFError, paramiko.SSHException):
                     pass
                 continue
-            t = threading.Thread(target=self._exec, args=(chan, server.user, command), daemon=True)
+            t = threading.Thread(target=self._exec, args=(chan, transport, server.user, command), daemon=True)
             t.start()
         transport.close()
 
-    def _exec(self, chan: paramiko.Channel, user: str, command: str) -> None:
+    def _exec(self, chan: paramiko.Channel, transport: _SimTransport, user: str, command: str) -> None:
+        # Answer only after the exec request's SUCCESS reply went out, as sshd does: output and a close
+        # arriving before it make the client's exec_command fail with "Channel closed".
+        transport.wait_replied(chan.remote_chanid)
         try:
             try:
                 out, status = self.execute(user, command)
@@ -1588,6 +1591,29 @@ class HyperVSimulator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _SimTransport(paramiko.Transport):
+    """A server transport that records which channels' requests it has answered (paramiko sends the
+    reply after check_channel_exec_request returns, in its own thread)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self._replied: set[int] = set()
+        self._replied_cond = threading.Condition()
+
+    def _send_user_message(self, data: Any) -> None:
+        super()._send_user_message(data)
+        raw = data.asbytes() if hasattr(data, "asbytes") else bytes(data)
+        if raw[:1] == bytes([99]):  # MSG_CHANNEL_SUCCESS, then the recipient channel id
+            with self._replied_cond:
+                self._replied.add(int.from_bytes(raw[1:5], "big"))
+                self._replied_cond.notify_all()
+
+    def wait_replied(self, remote_chanid: int, timeout: float = 10.0) -> None:
+        with self._replied_cond:
+            self._replied_cond.wait_for(lambda: remote_chanid in self._replied, timeout=timeout)
+            self._replied.discard(remote_chanid)
 
 
 class _Server(paramiko.ServerInterface):
