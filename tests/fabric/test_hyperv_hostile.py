@@ -104,7 +104,6 @@ def test_hostile_name_through_every_operation(sim, driver, hosts, name: str) -> 
         assert dv.rel is None and dv.power == "Running" and dv in sim.host("hv-a").vms
 
 
-_IDS: list[str] = []
 
 
 def _point_ids(sim) -> list[str]:
