@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,6 @@ from typing import Any
 import pytest
 
 pytest.importorskip("prefect")
-
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from siterecovery.fabric import FabricContext  # noqa: E402
 from siterecovery.fabric.memory import MemoryFabric  # noqa: E402
@@ -28,14 +25,8 @@ PLANS = str(ROOT / "plans")
 VMS = ["sql-01", "sql-02", "app-01", "app-02", "web-01", "web-02", "lb-01", "jump-01"]
 
 
-@pytest.fixture(scope="session")
-def prefect_server() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: None) -> Path:
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protection_prefect: None) -> Path:
     monkeypatch.setenv("SITERECOVERY_STATE", str(tmp_path / "state"))
     return tmp_path / "state"
 
