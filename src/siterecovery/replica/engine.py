@@ -494,39 +494,41 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
             w = StreamWriter(out, header)
             enc = Encoder(compress)
             base = ManifestReader(base_path, bh)
-            tmp = src.pending + ".tmp"
-            changed = zeros = 0
-            with open(tmp, "wb") as mf:
-                mf.write(ManifestHeader(size=size, seq=seq, gen=new_gen).pack())
-                next_report = PROGRESS_EVERY
-                for first, data, digs in scan(fd, size):
-                    new = b"".join(digs)
-                    mf.write(new)
-                    old = base.range(first, len(digs)) if base_path else b""
-                    if old == new:
-                        continue
-                    for j, d in enumerate(digs):
-                        if old[j * DIG:(j + 1) * DIG] == d:
+            try:
+                tmp = src.pending + ".tmp"
+                changed = zeros = 0
+                with open(tmp, "wb") as mf:
+                    mf.write(ManifestHeader(size=size, seq=seq, gen=new_gen).pack())
+                    next_report = PROGRESS_EVERY
+                    for first, data, digs in scan(fd, size):
+                        new = b"".join(digs)
+                        mf.write(new)
+                        old = base.range(first, len(digs)) if base_path else b""
+                        if old == new:
                             continue
-                        i = first + j
-                        n = block_len(i, size)
-                        if d == zero_digest(n):
-                            if base_path is None:
-                                continue  # a full copy lands in a sparse file: zeros need not travel
-                            w.record(i, F_ZERO, b"", d)
-                            zeros += 1
-                            continue
-                        assert data is not None
-                        flag, payload = enc.encode(data[j * BLOCK:j * BLOCK + n])
-                        w.record(i, flag, payload, d)
-                        changed += 1
-                    done = (first + len(digs)) * BLOCK
-                    if progress and done >= next_report:
-                        progress(min(done, size), size)
-                        next_report = done + PROGRESS_EVERY
-                mf.flush()
-                os.fsync(mf.fileno())
-            base.close()
+                        for j, d in enumerate(digs):
+                            if old[j * DIG:(j + 1) * DIG] == d:
+                                continue
+                            i = first + j
+                            n = block_len(i, size)
+                            if d == zero_digest(n):
+                                if base_path is None:
+                                    continue  # a full copy lands in a sparse file: zeros need not travel
+                                w.record(i, F_ZERO, b"", d)
+                                zeros += 1
+                                continue
+                            assert data is not None
+                            flag, payload = enc.encode(data[j * BLOCK:j * BLOCK + n])
+                            w.record(i, flag, payload, d)
+                            changed += 1
+                        done = (first + len(digs)) * BLOCK
+                        if progress and done >= next_report:
+                            progress(min(done, size), size)
+                            next_report = done + PROGRESS_EVERY
+                    mf.flush()
+                    os.fsync(mf.fileno())
+            finally:
+                base.close()
             w.close()
         finally:
             os.close(fd)
