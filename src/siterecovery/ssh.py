@@ -8,10 +8,11 @@ Commands are argv lists quoted through render.sh_join; secrets never reach a log
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import os
-import time
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -109,6 +110,10 @@ def connect(host: Host, secrets: Secrets | None = None, timeout: float = 15.0) -
                 kw["pkey"] = _load_pkey(text)
 
     def transport_factory(sock: Any, **tkw: Any) -> paramiko.Transport:
+        # Without TCP_NODELAY every small request (channel open, exec, EOF) waits out a delayed ACK:
+        # about 40 ms each, 170 ms per command measured.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         t = paramiko.Transport(sock, default_window_size=WINDOW_SIZE, **tkw)
         # Reordering (not restricting) keeps servers without GCM reachable.
         prefs = t.get_security_options()
@@ -158,30 +163,20 @@ def exec_channel(client: paramiko.SSHClient, argv: Sequence[object], timeout: fl
 def run(client: paramiko.SSHClient, argv: Sequence[object], stdin: bytes | None = None,
         timeout: float | None = 120.0) -> tuple[int, bytes, bytes]:
     """Run `argv` on the host; (exit status, stdout, stderr). A timeout raises TransientFabricError."""
-    deadline = None if timeout is None else time.monotonic() + timeout
     chan = exec_channel(client, argv, timeout=timeout)
-    out, err = bytearray(), bytearray()
     try:
         if stdin:
             chan.sendall(stdin)
         chan.shutdown_write()
-        while True:
-            got = False
-            if chan.recv_ready():
-                out += chan.recv(1 << 20)
-                got = True
-            if chan.recv_stderr_ready():
-                err += chan.recv_stderr(1 << 20)
-                got = True
-            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                break
-            if not got:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TransientFabricError(f"command {argv[0]!s} timed out after {timeout} s", operation="exec",
-                                               hint="the host may be overloaded; retry or raise the timeout")
-                time.sleep(0.002)
+        # Blocking reads (the channel's timeout bounds them); stderr is small and the wide window
+        # holds it while stdout drains.
+        out = chan.makefile("rb").read()
+        err = chan.makefile_stderr("rb").read()
         rc = chan.recv_exit_status()
-    except OSError as exc:  # socket.timeout included
+    except TimeoutError:
+        raise TransientFabricError(f"command {argv[0]!s} timed out after {timeout} s", operation="exec",
+                                   hint="the host may be overloaded; retry or raise the timeout") from None
+    except OSError as exc:
         raise TransientFabricError(f"SSH channel failed: {type(exc).__name__}", operation="exec",
                                    hint="retry; check the connection") from None
     finally:

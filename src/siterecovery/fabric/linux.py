@@ -89,6 +89,7 @@ class _VM:
     resync_required: bool = False
     network_applied: bool = False
     pending_bytes: int = 0
+    gens: dict[str, str] = field(default_factory=dict)  # disk -> generation the replica holds (a cache)
     seq: int = 0
     last_error: str = ""
 
@@ -268,20 +269,23 @@ class LinuxFabric:
         prefix = b""
         info: dict[str, Any] = {}
         if mode == "delta":
-            st = dst.call(["status", *rep])
-            if not st["initialized"]:
-                raise ReplicaError("there is no replica to apply a delta to", code="NoReplica")
-            if not st["disk_matches"]:
-                mode, info["resync_reason"] = "resync", "the replica disk changed outside replication"
-            else:
-                try:
-                    sent, got = transfer(src, [*send, "--mode", "delta", "--expect-gen", st["gen"]], dst, recv, progress)
-                    src.call(["source-commit", "--state", state, "--gen", sent["gen"]])
-                    return {**sent, **got, "mode": "delta"}
-                except ReplicaError as exc:
-                    if exc.code != "ManifestMismatch":
-                        raise
-                    mode, info["resync_reason"] = "resync", "the manifests do not match (change tracking lost)"
+            # The generation the replica holds is cached from the last cycle, so a cycle is just the
+            # two agents; the replica refuses a stale generation or a disk changed behind its back.
+            gen = vm.gens.get(disk)
+            if gen is None:
+                st = dst.call(["status", *rep])
+                if not st["initialized"]:
+                    raise ReplicaError("there is no replica to apply a delta to", code="NoReplica")
+                gen = st["gen"]
+            try:
+                sent, got = transfer(src, [*send, "--mode", "delta", "--expect-gen", gen], dst, recv, progress)
+                vm.gens[disk] = got["point"]["gen"]
+                return {**sent, **got, "mode": "delta"}
+            except ReplicaError as exc:
+                vm.gens.pop(disk, None)
+                if exc.code != "ManifestMismatch":
+                    raise
+                mode, info["resync_reason"] = "resync", str(exc).split(": ", 1)[-1]
         if mode == "resync":
             if dst.call(["exists", "--path", vm.paths[disk][p.target.name]])["exists"]:
                 dst.call(["rehash", *rep])
@@ -294,7 +298,8 @@ class LinuxFabric:
         if mode == "full":
             send += ["--mode", "full"]
         sent, got = transfer(src, send, dst, recv, progress, prefix=prefix)
-        src.call(["source-commit", "--state", state, "--gen", sent["gen"]])
+        vm.gens[disk] = got["point"]["gen"]
+        # The source promotes its pending manifest when the next cycle names this generation.
         return {**sent, **got, **info, "mode": mode}
 
     def _cycle(self, vm: _VM, p: Placement, consistency: str, progress: Progress | None, mode: str,

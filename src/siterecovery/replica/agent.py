@@ -199,6 +199,11 @@ def alive(pidfile: str) -> int | None:
     return pid
 
 
+# VMs this process started (the agent in-process for local hosts): kept so they are reaped, not
+# left as zombies or reported as leaked by Popen's finalizer.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def spawn(pidfile: str, log: str, argv: list[str]) -> dict[str, Any]:
     """Start `argv` detached (own session, stdin closed, stdout/stderr appended to `log`)."""
     pid = alive(pidfile)
@@ -208,12 +213,14 @@ def spawn(pidfile: str, log: str, argv: list[str]) -> dict[str, Any]:
     with open(log, "ab") as lf:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
                              start_new_session=True, close_fds=True)
+    _children[p.pid] = p
     with open(pidfile + ".tmp", "w") as f:
         f.write(f"{p.pid}\n")
     os.replace(pidfile + ".tmp", pidfile)
     time.sleep(0.05)
     rc = p.poll()
     if rc is not None:
+        _children.pop(p.pid, None)
         raise ReplicaError(f"{argv[0]} exited at once with status {rc}; see {log}", code="StartFailed")
     return {"pid": p.pid, "started": True}
 
@@ -230,13 +237,22 @@ def kill(pidfile: str, grace: float) -> dict[str, Any]:
     deadline = time.monotonic() + grace
     how = "TERM"
     while alive(pidfile) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        child = _children.get(pid)
+        if child is not None and child.poll() is not None:
+            break
+        time.sleep(0.02)
     if alive(pidfile):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
         how = "KILL"
         while alive(pidfile):
+            child = _children.get(pid)
+            if child is not None and child.poll() is not None:
+                break
             time.sleep(0.02)
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait()
     os.unlink(pidfile)
     return {"stopped": True, "signal": how}
 

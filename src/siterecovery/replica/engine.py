@@ -653,6 +653,8 @@ class Replica:
             raise NoReplica("there is no initialized replica to apply a delta to: run the initial replication")
         if hdr["base_gen"] != h.gen.hex():
             raise ManifestMismatch("the delta was computed against another generation of this replica: resynchronize")
+        if hdr["mode"] == "delta" and self.state().get("stat") != self._stat():
+            raise ManifestMismatch("the replica disk was changed outside replication: resynchronize")
         # Stage the whole cycle and verify it before touching the replica: a torn or corrupt
         # transfer is never applied.
         staging = self.staging + f".{h.seq + 1}"

@@ -195,6 +195,14 @@ def transfer(src: Endpoint, send_args: list[str], dst: Endpoint, recv_args: list
         except (ReplicaError, OSError) as exc:
             recv_exc = exc
         if recv_exc is not None:
+            # A sender that failed (e.g. lost change tracking) ends its stream early: its own error
+            # explains the torn stream better than the receiver's.
+            if schan.status_event.wait(2) and schan.recv_exit_status() != 0:
+                err = bytearray()
+                while schan.recv_stderr_ready():
+                    err += schan.recv_stderr(1 << 16)
+                schan.close()
+                raise _error(bytes(err), 3, f"{src.name}: send") from None
             schan.close()  # do not drain the rest of a stream nobody will apply
             raise recv_exc
         sent, _ = _finish(schan, f"{src.name}: send")
