@@ -1,0 +1,1 @@
+"""Reproducible benchmarks; results are quoted in docs/BENCHMARKS.md (`python -m bench`)."""
