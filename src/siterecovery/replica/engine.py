@@ -32,7 +32,7 @@ import zstandard
 
 BLOCK = 64 * 1024
 CHUNK = 64 * BLOCK  # 4 MiB reads: few syscalls, memory flat in disk size
-MAP_WINDOW = 256 * CHUNK  # 64 MiB of the disk mapped at a time
+MAP_WINDOW = 16 * CHUNK  # 64 MiB of the disk mapped at a time
 STREAM_MAGIC = b"SRSTRM1\n"
 MANIFEST_MAGIC = b"SRMANIF1"
 REC = struct.Struct("<QBI16s")  # block index, flag, payload length, xxh3-128 of the uncompressed block
