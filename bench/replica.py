@@ -39,7 +39,7 @@ def log(*a: object) -> None:
 
 def machine() -> dict[str, str]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    free = subprocess.run(["free", "-h"], capture_output=True, text=True).stdout.strip()
+    free = subprocess.run(["free", "-h"], capture_output=True, text=True).stdout.rstrip()
     return {"nproc": str(os.cpu_count()), "cpu": cpu, "free_h": free,
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "python": sys.version.split()[0],
             "rsync": subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.split("\n")[0]}
