@@ -64,6 +64,11 @@ class ConfirmationRequired(ConfigurationError):
 class PlanFailed(SiteRecoveryError):
     """The run did not complete: `summary` and `report` (HTML path) say what happened."""
 
+    def __init__(self, message: str, summary: dict[str, Any], report: str) -> None:
+        super().__init__(message, summary=summary, report=report)
+        self.summary = summary
+        self.report = report
+
 
 def load_plan(plan: str, project: str | Path = "plans") -> tuple[Project, PlanSource]:
     """`plan` is a plan file, or a plan name in the project directory `project`."""
