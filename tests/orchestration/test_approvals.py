@@ -96,7 +96,7 @@ def test_manual_action_approved_rejected_timed_out(server: PrefectServer, tmp_pa
             resumers[name] = subprocess.run([sys.executable, "-c", RESUME, str(root), json.dumps(answer)],
                                             env=_env(server, state), capture_output=True, text=True, timeout=150)
     results = {}
-    for name, (root, state, proc) in procs.items():
+    for name, (_, _, proc) in procs.items():
         out, err = proc.communicate(timeout=150)
         line = next((x for x in out.splitlines() if x.startswith("SUMMARY ")), None)
         assert line, f"{name}: no summary\n{out}\n{err[-3000:]}"

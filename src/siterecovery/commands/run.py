@@ -58,8 +58,8 @@ def run(
 
     options = RunOptions(reverse_replication=reverse_replication, commit=commit, cleanup=cleanup)  # type: ignore[arg-type]
     try:
-        summary: dict[str, Any] = recovery_plan(
-            plan=plan, failover_type=failover_type, direction=direction, recovery_point=point,  # type: ignore[arg-type]
+        summary: dict[str, Any] = recovery_plan(  # type: ignore[call-overload]
+            plan=plan, failover_type=failover_type, direction=direction, recovery_point=point,
             point_in_time=at, options=options, project=str(project), fabric=fabric, confirm=confirm, intent=intent,
             failure_policy=failure_policy)
         code = 0
