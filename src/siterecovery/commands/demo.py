@@ -57,6 +57,17 @@ class View:
             self.current = ph
         return ph
 
+    def begin_bg(self, name: str, detail: str = "") -> None:
+        """A phase that runs alongside the others (Prefect's start-up)."""
+        ph = next(p for p in self.phases if p.name == name)
+        with self.lock:
+            ph.status, ph.started, ph.detail = "running", time.monotonic(), detail
+
+    def end_bg(self, name: str, detail: str, ok: bool = True) -> None:
+        ph = next(p for p in self.phases if p.name == name)
+        with self.lock:
+            ph.status, ph.ended, ph.detail = ("done" if ok else "failed"), time.monotonic(), detail
+
     def note(self, detail: str) -> None:
         with self.lock:
             if self.current is not None:
@@ -95,7 +106,7 @@ class _ToView(logging.Handler):
                 self.view.note(msg)
 
 
-PHASES = ["sites", "workload", "protect", "replicate", "prefect", "1 drill (test failover)",
+PHASES = ["prefect", "sites", "workload", "protect", "replicate", "1 drill (test failover)",
           "2 planned failover", "3 failback", "tear down"]
 
 
@@ -129,8 +140,11 @@ def _run(core: Any, state: Path, console: Console, use_ssh: bool, cycles: int) -
     live = Live(get_renderable=lambda: Group(Text("siterecovery demo", "bold"), view.render()), console=console,
                 refresh_per_second=4, transient=False)
     writer = None
+    prefect = _PrefectStart(estate, view, summary)
     with live:
         try:
+            # Prefect's start-up (an ephemeral server: 10-20 s) overlaps building the estate.
+            prefect.start()
             view.begin("sites")
             estate.start()
             summary.update(port=estate.port, transport=estate.transport, project=str(estate.project_dir))
@@ -145,7 +159,7 @@ def _run(core: Any, state: Path, console: Console, use_ssh: bool, cycles: int) -
 
             view.begin("protect", "initial replication")
             res = estate.initial_replication()
-            view.end(f"3 VMs replicating to recovery-host; initial copy {sum(r.bytes_sent for r in res) / 2**20:.1f} MiB")
+            view.end(f"3 VMs replicating to recovery-host; initial copy {sum(r.bytes_sent for r in res) / 1024:.0f} KiB sent")
 
             view.begin("replicate")
             last_start = time.time()
@@ -157,6 +171,9 @@ def _run(core: Any, state: Path, console: Console, use_ssh: bool, cycles: int) -
             before_point = writer.acked_before(last_start)
             view.end(f"{cycles} app-consistent delta cycles (db frozen by tier.py) while {len(writer.acked)} orders were written")
 
+            prefect.join()
+            if prefect.error is not None:
+                raise prefect.error
             rc = _through_prefect(core, estate, view, console, writer, before_point, summary)
             ok = rc == 0
         except Exception as exc:  # noqa: BLE001 - report any failure, then tear down regardless
@@ -181,31 +198,48 @@ def _run(core: Any, state: Path, console: Console, use_ssh: bool, cycles: int) -
     return 0 if ok else 1
 
 
+class _PrefectStart(threading.Thread):
+    """Imports Prefect and the flows and makes the first API call, which starts the ephemeral server
+    (or reaches PREFECT_API_URL): its cost is measured and shown."""
+
+    def __init__(self, estate: Any, view: View, summary: dict[str, Any]) -> None:
+        super().__init__(daemon=True, name="demo-prefect-start")
+        self.estate, self.view, self.summary = estate, view, summary
+        self.error: BaseException | None = None
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ["SITERECOVERY_STATE"] = str(estate.fabric_state)
+        if str(estate.checkout) not in sys.path:
+            sys.path.insert(0, str(estate.checkout))  # flows/ and tasks/ are imported from the checkout
+
+    def run(self) -> None:
+        self.view.begin_bg("prefect", "starting")
+        t0 = time.monotonic()
+        try:
+            from prefect.client.orchestration import get_client
+            from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+            import flows.recovery_plan  # noqa: F401 - imported once here, off the main thread's path
+
+            api = PREFECT_API_URL.value()
+            with get_client(sync_client=True) as client:
+                client.hello()
+            startup = time.monotonic() - t0
+            self.summary["prefect"] = {"mode": f"server {api}" if api else "ephemeral",
+                                       "startup_seconds": round(startup, 1), "home": str(PREFECT_HOME.value())}
+            self.view.end_bg("prefect", f"{'API ' + api if api else 'ephemeral server'} ready in {startup:.1f} s "
+                                        "(started alongside the estate)")
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+            self.view.end_bg("prefect", f"{type(exc).__name__}: {exc}", ok=False)
+
+
 def _through_prefect(core: Any, estate: Any, view: View, console: Console, writer: Any,
                      before_point: list[str], summary: dict[str, Any]) -> int:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ["SITERECOVERY_STATE"] = str(estate.fabric_state)
-    if str(estate.checkout) not in sys.path:
-        sys.path.insert(0, str(estate.checkout))  # flows/ and tasks/ are imported from the checkout
-
-    view.begin("prefect", "starting")
-    t0 = time.monotonic()
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
-
     from flows.recovery_plan import PlanFailed, recovery_plan
     from siterecovery.compile import RunOptions
     from siterecovery.model import Direction, FailoverType
 
     _quiet_console(view, estate.state / "demo.log")
-    api = PREFECT_API_URL.value()
-    with get_client(sync_client=True) as client:
-        client.hello()  # the first call starts the ephemeral server: this is its cost
-    startup = time.monotonic() - t0
-    summary["prefect"] = {"mode": f"server {api}" if api else "ephemeral", "startup_seconds": round(startup, 1),
-                          "home": str(PREFECT_HOME.value())}
-    view.end(f"{'API ' + api if api else 'ephemeral server'} ready in {startup:.1f} s")
-
     def expect(items: list[str]) -> None:
         (estate.state / "expected.json").write_text(json.dumps({"items": items}))
 
@@ -349,12 +383,15 @@ def _s(v: Any) -> str:
 def _print_summary(console: Console, s: dict[str, Any]) -> None:
     console.print()
     t = Table(title="runs", title_justify="left")
-    for col in ("run", "status", "achieved RPO", "achieved RTO", "manual", "report"):
+    for col in ("run", "status", "achieved RPO", "achieved RTO", "waiting for people", "took"):
         t.add_column(col)
     for r in s["runs"]:
         t.add_row(r["phase"], r.get("status", "?"), _s(r.get("achieved_rpo_seconds")), _s(r.get("achieved_rto_seconds")),
-                  _s(r.get("people_seconds")), str(r.get("report", "")))
+                  _s(r.get("people_seconds")), _s(r.get("seconds")))
     console.print(t)
+    for r in s["runs"]:
+        if r.get("report"):
+            console.print(f"  report {r['phase']}: {r['report']}", soft_wrap=True)
     for k, v in s["checks"].items():
         if isinstance(v, bool):
             console.print(f"  {'[green]✓[/]' if v else '[red]✗[/]'} {k.replace('_', ' ')}")
@@ -363,8 +400,7 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
         console.print(f"Prefect: {p['mode']} (ready in {p['startup_seconds']} s). Artifacts 'drill-shop' and "
                       f"'failover-shop' (report per run) are in the database under {p['home']}: "
                       "see them with `prefect server start` → Artifacts, or `prefect artifact ls`.")
-    console.print(f"HTML reports: {s['state']}/state/reports/   summary: {s['state']}/summary.json   "
-                  f"log: {s['state']}/demo.log")
+    console.print(f"summary: {s['state']}/summary.json   log: {s['state']}/demo.log", soft_wrap=True)
     if s.get("error"):
         console.print(f"[red]error:[/] {s['error']}")
     console.print(f"[bold {'green' if s['ok'] else 'red'}]demo {'passed' if s['ok'] else 'FAILED'}[/] in {s['seconds']} s")
