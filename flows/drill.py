@@ -17,7 +17,7 @@ from siterecovery.model import FailoverType
 from .recovery_plan import MAX_WORKERS, execute_plan
 
 
-@flow(name="dr-drill", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))
+@flow(name="dr-drill", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))  # type: ignore[arg-type]
 def dr_drill(plan: str, project: str = "plans", fabric: str | None = None,
              cleanup: Literal["immediate", "after_approval"] = "immediate",
              fabric_options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ run. A test failover is always cleaned up, also after a failure. Every run ends 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,6 +64,11 @@ class ConfirmationRequired(ConfigurationError):
 
 class PlanFailed(SiteRecoveryError):
     """The run did not complete: `summary` and `report` (HTML path) say what happened."""
+
+    def __init__(self, message: str, summary: dict[str, Any], report: str) -> None:
+        super().__init__(message, summary=summary, report=report)
+        self.summary = summary
+        self.report = report
 
 
 def load_plan(plan: str, project: str | Path = "plans") -> tuple[Project, PlanSource]:
@@ -168,7 +174,10 @@ def _run_vm_batch(run: _Run, batch: Batch, index: int, cleanup: bool = False) ->
                                         result_storage=result_storage(run.state))
     key = f"{run.flow_run}:{index}"
     futures: dict[str, PrefectFuture[Any]] = {}
-    with reserve(key, wanted, run.limits):
+    t0 = time.monotonic()
+    with reserve(key, wanted, run.limits) as local:
+        run.log.info("%s: %d VMs; slots %s granted after %.2f s", batch.name, len(todo),
+                     ", ".join(f"{n}={k}" for n, k in sorted(local.sizes.items())), local.waited)
         for vm, steps in todo.items():
             deps = {owner[a] for s in steps for a in s.after if owner.get(a) not in (None, vm)}
             if any(d not in futures for d in deps):
@@ -178,8 +187,9 @@ def _run_vm_batch(run: _Run, batch: Batch, index: int, cleanup: bool = False) ->
                         plan=run.compiled.plan, intent=run.intent.id, resumed=run.intent.resumed,
                         point=run.compiled.point, test_network=run.compiled.options.test_network, slots_key=key)
             futures[vm] = vm_task.submit(steps[0].label, job, run.flow_run,
-                                         wait_for=[futures[d] for d in deps if d in futures])
+                                         wait_for=[futures[d] for d in deps if d in futures])  # type: ignore[call-overload]
         _settle(futures.values())
+    run.log.info("%s: done in %.2f s", batch.name, time.monotonic() - t0)
     best_effort = all(s.best_effort for s in batch.steps)
     for vm, fut in futures.items():
         status, exc = _outcome(fut)
@@ -222,7 +232,7 @@ def _approve(run: _Run, step: Step) -> None:
     try:
         rec = request_approval(step, text)
     except (ApprovalRejected, ApprovalTimedOut) as exc:
-        run.approvals.append(exc.record)  # type: ignore[attr-defined]
+        run.approvals.append(exc.record)  # type: ignore[union-attr]
         raise
     run.approvals.append(rec)
     run.journal.add("approval", step.id, run.flow_run, {"status": "approved", "approval": rec.model_dump(mode="json")})
@@ -251,7 +261,7 @@ def _run_action_batch(run: _Run, batch: Batch) -> None:
         job = ScriptJob(id=step.id, label=step.label, action=action, plan_dir=str(run.source.file.parent),
                         context=_script_context(run, step), host=host, dry_run=run.dry_run, state_dir=str(run.state), plan=run.compiled.plan,
                         intent=run.intent.id)
-        futures[step.id] = script_task.submit(step.label, job, run.flow_run, wait_for=deps)
+        futures[step.id] = script_task.submit(step.label, job, run.flow_run, wait_for=deps)  # type: ignore[call-overload]
     _settle(futures.values())
     for sid, fut in futures.items():
         status, exc = _outcome(fut)
@@ -406,7 +416,7 @@ def execute_plan(
     return summary
 
 
-@flow(name="recovery-plan", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))
+@flow(name="recovery-plan", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))  # type: ignore[arg-type]
 def recovery_plan(
     plan: str,
     failover_type: FailoverType = FailoverType.test,

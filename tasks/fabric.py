@@ -43,7 +43,7 @@ def resolve_secret(cred: Credential) -> str:
         except ValueError:
             raise ConfigurationError(f"Prefect Secret block '{cred.secret_block}' does not exist "
                                      "(create it in the UI or with Secret(value=...).save(name))") from None
-        return str(block.get())
+        return str(block.get())  # type: ignore[union-attr]
     if cred.env:
         value = os.environ.get(cred.env)
         if value is None:

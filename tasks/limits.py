@@ -5,7 +5,7 @@ the Prefect server, so two plans touching one host together stay under its limit
 slot costs about 75 ms here (an HTTP round trip each way plus a lease); per VM step that would dominate
 a 1,000-VM run. So a batch reserves, per limit it touches, min(limit, VMs it has there) slots in one
 request, in sorted name order (no deadlock between runs), and hands them out to its VM jobs through
-local semaphores of that size.
+local semaphores of that size. (One request takes all names with the same count.)
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class LocalSlots:
 
     def __init__(self, sizes: dict[str, int]) -> None:
         self.sizes = dict(sizes)
+        self.waited = 0.0  # seconds the batch waited for the server to grant its slots
         self._sems = {n: threading.BoundedSemaphore(max(1, k)) for n, k in sizes.items()}
 
     @contextmanager
@@ -90,10 +91,17 @@ def reserve(key: str, wanted: dict[str, int], limits: dict[str, int]) -> Iterato
     from prefect.concurrency.sync import concurrency
 
     sizes = {n: max(1, min(limits[n], w)) for n, w in wanted.items() if w > 0}
+    # One request per distinct slot count (usually one or two per batch): the server takes every name
+    # of a request or none, and the requests go in a fixed order.
+    by_size: dict[int, list[str]] = {}
+    for name, k in sizes.items():
+        by_size.setdefault(k, []).append(name)
+    t0 = time.monotonic()
     with ExitStack() as stack:
-        for name in sorted(sizes):
-            stack.enter_context(concurrency(name, occupy=sizes[name], timeout_seconds=ACQUIRE_TIMEOUT, strict=True))
+        for k, names in sorted(by_size.items(), key=lambda kv: sorted(kv[1])):
+            stack.enter_context(concurrency(sorted(names), occupy=k, timeout_seconds=ACQUIRE_TIMEOUT, strict=True))
         local = LocalSlots(sizes)
+        local.waited = time.monotonic() - t0
         with _REG_LOCK:
             _REGISTRY[key] = local
         try:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -48,6 +49,7 @@ class PrefectServer:
     home: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    logfile: Any = None
 
     @property
     def url(self) -> str:
@@ -70,6 +72,7 @@ class PrefectServer:
     def start(self, timeout: float = 120.0, log: Path | None = None) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         logf = open(log or self.home / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.logfile = logf  # closed by stop(): an unclosed file is a ResourceWarning (an error under pytest)
         exe = Path(sys.executable).with_name("prefect")
         cmd = [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
         self.process = subprocess.Popen(cmd, env=server_env(self.home), stdout=logf, stderr=subprocess.STDOUT,
@@ -85,6 +88,14 @@ class PrefectServer:
         raise TimeoutError(f"prefect server not healthy after {timeout:.0f}s; see {logf.name}")
 
     def stop(self, grace: float = 15.0) -> None:
+        try:
+            self._stop(grace)
+        finally:
+            if self.logfile is not None:
+                self.logfile.close()
+                self.logfile = None
+
+    def _stop(self, grace: float) -> None:
         proc = self.process
         if proc is None or proc.poll() is not None:
             return
