@@ -7,6 +7,7 @@ only when /usr/sbin/sshd is missing.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import socket
@@ -33,7 +34,7 @@ def _free_port() -> int:
 def keygen(path: Path, kind: str = "ed25519") -> str:
     """A new key pair at `path`; the public key line."""
     subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(path)], check=True)
-    return path.with_suffix(".pub").read_text().strip() if path.suffix else Path(f"{path}.pub").read_text().strip()
+    return Path(f"{path}.pub").read_text().strip()
 
 
 @dataclass
@@ -57,6 +58,13 @@ class SSHServer:
 def sshd_server() -> Iterator[SSHServer]:
     if not os.path.exists(SSHD):
         pytest.skip(f"{SSHD} is missing (install openssh-server: scripts/setup-system.sh)")
+    with running_sshd() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_sshd() -> Iterator[SSHServer]:
+    """Start sshd (also used by bench/ outside pytest); stopped when the block ends."""
     d = Path(tempfile.mkdtemp(prefix="sr-sshd-"))
     host_pub = keygen(d / "ssh_host_ed25519_key")
     client_pub = keygen(d / "client_key")

@@ -70,17 +70,23 @@ def crash_trials(workdir: str | Path, trials: int = 5, size: int = 48 * MiB, see
         seq = st["seq"] + 1
         argv = [sys.executable, "-m", "siterecovery.replica.agent", "receive", "--replica", rep.path,
                 "--meta", rep.meta, "--point", json.dumps(point()), "--retention-hours", "24", "--input", stream]
-        # Half the kills land anywhere in a run, half inside the journaled window (blocks being written,
-        # manifest being committed), both learnt from the runs that were not killed.
+        # Even trials: a kill at a random moment of the whole run. Odd trials: a kill at a random moment
+        # after the journal appears (blocks being written, manifest being committed), the window whose
+        # length the first, unkilled run measured. Times alone would rarely hit a ~20 ms window.
         expected = (sum(durations) / len(durations)) if durations else 0.6
-        if window and t % 2:
-            delay = rnd.uniform(window[0] * 0.98, window[1] * 1.02)
-        else:
-            delay = rnd.uniform(expected * 0.2, expected * 1.05)
+        in_window = bool(window) and t % 2 == 1
+        delay = rnd.uniform(expected * 0.2, expected * 1.05)
+        if in_window:
+            assert window is not None
+            delay = rnd.uniform(0.0, (window[1] - window[0]) * 1.1)
         if t == 0:
             delay = 60.0  # the first run calibrates: it is watched, not killed
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if in_window:
+            while proc.poll() is None and not os.path.exists(rep.journal):
+                time.sleep(0.0002)
+            t0 = time.monotonic()
         if t == 0:
             seen = []
             while proc.poll() is None:

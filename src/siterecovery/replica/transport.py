@@ -175,9 +175,9 @@ def transfer(src: Endpoint, send_args: list[str], dst: Endpoint, recv_args: list
         try:
             got, _ = _finish(chan, f"{dst.name}: receive")
         except ReplicaError:
-            if send_exc is not None:
+            if isinstance(send_exc, ReplicaError):
                 raise send_exc from None  # the sender's failure explains the torn stream
-            raise
+            raise  # the receiver refused: the sender's broken pipe is only a consequence
         if send_exc is not None:
             raise send_exc
         return sent, got
@@ -262,7 +262,7 @@ def _local_local(send_args: list[str], recv_args: list[str], progress: Progress 
         send_exc = exc
     t.join()
     if "exc" in box:
-        if send_exc is not None:
+        if isinstance(send_exc, ReplicaError):
             raise send_exc
         raise box["exc"]
     if send_exc is not None:
