@@ -246,11 +246,21 @@ class LinuxFabric:
         vm.seq += 1
         return {"id": f"{p.vm}@{vm.seq}", "created_at": when.isoformat(), "consistency": consistency}
 
-    def _view_args(self, p: Placement, consistency: str) -> list[str]:
+    def _view_args(self, p: Placement, consistency: str, vm: _VM | None = None, disk: str | None = None) -> list[str]:
         c = p.compute
-        args = ["--freeze", json.dumps(list(c.freeze) if c else []), "--thaw", json.dumps(list(c.thaw) if c else [])]
+        # freeze/thaw/quiesce are rendered like compute.command (disk: the disk being read, at the source
+        # host), since after reverse replication the VM's disks live elsewhere; plain argv is unchanged.
+        ctx: dict[str, Any] = {"vm": p.vm, "site": p.source.site, "host": p.source.name, "disks": [], "disk": ""}
+        if vm is not None:
+            ctx["disks"] = [vm.paths[d][p.source.name] for d in self._disks(vm)]
+            ctx["disk"] = vm.paths[disk][p.source.name] if disk else (ctx["disks"] or [""])[0]
+
+        def argv(a: tuple[str, ...]) -> str:
+            return json.dumps(render_args(a, ctx))
+
+        args = ["--freeze", argv(c.freeze if c else ()), "--thaw", argv(c.thaw if c else ())]
         if consistency == "app":
-            args += ["--quiesce", json.dumps(list(p.quiesce))]
+            args += ["--quiesce", argv(p.quiesce)]
         if not p.policy.compression:
             args.append("--no-compress")
         return args
@@ -264,7 +274,8 @@ class LinuxFabric:
         src, dst = self._ep(p.source), self._ep(p.target)
         rep = self._rep_args(vm, p, disk, p.target)
         state = self._src_state(p.source, p.vm, disk)
-        send = ["send", "--disk", vm.paths[disk][p.source.name], "--state", state, *self._view_args(p, consistency)]
+        send = ["send", "--disk", vm.paths[disk][p.source.name], "--state", state,
+                *self._view_args(p, consistency, vm, disk)]
         recv = ["receive", *rep, "--point", json.dumps(point), *self._retention(p)]
         prefix = b""
         info: dict[str, Any] = {}
@@ -357,7 +368,7 @@ class LinuxFabric:
                 out = src.call(["send", "--disk", vm.paths[d.disk][p.source.name],
                                 "--state", self._src_state(p.source, p.vm, d.disk), "--mode", "full",
                                 "--output", os.path.join(ir.export_path, p.vm, f"{d.disk}.srstream"),
-                                *self._view_args(p, "crash")])
+                                *self._view_args(p, "crash", vm, d.disk)])
                 gens[d.disk] = out["gen"]
             vm.state = S.InitialReplicationInProgress.value
             vm.paths["_offline"] = {"point": json.dumps(point), **gens}
@@ -691,13 +702,27 @@ class LinuxFabric:
             raise InvalidStateError("the VM's compute has no command", vm=p.vm, host=host.name, operation="start_vm",
                                     hint="give compute.command in the topology")
         ctx = {"disks": disks, "disk": disks[0] if disks else "", "vm": p.vm, "site": host.site,
-               "network": network or "", "test": test, "host": host.name}
+               "network": network or "", "test": test, "host": host.name, "ip": self._address(p, host, test)}
         argv = render_args(c.command, ctx)
         name = "test" if test else "vm"
         run = self._run_dir(host, p.vm)
         out = self._ep(host).call(["spawn", "--pidfile", os.path.join(run, f"{name}.pid"),
                                    "--log", os.path.join(run, f"{name}.log"), "--", *argv])
         return bool(out["started"])
+
+    @staticmethod
+    def _address(p: Placement, host: Host, test: bool) -> str:
+        """The first NIC's address where this start happens ('' when none is known): its test-network
+        address for a test copy, the address it has now on the source side, its failover (or failback)
+        address on the target side. A process VM has no DHCP: it binds this address itself."""
+        nic = p.nics[0] if p.nics else None
+        if nic is None:
+            return ""
+        if test:
+            return str(nic.test_ip.address) if nic.test_ip else ""
+        if host.name == p.source.name:
+            return str(nic.source_ip or "")
+        return str(nic.ip.address) if nic.ip else ""
 
     def _virsh_start(self, p: Placement, host: Host, test: bool, disks: list[str], network: str | None) -> bool:
         dom = self._domain(p, test)
