@@ -45,7 +45,7 @@ from siterecovery.report import (
     report_filename,
 )
 from tasks.fabric import result_storage, state_dir
-from tasks.limits import ensure_limits, limit_name, reserve
+from tasks.limits import Reservation, ensure_limits, limit_name
 from tasks.script import ScriptJob, run_script, script_cache_key
 from tasks.vm import VMJob, job_cache_key, run_vm_steps
 
@@ -110,6 +110,7 @@ class _Run:
     policy: FailurePolicy
     limits: dict[str, int]
     log: logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
+    slots: Reservation
     failed_vms: set[str] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)
     approvals: list[ApprovalRecord] = field(default_factory=list)
@@ -153,7 +154,33 @@ def _reason(exc: BaseException | None) -> str:
     return str(exc) if isinstance(exc, SiteRecoveryError) else f"{type(exc).__name__}: {exc}"
 
 
-def _run_vm_batch(run: _Run, batch: Batch, index: int, cleanup: bool = False) -> None:
+def _needs(batches: Iterable[Batch]) -> dict[str, int]:
+    """Slots wanted per host and site limit: the most VMs any one of `batches` runs there."""
+    out: dict[str, int] = {}
+    for batch in batches:
+        per: dict[str, set[str]] = {}
+        for s in batch.steps:
+            if s.kind == "vm":
+                for name in (limit_name("host", s.host or ""), limit_name("site", s.site or "")):
+                    per.setdefault(name, set()).add(s.vm or "")
+        for name, vms in per.items():
+            out[name] = max(out.get(name, 0), len(vms))
+    return out
+
+
+def _stretch(compiled: CompiledPlan, i: int) -> dict[str, int]:
+    """Slots for the VM batches from batch i up to the next action batch (or the end, then the cleanup
+    too, which runs right after): what one reservation should cover."""
+    run_of: list[Batch] = []
+    for b in compiled.batches[i:]:
+        if not any(s.kind == "vm" for s in b.steps):
+            return _needs(run_of)
+        run_of.append(b)
+    return _needs([*run_of, *compiled.cleanup])
+
+
+def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
+                  ahead: dict[str, int] | None = None) -> None:
     placements = plan_placements(run.project, run.source.plan, run.compiled.direction)
     jobs: dict[str, list[Step]] = {}
     for s in batch.steps:
@@ -172,23 +199,27 @@ def _run_vm_batch(run: _Run, batch: Batch, index: int, cleanup: bool = False) ->
         return
     vm_task = run_vm_steps.with_options(cache_key_fn=job_cache_key, persist_result=True,
                                         result_storage=result_storage(run.state))
-    key = f"{run.flow_run}:{index}"
+    key = run.slots.key
     futures: dict[str, PrefectFuture[Any]] = {}
     t0 = time.monotonic()
-    with reserve(key, wanted, run.limits) as local:
+    held = run.slots.covers(wanted)
+    local = run.slots.cover(wanted, ahead)
+    if held:
+        run.log.info("%s: %d VMs; slots held from an earlier batch", batch.name, len(todo))
+    else:
         run.log.info("%s: %d VMs; slots %s granted after %.2f s", batch.name, len(todo),
                      ", ".join(f"{n}={k}" for n, k in sorted(local.sizes.items())), local.waited)
-        for vm, steps in todo.items():
-            deps = {owner[a] for s in steps for a in s.after if owner.get(a) not in (None, vm)}
-            if any(d not in futures for d in deps):
-                continue  # boots after a VM that is not going ahead: skipped, and reported so
-            job = VMJob(id=steps[0].id, label=steps[0].label, vm=vm, placement=placements[vm], steps=tuple(steps),
-                        fabric=run.kind(steps[0].host), fabric_options=run.fabric_options, state_dir=str(run.state),
-                        plan=run.compiled.plan, intent=run.intent.id, resumed=run.intent.resumed,
-                        point=run.compiled.point, test_network=run.compiled.options.test_network, slots_key=key)
-            futures[vm] = vm_task.submit(steps[0].label, job, run.flow_run,
-                                         wait_for=[futures[d] for d in deps if d in futures])  # type: ignore[call-overload]
-        _settle(futures.values())
+    for vm, steps in todo.items():
+        deps = {owner[a] for s in steps for a in s.after if owner.get(a) not in (None, vm)}
+        if any(d not in futures for d in deps):
+            continue  # boots after a VM that is not going ahead: skipped, and reported so
+        job = VMJob(id=steps[0].id, label=steps[0].label, vm=vm, placement=placements[vm], steps=tuple(steps),
+                    fabric=run.kind(steps[0].host), fabric_options=run.fabric_options, state_dir=str(run.state),
+                    plan=run.compiled.plan, intent=run.intent.id, resumed=run.intent.resumed,
+                    point=run.compiled.point, test_network=run.compiled.options.test_network, slots_key=key)
+        futures[vm] = vm_task.submit(steps[0].label, job, run.flow_run,
+                                     wait_for=[futures[d] for d in deps if d in futures])  # type: ignore[call-overload]
+    _settle(futures.values())
     run.log.info("%s: done in %.2f s", batch.name, time.monotonic() - t0)
     best_effort = all(s.best_effort for s in batch.steps)
     for vm, fut in futures.items():
@@ -359,7 +390,7 @@ def execute_plan(
     run = _Run(compiled=compiled, project=proj, source=source, state=state, intent=the_intent,
                journal=StepJournal(state, the_intent.id), flow_run=flow_run, fabric=fabric,
                fabric_options=dict(fabric_options or {}), policy=failure_policy or rp.failure_policy,
-               limits=ensure_limits(names), log=log)
+               limits=(limits := ensure_limits(names)), log=log, slots=Reservation(f"{flow_run}:slots", limits))
     run.dry_run = {run.kind(s.host) for s in steps if s.kind == "vm"} == {"memory"}
     log.info("%s v%s: %s failover, %s, %d steps in %d batches; intent %s%s", rp.name, rp.version,
              failover_type.value, direction.value, len(steps), len(compiled.batches), the_intent.id,
@@ -370,8 +401,10 @@ def execute_plan(
             log.info("batch %d/%d: %s", i + 1, len(compiled.batches), batch.name)
             try:
                 if any(s.kind == "vm" for s in batch.steps):
-                    _run_vm_batch(run, batch, i)
+                    _run_vm_batch(run, batch, ahead=_stretch(compiled, i))
                 else:
+                    # Scripts and people can take long: other runs may use the hosts meanwhile.
+                    run.slots.release()
                     _run_action_batch(run, batch)
             except (ApprovalRejected, ApprovalTimedOut) as exc:
                 run.fail(str(exc))
@@ -385,12 +418,15 @@ def execute_plan(
         run.fail(f"run aborted: {type(exc).__name__}: {exc}")
         unexpected = exc
     finally:
-        for j, batch in enumerate(compiled.cleanup):
-            log.info("cleanup: %s", batch.name)
-            try:
-                _run_vm_batch(run, batch, len(compiled.batches) + j, cleanup=True)
-            except Exception as exc:  # noqa: BLE001 - keep cleaning the other groups
-                run.fail(f"cleanup of {batch.name} failed: {type(exc).__name__}: {exc}")
+        try:
+            for j, batch in enumerate(compiled.cleanup):
+                log.info("cleanup: %s", batch.name)
+                try:
+                    _run_vm_batch(run, batch, cleanup=True, ahead=_needs(compiled.cleanup[j:]))
+                except Exception as exc:  # noqa: BLE001 - keep cleaning the other groups
+                    run.fail(f"cleanup of {batch.name} failed: {type(exc).__name__}: {exc}")
+        finally:
+            run.slots.release()
 
     step_recs, script_recs, approvals = _records(run, started)
     status: Literal["succeeded", "failed", "stopped"] = "succeeded"
