@@ -199,11 +199,11 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
         return
     vm_task = run_vm_steps.with_options(cache_key_fn=job_cache_key, persist_result=True,
                                         result_storage=result_storage(run.state))
-    key = run.slots.key
     futures: dict[str, PrefectFuture[Any]] = {}
     t0 = time.monotonic()
     held = run.slots.covers(wanted)
     local = run.slots.cover(wanted, ahead)
+    key = local.key
     if held:
         run.log.info("%s: %d VMs; slots held from an earlier batch", batch.name, len(todo))
     else:

@@ -13,10 +13,18 @@ Retry-After of about the limit's average occupancy (measured: ~2 s per batch, 40
 run spent waiting for uncontended slots). It is released before anything that may wait on people or
 scripts (manual actions, script batches) and at the end of the run, so other runs sharing a host wait
 at most for one stretch of VM work.
+
+The release is one write on the server, and right after a large run it can wait behind the server's
+ingestion of that run's task events: measured 5-10 s, and 60 s once (SQLite's busy timeout in the
+Prefect server), while reads answered in under 2 s. The plan's work is done by then, so the release
+runs in a background (non-daemon: the process does not exit before it) thread instead of holding up
+the report and the end of the flow run; the server, not this process, enforces the limits, so a
+later reservation simply waits until the release has landed.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -26,6 +34,8 @@ from contextlib import ExitStack, contextmanager
 DEFAULT_HOST_LIMIT = 4   # concurrent VM operations per Hyper-V / linux host (VMMS serialises more anyway)
 DEFAULT_SITE_LIMIT = 16  # concurrent VM operations per site (storage and network of a recovery site)
 ACQUIRE_TIMEOUT = 3600.0  # a batch waiting longer than this for another run's slots fails
+
+_log = logging.getLogger(__name__)
 
 
 def limit_name(kind: str, name: str) -> str:
@@ -63,7 +73,8 @@ def ensure_limits(names: dict[str, int | None]) -> dict[str, int]:
 class LocalSlots:
     """The slots one batch reserved, handed to its VM jobs (threads of this flow run)."""
 
-    def __init__(self, sizes: dict[str, int]) -> None:
+    def __init__(self, sizes: dict[str, int], key: str = "") -> None:
+        self.key = key  # what the jobs look these slots up by
         self.sizes = dict(sizes)
         self.waited = 0.0  # seconds the batch waited for the server to grant its slots
         self._sems = {n: threading.BoundedSemaphore(max(1, k)) for n, k in sizes.items()}
@@ -107,7 +118,7 @@ def reserve(key: str, wanted: dict[str, int], limits: dict[str, int]) -> Iterato
     with ExitStack() as stack:
         for k, names in sorted(by_size.items(), key=lambda kv: sorted(kv[1])):
             stack.enter_context(concurrency(sorted(names), occupy=k, timeout_seconds=ACQUIRE_TIMEOUT, strict=True))
-        local = LocalSlots(sizes)
+        local = LocalSlots(sizes, key)
         local.waited = time.monotonic() - t0
         with _REG_LOCK:
             _REGISTRY[key] = local
@@ -151,7 +162,8 @@ class Reservation:
             ahead[n] = max(ahead.get(n, 0), w)
         stack = ExitStack()
         try:
-            self._local = stack.enter_context(reserve(self.key, ahead, self.limits))
+            # A key per reservation: a release still running in the background unregisters its own.
+            self._local = stack.enter_context(reserve(f"{self.key}:{self.requests}", ahead, self.limits))
         except BaseException:
             stack.close()
             raise
@@ -159,7 +171,40 @@ class Reservation:
         self.requests += 1
         return self._local
 
-    def release(self) -> None:
+    def release(self, wait: bool = False) -> None:
+        """Give the slots back to the server: in the background unless `wait`."""
         stack, self._stack, self._local = self._stack, None, None
-        if stack is not None:
+        if stack is None:
+            return
+        if wait:
             stack.close()
+            return
+        t = threading.Thread(target=_close, args=(stack, self.key), name=f"release-slots-{self.key}")
+        with _REG_LOCK:
+            _RELEASING.append(t)
+        t.start()
+
+
+_RELEASING: list[threading.Thread] = []
+
+
+def _close(stack: ExitStack, key: str) -> None:
+    t0 = time.monotonic()
+    try:
+        stack.close()
+    except Exception:  # the lease then expires on the server by itself (lease duration)
+        _log.exception("releasing the concurrency slots of %s failed", key)
+        return
+    _log.debug("slots of %s released in %.2f s", key, time.monotonic() - t0)
+
+
+def wait_released(timeout: float | None = None) -> bool:
+    """Wait for background releases started so far; True when all have finished."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _REG_LOCK:
+        pending = list(_RELEASING)
+    for t in pending:
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    with _REG_LOCK:
+        _RELEASING[:] = [t for t in _RELEASING if t.is_alive()]
+        return not _RELEASING
