@@ -6,12 +6,13 @@ finish without repeating a completed failover, and the report's audit trail must
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +63,20 @@ def _summary(proc: subprocess.Popen[str], log: Path, timeout: float = 240) -> di
     return json.loads(line[len("SUMMARY "):])  # type: ignore[no-any-return]
 
 
+@contextmanager
+def _api(server: PrefectServer) -> Iterator[None]:
+    """Point this process's client at the real server. Setting PREFECT_API_URL is not enough: prefect
+    reads its settings once, when another test module imported it first."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
+
+
 def _runs(server: PrefectServer, project: Path) -> list[Any]:
     from prefect.client.orchestration import get_client
 
-    os.environ["PREFECT_API_URL"] = server.api_url
-    with get_client(sync_client=True) as client:
+    with _api(server), get_client(sync_client=True) as client:
         return [r for r in client.read_flow_runs() if r.parameters.get("project") == str(project)]
 
 
@@ -80,9 +90,7 @@ def _wait(what: str, cond: Any, timeout: float = 180) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_worker_killed_while_approval_waits_then_rerun(server: PrefectServer, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PREFECT_API_URL", server.api_url)
+def test_worker_killed_while_approval_waits_then_rerun(server: PrefectServer, tmp_path: Path) -> None:
     root = memory_project(tmp_path / "project", [GATED])
     state = tmp_path / "state"
     fab = seed_memory(root, "gated", state / "memory-fabric.json")
@@ -105,8 +113,9 @@ def test_worker_killed_while_approval_waits_then_rerun(server: PrefectServer, tm
                                                     if r.state.type.value == "PAUSED" and r.id != killed])
         from prefect.flow_runs import resume_flow_run
 
-        resume_flow_run(new[0].id, run_input={"approved": True, "approver": "carol", "comment": "db ok",
-                                              "ticket": "CHG-9"})
+        with _api(server):
+            resume_flow_run(new[0].id, run_input={"approved": True, "approver": "carol", "comment": "db ok",
+                                                  "ticket": "CHG-9"})
         s = _summary(second, tmp_path / "second.log")
     finally:
         if second.poll() is None:
@@ -156,10 +165,8 @@ def test_a_live_run_of_the_same_intent_is_refused(server: PrefectServer, tmp_pat
 
 
 @pytest.mark.slow
-def test_server_restarted_during_a_run(server: PrefectServer, tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_server_restarted_during_a_run(server: PrefectServer, tmp_path: Path) -> None:
     """Stop the Prefect server in the middle of a slow run and start it again (same port and home)."""
-    monkeypatch.setenv("PREFECT_API_URL", server.api_url)
     plan = {"name": "slow", "groups": [{"name": f"g{i}", "vms": [f"vm-{i}"]} for i in range(6)]}
     root = memory_project(tmp_path / "project", [plan])
     state = tmp_path / "state"
