@@ -31,12 +31,14 @@ from siterecovery.errors import (
     SiteRecoveryError,
 )
 from siterecovery.fabric import PointChoice
-from siterecovery.intent import Intent, IntentJournal, StepJournal, intent_key
+from siterecovery.intent import Intent, IntentJournal, RunLock, StepJournal, intent_key, os_user
 from siterecovery.model import Direction, FailoverType, FailurePolicy, ManualAction, ScriptAction
 from siterecovery.placement import plan_placements
 from siterecovery.project import PlanSource, Project, load_project
 from siterecovery.report import (
+    READ_OPERATIONS,
     ApprovalRecord,
+    AuditRecord,
     RunReport,
     ScriptRecord,
     StepRecord,
@@ -333,6 +335,69 @@ def _records(run: _Run, started: datetime) -> tuple[list[StepRecord], list[Scrip
     return steps, scripts, approvals
 
 
+def _audit(run: _Run, steps: list[StepRecord], closed: list[str]) -> list[AuditRecord]:
+    """Who did what when: one row per state-changing fabric call the intent made (cached ones with the
+    run and user that made them), per approval decision and per earlier run taken over; by time."""
+    entries = run.journal.entries()
+    me = os_user()
+    rows: list[AuditRecord] = [AuditRecord(at=datetime.now(UTC), who=me, flow_run=run.flow_run, kind="run",
+                                           action="took over", target=c, outcome="marked Crashed") for c in closed]
+    for s in steps:
+        if s.operation in READ_OPERATIONS or s.status == "skipped":
+            continue
+        e = entries.get(s.id) or {}
+        outcome: str = "cached (done by an earlier run)" if s.status == "cached" else s.status
+        if s.status == "failed" and s.error:
+            outcome = f"failed: {s.error}"
+        elif s.changed is False:
+            outcome += " (no change needed)"
+        rows.append(AuditRecord(at=s.started_at, who=e.get("user") or me, flow_run=e.get("flow_run", run.flow_run),
+                                kind="fabric", action=s.operation, target=f"{s.vm or ''} on {s.host or '?'}",
+                                outcome=outcome))
+    for a in run.approvals:
+        who = a.approver or ("(nobody answered)" if a.decision == "timed_out" else "(unnamed)")
+        rows.append(AuditRecord(at=a.answered_at or a.requested_at, who=who, flow_run=run.flow_run, kind="approval",
+                                action=a.action, target=f"group {a.group or '(plan)'}; approver group "
+                                f"{a.approver_group or 'any'}", outcome=a.decision + (f", ticket {a.ticket}"
+                                                                                      if a.ticket else "")))
+    far = datetime.max.replace(tzinfo=UTC)
+    return sorted(rows, key=lambda x: x.at or far)
+
+
+# Flow-run states in which nobody will ever finish a run whose process is gone.
+_OPEN_STATES = ("PAUSED", "RUNNING", "PENDING", "SCHEDULED", "CANCELLING")
+
+
+def _close_abandoned(earlier: list[str], intent: str, flow_run: str | None,
+                     log: logging.Logger | logging.LoggerAdapter) -> list[str]:  # type: ignore[type-arg]
+    """Mark earlier runs of this intent that the server still shows as open Crashed, with a reason.
+
+    Only called while holding the intent's RunLock: their process is dead (a killed worker, a lost node),
+    else the lock would be taken. Without this, a run killed while waiting for an approval stays Paused on
+    the server for ever, and one killed mid-batch stays Running. Returns "<run id> (<old state>)"s."""
+    if not earlier:
+        return []
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    closed: list[str] = []
+    with get_client(sync_client=True) as client:
+        for run_id in earlier:
+            try:
+                fr = client.read_flow_run(run_id)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - an unknown or purged run: nothing to close
+                log.warning("earlier run %s of intent %s: not readable (%s)", run_id, intent, type(exc).__name__)
+                continue
+            if fr.state is None or fr.state.type.value not in _OPEN_STATES:
+                continue
+            msg = (f"its process died while {fr.state.type.value.lower()} ({fr.state.name}); flow run "
+                   f"{flow_run} of the same intent {intent} took over and resumes it")
+            client.set_flow_run_state(fr.id, Crashed(message=msg), force=True)
+            closed.append(f"{run_id} ({fr.state.name})")
+            log.warning("earlier run %s of intent %s marked Crashed: %s", run_id, intent, msg)
+    return closed
+
+
 def _write_report(report: RunReport, state: Path) -> Path:
     out = state / "reports" / report_filename(report)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -381,75 +446,83 @@ def execute_plan(
     # A test failover always cleans up after itself: nothing to resume, each drill starts afresh.
     the_intent = journal_.begin(key, prefix=f"{rp.name}-{failover_type.value}", explicit=intent,
                                 fresh=failover_type == FailoverType.test and not intent)
-    steps = compiled.steps()
-    names: dict[str, int | None] = {}
-    for s in steps:
-        if s.kind == "vm":
-            names[limit_name("host", s.host or "")] = host_limit
-            names[limit_name("site", s.site or "")] = site_limit
-    run = _Run(compiled=compiled, project=proj, source=source, state=state, intent=the_intent,
-               journal=StepJournal(state, the_intent.id), flow_run=flow_run, fabric=fabric,
-               fabric_options=dict(fabric_options or {}), policy=failure_policy or rp.failure_policy,
-               limits=(limits := ensure_limits(names)), log=log, slots=Reservation(f"{flow_run}:slots", limits))
-    run.dry_run = {run.kind(s.host) for s in steps if s.kind == "vm"} == {"memory"}
-    log.info("%s v%s: %s failover, %s, %d steps in %d batches; intent %s%s", rp.name, rp.version,
-             failover_type.value, direction.value, len(steps), len(compiled.batches), the_intent.id,
-             " (resuming)" if the_intent.resumed else "")
-    unexpected: BaseException | None = None
+    lock = RunLock(state, the_intent.id)
+    earlier = lock.acquire(flow_run)
     try:
-        for i, batch in enumerate(compiled.batches):
-            log.info("batch %d/%d: %s", i + 1, len(compiled.batches), batch.name)
-            try:
-                if any(s.kind == "vm" for s in batch.steps):
-                    _run_vm_batch(run, batch, ahead=_stretch(compiled, i))
-                else:
-                    # Scripts and people can take long: other runs may use the hosts meanwhile.
-                    run.slots.release()
-                    _run_action_batch(run, batch)
-            except (ApprovalRejected, ApprovalTimedOut) as exc:
-                run.fail(str(exc))
-                run.stopped = str(exc)
-                break
-            if run.failures and run.policy == FailurePolicy.stop:
-                run.stopped = f"stopped after '{batch.name}' (failure policy: stop)"
-                log.error("%s", run.stopped)
-                break
-    except Exception as exc:  # a bug or an unreachable API: still clean up and report
-        run.fail(f"run aborted: {type(exc).__name__}: {exc}")
-        unexpected = exc
-    finally:
+        closed = _close_abandoned(earlier, the_intent.id, flow_run, log)
+        steps = compiled.steps()
+        names: dict[str, int | None] = {}
+        for s in steps:
+            if s.kind == "vm":
+                names[limit_name("host", s.host or "")] = host_limit
+                names[limit_name("site", s.site or "")] = site_limit
+        run = _Run(compiled=compiled, project=proj, source=source, state=state, intent=the_intent,
+                   journal=StepJournal(state, the_intent.id), flow_run=flow_run, fabric=fabric,
+                   fabric_options=dict(fabric_options or {}), policy=failure_policy or rp.failure_policy,
+                   limits=(limits := ensure_limits(names)), log=log,
+                   slots=Reservation(f"{flow_run}:slots", limits))
+        run.dry_run = {run.kind(s.host) for s in steps if s.kind == "vm"} == {"memory"}
+        log.info("%s v%s: %s failover, %s, %d steps in %d batches; intent %s%s", rp.name, rp.version,
+                 failover_type.value, direction.value, len(steps), len(compiled.batches), the_intent.id,
+                 " (resuming)" if the_intent.resumed else "")
+        unexpected: BaseException | None = None
         try:
-            for j, batch in enumerate(compiled.cleanup):
-                log.info("cleanup: %s", batch.name)
+            for i, batch in enumerate(compiled.batches):
+                log.info("batch %d/%d: %s", i + 1, len(compiled.batches), batch.name)
                 try:
-                    _run_vm_batch(run, batch, cleanup=True, ahead=_needs(compiled.cleanup[j:]))
-                except Exception as exc:  # noqa: BLE001 - keep cleaning the other groups
-                    run.fail(f"cleanup of {batch.name} failed: {type(exc).__name__}: {exc}")
+                    if any(s.kind == "vm" for s in batch.steps):
+                        _run_vm_batch(run, batch, ahead=_stretch(compiled, i))
+                    else:
+                        # Scripts and people can take long: other runs may use the hosts meanwhile.
+                        run.slots.release()
+                        _run_action_batch(run, batch)
+                except (ApprovalRejected, ApprovalTimedOut) as exc:
+                    run.fail(str(exc))
+                    run.stopped = str(exc)
+                    break
+                if run.failures and run.policy == FailurePolicy.stop:
+                    run.stopped = f"stopped after '{batch.name}' (failure policy: stop)"
+                    log.error("%s", run.stopped)
+                    break
+        except Exception as exc:  # a bug or an unreachable API: still clean up and report
+            run.fail(f"run aborted: {type(exc).__name__}: {exc}")
+            unexpected = exc
         finally:
-            run.slots.release()
+            try:
+                for j, batch in enumerate(compiled.cleanup):
+                    log.info("cleanup: %s", batch.name)
+                    try:
+                        _run_vm_batch(run, batch, cleanup=True, ahead=_needs(compiled.cleanup[j:]))
+                    except Exception as exc:  # noqa: BLE001 - keep cleaning the other groups
+                        run.fail(f"cleanup of {batch.name} failed: {type(exc).__name__}: {exc}")
+            finally:
+                run.slots.release()
 
-    step_recs, script_recs, approvals = _records(run, started)
-    status: Literal["succeeded", "failed", "stopped"] = "succeeded"
-    if run.failures:
-        # A person said no (or nobody answered): the plan stopped as designed, it did not fail.
-        rejected = any(a.decision in ("rejected", "timed_out") for a in run.approvals)
-        status = "stopped" if rejected and unexpected is None else "failed"
-    report = RunReport(plan=rp.name, plan_version=rp.version, failover_type=failover_type.value,
-                       direction=direction.value, recovery_point=recovery_point + (
-                           f" at {point_in_time.isoformat()}" if point_in_time else ""),
-                       failure_policy=run.policy.value, intent=the_intent.id, resumed=the_intent.resumed,
-                       flow_run_id=flow_run, fabric=fabric or ", ".join(sorted({run.kind(s.host) for s in steps
-                                                                               if s.kind == "vm"})),
-                       started_at=started, finished_at=datetime.now(UTC), status=status, steps=tuple(step_recs),
-                       approvals=tuple(approvals), scripts=tuple(script_recs), failures=tuple(run.failures))
-    path = _write_report(report, state)
-    if status == "succeeded" or failover_type == FailoverType.test:
-        journal_.complete(the_intent, status)
-    summary = report.summary() | {"report": str(path)}
-    log.info("%s: %s in %.1f s; report %s", rp.name, status, report.seconds, path)
-    if status != "succeeded":
-        raise PlanFailed(f"{rp.name}: {status}: " + "; ".join(run.failures[:5]), summary=summary, report=str(path))
-    return summary
+        step_recs, script_recs, approvals = _records(run, started)
+        status: Literal["succeeded", "failed", "stopped"] = "succeeded"
+        if run.failures:
+            # A person said no (or nobody answered): the plan stopped as designed, it did not fail.
+            rejected = any(a.decision in ("rejected", "timed_out") for a in run.approvals)
+            status = "stopped" if rejected and unexpected is None else "failed"
+        report = RunReport(plan=rp.name, plan_version=rp.version, failover_type=failover_type.value,
+                           direction=direction.value, recovery_point=recovery_point + (
+                               f" at {point_in_time.isoformat()}" if point_in_time else ""),
+                           failure_policy=run.policy.value, intent=the_intent.id, resumed=the_intent.resumed,
+                           flow_run_id=flow_run, fabric=fabric or ", ".join(sorted({run.kind(s.host) for s in steps
+                                                                                   if s.kind == "vm"})),
+                           started_at=started, finished_at=datetime.now(UTC), status=status, steps=tuple(step_recs),
+                           approvals=tuple(approvals), scripts=tuple(script_recs), failures=tuple(run.failures),
+                           operator=os_user(), audit=tuple(_audit(run, step_recs, closed)), superseded=tuple(closed))
+        path = _write_report(report, state)
+        if status == "succeeded" or failover_type == FailoverType.test:
+            journal_.complete(the_intent, status)
+        summary = report.summary() | {"report": str(path)}
+        log.info("%s: %s in %.1f s; report %s", rp.name, status, report.seconds, path)
+        if status != "succeeded":
+            raise PlanFailed(f"{rp.name}: {status}: " + "; ".join(run.failures[:5]), summary=summary, report=str(path))
+        return summary
+    finally:
+        lock.release()
 
 
 @flow(name="recovery-plan", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ Output goes to the run log and, trimmed, to the report. A non-zero exit or a tim
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +69,42 @@ def _text(data: bytes | str | None) -> str:
     return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
 
 
+def _run_local(argv: list[str], timeout: float, env: dict[str, str], cwd: str) -> tuple[int | None, bytes, bytes]:
+    """Run argv in its own session; on timeout kill the whole process group and return rc None.
+
+    subprocess.run's timeout kills the script only: anything it started (`sleep`, a background job, a
+    CLI it waits on) kept running after the plan had moved on, possibly still acting on the estate.
+    """
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=env, cwd=cwd, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        try:
+            # The group is dead, so the pipes reach EOF; the bound only guards a child that left the group.
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a descendant escaped the group and holds the pipes: stop reading
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+            proc.wait()
+            out = err = b""
+        return None, out or b"", err or b""
+    finally:
+        if proc.poll() is None:  # an exception other than the timeout (KeyboardInterrupt): leave nothing behind
+            _kill_group(proc.pid)
+            proc.wait()
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 @task(name="script", task_run_name="{label}")
 def run_script(label: str, job: ScriptJob, flow_run: str | None = None) -> dict[str, Any]:
     log = get_run_logger()
@@ -91,14 +128,12 @@ def run_script(label: str, job: ScriptJob, flow_run: str | None = None) -> dict[
         if job.host is None:
             if not os.access(path, os.X_OK):
                 raise ScriptError(f"script {path} is not executable", operation="run_script", hint=f"chmod +x {path}")
-            try:
-                proc = subprocess.run(argv, capture_output=True, timeout=action.timeout_seconds, check=False,
-                                      env={**os.environ, **job.env()}, cwd=job.plan_dir, stdin=subprocess.DEVNULL)
-            except subprocess.TimeoutExpired as exc:
-                out, err = _text(exc.stdout), _text(exc.stderr)
-                raise ScriptError(f"script {action.name} timed out after {action.timeout_seconds} s",
-                                  operation="run_script", hint="raise timeout_seconds or check the script") from None
-            rc, out, err = proc.returncode, _text(proc.stdout), _text(proc.stderr)
+            rc, bout, berr = _run_local(argv, action.timeout_seconds, {**os.environ, **job.env()}, job.plan_dir)
+            out, err = _text(bout), _text(berr)
+            if rc is None:
+                raise ScriptError(f"script {action.name} timed out after {action.timeout_seconds} s; it and every "
+                                  "process it started were killed", operation="run_script",
+                                  hint="raise timeout_seconds or check the script")
         else:
             code, bout, berr = run_remote(job.host, path, args, job.env(), action.timeout_seconds, resolve_secret)
             rc, out, err = code, _text(bout), _text(berr)

@@ -9,8 +9,10 @@ cached results. The journal is a small JSON file in the state directory, guarded
 from __future__ import annotations
 
 import fcntl
+import getpass
 import hashlib
 import json
+import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,6 +101,13 @@ class IntentJournal:
             return {k: v["id"] for k, v in data["open"].items()}
 
 
+def os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+        return f"uid {os.getuid()}"
+
+
 class StepJournal:
     """What each step of one intent did: one JSON line per finished step (completed or failed), shared
     by every run of the intent. A VM job skips the steps already completed here (a retry or a re-run
@@ -111,7 +120,9 @@ class StepJournal:
 
     def add(self, kind: str, step_id: str, flow_run: str | None, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"kind": kind, "step": step_id, "flow_run": flow_run, "record": record}, default=str)
+        # `user`: who acted, for the audit trail (the OS account of the worker process).
+        line = json.dumps({"kind": kind, "step": step_id, "flow_run": flow_run, "user": os_user(), "record": record},
+                          default=str)
         with open(self.path, "a") as f:
             # One write of one line under an exclusive lock: lines from concurrent tasks never interleave.
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -140,3 +151,51 @@ class StepJournal:
     def completed(self, step_id: str) -> dict[str, Any] | None:
         entry = self.entries().get(step_id)
         return entry if entry and entry["record"].get("status") in ("completed", "approved") else None
+
+
+class IntentBusy(ConfigurationError):
+    """Another live process is running the same intent."""
+
+
+class RunLock:
+    """Held by the process running an intent, for as long as it runs: an exclusive flock on
+    runs/<intent>/run.lock. The kernel drops it when the process dies (SIGKILL, OOM, a lost node), so a
+    re-run can tell a dead earlier run from a live one and never runs one intent twice at once.
+
+    It also lists the flow runs that ran the intent (runs/<intent>/flow_runs), so that a re-run can find
+    earlier runs that died without telling the server and close them."""
+
+    def __init__(self, state_dir: Path, intent_id: str) -> None:
+        self.dir = Path(state_dir) / "runs" / intent_id
+        self.path = self.dir / "run.lock"
+        self._file: Any = None
+
+    def acquire(self, flow_run: str | None) -> list[str]:
+        """Take the lock (IntentBusy when a live process holds it); return the earlier flow runs."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise IntentBusy(f"intent {self.dir.name} is being run right now by a live process (flow run {holder}); "
+                             "wait for it to finish, or cancel it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(flow_run or "")
+        f.flush()
+        self._file = f
+        runs = self.dir / "flow_runs"
+        earlier = [r for r in (runs.read_text().split() if runs.exists() else []) if r != flow_run]
+        if flow_run:
+            with open(runs, "a") as out:
+                out.write(flow_run + "\n")
+        return earlier
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None

@@ -83,6 +83,22 @@ class ScriptRecord(Frozen):
     error: str | None = None
 
 
+class AuditRecord(Frozen):
+    """One row of the audit trail: a state-changing fabric call or a decision on an approval."""
+
+    at: datetime | None = None
+    who: str = Field(description="OS user of the process that acted, or the approver")
+    flow_run: str | None = Field(None, description="the Prefect flow run that acted (an earlier one: cached)")
+    kind: Literal["fabric", "approval", "run"]
+    action: str
+    target: str = ""
+    outcome: str
+
+
+# Fabric operations that only read: not audited. Everything else a step does changes the estate.
+READ_OPERATIONS = frozenset({"replication_health", "recovery_points", "vm_state"})
+
+
 class RunReport(Frozen):
     plan: str
     plan_version: str
@@ -101,6 +117,9 @@ class RunReport(Frozen):
     approvals: tuple[ApprovalRecord, ...] = ()
     scripts: tuple[ScriptRecord, ...] = ()
     failures: tuple[str, ...] = ()
+    operator: str = Field("", description="OS user who ran this flow run")
+    audit: tuple[AuditRecord, ...] = ()
+    superseded: tuple[str, ...] = Field((), description="earlier runs of the intent found dead and marked Crashed")
 
     # ---- derived figures ------------------------------------------------------------------
     @property
@@ -245,6 +264,14 @@ def render_markdown(report: RunReport) -> str:
         for a in r.approvals:
             out.append(f"| {_md(a.action)} | {a.decision} | {_md(a.approver)} | {_time(a.answered_at)} "
                        f"| {_secs(a.seconds)} | {_md(a.comment)} | {_md(a.ticket)} |")
+    if r.superseded:
+        out += ["", "## Earlier runs taken over", ""] + [f"- {_md(x)} was marked Crashed" for x in r.superseded]
+    if r.audit:
+        out += ["", "## Audit", "", f"Run by OS user `{_md(r.operator)}` as flow run `{r.flow_run_id}`.", "",
+                "| when | who | flow run | kind | action | target | outcome |", "|---|---|---|---|---|---|---|"]
+        for x in r.audit:
+            out.append(f"| {_time(x.at)} | {_md(x.who)} | {_md(x.flow_run or '')} | {x.kind} | {_md(x.action)} "
+                       f"| {_md(x.target)} | {_md(x.outcome)} |")
     if r.scripts:
         out += ["", "## Scripts", "", "| script | where | status | exit | output |", "|---|---|---|---|---|"]
         for sc in r.scripts:

@@ -13,6 +13,7 @@ import pytest
 
 from siterecovery.fabric import FabricContext
 from siterecovery.fabric.memory import MemoryFabric
+from siterecovery.testing.prefect_server import PrefectServer, running_server
 from siterecovery.testing.projects import memory_project, seed_memory
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -30,6 +31,13 @@ def harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """One real Prefect server (own PREFECT_HOME) for every multi-process test of the session."""
+    with running_server(tmp_path_factory.mktemp("prefect-home")) as srv:
+        yield srv
 
 
 class Estate:

@@ -9,24 +9,17 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from siterecovery.fabric import FabricContext
 from siterecovery.fabric.memory import MemoryFabric
-from siterecovery.testing.prefect_server import PrefectServer, running_server
+from siterecovery.testing.prefect_server import PrefectServer
 from siterecovery.testing.projects import memory_project, seed_memory
 
 pytestmark = pytest.mark.prefect_server
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    with running_server(tmp_path_factory.mktemp("prefect-home")) as srv:
-        yield srv
 
 
 def gated(timeout: int) -> dict[str, object]:
