@@ -325,12 +325,17 @@ class LinuxFabric:
                 total += int(out.get("bytes", 0))
                 if out.get("resync_reason"):
                     notes.append(f"{d.disk}: resynchronized ({out['resync_reason']})")
-        except BaseException:
+        except BaseException as exc:
             vm.cycles_missed += 1
+            # Health reports the failure until a cycle succeeds; whatever the replica holds now (the
+            # transfer may have committed after the connection dropped) is asked again next time.
+            vm.last_error = f"{operation} failed: {exc}"[:300] if str(exc) else f"{operation} failed: {type(exc).__name__}"
+            vm.gens.clear()
             raise
         vm.cycles_ok += 1
         vm.pending_bytes = 0
         vm.resync_required = False
+        vm.last_error = ""
         vm.last_replication = point["created_at"]
         if consistency == "app":
             vm.last_app_point = point["created_at"]
@@ -396,11 +401,7 @@ class LinuxFabric:
         with self._vm(p) as box, self._errors(p, "replicate", p.source):
             vm = self._need(box[0], p, "replicate", S.Replicating)
             mode = "resync" if vm.resync_required else "delta"
-            try:
-                point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate")
-            except ReplicaError as exc:
-                vm.last_error = str(exc)[:300]
-                raise
+            point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate")
             msg = "resynchronized" if mode == "resync" else "delta cycle complete"
             return result(p, "replicate", True, S.Replicating, "; ".join([msg, *notes]), t0,
                           point=self._rp(p, point), bytes_sent=sent, details={"consistency": consistency})
@@ -493,6 +494,8 @@ class LinuxFabric:
                 health, details = Health.Critical, details or f"Resynchronization is required for {p.vm}."
             elif vm.state in (S.Error.value, S.Suspended.value):
                 health = Health.Critical if vm.state == S.Error.value else Health.Warning
+            elif vm.last_error and vm.state == S.Replicating.value:
+                health, details = Health.Warning, f"the last cycle failed, the replica holds the previous point: {vm.last_error}"
             elif rpo is not None and rpo > p.policy.rpo_threshold:
                 health, details = Health.Warning, f"last replication {int(rpo)} s ago"
             elif vm.state == S.FailedOver.value:
