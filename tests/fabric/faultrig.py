@@ -107,8 +107,12 @@ class Rig:
 
     def next_id(self) -> str:
         """The id the next cycle's point will carry (the fabric numbers points per VM)."""
-        st = json.loads((self.tmp / "state" / "linux" / "vms" / f"{self.vm}.json").read_text())
-        return f"{self.vm}@{st['seq'] + 1}"
+        vms = self.tmp / "state" / "linux" / "vms"
+        seq = json.loads((vms / f"{self.vm}.json").read_text())["seq"]
+        marker = vms / f"{self.vm}.cycle"  # a cycle whose process was killed: its id is not reused
+        if marker.exists():
+            seq = max(seq, json.loads(marker.read_text())["seq"])
+        return f"{self.vm}@{seq + 1}"
 
     def start(self) -> OpResult:
         self.f.enable_replication(self.p)

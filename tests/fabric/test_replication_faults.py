@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -171,5 +174,139 @@ def test_source_truncated_and_grown_between_cycles(sshd_server: SSHServer, tmp_p
             assert h.health == Health.Normal and not h.resync_required, h
         out = rig.verify()
         assert out["rebuilt"] >= 6  # every older size comes back through the undo logs
+    finally:
+        rig.close()
+
+
+# ---- the target filesystem full ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill ({r.stderr.strip() or r.returncode}): needs root")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def _fill(fs: Path, leave: int) -> Path:
+    """A filler file that leaves `leave` bytes free on `fs`."""
+    st = os.statvfs(fs)
+    filler = fs / "filler"
+    free = st.f_bavail * st.f_frsize
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        if free > leave:
+            os.posix_fallocate(fd, 0, free - leave)
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.sshd
+def test_target_disk_full(sshd_server: SSHServer, tmp_path: Path) -> None:
+    rnd = random.Random(3)
+    with tmpfs(tmp_path / "fs-b", "64m") as fs:
+        a = sshd_server.host("ny-h1", "ny", root=str(tmp_path / "root-a"))
+        b = sshd_server.host("chi-h1", "chi", root=str(fs))
+        rig = Rig(tmp_path, a, b)
+        try:
+            rig.start()
+            # 3 MiB of changes need about 3 MiB staged, 1 MiB of undo and 2 MiB newly allocated: the
+            # space runs out while staging, while writing the undo log, while writing blocks, or not at all.
+            failures = []
+            for leave in (128 * 1024, 2 * MiB, 3 * MiB + 512 * 1024, 5 * MiB, 8 * MiB):
+                written = rewrite(rig.disk, DELTA_BLOCKS, rnd)
+                filler = _fill(fs, leave)
+                failed = ""
+                try:
+                    rig.cycle()
+                except FabricError as exc:
+                    failed = exc.message
+                    assert "No space left" in exc.message and exc.error_id == "ENOSPC", exc.message
+                    assert exc.hint and "free space" in exc.hint
+                assert not wait_no_agents(str(tmp_path))
+                # the disk is still full when the operator looks: health says why the cycle failed
+                h = rig.f.replication_health(rig.p)
+                if failed:
+                    failures.append(leave)
+                    assert h.health == Health.Warning and "No space left" in h.details, h
+                filler.unlink()
+                out = _fault_then_recover(rig, lambda: None, str(tmp_path), written if failed else 0)
+                assert out["recovery_bytes"] <= (written if failed else 0) + SLACK
+            assert len(failures) >= 3, failures  # staging, undo and apply phases were hit
+            rig.verify()
+        finally:
+            rig.close()
+
+
+# ---- the orchestrator killed mid-cycle --------------------------------------------------------------
+
+CHILD = Path(__file__).with_name("cycle_child.py")
+
+
+@pytest.mark.sshd
+def test_orchestrator_killed_mid_cycle(sshd_server: SSHServer, tmp_path: Path) -> None:
+    rnd = random.Random(9)
+    a = sshd_server.host("ny-h1", "ny", root=str(tmp_path / "root-a"))
+    b = sshd_server.host("chi-h1", "chi", root=str(tmp_path / "root-b"))
+    rig = Rig(tmp_path, a, b)
+    pjson = tmp_path / "placement.json"
+    pjson.write_text(rig.p.model_dump_json())
+    manifest = str(rig.meta / "manifest")
+    outcomes = []
+    try:
+        rig.start()
+        # seconds after "go"; None: the moment the replica committed (the orchestrator never hears)
+        for delay in (0.0, 0.05, 0.15, 0.3, 0.6, None, 1.2):
+            written = rewrite(rig.disk, 96, rnd)  # 6 MiB: a cycle long enough to land in
+            pid = rig.next_id()
+            rig.known[pid] = file_digest(str(rig.disk))
+            h0 = read_manifest_header(manifest)
+            assert h0 is not None
+            child = subprocess.Popen([sys.executable, str(CHILD), str(tmp_path / "state"), str(pjson), sys.executable],
+                                     stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            try:
+                assert child.stdout is not None
+                assert child.stdout.readline().strip() == "go"
+                if delay is None:
+                    end = time.monotonic() + 60
+                    while time.monotonic() < end:
+                        h = read_manifest_header(manifest)
+                        if h is not None and h.seq > h0.seq:
+                            break
+                        time.sleep(0.0005)
+                else:
+                    time.sleep(delay)
+                child.send_signal(signal.SIGKILL)
+                child.stdout.read()  # drained: the child may have printed "done" before the kill
+            finally:
+                child.kill()
+                child.wait()
+                if child.stdout is not None:
+                    child.stdout.close()
+            inside = (tmp_path / "state" / "linux" / "vms" / f"{rig.vm}.cycle").exists()  # killed mid-cycle
+            # At once, as a restarted orchestrator would: agents of the dead one may still be running.
+            h = rig.f.replication_health(rig.p)
+            assert h.state == S.Replicating
+            if inside:
+                assert h.health == Health.Warning and "interrupted" in h.details, h
+            r = rig.cycle()
+            assert r.changed and "resynchronized" not in r.message, r.message
+            assert r.bytes_sent <= written + SLACK
+            assert file_digest(str(rig.replica)) == file_digest(str(rig.disk))
+            assert not wait_no_agents(str(tmp_path))
+            rig.verify(clean=True, rebuild=2)
+            newest_before = [x.id for x in rig.f.recovery_points(rig.p)]
+            outcomes.append((delay, inside, pid in newest_before, r.bytes_sent))
+        killed = [o for o in outcomes if o[1]]
+        assert len(killed) >= 3, outcomes
+        assert any(o[2] for o in killed), outcomes  # some kills landed after the replica committed
+        rig.verify()
     finally:
         rig.close()

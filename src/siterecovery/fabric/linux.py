@@ -69,6 +69,10 @@ _HINTS = {
     "quiesceFailed": "check the VM's quiesce command, or take a crash-consistent point",
     "freezeFailed": "check the VM's freeze command on the source host",
     "StartFailed": "read the VM's log under the host root (run/*.log)",
+    "ENOSPC": "free space on that host's filesystem (replica, undo logs and staging live under its root); "
+              "nothing half-applied stays: the replica holds its last recovery point and the next cycle "
+              "ships only what changed",
+    "EACCES": "check the permissions of the host's root directory for the SSH user",
 }
 
 
@@ -313,11 +317,34 @@ class LinuxFabric:
         # The source promotes its pending manifest when the next cycle names this generation.
         return {**sent, **got, **info, "mode": mode}
 
+    def _inflight_path(self, vm: str) -> Path:
+        return self.root / "vms" / f"{vm}.cycle"
+
+    def _interrupted(self, vm: str) -> dict[str, Any] | None:
+        """The cycle an orchestrator process died in (read under the VM's lock, so none is running)."""
+        try:
+            data: dict[str, Any] = json.loads(self._inflight_path(vm).read_text())
+            return data
+        except (FileNotFoundError, ValueError):
+            return None
+
     def _cycle(self, vm: _VM, p: Placement, consistency: str, progress: Progress | None, mode: str,
                operation: str) -> tuple[dict[str, Any], int, list[str]]:
         """Ship every disk as one recovery point; (point, bytes, notes)."""
         t0 = utcnow()
+        marker = self._inflight_path(p.vm)
+        dead = self._interrupted(p.vm)
+        if dead is not None:
+            # The process running the last cycle was killed: its state was never saved, but the replica
+            # may have committed that cycle. Ask the replica for its generation instead of trusting the
+            # cache (no needless resynchronization), and never reuse the dead cycle's point id.
+            vm.gens.clear()
+            vm.seq = max(vm.seq, int(dead.get("seq", 0)))
         point = self._new_point(vm, p, consistency, t0)
+        tmp = marker.with_suffix(".cycle.tmp")
+        tmp.write_text(json.dumps({"point": point["id"], "seq": vm.seq, "operation": operation,
+                                   "started_at": t0.isoformat(), "pid": os.getpid()}))
+        tmp.replace(marker)
         total, notes = 0, []
         try:
             for d in p.disks:
@@ -332,6 +359,9 @@ class LinuxFabric:
             vm.last_error = f"{operation} failed: {exc}"[:300] if str(exc) else f"{operation} failed: {type(exc).__name__}"
             vm.gens.clear()
             raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
         vm.cycles_ok += 1
         vm.pending_bytes = 0
         vm.resync_required = False
@@ -494,6 +524,11 @@ class LinuxFabric:
                 health, details = Health.Critical, details or f"Resynchronization is required for {p.vm}."
             elif vm.state in (S.Error.value, S.Suspended.value):
                 health = Health.Critical if vm.state == S.Error.value else Health.Warning
+            elif (dead := self._interrupted(p.vm)) is not None:
+                health, details = Health.Warning, (
+                    f"the {dead.get('operation', 'replication')} cycle started at {dead.get('started_at')} was "
+                    "interrupted (the orchestrator stopped mid-cycle); the replica holds a recovery point "
+                    "and the next cycle carries on from it")
             elif vm.last_error and vm.state == S.Replicating.value:
                 health, details = Health.Warning, f"the last cycle failed, the replica holds the previous point: {vm.last_error}"
             elif rpo is not None and rpo > p.policy.rpo_threshold:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -288,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         out.flush()
         return 3
     except OSError as exc:
-        msg = json.dumps({"error": "OSError", "message": f"{exc.strerror or exc}: {exc.filename or ''}"})
+        # The errno's name (ENOSPC, EACCES...) lets the fabric give the right hint; the command names
+        # the step that failed when the OS gives no file name (a failed write).
+        code = errno.errorcode.get(exc.errno or 0, "OSError")
+        where = exc.filename or f"during {argv[0] if argv else 'the command'}"
+        msg = json.dumps({"error": code, "message": f"{exc.strerror or exc} ({code}): {where}"})
         (err.write("E " + msg + "\n") if is_send else out.write(msg.encode() + b"\n"))
         err.flush()
         out.flush()
