@@ -59,7 +59,7 @@ S = ReplicationState
 
 _CODES: dict[str, type[FabricError]] = {
     "ManifestMismatch": InvalidStateError, "NoReplica": InvalidStateError, "NoSuchPoint": NotFoundError,
-    "CorruptTransfer": TransientFabricError,
+    "CorruptTransfer": TransientFabricError, "Busy": TransientFabricError,
 }
 _HINTS = {
     "ManifestMismatch": "resynchronize the VM (siterecovery resync); only differing blocks travel",
@@ -72,6 +72,7 @@ _HINTS = {
     "ENOSPC": "free space on that host's filesystem (replica, undo logs and staging live under its root); "
               "nothing half-applied stays: the replica holds its last recovery point and the next cycle "
               "ships only what changed",
+    "Busy": "an agent left by a dropped connection still holds the replica; retry, or stop that pid on the host",
     "EACCES": "check the permissions of the host's root directory for the SSH user",
 }
 
