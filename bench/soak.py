@@ -10,6 +10,7 @@ in block 0, so the planned failover (stop VM, final cycle) can be checked byte f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -147,78 +148,93 @@ def run_soak(seconds: float, work: Path, vms: int = 4, interval: int = 5, size: 
             make_disk(disk, size)
             ps.append(placement(f"vm-{i + 1}", a, b, disk, rate, interval))
         roots = (work / "root-a", work / "root-b", work / "state")
-        for p in ps:
-            f.enable_replication(p)
-            f.start_initial_replication(p)
-            f.start_vm(p, side="source")  # the writer starts: load from here on
-        base = {"rss_kib": rss_kib(), "fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
-                "sshd_children": len(descendants(sshd_pid)) if sshd_pid else None}
-        samples: list[dict[str, Any]] = []
-        cycles = failures = 0
-        shipped = 0
-        errors: list[str] = []
-        files_mid = 0
-        t0 = time.monotonic()
-        tick = 0
-        # The replicate flow's shape: one delta cycle per VM per tick, at most max_active_transfers
-        # (3) transfers from one source host at once.
-        with ThreadPoolExecutor(max_workers=a.max_active_transfers) as pool:
-            while time.monotonic() - t0 < seconds:
-                start = time.monotonic()
-                results = list(pool.map(lambda p: _one(f, p), ps))
-                for ok, n, err in results:
-                    cycles += 1
-                    shipped += n
-                    if not ok:
-                        failures += 1
-                        errors.append(err)
-                tick += 1
-                samples.append({"t": round(time.monotonic() - t0, 1), "rss_kib": rss_kib(),
-                                "fds": len(os.listdir("/proc/self/fd")),
-                                "sshd_children": len(descendants(sshd_pid)) if sshd_pid else None,
-                                "files": count_files(*roots), "tick_s": round(time.monotonic() - start, 2)})
-                if not files_mid and time.monotonic() - t0 >= seconds / 2:
-                    files_mid = samples[-1]["files"]
-                time.sleep(max(0.0, interval - (time.monotonic() - start)))
-        log(f"soak: {cycles} cycles in {tick} ticks, {failures} failed, {shipped / MiB:.0f} MiB shipped")
-        # Planned failover of every VM: stop the writer, ship the last changes, fail over.
-        lost = []
-        stamps = []
-        for p in ps:
-            prep = f.prepare_planned_failover(p)
-            assert prep.state == S.PreparedForFailover, prep
-            fo = f.failover(p)
-            assert fo.state == S.FailedOverWaitingCompletion, fo
-            src = p.disks[0].source_path
-            rep = work / "root-b" / p.vm / "replica" / "os.img"
-            with open(src, "rb") as sf, open(rep, "rb") as rf:
-                last, got = sf.read(17), rf.read(17)
-            stamps.append(last.decode().strip())
-            if file_digest(src) != file_digest(str(rep)) or last != got:
-                lost.append(p.vm)
-            f.commit_failover(p)
-        f.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and ((sshd_pid and descendants(sshd_pid)) or agents(marker)):
-            time.sleep(0.2)
-        end = {"rss_kib": rss_kib(), "fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
-               "sshd_children": len(descendants(sshd_pid)) if sshd_pid else None}
-        out.update({
-            "cycles": cycles, "ticks": tick, "failed_cycles": failures, "errors": errors[:5],
-            "shipped_mib": round(shipped / MiB, 1), "vms_with_data_lost": lost, "last_stamps": stamps,
-            "rss_kib": {"start": base["rss_kib"], "end_before_close": samples[-1]["rss_kib"] if samples else None,
-                        "peak": max(s["rss_kib"] for s in samples) if samples else None, "after_close": end["rss_kib"]},
-            "fds": {"start": base["fds"], "peak": max(s["fds"] for s in samples) if samples else None,
-                    "after_close": end["fds"]},
-            "sshd_children": {"during": base["sshd_children"],
-                              "peak": max(s["sshd_children"] or 0 for s in samples) if samples else None,
-                              "after_close": end["sshd_children"]},
-            "threads": {"start": base["threads"], "after_close": end["threads"]},
-            "files": {"mid": files_mid, "end": samples[-1]["files"] if samples else None},
-            "stray_files": stray_files(*roots), "stray_agents": agents(marker),
-            "max_tick_s": max(s["tick_s"] for s in samples) if samples else None,
-            "rss_samples_kib": [s["rss_kib"] for s in samples][:: max(1, len(samples) // 24)],
-        })
+        try:
+            out.update(_soak(f, ps, a, roots, sshd_pid, marker, seconds, interval, log))
+        finally:
+            # Interrupted or failed: no writer VM may outlive the soak (the planned failover stops them).
+            for p in ps:
+                with contextlib.suppress(Exception):
+                    f.stop_vm(p, side="source")
+            f.close()
+    return out
+
+
+def _soak(f: LinuxFabric, ps: list[Placement], a: Host, roots: tuple[Path, ...], sshd_pid: int, marker: str,
+          seconds: float, interval: int, log: Any) -> dict[str, Any]:
+    work = roots[0].parent
+    out: dict[str, Any] = {}
+    for p in ps:
+        f.enable_replication(p)
+        f.start_initial_replication(p)
+        f.start_vm(p, side="source")  # the writer starts: load from here on
+    base = {"rss_kib": rss_kib(), "fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
+            "sshd_children": len(descendants(sshd_pid)) if sshd_pid else None}
+    samples: list[dict[str, Any]] = []
+    cycles = failures = 0
+    shipped = 0
+    errors: list[str] = []
+    files_mid = 0
+    t0 = time.monotonic()
+    tick = 0
+    # The replicate flow's shape: one delta cycle per VM per tick, at most max_active_transfers
+    # (3) transfers from one source host at once.
+    with ThreadPoolExecutor(max_workers=a.max_active_transfers) as pool:
+        while time.monotonic() - t0 < seconds:
+            start = time.monotonic()
+            results = list(pool.map(lambda p: _one(f, p), ps))
+            for ok, n, err in results:
+                cycles += 1
+                shipped += n
+                if not ok:
+                    failures += 1
+                    errors.append(err)
+            tick += 1
+            samples.append({"t": round(time.monotonic() - t0, 1), "rss_kib": rss_kib(),
+                            "fds": len(os.listdir("/proc/self/fd")),
+                            "sshd_children": len(descendants(sshd_pid)) if sshd_pid else None,
+                            "files": count_files(*roots), "tick_s": round(time.monotonic() - start, 2)})
+            if not files_mid and time.monotonic() - t0 >= seconds / 2:
+                files_mid = samples[-1]["files"]
+            time.sleep(max(0.0, interval - (time.monotonic() - start)))
+    log(f"soak: {cycles} cycles in {tick} ticks, {failures} failed, {shipped / MiB:.0f} MiB shipped")
+    # Planned failover of every VM: stop the writer, ship the last changes, fail over.
+    lost = []
+    stamps = []
+    for p in ps:
+        prep = f.prepare_planned_failover(p)
+        assert prep.state == S.PreparedForFailover, prep
+        fo = f.failover(p)
+        assert fo.state == S.FailedOverWaitingCompletion, fo
+        src = p.disks[0].source_path
+        rep = work / "root-b" / p.vm / "replica" / "os.img"
+        with open(src, "rb") as sf, open(rep, "rb") as rf:
+            last, got = sf.read(17), rf.read(17)
+        stamps.append(last.decode().strip())
+        if file_digest(src) != file_digest(str(rep)) or last != got:
+            lost.append(p.vm)
+        f.commit_failover(p)
+    f.close()  # reconnects if used again (the cleanup's stop_vm finds the writers already stopped)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and ((sshd_pid and descendants(sshd_pid)) or agents(marker)):
+        time.sleep(0.2)
+    end = {"rss_kib": rss_kib(), "fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
+           "sshd_children": len(descendants(sshd_pid)) if sshd_pid else None}
+    out.update({
+        "cycles": cycles, "ticks": tick, "failed_cycles": failures, "errors": errors[:5],
+        "shipped_mib": round(shipped / MiB, 1), "vms_with_data_lost": lost, "last_stamps": stamps,
+        "rss_kib": {"start": base["rss_kib"], "end_before_close": samples[-1]["rss_kib"] if samples else None,
+                    "peak": max(s["rss_kib"] for s in samples) if samples else None, "after_close": end["rss_kib"]},
+        "fds": {"start": base["fds"], "peak": max(s["fds"] for s in samples) if samples else None,
+                "after_close": end["fds"]},
+        "sshd_children": {"during": base["sshd_children"],
+                          "peak": max(s["sshd_children"] or 0 for s in samples) if samples else None,
+                          "after_close": end["sshd_children"]},
+        "threads": {"start": base["threads"], "after_close": end["threads"]},
+        "files": {"mid": files_mid, "end": samples[-1]["files"] if samples else None},
+        "stray_files": stray_files(*roots), "stray_agents": agents(marker),
+        "max_tick_s": max(s["tick_s"] for s in samples) if samples else None,
+        "rss_samples_kib": [s["rss_kib"] for s in samples][:: max(1, len(samples) // 24)],
+    })
     return out
 
 
@@ -253,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     a = ap.parse_args(argv)
+    import signal
     import tempfile
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # unwinds: writers stopped, sshd terminated
+
+    signal.signal(signal.SIGTERM, stop)
     work = Path(a.work or tempfile.mkdtemp(prefix="sr-soak-"))
     res = run_soak(a.seconds, work, vms=a.vms, interval=a.interval)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
