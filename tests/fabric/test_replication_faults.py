@@ -132,6 +132,7 @@ def test_connection_cut_mid_transfer(sshd_server: SSHServer, tmp_path: Path, sid
             outcomes.append(_fault_then_recover(rig, attempt, str(tmp_path), written))
         # the cuts in the middle of the 3 MiB stream must have hit (else the test proved nothing)
         assert proxy.cuts >= 2 and sum(bool(o["failed"]) for o in outcomes) >= 2, outcomes
+        hits = sum(bool(o["failed"]) for o in outcomes)
         if side == "target":
             # The acknowledgement lost: the replica holds the new point, the orchestrator saw a failure.
             # The next cycle must carry on from that point, shipping nothing again.
@@ -140,12 +141,14 @@ def test_connection_cut_mid_transfer(sshd_server: SSHServer, tmp_path: Path, sid
                 pid = rig.next_id()
                 out = _fault_then_recover(rig, lambda: _cut_after_commit(rig, proxy), str(tmp_path), written)
                 newest_before_recovery = out["newest"]
+                hits += bool(out["failed"])
                 if out["failed"] and newest_before_recovery == pid:
                     assert out["recovery_bytes"] <= SLACK, out
                     break
             else:
                 pytest.fail("the cut never landed between the commit and the acknowledgement")
         rig.verify()
+        print(f"FAULTS cut-{side}: injected={hits} survived={hits} lost=0")
 
 
 @pytest.mark.sshd
@@ -174,6 +177,7 @@ def test_source_truncated_and_grown_between_cycles(sshd_server: SSHServer, tmp_p
             assert h.health == Health.Normal and not h.resync_required, h
         out = rig.verify()
         assert out["rebuilt"] >= 6  # every older size comes back through the undo logs
+        print(f"FAULTS resize: injected=6 survived=6 points-rebuilt={out['rebuilt']} lost=0")
     finally:
         rig.close()
 
@@ -220,7 +224,7 @@ def test_target_disk_full(sshd_server: SSHServer, tmp_path: Path) -> None:
             # 3 MiB of changes need about 3 MiB staged, 1 MiB of undo and 2 MiB newly allocated: the
             # space runs out while staging, while writing the undo log, while writing blocks, or not at all.
             failures = []
-            for leave in (128 * 1024, 2 * MiB, 3 * MiB + 512 * 1024, 5 * MiB, 8 * MiB):
+            for leave in (5 * MiB, 128 * 1024, 2 * MiB, 3 * MiB + 512 * 1024, 8 * MiB):
                 written = rewrite(rig.disk, DELTA_BLOCKS, rnd)
                 filler = _fill(fs, leave)
                 failed = ""
@@ -231,15 +235,20 @@ def test_target_disk_full(sshd_server: SSHServer, tmp_path: Path) -> None:
                     assert "No space left" in exc.message and exc.error_id == "ENOSPC", exc.message
                     assert exc.hint and "free space" in exc.hint
                 assert not wait_no_agents(str(tmp_path))
+                # Where it ran out, from what the failed receive left for the next recovery step.
+                names = os.listdir(rig.meta) + os.listdir(rig.meta / "undo")
+                phase = ("apply" if "journal" in names else "undo log" if any(n.endswith(".tmp") for n in names)
+                         else "staging")
                 # the disk is still full when the operator looks: health says why the cycle failed
                 h = rig.f.replication_health(rig.p)
                 if failed:
-                    failures.append(leave)
+                    failures.append(phase)
                     assert h.health == Health.Warning and "No space left" in h.details, h
                 filler.unlink()
                 out = _fault_then_recover(rig, lambda: None, str(tmp_path), written if failed else 0)
                 assert out["recovery_bytes"] <= (written if failed else 0) + SLACK
-            assert len(failures) >= 3, failures  # staging, undo and apply phases were hit
+            assert len(failures) >= 3 and len(set(failures)) >= 2, failures  # ENOSPC in different phases
+            print(f"FAULTS disk-full: injected={len(failures)} phases={failures} survived={len(failures)} lost=0")
             rig.verify()
         finally:
             rig.close()
@@ -307,6 +316,7 @@ def test_orchestrator_killed_mid_cycle(sshd_server: SSHServer, tmp_path: Path) -
         killed = [o for o in outcomes if o[1]]
         assert len(killed) >= 3, outcomes
         assert any(o[2] for o in killed), outcomes  # some kills landed after the replica committed
+        print(f"FAULTS kill: injected={len(killed)} after-commit={sum(o[2] for o in killed)} survived={len(killed)} lost=0")
         rig.verify()
     finally:
         rig.close()
