@@ -59,7 +59,7 @@ S = ReplicationState
 
 _CODES: dict[str, type[FabricError]] = {
     "ManifestMismatch": InvalidStateError, "NoReplica": InvalidStateError, "NoSuchPoint": NotFoundError,
-    "CorruptTransfer": TransientFabricError,
+    "CorruptTransfer": TransientFabricError, "Busy": TransientFabricError,
 }
 _HINTS = {
     "ManifestMismatch": "resynchronize the VM (siterecovery resync); only differing blocks travel",
@@ -69,6 +69,11 @@ _HINTS = {
     "quiesceFailed": "check the VM's quiesce command, or take a crash-consistent point",
     "freezeFailed": "check the VM's freeze command on the source host",
     "StartFailed": "read the VM's log under the host root (run/*.log)",
+    "ENOSPC": "free space on that host's filesystem (replica, undo logs and staging live under its root); "
+              "nothing half-applied stays: the replica holds its last recovery point and the next cycle "
+              "ships only what changed",
+    "Busy": "an agent left by a dropped connection still holds the replica; retry, or stop that pid on the host",
+    "EACCES": "check the permissions of the host's root directory for the SSH user",
 }
 
 
@@ -313,11 +318,34 @@ class LinuxFabric:
         # The source promotes its pending manifest when the next cycle names this generation.
         return {**sent, **got, **info, "mode": mode}
 
+    def _inflight_path(self, vm: str) -> Path:
+        return self.root / "vms" / f"{vm}.cycle"
+
+    def _interrupted(self, vm: str) -> dict[str, Any] | None:
+        """The cycle an orchestrator process died in (read under the VM's lock, so none is running)."""
+        try:
+            data: dict[str, Any] = json.loads(self._inflight_path(vm).read_text())
+            return data
+        except (FileNotFoundError, ValueError):
+            return None
+
     def _cycle(self, vm: _VM, p: Placement, consistency: str, progress: Progress | None, mode: str,
                operation: str) -> tuple[dict[str, Any], int, list[str]]:
         """Ship every disk as one recovery point; (point, bytes, notes)."""
         t0 = utcnow()
+        marker = self._inflight_path(p.vm)
+        dead = self._interrupted(p.vm)
+        if dead is not None:
+            # The process running the last cycle was killed: its state was never saved, but the replica
+            # may have committed that cycle. Ask the replica for its generation instead of trusting the
+            # cache (no needless resynchronization), and never reuse the dead cycle's point id.
+            vm.gens.clear()
+            vm.seq = max(vm.seq, int(dead.get("seq", 0)))
         point = self._new_point(vm, p, consistency, t0)
+        tmp = marker.with_suffix(".cycle.tmp")
+        tmp.write_text(json.dumps({"point": point["id"], "seq": vm.seq, "operation": operation,
+                                   "started_at": t0.isoformat(), "pid": os.getpid()}))
+        tmp.replace(marker)
         total, notes = 0, []
         try:
             for d in p.disks:
@@ -325,12 +353,20 @@ class LinuxFabric:
                 total += int(out.get("bytes", 0))
                 if out.get("resync_reason"):
                     notes.append(f"{d.disk}: resynchronized ({out['resync_reason']})")
-        except BaseException:
+        except BaseException as exc:
             vm.cycles_missed += 1
+            # Health reports the failure until a cycle succeeds; whatever the replica holds now (the
+            # transfer may have committed after the connection dropped) is asked again next time.
+            vm.last_error = f"{operation} failed: {exc}"[:300] if str(exc) else f"{operation} failed: {type(exc).__name__}"
+            vm.gens.clear()
             raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
         vm.cycles_ok += 1
         vm.pending_bytes = 0
         vm.resync_required = False
+        vm.last_error = ""
         vm.last_replication = point["created_at"]
         if consistency == "app":
             vm.last_app_point = point["created_at"]
@@ -396,11 +432,7 @@ class LinuxFabric:
         with self._vm(p) as box, self._errors(p, "replicate", p.source):
             vm = self._need(box[0], p, "replicate", S.Replicating)
             mode = "resync" if vm.resync_required else "delta"
-            try:
-                point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate")
-            except ReplicaError as exc:
-                vm.last_error = str(exc)[:300]
-                raise
+            point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate")
             msg = "resynchronized" if mode == "resync" else "delta cycle complete"
             return result(p, "replicate", True, S.Replicating, "; ".join([msg, *notes]), t0,
                           point=self._rp(p, point), bytes_sent=sent, details={"consistency": consistency})
@@ -493,6 +525,13 @@ class LinuxFabric:
                 health, details = Health.Critical, details or f"Resynchronization is required for {p.vm}."
             elif vm.state in (S.Error.value, S.Suspended.value):
                 health = Health.Critical if vm.state == S.Error.value else Health.Warning
+            elif (dead := self._interrupted(p.vm)) is not None:
+                health, details = Health.Warning, (
+                    f"the {dead.get('operation', 'replication')} cycle started at {dead.get('started_at')} was "
+                    "interrupted (the orchestrator stopped mid-cycle); the replica holds a recovery point "
+                    "and the next cycle carries on from it")
+            elif vm.last_error and vm.state == S.Replicating.value:
+                health, details = Health.Warning, f"the last cycle failed, the replica holds the previous point: {vm.last_error}"
             elif rpo is not None and rpo > p.policy.rpo_threshold:
                 health, details = Health.Warning, f"last replication {int(rpo)} s ago"
             elif vm.state == S.FailedOver.value:

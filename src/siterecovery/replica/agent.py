@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from . import engine
@@ -84,9 +87,56 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# How long a command waits for another agent working on the same replica or source state (an agent
+# orphaned by a dropped connection finishes or fails within seconds; a live cycle may take longer).
+LOCK_WAIT = float(os.environ.get("SITERECOVERY_AGENT_LOCK_WAIT", "300"))
+_REPLICA_CMDS = frozenset({"status", "receive", "rehash", "manifest", "rebuild", "revert", "prune", "drop"})
+_SOURCE_CMDS = frozenset({"send", "source-commit", "source-drop"})
+
+
+@contextlib.contextmanager
+def _exclusive(path: str, what: str) -> Iterator[None]:
+    """One agent at a time per replica (or source state): a lock file next to its directory.
+
+    Without it an agent left running by a dropped SSH connection (still staging or applying) and the
+    next command (its recovery step) would work on the same files at once: the newcomer deletes the
+    staging file under the receiver, or rolls an apply back while it is being written.
+    """
+    lock = os.path.abspath(path).rstrip("/") + ".lock"
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise ReplicaError(f"another agent (pid {holder}) has been working on {what} {path} for over "
+                                       f"{LOCK_WAIT:.0f} s", code="Busy") from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def run_command(argv: list[str], stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None = None) -> dict[str, Any]:
     """Run one agent command in this process; its JSON result (send also writes its stream)."""
     a = _parser().parse_args(argv)
+    if a.cmd in _REPLICA_CMDS:
+        with _exclusive(a.meta, "the replica"):
+            return _run(a, stdin, stdout, progress)
+    if a.cmd in _SOURCE_CMDS:
+        with _exclusive(a.state, "the source state"):
+            return _run(a, stdin, stdout, progress)
+    return _run(a, stdin, stdout, progress)
+
+
+def _run(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None) -> dict[str, Any]:
     cmd = a.cmd
     if cmd == "send":
         base = None
@@ -288,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         out.flush()
         return 3
     except OSError as exc:
-        msg = json.dumps({"error": "OSError", "message": f"{exc.strerror or exc}: {exc.filename or ''}"})
+        # The errno's name (ENOSPC, EACCES...) lets the fabric give the right hint; the command names
+        # the step that failed when the OS gives no file name (a failed write).
+        code = errno.errorcode.get(exc.errno or 0, "OSError")
+        where = exc.filename or f"during {argv[0] if argv else 'the command'}"
+        msg = json.dumps({"error": code, "message": f"{exc.strerror or exc} ({code}): {where}"})
         (err.write("E " + msg + "\n") if is_send else out.write(msg.encode() + b"\n"))
         err.flush()
         out.flush()
