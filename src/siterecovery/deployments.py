@@ -222,7 +222,7 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
             "deployments": deployments}
 
 
-def dump(doc: dict[str, Any], project_label: str = "plans", settings_label: str = "deployments/settings.yaml") -> str:
+def dump(doc: dict[str, Any], project_label: str = "plans", settings_label: str = "settings.yaml beside this file") -> str:
     body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=100, allow_unicode=True)
     text = HEADER.format(project=project_label, settings=settings_label) + body
     # The generated file must never carry a secret, whatever the plans or settings hold.

@@ -23,12 +23,15 @@ app.add_typer(ui_app, name="ui")
 DEFAULT_OUT = Path("deployments/prefect.yaml")
 
 
-def rendered_text(project_dir: Path, settings_file: Path) -> str:
+def rendered_text(project_dir: Path, settings_file: Path, out_file: Path) -> str:
     from ..deployments import dump, load_settings, render
     from ..project import load_project
 
     settings = load_settings(settings_file)
-    return dump(render(load_project(project_dir), settings), str(project_dir).rstrip("/"), str(settings_file))
+    # Name the inputs as the command line did, so the header carries no machine paths.
+    beside = settings_file.resolve().parent == out_file.resolve().parent
+    label = f"{settings_file.name} beside this file" if beside else str(settings_file)
+    return dump(render(load_project(project_dir), settings), str(project_dir).rstrip("/"), label)
 
 
 @deployments_app.command("render")
@@ -42,7 +45,7 @@ def render_cmd(
     """Generate the Prefect deployments (drills, failovers, protection jobs) from the plans."""
     settings_file = settings_file or out_file.parent / "settings.yaml"
     try:
-        text = rendered_text(project_dir, settings_file)
+        text = rendered_text(project_dir, settings_file, out_file)
     except PlanError as exc:
         for p in exc.problems:
             err.print(str(p), markup=False, highlight=False)

@@ -72,7 +72,10 @@ class PrefectServer:
         logf = open(log or self.home / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
         exe = Path(sys.executable).with_name("prefect")
         cmd = [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = subprocess.Popen(cmd, env=server_env(self.home), stdout=logf, stderr=subprocess.STDOUT,
+        env = server_env(self.home)
+        # Without it the UI's JavaScript calls the default port (4200), not this server's.
+        env["PREFECT_UI_API_URL"] = self.api_url
+        self.process = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
