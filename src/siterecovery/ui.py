@@ -21,6 +21,10 @@ from .errors import ConfigurationError
 from .testing.prefect_server import PrefectServer, server_env
 
 DEFAULT_PORT = 4200
+# Processes this process started and that outlive `up`: kept so they are not garbage-collected while
+# running (Popen warns), and so `down` in the same process (tests) can reap them instead of leaving
+# zombies.
+_children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 @dataclass(frozen=True)
@@ -89,17 +93,20 @@ def stop_group(pidfile: Path, grace: float = 20.0) -> bool:
         return False
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
+        _reap(pid)
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
             break
-        _reap(pid)
         time.sleep(0.2)
     else:
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait(10)
     pidfile.unlink(missing_ok=True)
     return True
 
@@ -107,10 +114,9 @@ def stop_group(pidfile: Path, grace: float = 20.0) -> bool:
 def _reap(pid: int) -> None:
     # When `up` and `down` run in one process (tests), the leader is our child: collect it so it
     # does not linger as a zombie that keeps its group alive.
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        del _children[pid]
 
 
 def _run(cmd: list[str], env: dict[str, str], cwd: Path, what: str) -> None:
@@ -140,6 +146,7 @@ def up(
         say(f"starting the Prefect server on {server.url} (database in {lay.home}) ...")
         server.start(log=lay.log("server"))
         assert server.process is not None
+        _children[server.process.pid] = server.process
         record(lay.pidfile("server"), server.process.pid)
     env = server.env()
     # The flows keep their own state (memory fabric, reports) in the same state directory.
@@ -158,6 +165,7 @@ def up(
         worker = subprocess.Popen([exe, "worker", "start", "--pool", pool, "--type", "process"], env=env,
                                   cwd=root, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         logf.close()
+        _children[worker.pid] = worker
         record(lay.pidfile("worker"), worker.pid)
         say(f"worker started (log: {lay.log('worker')})")
     return server.url
