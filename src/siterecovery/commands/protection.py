@@ -1,0 +1,132 @@
+"""`siterecovery status` and `siterecovery protect`: the operator's view of replication health and
+the way to protect a pairing's VMs.
+
+status reads health straight from the fabric (no Prefect needed: it must work while the orchestrator
+is down); protect runs the enable-protection flow, so prefect is imported inside that command only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..cli import app, err, out
+from ..errors import ExecutionError, SiteRecoveryError
+from ..placement import pairing_placements
+from ..project import load_project
+from ..protection import HealthRow, kind_of, open_fabric, read_pairing_state, state_dir
+
+HEALTH_STYLE = {"Normal": "green", "Warning": "yellow", "Critical": "bold red", "Unknown": "bold red"}
+
+ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="project directory")]
+FabricOpt = Annotated[str | None, typer.Option("--fabric", help="override the hosts' fabric kind, e.g. memory")]
+
+
+def health_rows(project_dir: Path, pairing: str | None, fabric: str | None) -> list[HealthRow]:
+    """Every VM's health for one pairing or all of them; a VM that cannot be read is a row too."""
+    project = load_project(project_dir)
+    pairings = [project.protection.pairing(pairing)] if pairing else list(project.protection.pairings)
+    state = state_dir()
+    drivers: dict[str, Any] = {}
+    rows = []
+    try:
+        for pair in pairings:
+            for p in pairing_placements(project, pair).values():
+                kind = kind_of(p, fabric)
+                if kind not in drivers:
+                    drivers[kind] = open_fabric(kind, state)
+                try:
+                    rows.append(HealthRow.of(drivers[kind].replication_health(p), p))
+                except ExecutionError as exc:
+                    rows.append(HealthRow.unreadable(p, exc))
+    finally:
+        for d in drivers.values():
+            d.close()
+    return rows
+
+
+def _rpo(row: HealthRow) -> str:
+    if row.current_rpo_seconds is None:
+        return "-"
+    text = f"{row.current_rpo_seconds:.0f}s"
+    return f"[bold red]{text}[/]" if row.current_rpo_seconds > row.rpo_threshold_seconds else text
+
+
+@app.command()
+def status(
+    pairing: Annotated[str | None, typer.Argument(help="pairing name (default: all pairings)")] = None,
+    project_dir: ProjectOpt = Path("plans"),
+    fabric: FabricOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Replication health of every protected VM, like Measure-VMReplication."""
+    try:
+        rows = health_rows(project_dir, pairing, fabric)
+    except KeyError as exc:
+        err.print(f"[red]{exc.args[0]}[/]")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps([r.model_dump(mode="json") | {"breach": list(r.breach_reasons())} for r in rows], indent=1))
+        return
+    open_breaches = {(pr, vm) for pr in {r.pairing for r in rows}
+                     for vm in read_pairing_state(state_dir(), pr).breaches}
+    table = Table(title="Replication health" + (f" of {pairing}" if pairing else ""))
+    for col in ("Pairing", "VMName", "State", "Health", "Primary", "Replica", "LReplTime", "PReplSize(M)",
+                "RPO", "Threshold", "Cycles ok/missed", "Alert", "Details"):
+        table.add_column(col, no_wrap=col in ("LReplTime", "State", "Health"))
+    for r in rows:
+        style = HEALTH_STYLE.get(r.health, "")
+        lrepl = r.last_replication_time.astimezone().strftime("%m-%d %H:%M:%S") if r.last_replication_time else "-"
+        table.add_row(r.pairing, r.vm, r.state, f"[{style}]{r.health}[/]" if style else r.health, r.primary or "",
+                      r.replica or "", lrepl, f"{r.pending_bytes / 2**20:.1f}", _rpo(r), f"{r.rpo_threshold_seconds}s",
+                      f"{r.successful_cycles}/{r.missed_cycles}",
+                      "open" if (r.pairing, r.vm) in open_breaches else "", r.details)
+    out.print(table)
+    bad = sum(1 for r in rows if r.health in ("Warning", "Critical", "Unknown"))
+    if bad:
+        out.print(f"[yellow]{bad} VM(s) need attention[/]: `python -m flows.protection resynchronize "
+                  f"{pairing or 'PAIRING'} --on-demand` resynchronizes those marked for it")
+
+
+def _import_flows() -> Any:
+    """flows/ lives in the checkout, not the wheel (Prefect's project convention): make it importable
+    when the console script runs from the repository root."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        import flows.protection as module
+    except ModuleNotFoundError as exc:
+        raise SiteRecoveryError(f"cannot import the protection flows ({exc}); run from a siterecovery checkout") from None
+    return module
+
+
+@app.command()
+def protect(
+    pairing: Annotated[str, typer.Argument(help="pairing name")],
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs (default: every VM of the protected cloud)")] = None,
+    project_dir: ProjectOpt = Path("plans"),
+    fabric: FabricOpt = None,
+) -> None:
+    """Enable protection: replication, initial copy, network mapping and a readiness check, per VM."""
+    flows = _import_flows()
+    state = flows.enable_protection(pairing=pairing, project=str(project_dir), vms=vms or None, fabric=fabric,
+                                    return_state=True)
+    value = state.result(raise_on_failure=False)
+    if isinstance(value, BaseException):
+        err.print(f"[red]enable-protection failed:[/] {value}", highlight=False)
+        raise typer.Exit(1)
+    table = Table(title=f"Protection of {pairing}")
+    for col in ("VM", "Outcome", "Ready", "Note"):
+        table.add_column(col)
+    colour = {"protected": "green", "already protected": "dim", "failed": "red", "not ready": "yellow"}
+    for r in value:
+        c = colour.get(r.outcome, "yellow")
+        table.add_row(r.vm, f"[{c}]{r.outcome}[/]", "yes" if r.ready else "no", r.note)
+    out.print(table)

@@ -1,0 +1,218 @@
+"""Prefect tasks of the protection lifecycle: one fabric side effect each, on one VM or host.
+
+Tasks use NO_CACHE on purpose: safety on re-runs comes from the fabric contract (every operation is
+idempotent and says when it changed nothing), not from Prefect's cache, which would hide a VM that
+drifted since the last run. Transient fabric errors (a host briefly unreachable) are retried.
+"""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.events import emit_event
+from prefect.events.schemas.events import Event
+from prefect.tasks import Task
+
+from siterecovery.errors import ExecutionError, NotFoundError, TransientFabricError
+from siterecovery.fabric import Fabric, OpResult, Placement, ReplicationState
+from siterecovery.model.common import Frozen
+from siterecovery.model.protection import NetworkInitial
+from siterecovery.model.topology import Host
+from siterecovery.protection import DATA_PATH_KINDS, Alert, HealthRow
+
+S = ReplicationState
+
+
+def _transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
+    try:
+        state.result()
+    except TransientFabricError:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+RETRY: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 1, "retry_condition_fn": _transient,
+                         "cache_policy": NO_CACHE}
+
+
+class Step(Frozen):
+    """What one step did to one VM, for reports."""
+
+    vm: str
+    step: str
+    changed: bool
+    state: str
+    message: str = ""
+    bytes_sent: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def of(cls, r: OpResult, step: str | None = None) -> Step:
+        return cls(vm=r.vm, step=step or r.operation, changed=r.changed, state=r.state.value, message=r.message,
+                   bytes_sent=r.bytes_sent, started_at=r.started_at, finished_at=r.finished_at)
+
+
+# ---- enable protection -------------------------------------------------------------------------
+
+@task(name="configure replica server", task_run_name="configure {host.name}", **RETRY)
+def configure_host(driver: Fabric, host: Host, primaries: list[str]) -> str:
+    """Replica server settings and authorization of the replica site (Set-VMReplicationServer and an
+    authorization entry for the primaries), where the driver has such a step; the Fabric contract
+    leaves it optional because the built-in engine needs none."""
+    configure = getattr(driver, "configure_replica_server", None)
+    if configure is None:
+        return f"{driver.kind} fabric: no replica server settings to configure"
+    r = configure(host, primaries)
+    return str(getattr(r, "message", r))
+
+
+@task(name="enable replication", task_run_name="enable replication {p.vm}", **RETRY)
+def enable_vm(driver: Fabric, p: Placement) -> Step:
+    return Step.of(driver.enable_replication(p))
+
+
+def initial_due(p: Placement, now: datetime) -> datetime | None:
+    """A network initial copy scheduled for later: when it is due, or None when it may run now."""
+    init = p.policy.initial_replication
+    if isinstance(init, NetworkInitial) and init.start_at is not None:
+        start = init.start_at if init.start_at.tzinfo else init.start_at.replace(tzinfo=UTC)
+        return start if start > now else None
+    return None
+
+
+@task(name="initial replication", task_run_name="initial replication {p.vm}", **RETRY)
+def initial_replication_vm(driver: Fabric, p: Placement) -> Step:
+    """By the policy's method. A network copy with a later start time is handed to Hyper-V, which
+    schedules it itself; on fabrics where we move the data, the `replicate` flow starts it when due."""
+    due = initial_due(p, datetime.now(UTC))
+    if due is not None and driver.kind in DATA_PATH_KINDS:
+        h = driver.replication_health(p)
+        if h.state == S.ReadyForInitialReplication:
+            return Step(vm=p.vm, step="initial_replication", changed=False, state=h.state.value,
+                        message=f"scheduled for {due.isoformat(timespec='minutes')}; the replicate flow starts it")
+    return Step.of(driver.start_initial_replication(p))
+
+
+class Readiness(Frozen):
+    vm: str
+    network: Step
+    ready: bool
+    state: str
+    health: str
+    points: int
+    reason: str = ""
+
+
+@task(name="finalize protection", task_run_name="finalize protection {p.vm}", **RETRY)
+def finalize_vm(driver: Fabric, p: Placement) -> Readiness:
+    """The source documents' 'finalize protection' job: network mapping and failover IP settings on
+    the replica, then check the VM could fail over (replicating, not Critical, a recovery point)."""
+    net = Step.of(driver.apply_network(p), "apply_network")
+    h = driver.replication_health(p)
+    try:
+        points = len(driver.recovery_points(p))
+    except NotFoundError:
+        points = 0
+    reason = ""
+    if h.state != S.Replicating:
+        reason = f"state {h.state.value}"
+    elif h.health.value == "Critical":
+        reason = h.details or "health Critical"
+    elif points == 0:
+        reason = "no recovery point yet"
+    return Readiness(vm=p.vm, network=net, ready=not reason, state=h.state.value, health=h.health.value,
+                     points=points, reason=reason)
+
+
+# ---- replicate ----------------------------------------------------------------------------------
+
+def supports_bandwidth(driver: Fabric) -> bool:
+    return "bandwidth_bytes_per_second" in inspect.signature(driver.replicate).parameters
+
+
+@task(name="replicate", task_run_name="replicate {p.vm}", **RETRY)
+def replicate_vm(driver: Fabric, p: Placement, consistency: Literal["crash", "app"],
+                 bandwidth_bytes_per_second: int | None, initial: bool) -> Step:
+    """One transfer (a delta cycle, or a due initial copy) under the source host's transfer limit."""
+    from prefect.concurrency.sync import concurrency
+
+    # strict: a missing limit must fail loudly, not silently allow unlimited transfers.
+    with concurrency(host_limit_name(p.source.name), occupy=1, strict=True, timeout_seconds=3600):
+        if initial:
+            return Step.of(driver.start_initial_replication(p))
+        kwargs: dict[str, Any] = {}
+        if bandwidth_bytes_per_second and supports_bandwidth(driver):
+            kwargs["bandwidth_bytes_per_second"] = bandwidth_bytes_per_second
+        return Step.of(driver.replicate(p, consistency, **kwargs))
+
+
+def host_limit_name(host: str) -> str:
+    return f"replication-host-{host}"
+
+
+# ---- health -------------------------------------------------------------------------------------
+
+@task(name="read health", task_run_name="read health {p.vm}", cache_policy=NO_CACHE)
+def read_health(driver: Fabric, p: Placement) -> HealthRow:
+    try:
+        return HealthRow.of(driver.replication_health(p), p)
+    except ExecutionError as exc:
+        return HealthRow.unreadable(p, exc)
+
+
+def event_resource(alert: Alert) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """Resource ids automations match on: the VM, with its pairing and hosts as related resources."""
+    row = alert.row
+    resource = {
+        "prefect.resource.id": f"siterecovery.vm.{alert.vm}",
+        "prefect.resource.name": alert.vm,
+        "siterecovery.pairing": alert.pairing,
+        "siterecovery.health": row.health,
+        "siterecovery.state": row.state,
+    }
+    related = [{"prefect.resource.id": f"siterecovery.pairing.{alert.pairing}",
+                "prefect.resource.role": "pairing", "prefect.resource.name": alert.pairing}]
+    for role, host in (("primary-host", row.primary), ("replica-host", row.replica)):
+        if host:
+            related.append({"prefect.resource.id": f"siterecovery.host.{host}", "prefect.resource.role": role,
+                            "prefect.resource.name": host})
+    return resource, related
+
+
+def emit_alert(alert: Alert) -> Event | None:
+    """The one place protection events leave the process (tests observe it here)."""
+    resource, related = event_resource(alert)
+    row = alert.row
+    payload = {
+        "reasons": list(alert.reasons), "breach_started": alert.breach_started.isoformat(),
+        "current_rpo_seconds": row.current_rpo_seconds, "rpo_threshold_seconds": row.rpo_threshold_seconds,
+        "health": row.health, "state": row.state, "details": row.details,
+        "last_replication_time": row.last_replication_time.isoformat() if row.last_replication_time else None,
+    }
+    return emit_event(event=alert.event, resource=resource, related=related, payload=payload,
+                      occurred=alert.occurred, id=uuid.UUID(alert.id))
+
+
+# ---- resync and disable -------------------------------------------------------------------------
+
+@task(name="resynchronize", task_run_name="resynchronize {p.vm}", **RETRY)
+def resync_vm(driver: Fabric, p: Placement) -> Step:
+    from prefect.concurrency.sync import concurrency
+
+    # A resync reads whole disks: it counts as a transfer against the host's limit.
+    with concurrency(host_limit_name(p.source.name), occupy=1, strict=True, timeout_seconds=3600):
+        return Step.of(driver.resynchronize(p))
+
+
+@task(name="disable replication", task_run_name="disable replication {p.vm}", **RETRY)
+def disable_vm(driver: Fabric, p: Placement, delete_replica: bool) -> Step:
+    return Step.of(driver.disable_replication(p, delete_replica=delete_replica))
