@@ -74,6 +74,8 @@ def test_protection_jobs_follow_the_policy() -> None:
     assert health["gold"]["schedules"][0]["interval"] == 600
     assert repl["gold"]["parameters"] == {"pairing": "gold", "project": "plans"}
     assert "gold" in _by(doc, ":enable_protection")
+    # gold-5min's off-hours window opens at 22:00: resynchronization is scheduled then.
+    assert _by(doc, ":resynchronize")["gold"]["schedules"][0]["cron"] == "0 22 * * *"
     no_repl = render(project, Settings.model_validate({"protection": {"replicate": False}}))
     assert not _by(no_repl, ":replicate")
 
