@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/$(STATE)/prefect
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv system demo demo-clean test test-fast lint validate clean bench ui ui-stop
+.PHONY: all venv system demo test test-fast lint validate clean bench ui ui-stop
 
 all: test
 
@@ -33,11 +33,11 @@ system:
 validate: venv
 	$(BIN)/siterecovery validate plans
 
-demo: venv system
-	$(BIN)/siterecovery demo
-
-demo-clean: venv
-	$(BIN)/siterecovery demo --clean
+# Until the embedded demo lands, `make demo` validates the worked example and shows a drill's steps.
+demo: venv
+	$(BIN)/siterecovery validate plans
+	$(BIN)/siterecovery show three-tier --type test
+	$(BIN)/siterecovery show three-tier --type planned
 
 lint: venv
 	$(BIN)/ruff check src flows tasks tests bench

@@ -15,7 +15,7 @@ from .model import Direction, Pairing, RecoveryPlan
 from .project import Project
 
 
-def test_network(project: Project, site: str) -> str | None:
+def isolated_network(project: Project, site: str) -> str | None:
     """The isolated network test failovers use at `site`: its switch name, else its name."""
     for net in project.topology.vm_networks:
         if net.site == site and net.isolated:
@@ -51,7 +51,7 @@ def pairing_placements(project: Project, pairing: Pairing, direction: Direction 
         out[vm.name] = Placement(
             vm=vm.name, pairing=pairing.name, direction=direction, source=source, target=target, policy=policy,
             disks=place_disks(vm, t, pr, replica.name), nics=nics, compute=vm.compute, quiesce=vm.quiesce,
-            test_network=test_network(project, target.site),
+            test_network=isolated_network(project, target.site),
         )
     return out
 

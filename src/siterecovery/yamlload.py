@@ -25,7 +25,7 @@ MAX_DEPTH = 64
 Path_ = tuple[str | int, ...]
 
 _INT = re.compile(r"^[-+]?(0|[1-9][0-9]*)$")
-_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|(0|[1-9][0-9]*)\.[0-9]*|(0|[1-9][0-9]*)(\.[0-9]*)?[eE][-+]?[0-9]+)$")
 YAML11_BOOLS = frozenset({"y", "yes", "n", "no", "on", "off"})
 
 
@@ -169,8 +169,9 @@ def load_documents(path: Path | str, text: str | None = None) -> list[Document]:
     elif len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise PlanError([Problem(file, 1, 1, "", f"document is larger than {MAX_FILE_BYTES} bytes")])
     docs: list[Document] = []
-    loader = _Composer(text)
+    loader: _Composer | None = None
     try:
+        loader = _Composer(text)  # the reader checks characters already here
         while loader.check_node():
             node = loader.get_node()
             if node is None:  # pragma: no cover - check_node guards this
@@ -180,6 +181,11 @@ def load_documents(path: Path | str, text: str | None = None) -> list[Document]:
             if builder.problems:
                 raise PlanError(builder.problems)
             docs.append(Document(data, builder.source))
+    except yaml.reader.ReaderError as exc:
+        before = text[: exc.position]
+        line, col = before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1
+        raise PlanError([Problem(file, line, col, "", f"invalid character U+{exc.character:04X} in YAML "
+                                                      "(control characters are not allowed)")]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -190,5 +196,6 @@ def load_documents(path: Path | str, text: str | None = None) -> list[Document]:
     except RecursionError:
         raise PlanError([Problem(file, 1, 1, "", "YAML nested too deeply")]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return docs

@@ -1,0 +1,1 @@
+"""Prefect flows: recovery plans, drills and the protection lifecycle. Imported from the repository root."""

@@ -1,0 +1,1 @@
+"""Prefect tasks: one side effect each. Imported from the repository root."""
