@@ -8,6 +8,7 @@ a lock, so several processes (a flow run, a re-run, a test asserting afterwards)
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import threading
@@ -69,11 +70,12 @@ class MemoryFabric:
         self.latency: dict[str, float] = dict(opts.get("latency", {}))  # operation -> seconds ("*" for all)
         self.state_file: Path | None = Path(opts["state_file"]) if opts.get("state_file") else None
         self._lock = threading.RLock()
-        self._vms: dict[str, _VM] = {}
         self.calls: list[tuple[float, str, str, str]] = []  # (time, operation, vm, host)
-        # (operation, vm or "*") -> [remaining count, exception class name, message]
-        self._faults: dict[tuple[str, str], list[Any]] = {}
-        self.unreachable: set[str] = set(opts.get("unreachable", ()))
+        # Without a state file the estate is this dict, in the same shape as the file's JSON:
+        # vms: name -> _VM as a dict; faults: "operation|vm or *" -> [remaining count, kind, message].
+        # Kept as is between calls (no conversion per call): a 1,000-VM plan stays linear.
+        self._mem: dict[str, Any] = {"vms": {}, "faults": {}, "unreachable": sorted(opts.get("unreachable", ())),
+                                     "calls": []}
 
     # ---- knobs -------------------------------------------------------------------------------
     def inject(self, operation: str, vm: str = "*", times: int = 1, transient: bool = False, message: str = "") -> None:
@@ -110,17 +112,14 @@ class MemoryFabric:
         still records its call and uses up its injected fault."""
         with self._lock:
             if self.state_file is None:
-                st: dict[str, Any] = {"vms": {k: asdict(v) for k, v in self._vms.items()},
-                      "faults": {f"{k[0]}|{k[1]}": v for k, v in self._faults.items()},
-                      "unreachable": sorted(self.unreachable), "calls": []}
+                st = self._mem
+                st["calls"] = []
                 try:
                     with self._commit(st):
                         yield st
                 finally:
-                    self._vms = {k: _VM(**v) for k, v in st["vms"].items()}
-                    self._faults = {tuple(k.split("|", 1)): v for k, v in st["faults"].items()}  # type: ignore[misc]
-                    self.unreachable = set(st["unreachable"])
                     self.calls.extend(tuple(c) for c in st["calls"])  # type: ignore[misc]
+                    st["calls"] = []
                 return
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.state_file.with_suffix(".lock"), "a+") as lockf:
@@ -145,7 +144,9 @@ class MemoryFabric:
     @staticmethod
     @contextmanager
     def _commit(st: dict[str, Any]) -> Iterator[None]:
-        vms = json.loads(json.dumps(st["vms"], default=str))
+        # A shallow copy is enough: operations replace a VM's entry, never change it in place (_op works
+        # on a deep copy of the one VM it touches), so restoring the mapping undoes adds and deletes.
+        vms = dict(st["vms"])
         try:
             yield
         except BaseException:
@@ -177,7 +178,7 @@ class MemoryFabric:
                     raise cls(fault[2] or f"injected failure of {operation}", vm=p.vm, host=host, operation=operation,
                               hint="this failure was injected by a test", error_id="Injected")
             raw = st["vms"].get(p.vm)
-            vm = _VM(**raw) if raw else None
+            vm = _VM(**copy.deepcopy(raw)) if raw else None
             yield st, vm
             if vm is not None and p.vm in st["vms"]:
                 st["vms"][p.vm] = asdict(vm)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -48,6 +49,7 @@ class PrefectServer:
     home: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    logfile: Any = None
 
     @property
     def url(self) -> str:
@@ -91,6 +93,14 @@ class PrefectServer:
         raise TimeoutError(f"prefect server not healthy after {timeout:.0f}s; see {logf.name}")
 
     def stop(self, grace: float = 15.0) -> None:
+        try:
+            self._stop(grace)
+        finally:
+            if self.logfile is not None:
+                self.logfile.close()
+                self.logfile = None
+
+    def _stop(self, grace: float) -> None:
         proc = self.process
         if proc is None or proc.poll() is not None:
             return

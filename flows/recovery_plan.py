@@ -1,0 +1,446 @@
+"""The `recovery-plan` flow: one run of a recovery plan (test, planned or unplanned failover, forward
+or failback) on its fabric drivers, and `execute_plan`, the engine the `dr-drill` flow shares.
+
+Batches run in order; the VMs of a batch run concurrently as tasks under the per-host and per-site
+limits, each waiting only for the VMs it boots after; scripts run as tasks, manual actions pause the
+run. A test failover is always cleaned up, also after a failure. Every run ends with a report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from siterecovery.compile import Batch, CompiledPlan, RunOptions, Step, compile_plan
+from siterecovery.errors import (
+    ApprovalRejected,
+    ApprovalTimedOut,
+    ConfigurationError,
+    SiteRecoveryError,
+)
+from siterecovery.fabric import PointChoice
+from siterecovery.intent import Intent, IntentJournal, StepJournal, intent_key
+from siterecovery.model import Direction, FailoverType, FailurePolicy, ManualAction, ScriptAction
+from siterecovery.placement import plan_placements
+from siterecovery.project import PlanSource, Project, load_project
+from siterecovery.report import (
+    ApprovalRecord,
+    RunReport,
+    ScriptRecord,
+    StepRecord,
+    render_html,
+    render_markdown,
+    report_filename,
+)
+from tasks.fabric import result_storage, state_dir
+from tasks.limits import ensure_limits, limit_name, reserve
+from tasks.script import ScriptJob, run_script, script_cache_key
+from tasks.vm import VMJob, job_cache_key, run_vm_steps
+
+from .approval import describe, request_approval
+
+# VM tasks mostly wait on the fabric (or on their host's slot): more threads than cores. The limits,
+# not this number, bound what runs against the estate.
+MAX_WORKERS = 32
+
+PointKind = Literal["latest", "latest_processed", "latest_app_consistent", "point_in_time"]
+
+
+class ConfirmationRequired(ConfigurationError):
+    """A planned or unplanned failover was started without `confirm` naming the plan."""
+
+
+class PlanFailed(SiteRecoveryError):
+    """The run did not complete: `summary` and `report` (HTML path) say what happened."""
+
+    def __init__(self, message: str, summary: dict[str, Any], report: str) -> None:
+        super().__init__(message, summary=summary, report=report)
+        self.summary = summary
+        self.report = report
+
+
+def load_plan(plan: str, project: str | Path = "plans") -> tuple[Project, PlanSource]:
+    """`plan` is a plan file, or a plan name in the project directory `project`."""
+    p = Path(plan)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        proj = load_project(p.parent)
+        found = [ps for ps in proj.plans.values() if ps.file.resolve() == p.resolve()]
+        if len(found) != 1:
+            raise ConfigurationError(f"{p} holds {len(found)} recovery plans; name one of them and pass --project")
+        return proj, found[0]
+    proj = load_project(project)
+    if plan not in proj.plans:
+        raise ConfigurationError(f"unknown plan '{plan}' in {proj.root} (known: {', '.join(sorted(proj.plans)) or 'none'})")
+    return proj, proj.plans[plan]
+
+
+def check_confirm(plan: str, failover_type: FailoverType, confirm: str) -> None:
+    """Planned and unplanned failovers change production: the caller must name the plan to confirm."""
+    if failover_type != FailoverType.test and confirm != plan:
+        raise ConfirmationRequired(
+            f"a {failover_type.value} failover of '{plan}' changes production; confirm it by passing "
+            f"confirm='{plan}' (CLI: --confirm {plan}). Drills (test failovers) need no confirmation")
+
+
+@dataclass
+class _Run:
+    """What one run keeps while it executes."""
+
+    compiled: CompiledPlan
+    project: Project
+    source: PlanSource
+    state: Path
+    intent: Intent
+    journal: StepJournal
+    flow_run: str | None
+    fabric: str | None
+    fabric_options: dict[str, Any]
+    policy: FailurePolicy
+    limits: dict[str, int]
+    log: logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
+    failed_vms: set[str] = field(default_factory=set)
+    failures: list[str] = field(default_factory=list)
+    approvals: list[ApprovalRecord] = field(default_factory=list)
+    stopped: str | None = None
+    dry_run: bool = False
+
+    def kind(self, host: str | None) -> str:
+        if self.fabric:
+            return self.fabric
+        return self.project.topology.host(host).fabric.value if host else "memory"
+
+    def fail(self, what: str, vm: str | None = None) -> None:
+        self.failures.append(what)
+        if vm:
+            self.failed_vms.add(vm)
+        self.log.error("%s", what)
+
+
+def _settle(futures: Iterable[PrefectFuture[Any]]) -> None:
+    for f in futures:
+        f.wait()
+
+
+def _outcome(fut: PrefectFuture[Any]) -> tuple[str, BaseException | None]:
+    """completed / failed / skipped (an upstream it waited for did not complete)."""
+    state = fut.state
+    if state.is_completed():
+        return "completed", None
+    if state.is_failed() or state.is_crashed():
+        try:
+            fut.result()
+        except BaseException as exc:  # noqa: BLE001 - the task's own error, reported as its reason
+            return "failed", exc
+        return "failed", None
+    return "skipped", None
+
+
+def _reason(exc: BaseException | None) -> str:
+    if exc is None:
+        return "failed"
+    return str(exc) if isinstance(exc, SiteRecoveryError) else f"{type(exc).__name__}: {exc}"
+
+
+def _run_vm_batch(run: _Run, batch: Batch, index: int, cleanup: bool = False) -> None:
+    placements = plan_placements(run.project, run.source.plan, run.compiled.direction)
+    jobs: dict[str, list[Step]] = {}
+    for s in batch.steps:
+        jobs.setdefault(s.vm or "", []).append(s)
+    owner = {s.id: s.vm for s in batch.steps}
+    wanted: dict[str, int] = {}
+    todo: dict[str, list[Step]] = {}
+    for vm, steps in jobs.items():
+        # A VM that failed earlier is not taken further (continue policy); cleanup always runs.
+        if vm in run.failed_vms and not cleanup:
+            continue
+        todo[vm] = steps
+        for name in (limit_name("host", steps[0].host or ""), limit_name("site", steps[0].site or "")):
+            wanted[name] = wanted.get(name, 0) + 1
+    if not todo:
+        return
+    vm_task = run_vm_steps.with_options(cache_key_fn=job_cache_key, persist_result=True,
+                                        result_storage=result_storage(run.state))
+    key = f"{run.flow_run}:{index}"
+    futures: dict[str, PrefectFuture[Any]] = {}
+    t0 = time.monotonic()
+    with reserve(key, wanted, run.limits) as local:
+        run.log.info("%s: %d VMs; slots %s granted after %.2f s", batch.name, len(todo),
+                     ", ".join(f"{n}={k}" for n, k in sorted(local.sizes.items())), local.waited)
+        for vm, steps in todo.items():
+            deps = {owner[a] for s in steps for a in s.after if owner.get(a) not in (None, vm)}
+            if any(d not in futures for d in deps):
+                continue  # boots after a VM that is not going ahead: skipped, and reported so
+            job = VMJob(id=steps[0].id, label=steps[0].label, vm=vm, placement=placements[vm], steps=tuple(steps),
+                        fabric=run.kind(steps[0].host), fabric_options=run.fabric_options, state_dir=str(run.state),
+                        plan=run.compiled.plan, intent=run.intent.id, resumed=run.intent.resumed,
+                        point=run.compiled.point, test_network=run.compiled.options.test_network, slots_key=key)
+            futures[vm] = vm_task.submit(steps[0].label, job, run.flow_run,
+                                         wait_for=[futures[d] for d in deps if d in futures])  # type: ignore[call-overload]
+        _settle(futures.values())
+    run.log.info("%s: done in %.2f s", batch.name, time.monotonic() - t0)
+    best_effort = all(s.best_effort for s in batch.steps)
+    for vm, fut in futures.items():
+        status, exc = _outcome(fut)
+        if status == "failed":
+            if best_effort:
+                run.log.warning("%s failed (best effort, going on): %s", todo[vm][0].label, _reason(exc))
+            else:
+                run.fail(f"{todo[vm][0].label}: {_reason(exc)}", vm)
+        elif status == "skipped" and not best_effort:
+            run.fail(f"{todo[vm][0].label}: not run (a VM it boots after failed)", vm)
+    for vm in todo.keys() - futures.keys():
+        run.fail(f"{todo[vm][0].label}: not run (a VM it boots after did not go ahead)", vm)
+
+
+def _script_context(run: _Run, step: Step) -> dict[str, Any]:
+    plan = run.source.plan
+    group = next(g for g in plan.groups if g.name == step.group)
+    ctx: dict[str, Any] = {
+        "plan": {"name": plan.name, "version": plan.version, "description": plan.description},
+        "group": {"name": group.name, "vms": list(group.vm_names)},
+        "failover_type": run.compiled.failover_type.value, "direction": run.compiled.direction.value,
+    }
+    if step.vm:
+        placement = plan_placements(run.project, plan, run.compiled.direction)[step.vm]
+        ctx["vm"] = {"name": step.vm, "source_host": placement.source.name, "target_host": placement.target.name}
+    return ctx
+
+
+def _approve(run: _Run, step: Step) -> None:
+    assert isinstance(step.action, ManualAction)
+    if run.intent.resumed:
+        done = run.journal.completed(step.id)
+        if done:  # approved in an earlier run of this intent: not asked twice
+            run.approvals.append(ApprovalRecord.model_validate(done["record"]["approval"]))
+            run.log.info("%s: approved earlier in this intent, not asked again", step.label)
+            return
+    c = run.compiled
+    text = describe(step, step.action, c.plan, c.plan_version, c.failover_type.value, c.direction.value)
+    run.log.info("waiting for approval: %s (group %s)", step.action.name, step.action.approver_group or "any")
+    try:
+        rec = request_approval(step, text)
+    except (ApprovalRejected, ApprovalTimedOut) as exc:
+        run.approvals.append(exc.record)  # type: ignore[union-attr]
+        raise
+    run.approvals.append(rec)
+    run.journal.add("approval", step.id, run.flow_run, {"status": "approved", "approval": rec.model_dump(mode="json")})
+    run.log.info("approved by %s: %s", rec.approver or "(unnamed)", rec.comment)
+
+
+def _run_action_batch(run: _Run, batch: Batch) -> None:
+    script_task = run_script.with_options(cache_key_fn=script_cache_key, persist_result=True,
+                                          result_storage=result_storage(run.state))
+    futures: dict[str, PrefectFuture[Any]] = {}
+    for step in batch.steps:
+        deps = [futures[a] for a in step.after if a in futures]
+        if step.kind == "manual":
+            _settle(deps)
+            _approve(run, step)
+            continue
+        assert isinstance(step.action, ScriptAction)
+        if step.vm and step.vm in run.failed_vms:
+            continue
+        action = step.action
+        host = run.project.topology.host(action.host) if action.host else None
+        if host is not None and run.fabric and run.fabric != host.fabric.value:
+            # A dry run on another fabric does not reach out to the plan's real hosts.
+            run.log.info("%s: dry run on the %s fabric, not run on %s", step.label, run.fabric, host.name)
+            continue
+        job = ScriptJob(id=step.id, label=step.label, action=action, plan_dir=str(run.source.file.parent),
+                        context=_script_context(run, step), host=host, dry_run=run.dry_run, state_dir=str(run.state), plan=run.compiled.plan,
+                        intent=run.intent.id)
+        futures[step.id] = script_task.submit(step.label, job, run.flow_run, wait_for=deps)  # type: ignore[call-overload]
+    _settle(futures.values())
+    for sid, fut in futures.items():
+        status, exc = _outcome(fut)
+        label = next(s.label for s in batch.steps if s.id == sid)
+        if status != "completed":
+            vm = next(s.vm for s in batch.steps if s.id == sid)
+            run.fail(f"{label}: {_reason(exc) if status == 'failed' else 'not run (an earlier action failed)'}", vm)
+
+
+def _records(run: _Run, started: datetime) -> tuple[list[StepRecord], list[ScriptRecord], list[ApprovalRecord]]:
+    entries = run.journal.entries()
+    steps: list[StepRecord] = []
+    scripts: list[ScriptRecord] = []
+    approvals = list(run.approvals)
+    for batch in (*run.compiled.batches, *run.compiled.cleanup):
+        for s in batch.steps:
+            e = entries.get(s.id)
+            earlier = e is not None and e["flow_run"] != run.flow_run
+            if s.kind == "vm":
+                if e is None:
+                    steps.append(StepRecord(id=s.id, label=s.label, stage=s.stage, operation=s.operation, group=s.group,
+                                            vm=s.vm, host=s.host, status="skipped"))
+                    continue
+                rec = StepRecord.model_validate(e["record"])
+                if earlier and rec.status == "completed":
+                    rec = rec.model_copy(update={"status": "cached"})
+                steps.append(rec)
+            elif s.kind == "script":
+                if e is None:
+                    assert isinstance(s.action, ScriptAction)
+                    scripts.append(ScriptRecord(step_id=s.id, action=s.action.name, group=s.group, vm=s.vm,
+                                                host=s.action.host, status="skipped"))
+                    continue
+                srec = ScriptRecord.model_validate(e["record"])
+                if earlier and srec.status == "completed":
+                    srec = srec.model_copy(update={"status": "cached"})
+                scripts.append(srec)
+    return steps, scripts, approvals
+
+
+def _write_report(report: RunReport, state: Path) -> Path:
+    out = state / "reports" / report_filename(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(report), encoding="utf-8")
+    out.with_suffix(".json").write_text(report.model_dump_json(indent=1), encoding="utf-8")
+    create_markdown_artifact(key=report.artifact_key, markdown=render_markdown(report),
+                             description=f"{report.plan} {report.failover_type} failover: {report.status}")
+    return out
+
+
+def execute_plan(
+    plan: str,
+    failover_type: FailoverType = FailoverType.test,
+    direction: Direction = Direction.forward,
+    recovery_point: PointKind = "latest",
+    point_in_time: datetime | None = None,
+    options: RunOptions | None = None,
+    project: str = "plans",
+    fabric: str | None = None,
+    confirm: str = "",
+    intent: str | None = None,
+    failure_policy: FailurePolicy | None = None,
+    fabric_options: dict[str, Any] | None = None,
+    host_limit: int | None = None,
+    site_limit: int | None = None,
+) -> dict[str, Any]:
+    """Run a plan inside the current flow run; the summary (a report is written either way).
+    Raises PlanFailed (with the summary) when the run did not complete."""
+    log = get_run_logger()
+    started = datetime.now(UTC)
+    options = options or RunOptions()
+    proj, source = load_plan(plan, project)
+    rp = source.plan
+    check_confirm(rp.name, failover_type, confirm)
+    if recovery_point == "point_in_time" and point_in_time is None:
+        raise ConfigurationError("recovery_point 'point_in_time' needs point_in_time")
+    point = PointChoice(kind=recovery_point, at=point_in_time)
+    compiled = compile_plan(proj, rp, failover_type, direction, point, options)
+    state = state_dir(proj.root)
+    ctx = FlowRunContext.get()
+    flow_run = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
+
+    key = intent_key(plan=rp.name, version=rp.version, type=failover_type.value, direction=direction.value,
+                     point=point.model_dump(mode="json"), options=options.model_dump(mode="json"), fabric=fabric)
+    journal_ = IntentJournal(state)
+    # A test failover always cleans up after itself: nothing to resume, each drill starts afresh.
+    the_intent = journal_.begin(key, prefix=f"{rp.name}-{failover_type.value}", explicit=intent,
+                                fresh=failover_type == FailoverType.test and not intent)
+    steps = compiled.steps()
+    names: dict[str, int | None] = {}
+    for s in steps:
+        if s.kind == "vm":
+            names[limit_name("host", s.host or "")] = host_limit
+            names[limit_name("site", s.site or "")] = site_limit
+    run = _Run(compiled=compiled, project=proj, source=source, state=state, intent=the_intent,
+               journal=StepJournal(state, the_intent.id), flow_run=flow_run, fabric=fabric,
+               fabric_options=dict(fabric_options or {}), policy=failure_policy or rp.failure_policy,
+               limits=ensure_limits(names), log=log)
+    run.dry_run = {run.kind(s.host) for s in steps if s.kind == "vm"} == {"memory"}
+    log.info("%s v%s: %s failover, %s, %d steps in %d batches; intent %s%s", rp.name, rp.version,
+             failover_type.value, direction.value, len(steps), len(compiled.batches), the_intent.id,
+             " (resuming)" if the_intent.resumed else "")
+    unexpected: BaseException | None = None
+    try:
+        for i, batch in enumerate(compiled.batches):
+            log.info("batch %d/%d: %s", i + 1, len(compiled.batches), batch.name)
+            try:
+                if any(s.kind == "vm" for s in batch.steps):
+                    _run_vm_batch(run, batch, i)
+                else:
+                    _run_action_batch(run, batch)
+            except (ApprovalRejected, ApprovalTimedOut) as exc:
+                run.fail(str(exc))
+                run.stopped = str(exc)
+                break
+            if run.failures and run.policy == FailurePolicy.stop:
+                run.stopped = f"stopped after '{batch.name}' (failure policy: stop)"
+                log.error("%s", run.stopped)
+                break
+    except Exception as exc:  # a bug or an unreachable API: still clean up and report
+        run.fail(f"run aborted: {type(exc).__name__}: {exc}")
+        unexpected = exc
+    finally:
+        for j, batch in enumerate(compiled.cleanup):
+            log.info("cleanup: %s", batch.name)
+            try:
+                _run_vm_batch(run, batch, len(compiled.batches) + j, cleanup=True)
+            except Exception as exc:  # noqa: BLE001 - keep cleaning the other groups
+                run.fail(f"cleanup of {batch.name} failed: {type(exc).__name__}: {exc}")
+
+    step_recs, script_recs, approvals = _records(run, started)
+    status: Literal["succeeded", "failed", "stopped"] = "succeeded"
+    if run.failures:
+        # A person said no (or nobody answered): the plan stopped as designed, it did not fail.
+        rejected = any(a.decision in ("rejected", "timed_out") for a in run.approvals)
+        status = "stopped" if rejected and unexpected is None else "failed"
+    report = RunReport(plan=rp.name, plan_version=rp.version, failover_type=failover_type.value,
+                       direction=direction.value, recovery_point=recovery_point + (
+                           f" at {point_in_time.isoformat()}" if point_in_time else ""),
+                       failure_policy=run.policy.value, intent=the_intent.id, resumed=the_intent.resumed,
+                       flow_run_id=flow_run, fabric=fabric or ", ".join(sorted({run.kind(s.host) for s in steps
+                                                                               if s.kind == "vm"})),
+                       started_at=started, finished_at=datetime.now(UTC), status=status, steps=tuple(step_recs),
+                       approvals=tuple(approvals), scripts=tuple(script_recs), failures=tuple(run.failures))
+    path = _write_report(report, state)
+    if status == "succeeded" or failover_type == FailoverType.test:
+        journal_.complete(the_intent, status)
+    summary = report.summary() | {"report": str(path)}
+    log.info("%s: %s in %.1f s; report %s", rp.name, status, report.seconds, path)
+    if status != "succeeded":
+        raise PlanFailed(f"{rp.name}: {status}: " + "; ".join(run.failures[:5]), summary=summary, report=str(path))
+    return summary
+
+
+@flow(name="recovery-plan", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))  # type: ignore[arg-type]
+def recovery_plan(
+    plan: str,
+    failover_type: FailoverType = FailoverType.test,
+    direction: Direction = Direction.forward,
+    recovery_point: PointKind = "latest",
+    point_in_time: datetime | None = None,
+    options: RunOptions = RunOptions(),  # noqa: B008 - frozen model, safe as a default
+    project: str = "plans",
+    fabric: str | None = None,
+    confirm: str = "",
+    intent: str | None = None,
+    failure_policy: FailurePolicy | None = None,
+    fabric_options: dict[str, Any] | None = None,
+    host_limit: int | None = None,
+    site_limit: int | None = None,
+) -> dict[str, Any]:
+    """Run a recovery plan: a test failover (drill), a planned or an unplanned failover, forward or back.
+
+    plan: a plan name in `project`, or a plan file. fabric: run every host on this fabric kind instead
+    (`memory` for a dry run). confirm: must equal the plan name for planned and unplanned failovers.
+    intent: resume exactly this intent (default: the open intent of the same parameters, else a new one).
+    failure_policy: override the plan's (stop | continue). host_limit / site_limit: set the Prefect
+    concurrency limits of the hosts and sites touched (default: keep the server's, create missing ones
+    with 4 per host and 16 per site). fabric_options: driver options (memory fabric: latency, state_file).
+    """
+    return execute_plan(plan, failover_type, direction, recovery_point, point_in_time, options, project, fabric,
+                        confirm, intent, failure_policy, fabric_options, host_limit, site_limit)

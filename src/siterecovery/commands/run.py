@@ -1,0 +1,78 @@
+"""`siterecovery run PLAN --type ...`: start the recovery-plan flow locally, against the configured
+Prefect API, and print its progress (the flow's log) and summary.
+
+Prefect and flows/ are imported inside the command only: the core package never imports prefect.
+flows/ is imported from the repository root (run from a checkout, or put it on PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..cli import app, err, out
+from ..model import Direction, FailoverType, FailurePolicy
+
+
+@app.command()
+def run(
+    plan: Annotated[str, typer.Argument(help="plan name in --project, or a plan file")],
+    failover_type: Annotated[FailoverType, typer.Option("--type", "-t", help="test, planned or unplanned")] = FailoverType.test,
+    direction: Annotated[Direction, typer.Option(help="forward or failback")] = Direction.forward,
+    point: Annotated[str, typer.Option(help="latest, latest_processed, latest_app_consistent or point_in_time")] = "latest",
+    at: Annotated[datetime | None, typer.Option(help="with --point point_in_time: the newest point at or before this")] = None,
+    fabric: Annotated[str | None, typer.Option(help="run every host on this fabric kind (memory: a dry run)")] = None,
+    confirm: Annotated[str, typer.Option(help="planned/unplanned: the plan name, to confirm")] = "",
+    project: Annotated[Path, typer.Option("--project", "-p", help="project directory")] = Path("plans"),
+    reverse_replication: Annotated[bool, typer.Option(help="after commit, replicate back to the old source")] = False,
+    commit: Annotated[bool, typer.Option(help="commit the failover once every group is up")] = True,
+    cleanup: Annotated[str, typer.Option(help="test: immediate, or after_approval")] = "immediate",
+    failure_policy: Annotated[FailurePolicy | None, typer.Option(help="override the plan's: stop or continue")] = None,
+    intent: Annotated[str | None, typer.Option(help="resume exactly this intent")] = None,
+) -> None:
+    """Run a recovery plan through Prefect (test, planned or unplanned failover; forward or failback)."""
+    if point not in ("latest", "latest_processed", "latest_app_consistent", "point_in_time"):
+        err.print(f"[red]unknown --point {point}[/]")
+        raise typer.Exit(2)
+    name = Path(plan).stem if plan.endswith((".yaml", ".yml")) else plan
+    if failover_type != FailoverType.test and confirm != name and not plan.endswith((".yaml", ".yml")):
+        # Refused before Prefect even loads: a planned or unplanned failover changes production.
+        err.print(f"[red]a {failover_type.value} failover of '{plan}' changes production:[/] "
+                  f"add --confirm {plan} to go ahead", highlight=False)
+        raise typer.Exit(2)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        from flows.recovery_plan import ConfirmationRequired, PlanFailed, recovery_plan
+    except ImportError as exc:
+        err.print(f"[red]cannot import the flows ({exc}):[/] run from a checkout of siterecovery, or put it on PYTHONPATH")
+        raise typer.Exit(2) from None
+    from ..compile import RunOptions
+
+    options = RunOptions(reverse_replication=reverse_replication, commit=commit, cleanup=cleanup)  # type: ignore[arg-type]
+    try:
+        summary: dict[str, Any] = recovery_plan(  # type: ignore[call-overload]
+            plan=plan, failover_type=failover_type, direction=direction, recovery_point=point,
+            point_in_time=at, options=options, project=str(project), fabric=fabric, confirm=confirm, intent=intent,
+            failure_policy=failure_policy)
+        code = 0
+    except ConfirmationRequired as exc:
+        err.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    except PlanFailed as exc:
+        summary, code = exc.summary, 1
+    out.print(f"{summary['plan']}: {summary['failover_type']} failover, {summary['direction']}: {summary['status']}",
+              highlight=False)
+    for f in summary.get("failures", []):
+        out.print(f"  failed: {f}", highlight=False, markup=False)
+    out.print(json.dumps({k: summary[k] for k in ("steps", "achieved_rpo_seconds", "achieved_rto_seconds",
+                                                  "people_seconds", "intent")}, default=str), highlight=False)
+    out.print(f"report: {summary['report']}", highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(code)

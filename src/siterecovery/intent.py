@@ -1,0 +1,142 @@
+"""Run intents: the identity under which a run's completed steps are cached, so that re-running a
+half-failed plan resumes it, and only that.
+
+Runs with the same parameters share one open intent until a run with it completes; the next run with
+the same parameters then gets a new intent, so next week's failover is a real run and not a replay of
+cached results. The journal is a small JSON file in the state directory, guarded by a file lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigurationError
+from .model.common import Frozen
+
+# Closed intents kept for the record (and to refuse re-using an explicit one); older ones are dropped.
+HISTORY = 500
+
+
+class Intent(Frozen):
+    id: str
+    key: str
+    resumed: bool = False
+    explicit: bool = False
+
+
+def intent_key(**parts: Any) -> str:
+    """A stable digest of what a run is asked to do (plan, version, type, direction, point, options)."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class IntentJournal:
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / "intents.json"
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a+") as lockf:
+            fcntl.flock(lockf, fcntl.LOCK_EX)
+            try:
+                data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+                data.setdefault("open", {})
+                data.setdefault("closed", [])
+                yield data
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+                tmp.replace(self.path)
+            finally:
+                fcntl.flock(lockf, fcntl.LOCK_UN)
+
+    def begin(self, key: str, prefix: str, explicit: str | None = None, fresh: bool = False) -> Intent:
+        """The intent a run with parameters `key` uses: the open one for `key` (a resume), else a new one.
+
+        `explicit` names the intent outright (refused when a run with it already completed);
+        `fresh` always starts a new one (test failovers: their cleanup resets the estate, so there is
+        nothing to resume).
+        """
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        with self._locked() as data:
+            if explicit:
+                if any(c["id"] == explicit for c in data["closed"]):
+                    raise ConfigurationError(f"intent '{explicit}' already completed; a run with it would do "
+                                             "nothing. Leave intent empty, or give a new one")
+                resumed = explicit in {v["id"] for v in data["open"].values()}
+                data["open"][f"explicit:{explicit}"] = {"id": explicit, "key": key, "created": now}
+                return Intent(id=explicit, key=key, resumed=resumed, explicit=True)
+            current = data["open"].get(key)
+            if current and not fresh:
+                current["runs"] = current.get("runs", 1) + 1
+                return Intent(id=current["id"], key=key, resumed=True)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            new_id = f"{prefix}-{stamp}-{secrets.token_hex(3)}"
+            if not fresh:
+                data["open"][key] = {"id": new_id, "key": key, "created": now, "runs": 1}
+            return Intent(id=new_id, key=key)
+
+    def complete(self, intent: Intent, status: str = "completed") -> None:
+        """Close the intent: later runs with the same parameters start afresh."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        with self._locked() as data:
+            for k, v in list(data["open"].items()):
+                if v["id"] == intent.id:
+                    del data["open"][k]
+            data["closed"].append({"id": intent.id, "key": intent.key, "closed": now, "status": status})
+            data["closed"] = data["closed"][-HISTORY:]
+
+    def open_intents(self) -> dict[str, str]:
+        with self._locked() as data:
+            return {k: v["id"] for k, v in data["open"].items()}
+
+
+class StepJournal:
+    """What each step of one intent did: one JSON line per finished step (completed or failed), shared
+    by every run of the intent. A VM job skips the steps already completed here (a retry or a re-run
+    never repeats them), and the report is built from it, so steps done by an earlier run of the same
+    intent show as cached."""
+
+    def __init__(self, state_dir: Path, intent_id: str) -> None:
+        self.path = Path(state_dir) / "runs" / intent_id / "steps.jsonl"
+        self._cache: dict[str, dict[str, Any]] | None = None
+
+    def add(self, kind: str, step_id: str, flow_run: str | None, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"kind": kind, "step": step_id, "flow_run": flow_run, "record": record}, default=str)
+        with open(self.path, "a") as f:
+            # One write of one line under an exclusive lock: lines from concurrent tasks never interleave.
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                f.write(line + "\n")
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """step id -> its latest entry."""
+        out: dict[str, dict[str, Any]] = {}
+        if not self.path.exists():
+            return out
+        with open(self.path) as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            try:
+                text = f.read()
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        for line in text.splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                out[entry["step"]] = entry
+        return out
+
+    def completed(self, step_id: str) -> dict[str, Any] | None:
+        entry = self.entries().get(step_id)
+        return entry if entry and entry["record"].get("status") in ("completed", "approved") else None

@@ -1,0 +1,293 @@
+"""Run reports: what a recovery-plan run did, as Markdown (for the Prefect artifact) and as one
+self-contained HTML file with a timeline of every VM step.
+
+Pure: the flow collects records while it runs and passes them here; nothing in this module talks to
+Prefect or to a fabric. Achieved RPO and RTO, and the time spent waiting on people, are derived here
+so that every report computes them the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from importlib import resources
+from typing import Literal
+
+from jinja2 import Environment, StrictUndefined, select_autoescape
+from pydantic import Field
+
+from .model.common import Frozen
+
+StepStatus = Literal["completed", "cached", "failed", "skipped"]
+
+# The start of the service: the step after which a VM counts as up (for the achieved RTO).
+UP_OPERATIONS = frozenset({"start_vm"})
+POINT_OPERATIONS = frozenset({"failover", "test_failover"})
+
+
+class StepRecord(Frozen):
+    id: str
+    label: str
+    stage: str
+    operation: str
+    group: str | None = None
+    vm: str | None = None
+    host: str | None = None
+    status: StepStatus
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    changed: bool | None = None
+    message: str = ""
+    point_id: str | None = None
+    point_created_at: datetime | None = None
+    error: str | None = None
+    slot_wait_seconds: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return 0.0
+
+
+class ApprovalRecord(Frozen):
+    step_id: str
+    action: str
+    group: str | None = None
+    approver_group: str | None = None
+    requested_at: datetime
+    answered_at: datetime | None = None
+    decision: Literal["approved", "rejected", "timed_out", "failed"]
+    approver: str = ""
+    comment: str = ""
+    ticket: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return ((self.answered_at or self.requested_at) - self.requested_at).total_seconds()
+
+
+class ScriptRecord(Frozen):
+    step_id: str
+    action: str
+    group: str | None = None
+    vm: str | None = None
+    host: str | None = Field(None, description="None: ran on the orchestrator")
+    argv: tuple[str, ...] = ()
+    status: Literal["completed", "cached", "failed", "skipped"]
+    returncode: int | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None
+
+
+class RunReport(Frozen):
+    plan: str
+    plan_version: str
+    failover_type: str
+    direction: str
+    recovery_point: str
+    failure_policy: str
+    intent: str
+    resumed: bool = False
+    flow_run_id: str | None = None
+    fabric: str = ""
+    started_at: datetime
+    finished_at: datetime
+    status: Literal["succeeded", "failed", "stopped"]
+    steps: tuple[StepRecord, ...] = ()
+    approvals: tuple[ApprovalRecord, ...] = ()
+    scripts: tuple[ScriptRecord, ...] = ()
+    failures: tuple[str, ...] = ()
+
+    # ---- derived figures ------------------------------------------------------------------
+    @property
+    def artifact_key(self) -> str:
+        return artifact_key(self.plan, self.failover_type)
+
+    def vm_rpo(self) -> dict[str, tuple[str, float]]:
+        """vm -> (recovery point id, its age in seconds when the failover used it)."""
+        out: dict[str, tuple[str, float]] = {}
+        for s in self.steps:
+            if s.vm and s.operation in POINT_OPERATIONS and s.point_id and s.point_created_at and s.started_at:
+                out[s.vm] = (s.point_id, max(0.0, (s.started_at - s.point_created_at).total_seconds()))
+        return out
+
+    @property
+    def achieved_rpo_seconds(self) -> float | None:
+        ages = [age for _, age in self.vm_rpo().values()]
+        return max(ages) if ages else None
+
+    @property
+    def achieved_rto_seconds(self) -> float | None:
+        """From the start of the run to the moment the last VM was started (healthy)."""
+        ups = [s.finished_at for s in self.steps if s.operation in UP_OPERATIONS and s.status in ("completed", "cached")
+               and s.finished_at and s.stage == "group"]
+        return (max(ups) - self.started_at).total_seconds() if ups else None
+
+    @property
+    def people_seconds(self) -> float:
+        return sum(a.seconds for a in self.approvals)
+
+    @property
+    def fabric_seconds(self) -> float:
+        """Wall time during which at least one VM step was running (union of the step intervals)."""
+        spans = sorted((s.started_at, s.finished_at) for s in self.steps
+                       if s.started_at and s.finished_at and s.status != "cached")
+        total, end = 0.0, None
+        for a, b in spans:
+            if end is None or a > end:
+                total += (b - a).total_seconds()
+                end = b
+            elif b > end:
+                total += (b - end).total_seconds()
+                end = b
+        return total
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()
+
+    def groups(self) -> list[dict[str, object]]:
+        """Per group (and per plan-wide stage), in order of first appearance: start, end, VM count, status."""
+        order: dict[str, dict[str, object]] = {}
+        for s in self.steps:
+            name = s.group if s.stage in ("group", "shutdown", "cleanup") and s.group else s.stage
+            key = f"{s.stage}:{name}" if s.stage in ("shutdown", "cleanup") else name
+            g = order.setdefault(key, {"name": name, "stage": s.stage, "start": None, "end": None,
+                                       "vms": set(), "failed": 0, "skipped": 0})
+            if s.vm:
+                g["vms"].add(s.vm)  # type: ignore[attr-defined]
+            if s.status == "failed":
+                g["failed"] = int(g["failed"]) + 1  # type: ignore[call-overload]
+            if s.status == "skipped":
+                g["skipped"] = int(g["skipped"]) + 1  # type: ignore[call-overload]
+            if s.started_at and (g["start"] is None or s.started_at < g["start"]):  # type: ignore[operator]
+                g["start"] = s.started_at
+            if s.finished_at and (g["end"] is None or s.finished_at > g["end"]):  # type: ignore[operator]
+                g["end"] = s.finished_at
+        for g in order.values():
+            g["vms"] = len(g["vms"])  # type: ignore[arg-type]
+        return list(order.values())
+
+    def summary(self) -> dict[str, object]:
+        """The flow's return value: small, JSON-friendly."""
+        counts: dict[str, int] = {}
+        for s in self.steps:
+            counts[s.status] = counts.get(s.status, 0) + 1
+        return {"plan": self.plan, "plan_version": self.plan_version, "failover_type": self.failover_type,
+                "direction": self.direction, "status": self.status, "intent": self.intent, "resumed": self.resumed,
+                "steps": counts, "failures": list(self.failures),
+                "approvals": [a.model_dump(mode="json") for a in self.approvals],
+                "achieved_rpo_seconds": self.achieved_rpo_seconds, "achieved_rto_seconds": self.achieved_rto_seconds,
+                "people_seconds": round(self.people_seconds, 3), "fabric_seconds": round(self.fabric_seconds, 3),
+                "seconds": round(self.seconds, 3)}
+
+
+def artifact_key(plan: str, failover_type: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    prefix = "drill" if failover_type == "test" else "failover"
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{plan}".lower())).strip("-")
+
+
+def report_filename(report: RunReport) -> str:
+    stamp = report.started_at.strftime("%Y%m%dT%H%M%SZ")
+    safe = re.sub(r"[^a-z0-9-]", "-", report.plan.lower())
+    return f"{safe}-{report.failover_type}-{stamp}.html"
+
+
+def _secs(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value < 120:
+        return f"{value:.1f} s"
+    if value < 7200:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.1f} h"
+
+
+def _time(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else ""
+
+
+def _md(text: object) -> str:
+    # Table cells: a pipe or a newline would break the row.
+    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def render_markdown(report: RunReport) -> str:
+    r = report
+    out = [f"# {r.plan} v{r.plan_version}: {r.failover_type} failover, {r.direction} - **{r.status}**", "",
+           f"- Started {_time(r.started_at)}, finished {_time(r.finished_at)} ({_secs(r.seconds)})",
+           f"- Recovery point: {r.recovery_point}; achieved RPO (oldest point used): {_secs(r.achieved_rpo_seconds)}",
+           f"- Achieved RTO (start to last VM started): {_secs(r.achieved_rto_seconds)}",
+           f"- Waiting on people: {_secs(r.people_seconds)}; fabric busy: {_secs(r.fabric_seconds)}",
+           f"- Intent `{r.intent}`{' (resumed: completed steps were not repeated)' if r.resumed else ''}; "
+           f"failure policy: {r.failure_policy}; fabric: {r.fabric}", ""]
+    if r.failures:
+        out += ["## Failures", ""] + [f"- {_md(f)}" for f in r.failures] + [""]
+    out += ["## Groups", "", "| group | stage | VMs | start | end | failed | skipped |", "|---|---|---|---|---|---|---|"]
+    for g in r.groups():
+        out.append(f"| {_md(g['name'])} | {g['stage']} | {g['vms']} | {_time(g['start'])} | {_time(g['end'])} "  # type: ignore[arg-type]
+                   f"| {g['failed']} | {g['skipped']} |")
+    rpo = r.vm_rpo()
+    out += ["", "## VMs", "", "| step | host | status | start | seconds | recovery point (age) | message |",
+            "|---|---|---|---|---|---|---|"]
+    for s in r.steps:
+        point = f"{rpo[s.vm][0]} ({_secs(rpo[s.vm][1])})" if s.vm in rpo and s.operation in POINT_OPERATIONS else ""
+        out.append(f"| {_md(s.label)} | {_md(s.host or '')} | {s.status} | {_time(s.started_at)} | {s.seconds:.2f} "
+                   f"| {_md(point)} | {_md(s.error or s.message)} |")
+    if r.approvals:
+        out += ["", "## Approvals", "", "| action | decision | approver | when | waited | comment | ticket |",
+                "|---|---|---|---|---|---|---|"]
+        for a in r.approvals:
+            out.append(f"| {_md(a.action)} | {a.decision} | {_md(a.approver)} | {_time(a.answered_at)} "
+                       f"| {_secs(a.seconds)} | {_md(a.comment)} | {_md(a.ticket)} |")
+    if r.scripts:
+        out += ["", "## Scripts", "", "| script | where | status | exit | output |", "|---|---|---|---|---|"]
+        for sc in r.scripts:
+            text = (sc.error or sc.stdout.strip() or sc.stderr.strip())[-200:]
+            out.append(f"| {_md(sc.action)}{' ' + _md(sc.vm) if sc.vm else ''} | {_md(sc.host or 'orchestrator')} "
+                       f"| {sc.status} | {'' if sc.returncode is None else sc.returncode} | {_md(text)} |")
+    return "\n".join(out) + "\n"
+
+
+_ENV = Environment(autoescape=select_autoescape(default=True, default_for_string=True), undefined=StrictUndefined,
+                   trim_blocks=True, lstrip_blocks=True)
+_ENV.filters["secs"] = _secs
+_ENV.filters["time"] = _time
+
+
+def timeline(report: RunReport) -> list[dict[str, object]]:
+    """Rows for the HTML timeline: one per lane (group or stage), bars as percentages of the run."""
+    t0, total = report.started_at, max(report.seconds, 1e-6)
+
+    def pct(t: datetime) -> float:
+        return round(min(100.0, max(0.0, (t - t0).total_seconds() / total * 100)), 3)
+
+    lanes: dict[str, dict[str, object]] = {}
+    for s in report.steps:
+        if not (s.started_at and s.finished_at) or s.status == "cached":
+            continue
+        lane = s.group if s.stage == "group" and s.group else (f"{s.stage}: {s.group}" if s.group else s.stage)
+        bars = lanes.setdefault(lane, {"name": lane, "bars": []})["bars"]
+        left = pct(s.started_at)
+        bars.append({"label": s.label, "left": left, "width": max(0.3, pct(s.finished_at) - left),  # type: ignore[attr-defined]
+                     "status": s.status, "title": f"{s.label}: {s.seconds:.2f} s, {s.status}"
+                     + (f" - {s.error}" if s.error else "")})
+    if report.approvals:
+        bars = lanes.setdefault("people", {"name": "waiting on people", "bars": []})["bars"]
+        for a in report.approvals:
+            left = pct(a.requested_at)
+            bars.append({"label": f"approve {a.action}", "left": left,  # type: ignore[attr-defined]
+                         "width": max(0.3, pct(a.answered_at or a.requested_at) - left), "status": "people",
+                         "title": f"{a.action}: {a.decision} by {a.approver or '-'} after {_secs(a.seconds)}"})
+    return list(lanes.values())
+
+
+def render_html(report: RunReport) -> str:
+    source = resources.files("siterecovery").joinpath("templates/report.html.j2").read_text(encoding="utf-8")
+    return _ENV.from_string(source).render(r=report, lanes=timeline(report), rpo=report.vm_rpo(),
+                                            groups=report.groups())

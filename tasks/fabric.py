@@ -1,0 +1,105 @@
+"""The one place flows and tasks obtain fabric drivers, the state directory and secrets.
+
+State directory: $SITERECOVERY_STATE when set, else `.siterecovery` next to the project directory
+(`<project>/../.siterecovery`, i.e. the checkout's `.siterecovery` for `plans/`). It holds the memory
+fabric's shared estate, the intent journal, persisted task results and the HTML reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from siterecovery.errors import ConfigurationError
+from siterecovery.fabric import Fabric, FabricContext, driver_for
+from siterecovery.model import Credential
+
+_DRIVERS: dict[tuple[str, str, str], Fabric] = {}
+_LOCK = threading.Lock()
+
+
+def state_dir(project: Path | str | None = None) -> Path:
+    env = os.environ.get("SITERECOVERY_STATE")
+    if env:
+        return Path(env).expanduser().resolve()
+    if project is not None:
+        root = Path(project).resolve()
+        root = root if root.is_dir() else root.parent
+        return (root.parent / ".siterecovery").resolve()
+    return Path(".siterecovery").resolve()
+
+
+def resolve_secret(cred: Credential) -> str:
+    """A Credential's secret text: a Prefect Secret block or an environment variable. The value goes
+    to the driver only; it is never logged, returned as a task result or written to a report."""
+    if cred.secret_block:
+        from prefect.blocks.system import Secret
+
+        try:
+            block = Secret.load(cred.secret_block)
+        except ValueError:
+            raise ConfigurationError(f"Prefect Secret block '{cred.secret_block}' does not exist "
+                                     "(create it in the UI or with Secret(value=...).save(name))") from None
+        return str(block.get())  # type: ignore[union-attr]
+    if cred.env:
+        value = os.environ.get(cred.env)
+        if value is None:
+            raise ConfigurationError(f"environment variable {cred.env} is not set (it holds a host credential)")
+        return value
+    if cred.key_file:
+        return Path(cred.key_file).expanduser().read_text()
+    raise ConfigurationError("the credential names no secret source")
+
+
+def get_fabric(kind: str, state: Path, options: dict[str, Any] | None = None) -> Fabric:
+    """One driver per (kind, state dir, options) per process, shared by the tasks' threads.
+
+    The memory fabric keeps its estate in <state>/memory-fabric.json so that a flow run, a re-run in
+    another process and the test asserting on it see one estate; `options={"state_file": None}` keeps
+    it in this process only (the benchmark: no file I/O per call).
+    """
+    opts = dict(options or {})
+    if kind == "memory" and "state_file" not in opts:
+        opts["state_file"] = str(state / "memory-fabric.json")
+    if opts.get("state_file") is None:
+        opts.pop("state_file", None)
+    key = (kind, str(state), json.dumps(opts, sort_keys=True, default=str))
+    with _LOCK:
+        drv = _DRIVERS.get(key)
+        if drv is None:
+            drv = driver_for(kind, FabricContext(state_dir=state, secrets=resolve_secret, options=opts))
+            _DRIVERS[key] = drv
+        return drv
+
+
+def close_all() -> None:
+    with _LOCK:
+        for drv in _DRIVERS.values():
+            drv.close()
+        _DRIVERS.clear()
+
+
+_STORAGE: dict[str, Any] = {}
+
+
+def result_storage(state: Path) -> Any:
+    """The persisted-results store of a state directory (what lets a re-run find completed tasks).
+
+    Prefect needs the storage block saved server-side: one LocalFileSystem block per state directory,
+    named after a digest of its path, saved once per process.
+    """
+    import hashlib
+
+    from prefect.filesystems import LocalFileSystem
+
+    path = str(state / "results")
+    with _LOCK:
+        block = _STORAGE.get(path)
+        if block is None:
+            block = LocalFileSystem(basepath=path)
+            block.save(f"siterecovery-results-{hashlib.sha256(path.encode()).hexdigest()[:12]}", overwrite=True)
+            _STORAGE[path] = block
+        return block

@@ -1,0 +1,82 @@
+"""Run reports (pure: Markdown, HTML timeline, derived RPO/RTO/people time) and run intents."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from siterecovery.errors import ConfigurationError
+from siterecovery.intent import IntentJournal, StepJournal, intent_key
+from siterecovery.report import ApprovalRecord, RunReport, StepRecord, artifact_key, render_html, render_markdown
+
+T0 = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
+
+
+def at(s: float) -> datetime:
+    return T0 + timedelta(seconds=s)
+
+
+def sample() -> RunReport:
+    steps = (
+        StepRecord(id="1", label="failover db-1", stage="group", operation="failover", group="db", vm="db-1",
+                   host="dst-1", status="completed", started_at=at(1), finished_at=at(3), point_id="db-1@3",
+                   point_created_at=at(1) - timedelta(minutes=4)),
+        StepRecord(id="2", label="start db-1", stage="group", operation="start_vm", group="db", vm="db-1",
+                   host="dst-1", status="completed", started_at=at(3), finished_at=at(5)),
+        StepRecord(id="3", label="start web-1 <script>", stage="group", operation="start_vm", group="web",
+                   vm="web-1", host="dst-2", status="failed", started_at=at(70), finished_at=at(71), error="boom|x"),
+    )
+    appr = ApprovalRecord(step_id="a", action="go-web", group="web", requested_at=at(6), answered_at=at(66),
+                          decision="approved", approver="alice", comment="ok", ticket="CHG-1")
+    return RunReport(plan="app", plan_version="4", failover_type="planned", direction="forward",
+                     recovery_point="latest", failure_policy="stop", intent="i-1", started_at=T0, finished_at=at(80),
+                     status="failed", steps=steps, approvals=(appr,), failures=("start web-1: boom",))
+
+
+def test_derived_figures() -> None:
+    r = sample()
+    assert r.achieved_rpo_seconds == 240.0
+    assert r.achieved_rto_seconds == 5.0  # the failed start does not count as up
+    assert r.people_seconds == 60.0
+    assert r.fabric_seconds == 5.0  # 1-5 s and 70-71 s: the approval wait is not fabric time
+    assert [g["name"] for g in r.groups()] == ["db", "web"]
+
+
+def test_markdown_and_html_escape_and_show_everything() -> None:
+    r = sample()
+    md = render_markdown(r)
+    assert "alice" in md and "CHG-1" in md and "boom\\|x" in md and "4.0 min" in md
+    html = render_html(r)
+    assert "&lt;script&gt;" in html and "<script>" not in html
+    assert html.count('class="bar ') == 4  # three VM steps and one approval
+    assert "waiting on people" in html and "v4" in html
+    assert artifact_key("Web_Only 2", "test") == "drill-web-only-2" and artifact_key("app", "planned") == "failover-app"
+
+
+def test_intent_reused_until_completed(tmp_path: Path) -> None:
+    j = IntentJournal(tmp_path)
+    key = intent_key(plan="app", type="planned")
+    first = j.begin(key, "app-planned")
+    again = j.begin(key, "app-planned")
+    assert again.id == first.id and again.resumed and not first.resumed
+    assert j.begin(intent_key(plan="app", type="unplanned"), "x").id != first.id
+    j.complete(first)
+    nxt = j.begin(key, "app-planned")
+    assert nxt.id != first.id and not nxt.resumed
+    fresh1, fresh2 = j.begin(key, "t", fresh=True), j.begin(key, "t", fresh=True)
+    assert fresh1.id != fresh2.id
+    explicit = j.begin(key, "p", explicit="change-42")
+    j.complete(explicit)
+    with pytest.raises(ConfigurationError, match="already completed"):
+        j.begin(key, "p", explicit="change-42")
+
+
+def test_step_journal_keeps_the_latest_entry(tmp_path: Path) -> None:
+    sj = StepJournal(tmp_path, "i-1")
+    sj.add("step", "s1", "run-1", {"status": "failed"})
+    assert sj.completed("s1") is None
+    sj.add("step", "s1", "run-2", {"status": "completed"})
+    entry = sj.completed("s1")
+    assert entry is not None and entry["flow_run"] == "run-2"
