@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from siterecovery import ui
-from siterecovery.deployments import DRILL_ENTRYPOINT, PlanSettings, Schedule, Settings, dump, render
+from siterecovery.deployments import PlanSettings, Schedule, Settings, dump, render
 from siterecovery.fabric import FabricContext
 from siterecovery.fabric.memory import MemoryFabric
 from siterecovery.placement import plan_placements
@@ -37,10 +37,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROJECT = Path(__file__).resolve().parent / "project"
 OUTPUT = ROOT / "tests" / "output"
 CHROMIUM = Path("/usr/bin/chromium")
-# While flows/drill.py is being written on its branch, SITERECOVERY_UI_STANDIN=1 runs the same test
-# against a stand-in with the same name and parameters. Without it the test needs the real flow.
-STANDIN = os.environ.get("SITERECOVERY_UI_STANDIN") == "1"
-DRILL = "tests/ui/standin_drill.py:dr_drill" if STANDIN else DRILL_ENTRYPOINT
 POOL = "siterecovery-test"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -52,8 +48,6 @@ def _need() -> None:
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (scripts/setup-system.sh installs it)")
     pytest.importorskip("playwright.sync_api", reason="playwright (the `test` extra) is not installed")
-    if not (ROOT / DRILL.partition(":")[0]).exists():
-        pytest.skip(f"{DRILL.partition(':')[0]} is not on this branch yet (SITERECOVERY_UI_STANDIN=1 uses a stand-in)")
 
 
 def _write_deployments(path: Path, settings: Settings, only: set[str] | None = None) -> Path:
@@ -61,11 +55,7 @@ def _write_deployments(path: Path, settings: Settings, only: set[str] | None = N
     doc = render(load_project(PROJECT), settings)
     deps = []
     for d in doc["deployments"]:
-        if d["entrypoint"] == DRILL_ENTRYPOINT:
-            d["entrypoint"] = DRILL
-        elif "failover" in d["tags"] and not (ROOT / "flows" / "recovery_plan.py").exists():
-            continue  # deployments/failover.py renames flows/recovery_plan.py, from the flows branch
-        elif "protection" in d["tags"]:
+        if "protection" in d["tags"]:
             # Deployed to prove they deploy; their schedules stay off so no cycle competes with a drill.
             d["schedules"] = [{**sch, "active": False} for sch in d["schedules"]]
         if only is None or d["name"] in only:
@@ -141,9 +131,9 @@ class Shots:
         self.dir.mkdir(parents=True)
         self.n = 0
 
-    def __call__(self, label: str) -> None:
+    def __call__(self, label: str, full_page: bool = False) -> None:
         self.n += 1
-        self.page.screenshot(path=str(self.dir / f"{self.n:02d}-{label}.png"))
+        self.page.screenshot(path=str(self.dir / f"{self.n:02d}-{label}.png"), full_page=full_page)
 
     def publish(self) -> None:
         if os.environ.get("SITERECOVERY_UPDATE_DOCS_IMG") == "1":
@@ -212,9 +202,8 @@ def test_drill_from_the_ui(stack: Stack, request: pytest.FixtureRequest) -> None
             page.get_by_role("button", name="Resume").click()
             dialog = page.get_by_role("dialog")
             expect(dialog).to_contain_text("Approver")
-            if not STANDIN:
-                for text in ("shop", "database", "consistency check", "test"):
-                    expect(dialog).to_contain_text(text)
+            for text in ("Plan: shop", "Group: database", "Failover: test", "run the consistency check"):
+                expect(dialog).to_contain_text(text)
 
             def field(label: str) -> Any:
                 return dialog.locator(".schema-form-property").filter(
@@ -244,7 +233,21 @@ def test_drill_from_the_ui(stack: Stack, request: pytest.FixtureRequest) -> None
             report = page.locator(".markdown-renderer").filter(has=page.locator("h1, h2"))
             expect(report).to_contain_text(comment)
             expect(report).to_contain_text("alice@example.test")
+            expect(report).to_contain_text("CHG-4711")
+            page.get_by_text(comment).first.scroll_into_view_if_needed()
             shot("report")
+
+            # 7. The failover deployment's form: type, direction, recovery point, options, confirm.
+            page.goto(f"{stack.url}/deployments")
+            row = page.locator("tr").filter(has_text="failover").filter(has=page.locator("a[title='shop']"))
+            row.locator("a[title='shop']").click()
+            page.wait_for_url("**/deployments/deployment/**")
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Custom run", exact=True).click()
+            form = page.locator("form, [role=dialog]").filter(has_text="confirm").first
+            for text in ("failover_type", "direction", "recovery_point", "options", "confirm"):
+                expect(form).to_contain_text(text)
+            shot("failover-form", full_page=True)
         except Exception:
             print(f"failed after screenshot {shot.n} ({page.url})")
             shot("failure")
@@ -254,11 +257,23 @@ def test_drill_from_the_ui(stack: Stack, request: pytest.FixtureRequest) -> None
             browser.close()
     shot.publish()
     # The drill went through the fabric and cleaned up after itself.
-    if not STANDIN:
-        for vm in ("shop-db-01", "shop-web-01"):
-            calls = stack.calls(vm)
-            assert "test_failover" in calls and "cleanup_test_failover" in calls, calls
-            assert not stack.vms()[vm]["test_active"]
+    for vm in ("shop-db-01", "shop-web-01"):
+        calls = stack.calls(vm)
+        assert "test_failover" in calls and "cleanup_test_failover" in calls, calls
+        assert not stack.vms()[vm]["test_active"]
+
+
+def test_failover_deployment_needs_the_plan_name_to_fail_over(stack: Stack) -> None:
+    """A planned failover started from failover/shop without confirming does nothing to the estate."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    before = {vm: stack.calls(vm) for vm in ("shop-db-01", "shop-web-01")}
+    with temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api"}):
+        run = run_deployment("failover/shop", parameters={"failover_type": "planned"}, timeout=120, poll_interval=1)
+    assert run.state is not None and run.state.is_failed(), run.state
+    assert "confirm" in (run.state.message or ""), run.state.message
+    assert {vm: stack.calls(vm) for vm in before} == before  # not one fabric call
 
 
 def _flow_runs(stack: Stack, deployment: str) -> list[Any]:
