@@ -35,6 +35,8 @@ pytestmark = [pytest.mark.prefect_server, pytest.mark.browser, pytest.mark.timeo
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = Path(__file__).resolve().parent / "project"
+# The `project` parameter as deployed: relative to the repository root, where the flow runs start.
+PROJECT_PARAM = str(PROJECT.relative_to(ROOT))
 OUTPUT = ROOT / "tests" / "output"
 CHROMIUM = Path("/usr/bin/chromium")
 POOL = "siterecovery-test"
@@ -61,7 +63,7 @@ def _write_deployments(path: Path, settings: Settings, only: set[str] | None = N
         if only is None or d["name"] in only:
             deps.append(d)
     doc["deployments"] = deps
-    path.write_text(dump(doc, str(PROJECT), "test settings"))
+    path.write_text(dump(doc, PROJECT_PARAM, "test settings"))
     return path
 
 
@@ -99,7 +101,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     for plan in project.plans.values():
         for placement in plan_placements(project, plan.plan).values():
             fabric.seed(placement)
-    settings = Settings(work_pool=POOL, project=str(PROJECT),
+    settings = Settings(work_pool=POOL, project=PROJECT_PARAM,
                         # Scheduled weekly drills must not fire while the tests run.
                         drills={"schedule": Schedule(cron="0 2 * * 6", active=False)})  # type: ignore[arg-type]
     prefect_file = _write_deployments(state / "prefect.yaml", settings)
@@ -131,9 +133,9 @@ class Shots:
         self.dir.mkdir(parents=True)
         self.n = 0
 
-    def __call__(self, label: str, full_page: bool = False) -> None:
+    def __call__(self, label: str) -> None:
         self.n += 1
-        self.page.screenshot(path=str(self.dir / f"{self.n:02d}-{label}.png"), full_page=full_page)
+        self.page.screenshot(path=str(self.dir / f"{self.n:02d}-{label}.png"))
 
     def publish(self) -> None:
         if os.environ.get("SITERECOVERY_UPDATE_DOCS_IMG") == "1":
@@ -247,7 +249,10 @@ def test_drill_from_the_ui(stack: Stack, request: pytest.FixtureRequest) -> None
             form = page.locator("form, [role=dialog]").filter(has_text="confirm").first
             for text in ("failover_type", "direction", "recovery_point", "options", "confirm"):
                 expect(form).to_contain_text(text)
-            shot("failover-form", full_page=True)
+            shot("failover-form")
+            # Further down: the options and the guard, an empty `confirm` a person must fill in.
+            page.locator(".schema-form-property__label", has_text=re.compile("^confirm")).scroll_into_view_if_needed()
+            shot("failover-confirm")
         except Exception:
             print(f"failed after screenshot {shot.n} ({page.url})")
             shot("failure")
@@ -301,7 +306,7 @@ def test_deployed_as_rendered(stack: Stack) -> None:
     assert {"dr-drill/shop", "dr-drill/web-drill", "enable-protection/east-west", "replicate/east-west",
             "replication-health/east-west", "resynchronize/east-west"} <= set(deployed)
     drill = deployed["dr-drill/shop"]
-    assert drill.parameters == {"plan": "shop", "project": str(PROJECT), "cleanup": "immediate"}
+    assert drill.parameters == {"plan": "shop", "project": PROJECT_PARAM, "cleanup": "immediate"}
     assert drill.work_pool_name == POOL and drill.enforce_parameter_schema
     assert [sch.schedule.cron for sch in drill.schedules] == ["0 2 * * 6"]  # type: ignore[union-attr]
     repl = deployed["replicate/east-west"]
@@ -318,7 +323,7 @@ def test_a_near_schedule_runs_a_drill_by_itself(stack: Stack, tmp_path: Path) ->
     # (5-10 s here): the scheduler never creates a run whose time has passed, so an anchor that is
     # already behind when the deployment lands would mean no run for an hour.
     due = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=20)
-    settings = Settings(work_pool=POOL, project=str(PROJECT), drills={  # type: ignore[arg-type]
+    settings = Settings(work_pool=POOL, project=PROJECT_PARAM, drills={  # type: ignore[arg-type]
         "schedule": Schedule(cron="0 2 * * 6", active=False),
         "plans": {"web-drill": PlanSettings(drill=Schedule(interval_seconds=3600, anchor_date=due))}})
     prefect_file = _write_deployments(tmp_path / "prefect.yaml", settings, only={"web-drill"})
