@@ -138,8 +138,13 @@ def up(
     lay = Layout(state.resolve())
     lay.run.mkdir(parents=True, exist_ok=True)
     server = PrefectServer(lay.home, port)
-    if recorded(lay.pidfile("server")) is not None and server.healthy():
+    running = recorded(lay.pidfile("server"))
+    if running is not None and server.healthy():
         say(f"server already running at {server.url}")
+    elif running is not None:
+        # Starting a second one would overwrite its PID file and orphan it: `down` could not stop it.
+        raise ConfigurationError(f"the server `ui up` started (pid {running}) is not answering on {server.url}: "
+                                 "another --port, or still starting; run `siterecovery ui down` first")
     else:
         if server.healthy():
             raise ConfigurationError(f"something else already serves {server.url}; choose another --port")
