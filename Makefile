@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/$(STATE)/prefect
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv system demo test test-fast lint validate clean bench ui ui-stop
+.PHONY: all venv system demo demo-clean test test-fast lint validate clean bench ui ui-stop
 
 all: test
 
@@ -33,11 +33,14 @@ system:
 validate: venv
 	$(BIN)/siterecovery validate plans
 
-# Until the embedded demo lands, `make demo` validates the worked example and shows a drill's steps.
+# The embedded demo: two sites on this machine (a private sshd when openssh-server is installed),
+# a real three-tier shop protected, drilled, failed over and failed back through Prefect. See docs/DEMO.md.
 demo: venv
-	$(BIN)/siterecovery validate plans
-	$(BIN)/siterecovery show three-tier --type test
-	$(BIN)/siterecovery show three-tier --type planned
+	@test -x /usr/sbin/sshd || bash scripts/setup-system.sh --ssh-only || echo "no sshd: the demo uses local transport"
+	$(BIN)/siterecovery demo
+
+demo-clean: venv
+	$(BIN)/siterecovery demo --clean
 
 lint: venv
 	$(BIN)/ruff check src flows tasks tests bench

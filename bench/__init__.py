@@ -1,1 +1,1 @@
-"""Reproducible benchmarks; figures go to docs/BENCHMARKS.md with the command that made them."""
+"""Reproducible benchmarks; results are quoted in docs/BENCHMARKS.md (`python -m bench`)."""

@@ -133,13 +133,14 @@ def enable_protection(pairing: str, project: str = "plans", vms: list[str] | Non
     log = get_run_logger()
     with scope(pairing, project, vms, fabric) as sc:
         if configure_sites:
-            primaries: dict[str, set[str]] = {}
+            primaries: dict[str, dict[str, Any]] = {}
             replica_hosts = {}
             for p in sc.placements.values():
-                primaries.setdefault(p.target.name, set()).add(p.source.name)
+                primaries.setdefault(p.target.name, {})[p.source.name] = p.source
                 replica_hosts[p.target.name] = p
             for name, p in sorted(replica_hosts.items()):
-                log.info("%s: %s", name, configure_host(sc.driver(p), p.target, sorted(primaries[name])))
+                hosts = [primaries[name][h] for h in sorted(primaries[name])]
+                log.info("%s: %s", name, configure_host(sc.driver(p), p.target, hosts))
 
         steps: dict[str, list[Step]] = {vm: [] for vm in sc.placements}
         errors: dict[str, BaseException] = {}
@@ -385,6 +386,9 @@ def resynchronize(pairing: str, project: str = "plans", vms: list[str] | None = 
             waited = (core.CLOCK.now() - start).total_seconds()
             if waited:
                 marked = candidates()  # the estate may have changed while we waited
+        if not marked:
+            return ResyncReport(status="nothing to do", window=window, waited_seconds=waited)
+        ensure_host_limits([sc.placements[vm] for vm in marked])
         futs = {vm: resync_vm.submit(sc.driver(sc.placements[vm]), sc.placements[vm]) for vm in marked}
         steps, errors = [], {}
         with core.pairing_state(sc.state, pairing) as ps:

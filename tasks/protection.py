@@ -64,7 +64,7 @@ class Step(Frozen):
 # ---- enable protection -------------------------------------------------------------------------
 
 @task(name="configure replica server", task_run_name="configure {host.name}", **RETRY)
-def configure_host(driver: Fabric, host: Host, primaries: list[str]) -> str:
+def configure_host(driver: Fabric, host: Host, primaries: list[Host]) -> str:
     """Replica server settings and authorization of the replica site (Set-VMReplicationServer and an
     authorization entry for the primaries), where the driver has such a step; the Fabric contract
     leaves it optional because the built-in engine needs none."""

@@ -9,7 +9,14 @@ import pytest
 
 from siterecovery.errors import ConfigurationError
 from siterecovery.intent import IntentJournal, StepJournal, intent_key
-from siterecovery.report import ApprovalRecord, RunReport, StepRecord, artifact_key, render_html, render_markdown
+from siterecovery.report import (
+    ApprovalRecord,
+    RunReport,
+    StepRecord,
+    artifact_key,
+    render_html,
+    render_markdown,
+)
 
 T0 = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
 

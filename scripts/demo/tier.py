@@ -8,12 +8,15 @@
   web  the page, in front of app.
 
 Quiesce protocol for app-consistent recovery points: `tier.py freeze DISK` asks db to finish its write
-and hold further writes (it answers by creating DISK.frozen); `tier.py thaw DISK` lets it go on.
+and hold further writes (it answers by creating DISK.frozen); `tier.py thaw DISK` lets it go on. A db
+holds a lock on DISK.lock while it serves DISK, so freezing a disk nobody serves (a VM that is shut
+down, as during a planned failover's last cycle) succeeds at once: a quiet disk is already consistent.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -34,6 +37,12 @@ class Disk:
         self.path = path
         self.lock = threading.Lock()
         self.fd = os.open(path, os.O_RDWR)
+        # Held for the life of the process: tells `freeze` that someone serves this disk.
+        self.owner = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f"another db serves {path}")
 
     def _read_block(self, i: int) -> dict | None:
         raw = os.pread(self.fd, SLOT, i * SLOT).rstrip(b"\0")
@@ -150,7 +159,24 @@ def serve(tier: str, args: argparse.Namespace) -> None:
     server.serve_forever()
 
 
+def served(disk: str) -> bool:
+    """Whether a db process holds the disk (its lock on DISK.lock)."""
+    try:
+        fd = os.open(disk + ".lock", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def freeze(disk: str, timeout: float = 10.0) -> None:
+    if not served(disk):
+        return
     Path(disk + ".freeze").touch()
     deadline = time.monotonic() + timeout
     while not Path(disk + ".frozen").exists():

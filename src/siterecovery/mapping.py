@@ -24,6 +24,9 @@ class NICPlacement(Frozen):
     target_subnet: str | None
     ip: FailoverIP | None
     switch: str | None = None
+    # Where the VM runs now and where a test copy runs; both optional so older callers stay valid.
+    source_ip: ipaddress.IPv4Address | None = None
+    test_ip: FailoverIP | None = None
 
 
 class DiskPlacement(Frozen):
@@ -78,10 +81,12 @@ def place_nic(
         src_net = target_network(nic.network, protection) or nic.network
         net = topology.network(nic.network)
         return NICPlacement(nic=nic.name, source_network=src_net, target_network=nic.network,
-                            target_subnet=nic.subnet, ip=nic.failback_ip, switch=net.switch)
+                            target_subnet=nic.subnet, ip=nic.failback_ip, switch=net.switch,
+                            source_ip=nic.failover_ip.address if nic.failover_ip else None)
     tnet = target_network(nic.network, protection, direction)
     if tnet is None:
-        return NICPlacement(nic=nic.name, source_network=nic.network, target_network=None, target_subnet=None, ip=None)
+        return NICPlacement(nic=nic.name, source_network=nic.network, target_network=None, target_subnet=None, ip=None,
+                            source_ip=nic.address)
     net = topology.network(tnet)
     tsub = target_subnet(nic.subnet, [s.name for s in net.subnets])
     ip = nic.failover_ip
@@ -90,7 +95,7 @@ def place_nic(
     elif ip is not None:
         taken.add(ip.address)
     return NICPlacement(nic=nic.name, source_network=nic.network, target_network=tnet, target_subnet=tsub,
-                        ip=ip, switch=net.switch)
+                        ip=ip, switch=net.switch, source_ip=nic.address)
 
 
 def target_classification(source: str | None, protection: Protection) -> str | None:

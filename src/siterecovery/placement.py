@@ -10,8 +10,8 @@ from __future__ import annotations
 import ipaddress
 
 from .fabric.base import Placement
-from .mapping import place_disks, place_nic, replica_candidates
-from .model import Direction, Pairing, RecoveryPlan
+from .mapping import place_disks, place_nic, pool_address, replica_candidates
+from .model import Direction, Pairing, RecoveryPlan, VMNetwork
 from .project import Project
 
 
@@ -21,6 +21,10 @@ def isolated_network(project: Project, site: str) -> str | None:
         if net.site == site and net.isolated:
             return net.switch or net.name
     return None
+
+
+def _isolated(project: Project, site: str) -> VMNetwork | None:
+    return next((n for n in project.topology.vm_networks if n.site == site and n.isolated), None)
 
 
 def pairing_placements(project: Project, pairing: Pairing, direction: Direction = Direction.forward,
@@ -36,6 +40,7 @@ def pairing_placements(project: Project, pairing: Pairing, direction: Direction 
     # Every VM of the cloud is placed, in topology order, so that a VM gets the same replica host and
     # pool address whichever subset is asked for.
     taken: set[ipaddress.IPv4Address] = set()
+    test_taken: set[ipaddress.IPv4Address] = set()
     load: dict[str, int] = {}
     out: dict[str, Placement] = {}
     for vm in members:
@@ -45,6 +50,13 @@ def pairing_placements(project: Project, pairing: Pairing, direction: Direction 
         load[chosen] = load.get(chosen, 0) + 1
         primary, replica = t.host(vm.host), t.host(chosen)
         nics = tuple(place_nic(n, t, pr, direction, taken) for n in vm.nics)
+        test_net = _isolated(project, replica.site if direction == Direction.forward else primary.site)
+        if test_net is not None:
+            # A test copy gets an address from the isolated network's pool (first subnet), so a drill's
+            # VMs never take production addresses; allocated in topology order like failover IPs.
+            nics = tuple(n.model_copy(update={"test_ip": pool_address(t, test_net.name, test_net.subnets[0].name,
+                                                                      test_taken)})
+                         if n.target_network else n for n in nics)
         if vms is not None and vm.name not in vms:
             continue
         source, target = (primary, replica) if direction == Direction.forward else (replica, primary)

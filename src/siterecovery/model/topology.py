@@ -172,7 +172,7 @@ class Compute(Frozen):
     """How a linux-fabric VM runs: a process started with its disks, or a libvirt domain."""
 
     backend: Literal["process", "libvirt"] = "process"
-    command: tuple[str, ...] = Field((), description="argv; jinja2 placeholders: disks, vm, site, network")
+    command: tuple[str, ...] = Field((), description="argv; jinja2 placeholders: disks, disk, vm, site, network, ip, test, host")
     domain: str | None = None
     freeze: tuple[str, ...] = Field((), description="argv that makes the disks consistent before a point")
     thaw: tuple[str, ...] = ()

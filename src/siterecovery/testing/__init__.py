@@ -1,2 +1,2 @@
-"""Test and demo helpers that users may also find useful: a real Prefect server launcher, and (from
-the fabric work) simulators. Nothing here imports prefect; the server runs as a subprocess."""
+"""Test and demo helpers that users may also find useful: a real Prefect server launcher and the
+Hyper-V host simulator served over real SSH. Nothing here imports prefect."""

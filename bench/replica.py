@@ -1,0 +1,475 @@
+"""Benchmarks of the block replication engine against rsync, on this machine, in one run.
+
+    python -m bench.replica [local|ssh|rss|crash|sustained|all] [--dir DIR] [--size-gib 2] [--out FILE]
+
+Each part prints one JSON object and `all` writes bench/results/replica.json, from which
+docs/BENCHMARKS.md quotes. Timings are wall clock on a warm page cache for both tools alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from siterecovery.render import sh_join
+from siterecovery.replica.engine import BLOCK, file_digest
+from siterecovery.replica.selfcheck import crash_trials
+from siterecovery.replica.transport import Endpoint, LocalEndpoint, SSHEndpoint, transfer
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB, GiB = 1024 * 1024, 1024 * 1024 * 1024
+
+
+def log(*a: object) -> None:
+    print("#", *a, file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, str]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    free = subprocess.run(["free", "-h"], capture_output=True, text=True).stdout.rstrip()
+    return {"nproc": str(os.cpu_count()), "cpu": cpu, "free_h": free,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "python": sys.version.split()[0],
+            "rsync": subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.split("\n")[0]}
+
+
+def random_image(path: Path, size: int, seed: int = 1) -> None:
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 * MiB)
+            f.write(rnd.randbytes(n))
+            left -= n
+
+
+def rewrite(path: Path, fraction: float, seed: int) -> int:
+    """Rewrite `fraction` of the 64 KiB blocks at random; bytes changed."""
+    rnd = random.Random(seed)
+    n = os.path.getsize(path) // BLOCK
+    idx = rnd.sample(range(n), int(n * fraction))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for i in idx:
+            os.pwrite(fd, rnd.randbytes(BLOCK), i * BLOCK)
+    finally:
+        os.close(fd)
+    return len(idx) * BLOCK
+
+
+def warm(path: Path) -> None:
+    """Flush dirty pages (so neither tool pays for the other's writeback) and read the file into cache."""
+    os.sync()
+    with open(path, "rb") as f:
+        while f.read(16 * MiB):
+            pass
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+class Cycle:
+    """A source image and its replica, driven through the same transfer() the linux fabric uses."""
+
+    def __init__(self, src: Endpoint, dst: Endpoint, disk: Path, work: Path, remote_work: Path | None = None) -> None:
+        self.src, self.dst, self.disk = src, dst, disk
+        w = remote_work or work
+        self.state = str(work / "src-state")
+        self.rep = ["--replica", str(w / "replica.img"), "--meta", str(w / "replica-meta")]
+        self.gen: str | None = None
+        self.n = 0
+
+    def run(self, mode: str) -> dict[str, Any]:
+        self.n += 1
+        point = {"id": f"b@{self.n}", "created_at": datetime.now(UTC).isoformat(), "consistency": "crash"}
+        send = ["send", "--disk", str(self.disk), "--state", self.state, "--mode", mode]
+        if mode == "delta":
+            assert self.gen
+            send += ["--expect-gen", self.gen]
+        sent, got = transfer(self.src, send, self.dst, ["receive", *self.rep, "--point", json.dumps(point),
+                                                          "--retention-hours", "0"])
+        self.gen = got["point"]["gen"]
+        return {**sent, **got}
+
+
+def rsync_run(args: list[str]) -> tuple[float, dict[str, int]]:
+    t, r = timed(lambda: subprocess.run(["rsync", "--inplace", "--no-whole-file", "--ignore-times", "--stats", *args],
+                                        capture_output=True, text=True, check=True))
+    stats = {}
+    for key, name in (("Total bytes sent", "sent"), ("Literal data", "literal")):
+        m = re.search(rf"{key}: ([\d,]+)", r.stdout)
+        if m:
+            stats[name] = int(m.group(1).replace(",", ""))
+    return t, stats
+
+
+def bench_local(work: Path, size: int, rounds: int = 3) -> dict[str, Any]:
+    disk = work / "local-src.img"
+    log(f"local: writing a {size // GiB} GiB random image")
+    random_image(disk, size)
+    c = Cycle(LocalEndpoint(), LocalEndpoint(), disk, work / "local")
+    (work / "local").mkdir(exist_ok=True)
+    t_full, full = timed(lambda: c.run("full"))
+    rs = work / "rsync-copy.img"
+    shutil.copyfile(disk, rs)
+    runs = []
+    for r in range(rounds):
+        changed = rewrite(disk, 0.01, seed=100 + r)
+        warm(disk)
+        warm(rs)
+        t_eng, out = timed(lambda: c.run("delta"))
+        warm(disk)
+        t_rs, st = rsync_run([str(disk), str(rs)])
+        runs.append({"engine_s": round(t_eng, 3), "rsync_s": round(t_rs, 3), "ratio": round(t_rs / t_eng, 2),
+                     "changed_bytes": changed, "engine_bytes": out["bytes"], "rsync_sent": st.get("sent"),
+                     "overhead_pct": round(100 * (out["bytes"] - changed) / changed, 3)})
+        log("local round", runs[-1])
+    assert file_digest(str(work / "local" / "replica.img")) == file_digest(str(disk)) == file_digest(str(rs))
+    med = sorted(runs, key=lambda x: x["ratio"])[len(runs) // 2]
+    return {"size": size, "initial_s": round(t_full, 2), "initial_MBps": round(size / t_full / 1e6, 1),
+            "runs": runs, "median": med}
+
+
+def bench_ssh(work: Path, size: int, rounds: int = 3) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from sshd import running_sshd  # the same real sshd the tests use
+
+    from siterecovery import ssh
+    disk = work / "ssh-src.img"
+    log(f"ssh: writing a {size // GiB} GiB random (incompressible) image")
+    random_image(disk, size, seed=3)
+    remote = work / "ssh-remote"
+    remote.mkdir(exist_ok=True)
+    with running_sshd() as srv:
+        host = srv.host("target", "chi", root=str(remote))
+        client = ssh.connect(host)
+        cipher = client.get_transport().remote_cipher  # type: ignore[union-attr]
+        dst = SSHEndpoint(name="target", client=client, python=sys.executable)
+        c = Cycle(LocalEndpoint(), dst, disk, work / "ssh-local", remote)
+        (work / "ssh-local").mkdir(exist_ok=True)
+        warm(disk)
+        t_full, full = timed(lambda: c.run("full"))
+        log(f"ssh initial {size / t_full / 1e6:.0f} MB/s")
+        # both sides remote: the orchestrator only relays bytes between two exec channels
+        src_remote = SSHEndpoint(name="source", client=ssh.connect(host), python=sys.executable)
+        relay_dir = work / "ssh-relay"
+        relay_dir.mkdir(exist_ok=True)
+        c2 = Cycle(src_remote, dst, disk, relay_dir)
+        t_relay, _ = timed(lambda: c2.run("full"))
+        log(f"ssh relay initial {size / t_relay / 1e6:.0f} MB/s")
+        shutil.rmtree(relay_dir)
+        rs = remote / "rsync-copy.img"
+        shutil.copyfile(disk, rs)
+        e = sh_join(["ssh", "-p", str(srv.port), "-i", str(srv.client_key), "-o", f"UserKnownHostsFile={srv.known_hosts}",
+                     "-o", "BatchMode=yes", "-c", "aes128-gcm@openssh.com"])
+        runs = []
+        for r in range(rounds):
+            changed = rewrite(disk, 0.01, seed=200 + r)
+            warm(disk)
+            warm(rs)
+            t_eng, out = timed(lambda: c.run("delta"))
+            warm(disk)
+            t_rs, st = rsync_run(["-e", e, str(disk), f"{srv.user}@127.0.0.1:{rs}"])
+            runs.append({"engine_s": round(t_eng, 3), "rsync_s": round(t_rs, 3), "ratio": round(t_rs / t_eng, 2),
+                         "changed_bytes": changed, "engine_bytes": out["bytes"], "rsync_sent": st.get("sent")})
+            log("ssh round", runs[-1])
+        assert file_digest(str(remote / "replica.img")) == file_digest(str(disk)) == file_digest(str(rs))
+        client.close()
+        src_remote.client.close()
+    med = sorted(runs, key=lambda x: x["ratio"])[len(runs) // 2]
+    return {"size": size, "cipher": cipher, "initial_s": round(t_full, 2), "initial_MBps": round(size / t_full / 1e6, 1),
+            "relay_initial_MBps": round(size / t_relay / 1e6, 1), "runs": runs, "median": med}
+
+
+def _agent(*args: str) -> list[str]:
+    return [sys.executable, "-m", "siterecovery.replica.agent", *args]
+
+
+class PeakRSS(threading.Thread):
+    """Samples /proc/<pid>/status every 2 ms: peak VmRSS and peak RssAnon (the process's own memory,
+    without the page cache it maps). wait4's ru_maxrss is no good here: a child inherits the
+    high-water mark of the parent it was forked from."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.rss, self.anon = pid, 0, 0
+        self.done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for ln in f:
+                        if ln.startswith("VmRSS:"):
+                            self.rss = max(self.rss, int(ln.split()[1]))
+                        elif ln.startswith("RssAnon:"):
+                            self.anon = max(self.anon, int(ln.split()[1]))
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                return
+            time.sleep(0.002)
+
+
+def _cycle_rss(disk: Path, work: Path, gen: str, n: int) -> tuple[dict[str, Any], PeakRSS, PeakRSS, float]:
+    """One delta cycle as two agent processes joined by a pipe; (result, sender peak, receiver peak, s)."""
+    point = json.dumps({"id": f"r@{n}", "created_at": datetime.now(UTC).isoformat(), "consistency": "crash"})
+    t = time.perf_counter()
+    s = subprocess.Popen(_agent("send", "--disk", str(disk), "--state", str(work / "st"), "--mode", "delta",
+                                "--expect-gen", gen), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    r = subprocess.Popen(_agent("receive", "--replica", str(work / "rep.img"), "--meta", str(work / "meta"),
+                                "--point", point), stdin=s.stdout, stdout=subprocess.PIPE)
+    ps, pr = PeakRSS(s.pid), PeakRSS(r.pid)
+    assert s.stdout is not None
+    s.stdout.close()
+    out, _ = r.communicate()
+    s.wait()
+    secs = time.perf_counter() - t
+    ps.done.set()
+    pr.done.set()
+    ps.join()
+    pr.join()
+    return json.loads(out), ps, pr, secs
+
+
+def bench_rss(work: Path) -> dict[str, Any]:
+    out = {}
+    for gib, data_every in ((2, 1), (8, 4)):
+        d = work / f"rss{gib}"
+        d.mkdir(exist_ok=True)
+        disk = d / "disk.img"
+        log(f"rss: {gib} GiB image ({'dense' if data_every == 1 else 'sparse: 1 MiB of data every 4 MiB'})")
+        rnd = random.Random(gib)
+        with open(disk, "wb") as f:
+            f.truncate(gib * GiB)
+            for off in range(0, gib * GiB, data_every * MiB):
+                f.seek(off)
+                f.write(rnd.randbytes(MiB))
+        subprocess.run(_agent("send", "--disk", str(disk), "--state", str(d / "st"), "--mode", "full",
+                              "--output", str(d / "full.stream")), check=True, stdout=subprocess.DEVNULL)
+        res = json.loads(subprocess.run(_agent("receive", "--replica", str(d / "rep.img"), "--meta", str(d / "meta"),
+                                               "--point", json.dumps({"id": "r@0", "created_at": datetime.now(UTC).isoformat()}),
+                                               "--input", str(d / "full.stream")), check=True, capture_output=True).stdout)
+        os.unlink(d / "full.stream")
+        gen = res["point"]["gen"]
+        changed = rewrite(disk, 0.01, seed=gib)
+        warm(disk)
+        got, ps, pr, secs = _cycle_rss(disk, d, gen, 1)
+        assert file_digest(str(disk)) == file_digest(str(d / "rep.img"))
+        out[f"{gib}GiB"] = {"sender_peak_rss_MiB": round(ps.rss / 1024, 1), "sender_peak_anon_MiB": round(ps.anon / 1024, 1),
+                            "receiver_peak_rss_MiB": round(pr.rss / 1024, 1), "receiver_peak_anon_MiB": round(pr.anon / 1024, 1),
+                            "cycle_s": round(secs, 2), "changed_bytes": changed}
+        log("rss", gib, out[f"{gib}GiB"])
+        shutil.rmtree(d)
+    return out
+
+
+def bench_crash(work: Path, trials: int = 50) -> dict[str, Any]:
+    log(f"crash: {trials} trials")
+    res = crash_trials(work / "crash", trials=trials, size=64 * MiB, seed=2026)
+    return {k: v for k, v in res.items() if k != "results"}
+
+
+def bench_sustained(work: Path, size: int, seconds: float = 60, every: float = 5, rate: float = 20e6) -> dict[str, Any]:
+    """Cycles every `every` s (over SSH loopback, through the linux fabric) while a writer rewrites
+    random 64 KiB blocks at `rate` bytes/s; achieved RPO = age of the newest point just before the
+    next one lands (the worst moment)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from sshd import running_sshd
+
+    from siterecovery.fabric import FabricContext
+    from siterecovery.fabric.base import Placement
+    from siterecovery.fabric.linux import LinuxFabric
+    from siterecovery.mapping import DiskPlacement
+    from siterecovery.model import Host, ReplicationPolicy
+
+    disk = work / "sustained.img"
+    log(f"sustained: {size // GiB} GiB, writes {rate / 1e6:.0f} MB/s, cycle every {every} s for {seconds} s")
+    random_image(disk, size, seed=9)
+    with running_sshd() as srv:
+        f = LinuxFabric(FabricContext(state_dir=work / "sustained-state", options={"python": sys.executable}))
+        p = Placement(vm="load", pairing="b", source=Host(name="src", site="a", fabric="linux", address="local",
+                                                          root=str(work / "s-src")),
+                      target=srv.host("dst", "b", root=str(work / "s-dst")),
+                      policy=ReplicationPolicy(name="5s", copy_frequency_seconds=5),
+                      disks=(DiskPlacement(disk="d", source_path=str(disk), target_location=None, classification=None),))
+        f.enable_replication(p)
+        f.start_initial_replication(p)
+        stop = threading.Event()
+        written = [0]
+
+        def writer() -> None:
+            rnd = random.Random(5)
+            n = size // BLOCK
+            fd = os.open(disk, os.O_RDWR)
+            t0 = time.perf_counter()
+            while not stop.is_set():
+                os.pwrite(fd, rnd.randbytes(BLOCK), rnd.randrange(n) * BLOCK)
+                written[0] += BLOCK
+                ahead = written[0] / rate - (time.perf_counter() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+            os.close(fd)
+
+        th = threading.Thread(target=writer, daemon=True)
+        th.start()
+        start = time.perf_counter()
+        cycles, rpos, lags = [], [], []
+        prev_capture = time.time()
+        next_at = start
+        while time.perf_counter() - start < seconds:
+            now = time.perf_counter()
+            if now < next_at:
+                time.sleep(next_at - now)
+            next_at += every
+            t0 = time.perf_counter()
+            r = f.replicate(p)
+            dt = time.perf_counter() - t0
+            landed = time.time()
+            assert r.point is not None
+            rpos.append(landed - prev_capture)  # the previous point's age just before this one landed
+            prev_capture = r.point.created_at.timestamp()
+            cycles.append(dt)
+            lags.append(max(0.0, time.perf_counter() - next_at))
+            if time.perf_counter() > next_at:
+                next_at = time.perf_counter()  # a cycle overran its slot: start the next at once
+        stop.set()
+        th.join()
+        elapsed = time.perf_counter() - start
+        h = f.replication_health(p)
+        f.close()
+    rpos_sorted = sorted(rpos)
+    return {"size": size, "seconds": round(elapsed, 1), "target_every_s": every,
+            "write_MBps": round(written[0] / elapsed / 1e6, 1), "cycles": len(cycles),
+            "cycle_s_mean": round(sum(cycles) / len(cycles), 2), "cycle_s_max": round(max(cycles), 2),
+            "rpo_s_p50": round(rpos_sorted[len(rpos) // 2], 2), "rpo_s_max": round(max(rpos), 2),
+            "missed_cycles": h.missed_cycles}
+
+
+def _ok(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def report(res: dict[str, Any]) -> str:
+    """docs/BENCHMARKS.md's replication section from a results file."""
+    m = res["machine"]
+    out = ["## Block replication engine (`bench/replica.py`)", "",
+           f"Command: `{res['command']}` (scratch on the same ext4 disk as everything else; no reflink).", "",
+           f"Machine: {m['nproc']} CPUs ({m['cpu']}), run {m['date']}, Python {m['python']}, {m['rsync']}.", "",
+           "```", m["free_h"], "```", ""]
+    if "local" in res:
+        lo = res["local"]
+        md = lo["median"]
+        out += ["### Local delta cycle: 2 GiB raw image, 1% of its 64 KiB blocks rewritten at random", "",
+                "Warm page cache for both tools, `sync` before each timed run; rsync is "
+                "`rsync --inplace --no-whole-file --ignore-times` (`--ignore-times` because the quick check "
+                "would otherwise skip a file rewritten within the same second). Three rounds, each with fresh changes.", "",
+                "| round | engine cycle (s) | rsync (s) | rsync / engine | changed bytes | engine bytes shipped | rsync bytes sent |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for i, r in enumerate(lo["runs"], 1):
+            out.append(f"| {i} | {r['engine_s']} | {r['rsync_s']} | {r['ratio']}x | {r['changed_bytes']:,} | "
+                       f"{r['engine_bytes']:,} (+{r['overhead_pct']}%) | {r['rsync_sent']:,} |")
+        worst = max(r["overhead_pct"] for r in lo["runs"])
+        out += ["", f"- median ratio {md['ratio']}x (target >= 5x: {_ok(md['ratio'] >= 5)}); bytes shipped = changed "
+                f"+ {worst}% at worst (target <= +2%: {_ok(worst <= 2)}).",
+                f"- the initial local full copy of the same image took {lo['initial_s']} s ({lo['initial_MBps']} MB/s).", ""]
+    if "ssh" in res:
+        ss = res["ssh"]
+        md = ss["median"]
+        out += ["### Over SSH on loopback (real OpenSSH sshd, paramiko exec channel, cipher "
+                f"`{ss['cipher']}`)", "",
+                f"- initial copy of 2 GiB of incompressible data, source local -> target over SSH: {ss['initial_s']} s = "
+                f"**{ss['initial_MBps']} MB/s** (target >= 200 MB/s: {_ok(ss['initial_MBps'] >= 200)}).",
+                f"- the same with both hosts remote (the orchestrator relays between two exec channels, four SSH "
+                f"crypto passes on one 2-CPU box): {ss['relay_initial_MBps']} MB/s.",
+                "- delta cycle, 1% of blocks rewritten, against `rsync --inplace --no-whole-file --ignore-times -e "
+                "'ssh -c aes128-gcm@openssh.com ...'` to the same sshd:", "",
+                "| round | engine cycle (s) | rsync -e ssh (s) | rsync / engine | engine bytes | rsync bytes sent |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for i, r in enumerate(ss["runs"], 1):
+            out.append(f"| {i} | {r['engine_s']} | {r['rsync_s']} | {r['ratio']}x | {r['engine_bytes']:,} | {r['rsync_sent']:,} |")
+        out += ["", f"- median ratio {md['ratio']}x (target >= 3x: {_ok(md['ratio'] >= 3)}).", ""]
+    if "rss" in res:
+        out += ["### Peak memory of a delta cycle (1% of blocks rewritten)", "",
+                "Sender and receiver as separate agent processes joined by a pipe.", "",
+                "| disk | sender peak RSS (anon) | receiver peak RSS (anon) | cycle (s) |", "| --- | --- | --- | --- |"]
+        for k, v in res["rss"].items():
+            out.append(f"| {k} | {v['sender_peak_rss_MiB']} MiB ({v['sender_peak_anon_MiB']} MiB) | "
+                       f"{v['receiver_peak_rss_MiB']} MiB ({v['receiver_peak_anon_MiB']} MiB) | {v['cycle_s']} |")
+        out += ["", "Sampled from /proc/<pid>/status every 2 ms. The 8 GiB image is sparse (1 MiB of data every 4 "
+                "MiB). The sender maps the disk 64 MiB at a time, so its RSS includes up to one window of clean, "
+                "shared page cache; RssAnon is the process's own memory.", ""]
+    if "crash" in res:
+        c = res["crash"]
+        out += ["### Crash trials: kill -9 of the apply at random moments", "",
+                f"{c['trials']} trials on a 64 MiB image, 25% of its blocks rewritten per cycle (a ~16 MiB apply, "
+                f"{c['apply_seconds']} s per receive including interpreter start-up). After every kill the replica's "
+                "checksum equalled a recovery point (the previous or the new one), matched its manifest, the next "
+                "cycle carried on, and every retained point still rebuilt exactly.", "",
+                f"- outcomes: {c['outcomes']}", f"- where the kill landed: {c['killed_in']}", ""]
+    if "sustained" in res:
+        su = res["sustained"]
+        out += ["### Sustained 5 s copy frequency under random writes", "",
+                f"2 GiB disk, a writer rewriting random 64 KiB blocks at {su['write_MBps']} MB/s, `LinuxFabric.replicate` "
+                f"every {su['target_every_s']} s for {su['seconds']} s, source local -> target over SSH loopback.", "",
+                f"- {su['cycles']} cycles, {su['missed_cycles']} missed; cycle time mean {su['cycle_s_mean']} s, max "
+                f"{su['cycle_s_max']} s.",
+                f"- achieved RPO (age of the newest point just before the next one lands): median {su['rpo_s_p50']} s, "
+                f"worst {su['rpo_s_max']} s.", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.replica")
+    ap.add_argument("what", nargs="?", default="all",
+                    choices=["local", "ssh", "rss", "crash", "sustained", "all", "report"])
+    ap.add_argument("--dir", default=None, help="scratch directory (needs ~8 GiB free)")
+    ap.add_argument("--size-gib", type=float, default=2)
+    ap.add_argument("--crash-trials", type=int, default=50)
+    ap.add_argument("--sustained-seconds", type=float, default=60)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "replica.json"))
+    a = ap.parse_args(argv)
+    if a.what == "report":
+        print(report(json.loads(Path(a.out).read_text())))
+        return 0
+    work = Path(a.dir or tempfile.mkdtemp(prefix="sr-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    size = int(a.size_gib * GiB)
+    res: dict[str, Any] = {"machine": machine(), "command": "python -m bench.replica " + " ".join(argv or sys.argv[1:])}
+    try:
+        if a.what in ("local", "all"):
+            res["local"] = bench_local(work, size)
+        if a.what in ("ssh", "all"):
+            res["ssh"] = bench_ssh(work, size)
+        if a.what in ("rss", "all"):
+            res["rss"] = bench_rss(work)
+        if a.what in ("crash", "all"):
+            res["crash"] = bench_crash(work, a.crash_trials)
+        if a.what in ("sustained", "all"):
+            res["sustained"] = bench_sustained(work, size, a.sustained_seconds)
+    finally:
+        if not a.dir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(res, indent=1))
+    if a.what == "all":
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

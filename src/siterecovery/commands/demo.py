@@ -1,0 +1,406 @@
+"""`siterecovery demo`: the embedded demo. It builds two sites on this machine (siterecovery.demo),
+protects the three-tier shop with the linux fabric, then drills, fails over and fails back through
+the recovery-plan flow in Prefect (ephemeral, or PREFECT_API_URL when set), approving the drill's
+manual action itself. Prefect and flows/ are imported inside the command only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from ..cli import app
+
+DEFAULT_STATE = Path(".siterecovery/demo")
+APPROVER = "siterecovery-demo"
+
+
+@dataclass
+class Phase:
+    name: str
+    status: str = "waiting"  # waiting | running | done | failed
+    detail: str = ""
+    started: float | None = None
+    ended: float | None = None
+
+    def seconds(self) -> str:
+        if self.started is None:
+            return ""
+        return f"{(self.ended or time.monotonic()) - self.started:5.1f}s"
+
+
+@dataclass
+class View:
+    """The short live progress view: one row per phase, the latest log line of the running one."""
+
+    phases: list[Phase]
+    current: Phase | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def begin(self, name: str, detail: str = "") -> Phase:
+        ph = next(p for p in self.phases if p.name == name)
+        with self.lock:
+            ph.status, ph.started, ph.detail = "running", time.monotonic(), detail
+            self.current = ph
+        return ph
+
+    def begin_bg(self, name: str, detail: str = "") -> None:
+        """A phase that runs alongside the others (Prefect's start-up)."""
+        ph = next(p for p in self.phases if p.name == name)
+        with self.lock:
+            ph.status, ph.started, ph.detail = "running", time.monotonic(), detail
+
+    def end_bg(self, name: str, detail: str, ok: bool = True) -> None:
+        ph = next(p for p in self.phases if p.name == name)
+        with self.lock:
+            ph.status, ph.ended, ph.detail = ("done" if ok else "failed"), time.monotonic(), detail
+
+    def note(self, detail: str) -> None:
+        with self.lock:
+            if self.current is not None:
+                self.current.detail = detail[:110]
+
+    def end(self, detail: str | None = None, ok: bool = True) -> None:
+        with self.lock:
+            if self.current is not None:
+                self.current.status, self.current.ended = ("done" if ok else "failed"), time.monotonic()
+                if detail is not None:
+                    self.current.detail = detail
+            self.current = None
+
+    def render(self) -> Table:
+        t = Table(show_header=False, box=None, padding=(0, 1))
+        mark = {"waiting": Text("·", "dim"), "running": Text("▶", "bold yellow"), "done": Text("✓", "bold green"),
+                "failed": Text("✗", "bold red")}
+        with self.lock:
+            for p in self.phases:
+                t.add_row(mark[p.status], Text(p.name, "bold" if p.status == "running" else ""), p.seconds(),
+                          Text(p.detail, "dim" if p.status != "running" else ""))
+        return t
+
+
+class _ToView(logging.Handler):
+    """Run-log lines of the flow and its tasks become the running phase's detail."""
+
+    def __init__(self, view: View) -> None:
+        super().__init__(logging.INFO)
+        self.view = view
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            msg = record.getMessage().splitlines()[0] if record.getMessage() else ""
+            if msg and not msg.startswith(("Finished in state", "Created task run", "Executing")):
+                self.view.note(msg)
+
+
+PHASES = ["prefect", "sites", "workload", "protect", "replicate", "1 drill (test failover)",
+          "2 planned failover", "3 failback", "tear down"]
+
+
+@app.command()
+def demo(
+    clean: Annotated[bool, typer.Option("--clean", help="stop anything a demo left and delete its state")] = False,
+    state: Annotated[Path, typer.Option("--state", help="the demo's state directory")] = DEFAULT_STATE,
+    local: Annotated[bool, typer.Option("--local", help="local transport even when sshd is installed")] = False,
+    cycles: Annotated[int, typer.Option("--cycles", min=1, max=20, help="delta cycles while the shop writes")] = 3,
+) -> None:
+    """Run the embedded demo: protect a real three-tier shop, drill, fail over and fail back on this machine."""
+    from .. import demo as core
+
+    state = state.resolve()
+    console = Console()
+    if clean:
+        core.clean(state)
+        console.print(f"removed {state}")
+        return
+    rc = _run(core, state, console, use_ssh=not local, cycles=cycles)
+    raise typer.Exit(rc)
+
+
+def _run(core: Any, state: Path, console: Console, use_ssh: bool, cycles: int) -> int:
+    checkout = core.checkout_root()
+    view = View([Phase(n) for n in PHASES])
+    estate = core.Estate(checkout=checkout, state=state, use_ssh=use_ssh)
+    summary: dict[str, Any] = {"state": str(state), "runs": [], "checks": {}}
+    t_all = time.monotonic()
+    ok = False
+    live = Live(get_renderable=lambda: Group(Text("siterecovery demo", "bold"), view.render()), console=console,
+                refresh_per_second=4, transient=False)
+    writer = None
+    prefect = _PrefectStart(estate, view, summary)
+    with live:
+        try:
+            # Prefect's start-up (an ephemeral server: 10-20 s) overlaps building the estate.
+            prefect.start()
+            view.begin("sites")
+            estate.start()
+            summary.update(port=estate.port, transport=estate.transport, project=str(estate.project_dir))
+            view.end(f"primary {core.SUBNET['primary']}.0/24, recovery {core.SUBNET['recovery']}.0/24, "
+                     f"isolated test {core.SUBNET['test']}.0/24; hosts over {estate.transport}")
+
+            view.begin("workload")
+            estate.start_workload()
+            writer = core.Writer(estate.url("primary"))
+            writer.start()
+            view.end(f"db, app, web up; shop at {estate.url('primary')}")
+
+            view.begin("protect", "initial replication")
+            res = estate.initial_replication()
+            view.end(f"3 VMs replicating to recovery-host; initial copy {sum(r.bytes_sent for r in res) / 1024:.0f} KiB sent")
+
+            view.begin("replicate")
+            last_start = time.time()
+            for i in range(cycles):
+                time.sleep(0.3)  # let the customers write between points
+                last_start = time.time()
+                res = estate.cycle()
+                view.note(f"cycle {i + 1}/{cycles}: {sum(r.bytes_sent for r in res)} bytes, point {res[0].point.id if res[0].point else '-'}")
+            before_point = writer.acked_before(last_start)
+            view.end(f"{cycles} app-consistent delta cycles (db frozen by tier.py) while {len(writer.acked)} orders were written")
+
+            prefect.join()
+            if prefect.error is not None:
+                raise prefect.error
+            rc = _through_prefect(core, estate, view, console, writer, before_point, summary)
+            ok = rc == 0
+        except Exception as exc:  # noqa: BLE001 - report any failure, then tear down regardless
+            view.end(f"{type(exc).__name__}: {exc}", ok=False)
+            summary["error"] = f"{type(exc).__name__}: {exc}"
+            logging.getLogger(__name__).exception("demo failed")
+        finally:
+            view.begin("tear down")
+            if writer is not None and writer.is_alive():
+                writer.stop()
+            estate.stop_workload()
+            estate.close()
+            _close_prefect()
+            left = core.processes_under(state / "sites") + core.processes_under(state / "sshd")
+            summary["checks"]["nothing_left_running"] = not left
+            ok = ok and not left
+            view.end("no VM, sshd or agent left running" if not left else f"still running: {left}", ok=not left)
+    summary["ok"] = ok
+    summary["seconds"] = round(time.monotonic() - t_all, 1)
+    (state / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    _print_summary(console, summary)
+    return 0 if ok else 1
+
+
+class _PrefectStart(threading.Thread):
+    """Imports Prefect and the flows and makes the first API call, which starts the ephemeral server
+    (or reaches PREFECT_API_URL): its cost is measured and shown."""
+
+    def __init__(self, estate: Any, view: View, summary: dict[str, Any]) -> None:
+        super().__init__(daemon=True, name="demo-prefect-start")
+        self.estate, self.view, self.summary = estate, view, summary
+        self.error: BaseException | None = None
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ["SITERECOVERY_STATE"] = str(estate.fabric_state)
+        if str(estate.checkout) not in sys.path:
+            sys.path.insert(0, str(estate.checkout))  # flows/ and tasks/ are imported from the checkout
+
+    def run(self) -> None:
+        self.view.begin_bg("prefect", "starting")
+        t0 = time.monotonic()
+        try:
+            from prefect.client.orchestration import get_client
+            from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+            import flows.recovery_plan  # noqa: F401 - imported once here, off the main thread's path
+
+            api = PREFECT_API_URL.value()
+            with get_client(sync_client=True) as client:
+                client.hello()
+            startup = time.monotonic() - t0
+            self.summary["prefect"] = {"mode": f"server {api}" if api else "ephemeral",
+                                       "startup_seconds": round(startup, 1), "home": str(PREFECT_HOME.value())}
+            self.view.end_bg("prefect", f"{'API ' + api if api else 'ephemeral server'} ready in {startup:.1f} s "
+                                        "(started alongside the estate)")
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+            self.view.end_bg("prefect", f"{type(exc).__name__}: {exc}", ok=False)
+
+
+def _through_prefect(core: Any, estate: Any, view: View, console: Console, writer: Any,
+                     before_point: list[str], summary: dict[str, Any]) -> int:
+    from flows.recovery_plan import PlanFailed, recovery_plan
+    from siterecovery.compile import RunOptions
+    from siterecovery.model import Direction, FailoverType
+
+    _quiet_console(view, estate.state / "demo.log")
+    def expect(items: list[str]) -> None:
+        (estate.state / "expected.json").write_text(json.dumps({"items": items}))
+
+    def run(phase: str, **kw: Any) -> dict[str, Any]:
+        view.begin(phase)
+        try:
+            out: dict[str, Any] = recovery_plan(plan=core.PLAN, project=str(estate.project_dir),
+                                                fabric_options=estate.fabric_options, **kw)
+        except PlanFailed as exc:
+            out = dict(getattr(exc, "summary", {}) or {"status": "failed", "failures": [str(exc)]})
+        summary["runs"].append({"phase": phase, **out})
+        done = out.get("status") == "succeeded"
+        view.end(f"{out.get('status')}: RPO {_s(out.get('achieved_rpo_seconds'))}, RTO {_s(out.get('achieved_rto_seconds'))}"
+                 + ("" if done else f"; {'; '.join(out.get('failures', []))[:200]}"), ok=done)
+        return out
+
+    checks = summary["checks"]
+    # 1. The drill: the shop starts on the isolated network from the latest point; the plan's script
+    #    checks every order written before that point; the demo signs off the manual action.
+    expect(before_point)
+    approver = _Approver(estate, console, writer, core)
+    approver.start()
+    try:
+        drill = run("1 drill (test failover)", failover_type=FailoverType.test)
+    finally:
+        approver.halt()
+    checks["drill_saw_orders_before_point"] = approver.test_orders >= len(before_point) > 0
+    left = core.drill_leftovers(estate.state, estate.port)
+    checks["drill_left_nothing"] = not left
+    checks["drill_left"] = left
+    if drill.get("status") != "succeeded" or left:
+        return 1
+
+    # 2. Planned failover: the customers stop, one last order goes in, the primary shuts down, its last
+    #    changes travel, the shop starts at the recovery site, which must hold that order.
+    writer.stop()
+    last = f"before-failover-{int(time.time())}"
+    core.http(estate.url("primary") + "/orders", {"item": last})
+    expect([i for _, i in writer.acked] + [last])
+    planned = run("2 planned failover", failover_type=FailoverType.planned, confirm=core.PLAN,
+                  options=RunOptions(reverse_replication=True))
+    if planned.get("status") != "succeeded":
+        return 1
+    at_recovery = core.orders(estate.url("recovery"))
+    checks["row_before_failover_at_recovery"] = last in at_recovery
+    checks["row_before_failover"] = last
+    checks["primary_down_after_failover"] = not core.answers(estate.url("primary"))
+    view.note(f"'{last}' read back at {estate.url('recovery')}")
+
+    # 3. Failback: an order taken at the recovery site must come home too.
+    back = f"at-recovery-{int(time.time())}"
+    core.http(estate.url("recovery") + "/orders", {"item": back})
+    expect([i for _, i in writer.acked] + [last, back])
+    failback = run("3 failback", failover_type=FailoverType.planned, direction=Direction.failback,
+                   confirm=core.PLAN, options=RunOptions(reverse_replication=True))
+    if failback.get("status") != "succeeded":
+        return 1
+    home = core.orders(estate.url("primary"))
+    checks["rows_home_after_failback"] = last in home and back in home
+    checks["recovery_down_after_failback"] = not core.answers(estate.url("recovery"))
+    ok = all(v for k, v in checks.items() if k not in ("drill_left", "row_before_failover"))
+    return 0 if ok else 1
+
+
+class _Approver(threading.Thread):
+    """Plays the application owner: when the drill pauses for 'drill-sign-off', it looks at the test
+    shop on the isolated network, prints how a person would answer in the UI, and approves."""
+
+    def __init__(self, estate: Any, console: Console, writer: Any, core: Any) -> None:
+        super().__init__(daemon=True, name="demo-approver")
+        self.estate, self.console, self.writer, self.core = estate, console, writer, core
+        self.halted = threading.Event()
+        self.test_orders = 0
+        self.resumed: list[str] = []
+
+    def halt(self) -> None:
+        self.halted.set()
+        self.join(10)
+
+    def run(self) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+        from prefect.client.schemas.objects import StateType
+        from prefect.flow_runs import resume_flow_run
+
+        paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+        with get_client(sync_client=True) as client:
+            while not self.halted.wait(0.5):
+                for fr in client.read_flow_runs(flow_run_filter=paused):
+                    if str(fr.id) in self.resumed:
+                        continue
+                    self.approve(fr, resume_flow_run)
+
+    def approve(self, fr: Any, resume: Any) -> None:
+        test_url, prod_url = self.estate.url("test"), self.estate.url("primary")
+        try:
+            n_test = len(self.core.orders(test_url))
+        except OSError:
+            n_test = 0
+        self.test_orders = n_test
+        n_prod = len(self.core.orders(prod_url))
+        comment = (f"test shop at {test_url} holds {n_test} orders (the recovery point); production at {prod_url} "
+                   f"went on to {n_prod}, untouched by the drill")
+        fid = str(fr.id)
+        self.console.print(
+            f"[bold]manual action[/] 'drill-sign-off' paused flow run [cyan]{fr.name}[/] ({fid}).\n"
+            f"  A person answers it in the Prefect UI: Runs → {fr.name} → Resume, and fills the form "
+            "(approved, approver, comment, ticket);\n"
+            f"  or from Python: resume_flow_run('{fid}', run_input={{'approved': True, 'approver': 'you'}}).\n"
+            f"  The demo approves as {APPROVER}: {comment}")
+        resume(fr.id, run_input={"approved": True, "approver": APPROVER, "comment": comment, "ticket": "DEMO-1"})
+        self.resumed.append(fid)
+
+
+def _quiet_console(view: View, log_path: Path) -> None:
+    """Prefect's console handler would scroll the view away: warnings only there, everything in the
+    demo log, and the run-log lines as the view's detail."""
+    root = logging.getLogger()
+    for h in root.handlers:
+        if type(h).__name__ == "PrefectConsoleHandler":
+            h.setLevel(logging.WARNING)
+    fh = logging.FileHandler(log_path)
+    fh.setLevel(logging.INFO)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(fh)
+    root.addHandler(_ToView(view))
+
+
+def _close_prefect() -> None:
+    """Close cached fabric drivers (their SSH sessions) before the sshd stops; the ephemeral server
+    stops with this process."""
+    mod = sys.modules.get("tasks.fabric")
+    if mod is not None:
+        mod.close_all()
+
+
+def _s(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.1f} s"
+
+
+def _print_summary(console: Console, s: dict[str, Any]) -> None:
+    console.print()
+    t = Table(title="runs", title_justify="left")
+    for col in ("run", "status", "achieved RPO", "achieved RTO", "waiting for people", "took"):
+        t.add_column(col)
+    for r in s["runs"]:
+        t.add_row(r["phase"], r.get("status", "?"), _s(r.get("achieved_rpo_seconds")), _s(r.get("achieved_rto_seconds")),
+                  _s(r.get("people_seconds")), _s(r.get("seconds")))
+    console.print(t)
+    for r in s["runs"]:
+        if r.get("report"):
+            console.print(f"  report {r['phase']}: {r['report']}", soft_wrap=True)
+    for k, v in s["checks"].items():
+        if isinstance(v, bool):
+            console.print(f"  {'[green]✓[/]' if v else '[red]✗[/]'} {k.replace('_', ' ')}")
+    p = s.get("prefect")
+    if p:
+        console.print(f"Prefect: {p['mode']} (ready in {p['startup_seconds']} s). Artifacts 'drill-shop' and "
+                      f"'failover-shop' (report per run) are in the database under {p['home']}: "
+                      "see them with `prefect server start` → Artifacts, or `prefect artifact ls`.")
+    console.print(f"summary: {s['state']}/summary.json   log: {s['state']}/demo.log", soft_wrap=True)
+    if s.get("error"):
+        console.print(f"[red]error:[/] {s['error']}")
+    console.print(f"[bold {'green' if s['ok'] else 'red'}]demo {'passed' if s['ok'] else 'FAILED'}[/] in {s['seconds']} s")

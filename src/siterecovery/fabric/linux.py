@@ -1,0 +1,844 @@
+"""The linux fabric: file-backed VMs on Linux hosts (local or over SSH), replicated by the built-in engine.
+
+Data (replica images, manifests, undo logs, test copies, pid files and logs) lives under each host's
+`root`; the VM's replication state machine lives in a JSON file under the context's state_dir, guarded
+by a lock, so flows in other processes see one estate. Semantics follow memory.py: idempotent
+operations answer changed=False, a state that forbids an operation raises InvalidStateError.
+Compute backends: `process` (a detached command with a pid file and log) and `libvirt` (virsh).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from .. import ssh
+from ..errors import (
+    ExecutionError,
+    FabricError,
+    InvalidStateError,
+    NotFoundError,
+    TransientFabricError,
+)
+from ..model import Host
+from ..render import render_args
+from ..replica.engine import ReplicaError
+from ..replica.transport import Endpoint, LocalEndpoint, SSHEndpoint, transfer
+from . import FabricContext
+from .base import (
+    LATEST,
+    Consistency,
+    Health,
+    OpResult,
+    Placement,
+    PointChoice,
+    Progress,
+    RecoveryPoint,
+    ReplicationHealth,
+    ReplicationMode,
+    ReplicationState,
+    Side,
+    result,
+    utcnow,
+)
+
+S = ReplicationState
+
+_CODES: dict[str, type[FabricError]] = {
+    "ManifestMismatch": InvalidStateError, "NoReplica": InvalidStateError, "NoSuchPoint": NotFoundError,
+    "CorruptTransfer": TransientFabricError,
+}
+_HINTS = {
+    "ManifestMismatch": "resynchronize the VM (siterecovery resync); only differing blocks travel",
+    "NoReplica": "run the initial replication first",
+    "NoSuchPoint": "list recovery points and choose another",
+    "CorruptTransfer": "the transfer was refused and nothing was applied; retry the cycle",
+    "quiesceFailed": "check the VM's quiesce command, or take a crash-consistent point",
+    "freezeFailed": "check the VM's freeze command on the source host",
+    "StartFailed": "read the VM's log under the host root (run/*.log)",
+}
+
+
+@dataclass
+class _VM:
+    primary: str
+    replica: str
+    state: str = S.ReadyForInitialReplication.value
+    paths: dict[str, dict[str, str]] = field(default_factory=dict)  # disk -> host -> image path
+    running: list[str] = field(default_factory=list)
+    test_active: bool = False
+    test_point: str | None = None
+    failover_point: str | None = None
+    last_replication: str | None = None
+    last_app_point: str | None = None
+    cycles_ok: int = 0
+    cycles_missed: int = 0
+    resync_required: bool = False
+    network_applied: bool = False
+    pending_bytes: int = 0
+    gens: dict[str, str] = field(default_factory=dict)  # disk -> generation the replica holds (a cache)
+    seq: int = 0
+    last_error: str = ""
+
+
+class LinuxFabric:
+    kind = "linux"
+
+    def __init__(self, context: FabricContext | None = None) -> None:
+        self.context = context or FabricContext()
+        self.opts = self.context.options
+        self.root = Path(self.context.state_dir) / "linux"
+        self._clients: dict[str, paramiko.SSHClient] = {}
+        self._lock = threading.RLock()
+
+    # ---- plumbing ----------------------------------------------------------------------------
+    def _is_local(self, host: Host) -> bool:
+        return host.address == "local" or host.name in set(self.opts.get("local_hosts", ()))
+
+    def host_root(self, host: Host) -> str:
+        return host.root or str((self.root / "sites" / host.site).absolute())
+
+    def _python(self, host: Host) -> str:
+        py = self.opts.get("python", "python3")
+        return str(py.get(host.name, "python3") if isinstance(py, dict) else py)
+
+    def _client(self, host: Host) -> paramiko.SSHClient:
+        with self._lock:
+            c = self._clients.get(host.name)
+            t = c.get_transport() if c else None
+            if c is None or t is None or not t.is_active():
+                c = ssh.connect(host, self.context.secrets, timeout=float(self.opts.get("ssh_timeout", 15)))
+                self._clients[host.name] = c
+            return c
+
+    def _ep(self, host: Host) -> Endpoint:
+        if self._is_local(host):
+            return LocalEndpoint(name=host.name)
+        return SSHEndpoint(name=host.name, client=self._client(host), python=self._python(host))
+
+    def _sh(self, host: Host, argv: list[str], stdin: bytes | None = None, timeout: float = 120) -> tuple[int, str, str]:
+        """Run argv at a host (no shell locally; quoted through sh_join remotely)."""
+        if self._is_local(host):
+            try:
+                r = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout, check=False)
+            except FileNotFoundError:
+                return 127, "", f"{argv[0]}: not found"
+            return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+        rc, out, err = ssh.run(self._client(host), argv, stdin=stdin, timeout=timeout)
+        return rc, out.decode(errors="replace"), err.decode(errors="replace")
+
+    @contextlib.contextmanager
+    def _errors(self, p: Placement, operation: str, host: Host) -> Iterator[None]:
+        """Translate engine and transport failures into the project's errors at the driver edge."""
+        try:
+            yield
+        except ExecutionError:
+            raise
+        except ReplicaError as exc:
+            cls = _CODES.get(exc.code, FabricError)
+            raise cls(str(exc), vm=p.vm, host=host.name, operation=operation, error_id=exc.code,
+                      hint=_HINTS.get(exc.code, "read the message; fix the cause and re-run the operation")) from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise TransientFabricError(f"{type(exc).__name__}: {exc}", vm=p.vm, host=host.name, operation=operation,
+                                       hint="the connection or a file operation failed; retry") from None
+
+    # ---- VM state ----------------------------------------------------------------------------
+    def _state_path(self, vm: str) -> Path:
+        return self.root / "vms" / f"{vm}.json"
+
+    @contextlib.contextmanager
+    def _vm(self, p: Placement) -> Iterator[list[_VM | None]]:
+        """The VM's record under an exclusive lock; whatever the block leaves in box[0] is saved."""
+        path = self._state_path(p.vm)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(path.with_suffix(".lock"), "a+") as lf:
+            fcntl.flock(lf, fcntl.LOCK_EX)
+            try:
+                raw = json.loads(path.read_text()) if path.exists() else None
+                box: list[_VM | None] = [_VM(**raw) if raw else None]
+                try:
+                    yield box
+                finally:
+                    vm = box[0]
+                    if vm is None:
+                        with contextlib.suppress(FileNotFoundError):
+                            path.unlink()
+                    else:
+                        tmp = path.with_suffix(".tmp")
+                        tmp.write_text(json.dumps(asdict(vm)))
+                        tmp.replace(path)
+            finally:
+                fcntl.flock(lf, fcntl.LOCK_UN)
+
+    def _need(self, vm: _VM | None, p: Placement, operation: str, *allowed: S) -> _VM:
+        if vm is None:
+            raise NotFoundError("replication is not enabled for this VM", vm=p.vm, operation=operation,
+                                host=p.source.name, hint="enable protection first (siterecovery protect)",
+                                error_id="ObjectNotFound")
+        if vm.primary != p.source.name or vm.replica != p.target.name:
+            raise InvalidStateError(
+                f"replication runs {vm.primary} -> {vm.replica}, not {p.source.name} -> {p.target.name}",
+                vm=p.vm, operation=operation, host=p.target.name, error_id="InvalidState",
+                hint="check the direction: failback needs reverse replication first")
+        if allowed and vm.state not in {a.value for a in allowed}:
+            raise InvalidStateError(
+                f"state {vm.state} does not allow {operation} (needs {' or '.join(a.value for a in allowed)})",
+                vm=p.vm, operation=operation, host=p.target.name, error_id="InvalidState",
+                hint="read replication health and bring the VM to a valid state first")
+        return vm
+
+    # ---- paths on hosts ----------------------------------------------------------------------
+    def _vm_dir(self, host: Host, vm: str) -> str:
+        return os.path.join(self.host_root(host), vm)
+
+    def _meta(self, host: Host, vm: str, disk: str) -> str:
+        return os.path.join(self._vm_dir(host, vm), "meta", disk)
+
+    def _src_state(self, host: Host, vm: str, disk: str) -> str:
+        return os.path.join(self._vm_dir(host, vm), "source", disk)
+
+    def _test_image(self, host: Host, vm: str, disk: str) -> str:
+        return os.path.join(self._vm_dir(host, vm), "test", f"{disk}.img")
+
+    def _replica_image(self, p: Placement, disk: str, location: str | None) -> str:
+        if location:
+            return os.path.join(location, p.vm, f"{disk}.img")
+        return os.path.join(self._vm_dir(p.target, p.vm), "replica", f"{disk}.img")
+
+    def _rep_args(self, vm: _VM, p: Placement, disk: str, host: Host) -> list[str]:
+        return ["--replica", vm.paths[disk][host.name], "--meta", self._meta(host, p.vm, disk)]
+
+    # ---- protection --------------------------------------------------------------------------
+    def enable_replication(self, p: Placement) -> OpResult:
+        t0 = utcnow()
+        with self._vm(p) as box, self._errors(p, "enable_replication", p.source):
+            vm = box[0]
+            if vm is not None and vm.state != S.Disabled.value:
+                return result(p, "enable_replication", False, S(vm.state), "already enabled", t0, host=p.source.name)
+            if not p.disks:
+                raise InvalidStateError("the VM has no disks to replicate", vm=p.vm, host=p.source.name,
+                                        operation="enable_replication", hint="declare the VM's disks in the topology")
+            src = self._ep(p.source)
+            for d in p.disks:
+                if not src.call(["exists", "--path", d.source_path])["exists"]:
+                    raise NotFoundError(f"disk {d.disk} not found at {d.source_path}", vm=p.vm, host=p.source.name,
+                                        operation="enable_replication", hint="check the disk path in the topology")
+            paths = {d.disk: {p.source.name: d.source_path, p.target.name: self._replica_image(p, d.disk, d.target_location)}
+                     for d in p.disks}
+            box[0] = _VM(primary=p.source.name, replica=p.target.name, paths=paths, running=[p.source.name])
+            return result(p, "enable_replication", True, S.ReadyForInitialReplication, "replication enabled", t0,
+                          host=p.source.name)
+
+    def _new_point(self, vm: _VM, p: Placement, consistency: str, when: datetime) -> dict[str, Any]:
+        vm.seq += 1
+        return {"id": f"{p.vm}@{vm.seq}", "created_at": when.isoformat(), "consistency": consistency}
+
+    def _view_args(self, p: Placement, consistency: str, vm: _VM | None = None, disk: str | None = None) -> list[str]:
+        c = p.compute
+        # freeze/thaw/quiesce are rendered like compute.command (disk: the disk being read, at the source
+        # host), since after reverse replication the VM's disks live elsewhere; plain argv is unchanged.
+        ctx: dict[str, Any] = {"vm": p.vm, "site": p.source.site, "host": p.source.name, "disks": [], "disk": ""}
+        if vm is not None:
+            ctx["disks"] = [vm.paths[d][p.source.name] for d in self._disks(vm)]
+            ctx["disk"] = vm.paths[disk][p.source.name] if disk else (ctx["disks"] or [""])[0]
+
+        def argv(a: tuple[str, ...]) -> str:
+            return json.dumps(render_args(a, ctx))
+
+        args = ["--freeze", argv(c.freeze if c else ()), "--thaw", argv(c.thaw if c else ())]
+        if consistency == "app":
+            args += ["--quiesce", argv(p.quiesce)]
+        if not p.policy.compression:
+            args.append("--no-compress")
+        return args
+
+    def _retention(self, p: Placement) -> list[str]:
+        return ["--retention-hours", str(p.policy.recovery_history_hours)]
+
+    def _ship(self, vm: _VM, p: Placement, disk: str, point: dict[str, Any], consistency: str,
+              progress: Progress | None, mode: str) -> dict[str, Any]:
+        """One disk's cycle: 'full' copy, 'delta', or 'resync' (block compare against the replica's disk)."""
+        src, dst = self._ep(p.source), self._ep(p.target)
+        rep = self._rep_args(vm, p, disk, p.target)
+        state = self._src_state(p.source, p.vm, disk)
+        send = ["send", "--disk", vm.paths[disk][p.source.name], "--state", state,
+                *self._view_args(p, consistency, vm, disk)]
+        recv = ["receive", *rep, "--point", json.dumps(point), *self._retention(p)]
+        prefix = b""
+        info: dict[str, Any] = {}
+        if mode == "delta":
+            # The generation the replica holds is cached from the last cycle, so a cycle is just the
+            # two agents; the replica refuses a stale generation or a disk changed behind its back.
+            gen = vm.gens.get(disk)
+            if gen is None:
+                st = dst.call(["status", *rep])
+                if not st["initialized"]:
+                    raise ReplicaError("there is no replica to apply a delta to", code="NoReplica")
+                gen = st["gen"]
+            try:
+                sent, got = transfer(src, [*send, "--mode", "delta", "--expect-gen", gen], dst, recv, progress)
+                vm.gens[disk] = got["point"]["gen"]
+                return {**sent, **got, "mode": "delta"}
+            except ReplicaError as exc:
+                vm.gens.pop(disk, None)
+                if exc.code != "ManifestMismatch":
+                    raise
+                mode, info["resync_reason"] = "resync", str(exc).split(": ", 1)[-1]
+        if mode == "resync":
+            if dst.call(["exists", "--path", vm.paths[disk][p.target.name]])["exists"]:
+                dst.call(["rehash", *rep])
+                blob = dst.raw(["manifest", *rep])
+                n = int.from_bytes(blob[:8], "little")
+                prefix = blob[:8 + n]
+                send += ["--mode", "base"]
+            else:
+                mode = "full"
+        if mode == "full":
+            send += ["--mode", "full"]
+        sent, got = transfer(src, send, dst, recv, progress, prefix=prefix)
+        vm.gens[disk] = got["point"]["gen"]
+        # The source promotes its pending manifest when the next cycle names this generation.
+        return {**sent, **got, **info, "mode": mode}
+
+    def _cycle(self, vm: _VM, p: Placement, consistency: str, progress: Progress | None, mode: str,
+               operation: str) -> tuple[dict[str, Any], int, list[str]]:
+        """Ship every disk as one recovery point; (point, bytes, notes)."""
+        t0 = utcnow()
+        point = self._new_point(vm, p, consistency, t0)
+        total, notes = 0, []
+        try:
+            for d in p.disks:
+                out = self._ship(vm, p, d.disk, point, consistency, progress, mode)
+                total += int(out.get("bytes", 0))
+                if out.get("resync_reason"):
+                    notes.append(f"{d.disk}: resynchronized ({out['resync_reason']})")
+        except BaseException:
+            vm.cycles_missed += 1
+            raise
+        vm.cycles_ok += 1
+        vm.pending_bytes = 0
+        vm.resync_required = False
+        vm.last_replication = point["created_at"]
+        if consistency == "app":
+            vm.last_app_point = point["created_at"]
+        return point, total, notes
+
+    def start_initial_replication(self, p: Placement, progress: Progress | None = None) -> OpResult:
+        t0 = utcnow()
+        op = "start_initial_replication"
+        with self._vm(p) as box, self._errors(p, op, p.target):
+            vm = self._need(box[0], p, op)
+            if vm.state == S.Replicating.value:
+                return result(p, op, False, S.Replicating, "initial replication already done", t0)
+            self._need(vm, p, op, S.ReadyForInitialReplication, S.InitialReplicationInProgress)
+            method = p.policy.initial_replication.method
+            if method == "offline":
+                return self._offline(vm, p, progress, t0)
+            vm.state = S.InitialReplicationInProgress.value
+            point, sent, notes = self._cycle(vm, p, "crash", progress, "resync" if method == "existing_replica" else "full", op)
+            vm.state = S.Replicating.value
+            return result(p, op, True, S.Replicating, f"initial copy complete ({method})", t0,
+                          point=self._rp(p, point), bytes_sent=sent, details={"method": method})
+
+    def _offline(self, vm: _VM, p: Placement, progress: Progress | None, t0: datetime) -> OpResult:
+        """Export at the source into export_path, import at the target from import_path. When the
+        import files are not there yet (they travel by other means), the export is kept and the
+        next call imports."""
+        ir = p.policy.initial_replication
+        assert ir.method == "offline"
+        src, dst = self._ep(p.source), self._ep(p.target)
+        exported = vm.state == S.InitialReplicationInProgress.value
+        if not exported:
+            point = self._new_point(vm, p, "crash", t0)
+            gens = {}
+            for d in p.disks:
+                out = src.call(["send", "--disk", vm.paths[d.disk][p.source.name],
+                                "--state", self._src_state(p.source, p.vm, d.disk), "--mode", "full",
+                                "--output", os.path.join(ir.export_path, p.vm, f"{d.disk}.srstream"),
+                                *self._view_args(p, "crash", vm, d.disk)])
+                gens[d.disk] = out["gen"]
+            vm.state = S.InitialReplicationInProgress.value
+            vm.paths["_offline"] = {"point": json.dumps(point), **gens}
+        missing = [d.disk for d in p.disks
+                   if not dst.call(["exists", "--path", os.path.join(ir.import_path, p.vm, f"{d.disk}.srstream")])["exists"]]
+        if missing:
+            return result(p, "start_initial_replication", bool(not exported), S.InitialReplicationInProgress,
+                          f"exported to {ir.export_path}; copy it to {ir.import_path} at the target site and run "
+                          "the initial replication again to import", t0, details={"missing": ", ".join(missing)})
+        point = json.loads(vm.paths["_offline"]["point"])
+        for d in p.disks:
+            dst.call(["receive", *self._rep_args(vm, p, d.disk, p.target), "--point", json.dumps(point),
+                      *self._retention(p), "--input", os.path.join(ir.import_path, p.vm, f"{d.disk}.srstream")])
+            src.call(["source-commit", "--state", self._src_state(p.source, p.vm, d.disk),
+                      "--gen", vm.paths["_offline"][d.disk]])
+        del vm.paths["_offline"]
+        vm.state = S.Replicating.value
+        vm.cycles_ok += 1
+        vm.last_replication = point["created_at"]
+        return result(p, "start_initial_replication", True, S.Replicating, f"imported from {ir.import_path}", t0,
+                      point=self._rp(p, point), details={"method": "offline"})
+
+    def replicate(self, p: Placement, consistency: Consistency = "crash", progress: Progress | None = None) -> OpResult:
+        t0 = utcnow()
+        with self._vm(p) as box, self._errors(p, "replicate", p.source):
+            vm = self._need(box[0], p, "replicate", S.Replicating)
+            mode = "resync" if vm.resync_required else "delta"
+            try:
+                point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate")
+            except ReplicaError as exc:
+                vm.last_error = str(exc)[:300]
+                raise
+            msg = "resynchronized" if mode == "resync" else "delta cycle complete"
+            return result(p, "replicate", True, S.Replicating, "; ".join([msg, *notes]), t0,
+                          point=self._rp(p, point), bytes_sent=sent, details={"consistency": consistency})
+
+    def resynchronize(self, p: Placement, progress: Progress | None = None) -> OpResult:
+        t0 = utcnow()
+        with self._vm(p) as box, self._errors(p, "resynchronize", p.source):
+            vm = self._need(box[0], p, "resynchronize", S.Replicating, S.WaitingForStartResynchronize, S.Suspended, S.Error)
+            needed = vm.resync_required or vm.state != S.Replicating.value or not all(
+                self._ep(p.target).call(["status", *self._rep_args(vm, p, d.disk, p.target)])["disk_matches"]
+                for d in p.disks)
+            if not needed:
+                return result(p, "resynchronize", False, S.Replicating, "no resynchronization needed", t0)
+            vm.state = S.Resynchronizing.value
+            point, sent, _ = self._cycle(vm, p, "crash", progress, "resync", "resynchronize")
+            vm.state = S.Replicating.value
+            return result(p, "resynchronize", True, S.Replicating, "resynchronized (only differing blocks sent)", t0,
+                          point=self._rp(p, point), bytes_sent=sent)
+
+    def mark_resync_required(self, p: Placement) -> None:
+        with self._vm(p) as box:
+            vm = self._need(box[0], p, "mark_resync_required")
+            vm.resync_required = True
+            vm.state = S.WaitingForStartResynchronize.value
+
+    def suspend(self, p: Placement) -> OpResult:
+        t0 = utcnow()
+        with self._vm(p) as box:
+            vm = self._need(box[0], p, "suspend")
+            if vm.state == S.Suspended.value:
+                return result(p, "suspend", False, S.Suspended, "already suspended", t0)
+            self._need(vm, p, "suspend", S.Replicating, S.Resynchronizing, S.InitialReplicationInProgress)
+            vm.state = S.Suspended.value
+            return result(p, "suspend", True, S.Suspended, "replication suspended", t0)
+
+    def resume(self, p: Placement) -> OpResult:
+        t0 = utcnow()
+        with self._vm(p) as box:
+            vm = self._need(box[0], p, "resume")
+            if vm.state == S.Replicating.value:
+                return result(p, "resume", False, S.Replicating, "already replicating", t0)
+            self._need(vm, p, "resume", S.Suspended, S.Error, S.WaitingForStartResynchronize)
+            vm.state = S.Replicating.value
+            return result(p, "resume", True, S.Replicating, "replication resumed", t0)
+
+    def disable_replication(self, p: Placement, delete_replica: bool = False) -> OpResult:
+        t0 = utcnow()
+        with self._vm(p) as box, self._errors(p, "disable_replication", p.source):
+            vm = box[0]
+            if vm is None:
+                return result(p, "disable_replication", False, S.Disabled, "replication is not enabled", t0)
+            self._need(vm, p, "disable_replication")
+            if vm.test_active:
+                self._cleanup_test(vm, p)
+            src_host = p.source
+            self._ep(src_host).call(["remove", os.path.join(self._vm_dir(src_host, p.vm), "source")])
+            if delete_replica:
+                paths = [os.path.join(self._vm_dir(p.target, p.vm), "meta")] + [
+                    vm.paths[d][p.target.name] for d in vm.paths if p.target.name in vm.paths[d]]
+                self._ep(p.target).call(["remove", *paths])
+            box[0] = None
+            return result(p, "disable_replication", True, S.Disabled,
+                          "replication disabled" + ("; replica deleted" if delete_replica else ""), t0)
+
+    def _disk_status(self, vm: _VM, p: Placement) -> list[dict[str, Any]]:
+        dst = self._ep(p.target)
+        return [dst.call(["status", *self._rep_args(vm, p, d, p.target)]) for d in self._disks(vm)]
+
+    @staticmethod
+    def _disks(vm: _VM) -> list[str]:
+        return [d for d in vm.paths if not d.startswith("_")]
+
+    def replication_health(self, p: Placement) -> ReplicationHealth:
+        with self._vm(p) as box, self._errors(p, "replication_health", p.target):
+            vm = box[0]
+            if vm is None:
+                return ReplicationHealth(vm=p.vm, state=S.Disabled, health=Health.NotApplicable, mode=ReplicationMode.None_)
+            last = datetime.fromisoformat(vm.last_replication) if vm.last_replication else None
+            rpo = (utcnow() - last).total_seconds() if last else None
+            resync = vm.resync_required
+            details = ""
+            if vm.state in (S.Replicating.value, S.Suspended.value) and vm.primary == p.source.name:
+                try:
+                    if not all(s["disk_matches"] for s in self._disk_status(vm, p)):
+                        resync, details = True, "a replica disk does not match its manifest"
+                except ExecutionError as exc:
+                    details = f"replica unreachable: {exc.message}"
+            health = Health.Normal
+            if resync:
+                health, details = Health.Critical, details or f"Resynchronization is required for {p.vm}."
+            elif vm.state in (S.Error.value, S.Suspended.value):
+                health = Health.Critical if vm.state == S.Error.value else Health.Warning
+            elif rpo is not None and rpo > p.policy.rpo_threshold:
+                health, details = Health.Warning, f"last replication {int(rpo)} s ago"
+            elif vm.state == S.FailedOver.value:
+                health, details = Health.Warning, "failed over: reverse replication to protect it again"
+            if vm.last_error and not details:
+                details = vm.last_error
+            return ReplicationHealth(vm=p.vm, state=S(vm.state), health=health, mode=ReplicationMode.Primary,
+                                     primary_host=vm.primary, replica_host=vm.replica, last_replication_time=last,
+                                     pending_bytes=vm.pending_bytes, successful_cycles=vm.cycles_ok,
+                                     missed_cycles=vm.cycles_missed, current_rpo_seconds=rpo, resync_required=resync,
+                                     test_failover_active=vm.test_active, details=details)
+
+    def _points(self, vm: _VM, p: Placement) -> list[tuple[RecoveryPoint, dict[str, int]]]:
+        """Points every disk holds (a cycle that failed on one disk is no point), with each disk's seq."""
+        by_id: dict[str, dict[str, Any]] = {}
+        seqs: dict[str, dict[str, int]] = {}
+        disks = self._disks(vm)
+        for d, st in zip(disks, self._disk_status(vm, p), strict=True):
+            for pt in st["points"]:
+                by_id.setdefault(pt["id"], pt)
+                seqs.setdefault(pt["id"], {})[d] = pt["seq"]
+        out = []
+        for pid, pt in by_id.items():
+            if len(seqs[pid]) == len(disks):
+                out.append((self._rp(p, pt), seqs[pid]))
+        return sorted(out, key=lambda x: x[0].created_at)
+
+    def _rp(self, p: Placement, pt: dict[str, Any]) -> RecoveryPoint:
+        return RecoveryPoint(id=pt["id"], vm=p.vm, created_at=datetime.fromisoformat(pt["created_at"]),
+                             consistency=pt.get("consistency", "crash"), size_bytes=pt.get("size"))
+
+    def recovery_points(self, p: Placement) -> tuple[RecoveryPoint, ...]:
+        with self._vm(p) as box, self._errors(p, "recovery_points", p.target):
+            vm = self._need(box[0], p, "recovery_points")
+            return tuple(rp for rp, _ in self._points(vm, p))
+
+    # ---- failover ----------------------------------------------------------------------------
+    def _pick(self, vm: _VM, p: Placement, point: PointChoice, operation: str) -> tuple[RecoveryPoint, dict[str, int], bool]:
+        pts = self._points(vm, p)
+        chosen = point.choose([rp for rp, _ in pts])
+        if chosen is None:
+            raise NotFoundError(f"no recovery point matches {point.kind}" + (f" at {point.at}" if point.at else ""),
+                                vm=p.vm, host=p.target.name, operation=operation,
+                                hint="list recovery points and choose another", error_id="VMFailover_InvalidSnapshot")
+        seqs = next(s for rp, s in pts if rp.id == chosen.id)
+        return chosen, seqs, chosen.id == pts[-1][0].id
+
+    def test_failover(self, p: Placement, point: PointChoice = LATEST, network: str | None = None) -> OpResult:
+        t0 = utcnow()
+        with self._vm(p) as box, self._errors(p, "test_failover", p.target):
+            vm = self._need(box[0], p, "test_failover")
+            if vm.test_active:
+                return result(p, "test_failover", False, S(vm.state), "test failover already running", t0)
+            self._need(vm, p, "test_failover", S.Replicating, S.Suspended)
+            rp, seqs, _ = self._pick(vm, p, point, "test_failover")
+            dst = self._ep(p.target)
+            copies = []
+            for d in self._disks(vm):
+                out = dst.call(["rebuild", *self._rep_args(vm, p, d, p.target), "--seq", str(seqs[d]),
+                                "--dest", self._test_image(p.target, p.vm, d)])
+                copies.append(out["copy"])
+            vm.test_active, vm.test_point = True, rp.id
+            net = network or p.test_network
+            msg = f"test VM created from {rp.id} ({', '.join(sorted(set(copies)))})"
+            if p.compute is not None:
+                self._start(vm, p, p.target, test=True, network=net)
+                vm.running.append(f"{p.target.name}#test")
+                msg += f", started on {net or 'no network'}"
+            return result(p, "test_failover", True, S(vm.state), msg, t0, point=rp, details={"network": net})
+
+    def _cleanup_test(self, vm: _VM, p: Placement) -> None:
+        if p.compute is not None:
+            self._stop(vm, p, p.target, test=True)
+        self._ep(p.target).call(["remove", os.path.join(self._vm_dir(p.target, p.vm), "test")])
+        vm.running = [h for h in vm.running if h != f"{p.target.name}#test"]
+        vm.test_active, vm.test_point = False, None
+
+    def cleanup_test_failover(self, p: Placement) -> OpResult:
+        t0 = utcnow()
+        with self._vm(p) as box, self._errors(p, "cleanup_test_failover", p.target):
+            vm = self._need(box[0], p, "cleanup_test_failover")
+            if not vm.test_active:
+                return result(p, "cleanup_test_failover", False, S(vm.state), "no test failover to clean up", t0)
+            self._cleanup_test(vm, p)
+            return result(p, "cleanup_test_failover", True, S(vm.state), "test VM stopped and its disks deleted", t0)
+
+    def prepare_planned_failover(self, p: Placement) -> OpResult:
+        t0 = utcnow()
+        op = "prepare_planned_failover"
+        with self._vm(p) as box, self._errors(p, op, p.source):
+            vm = self._need(box[0], p, op)
+            if vm.state in (S.PreparedForFailover.value, S.FailedOverWaitingCompletion.value, S.FailedOver.value):
+                return result(p, op, False, S(vm.state), "already prepared", t0)
+            self._need(vm, p, op, S.Replicating)
+            if p.compute is not None:
+                self._stop(vm, p, p.source, test=False)
+            vm.running = [h for h in vm.running if h != p.source.name]
+            point, sent, _ = self._cycle(vm, p, "crash", None, "resync" if vm.resync_required else "delta", op)
+            vm.state = S.PreparedForFailover.value
+            return result(p, op, True, S.PreparedForFailover, "source shut down, pending changes sent", t0,
+                          point=self._rp(p, point), bytes_sent=sent)
+
+    def failover(self, p: Placement, point: PointChoice = LATEST) -> OpResult:
+        t0 = utcnow()
+        with self._vm(p) as box, self._errors(p, "failover", p.target):
+            vm = self._need(box[0], p, "failover")
+            if vm.state in (S.FailedOverWaitingCompletion.value, S.FailedOver.value):
+                return result(p, "failover", False, S(vm.state), "already failed over", t0,
+                              details={"point": vm.failover_point})
+            self._need(vm, p, "failover", S.Replicating, S.PreparedForFailover, S.Suspended)
+            if vm.test_active:
+                raise InvalidStateError("a test failover is running", vm=p.vm, host=p.target.name, operation="failover",
+                                        hint="clean up the test failover first", error_id="InvalidState")
+            rp, seqs, newest = self._pick(vm, p, point, "failover")
+            if not newest:
+                # The replica itself goes back to the chosen point (newer points are dropped).
+                dst = self._ep(p.target)
+                for d in self._disks(vm):
+                    dst.call(["revert", *self._rep_args(vm, p, d, p.target), "--seq", str(seqs[d])])
+            vm.failover_point = rp.id
+            vm.state = S.FailedOverWaitingCompletion.value
+            return result(p, "failover", True, S.FailedOverWaitingCompletion, f"failed over to {rp.id}", t0, point=rp)
+
+    def commit_failover(self, p: Placement) -> OpResult:
+        t0 = utcnow()
+        with self._vm(p) as box, self._errors(p, "commit_failover", p.target):
+            vm = self._need(box[0], p, "commit_failover")
+            if vm.state == S.FailedOver.value:
+                return result(p, "commit_failover", False, S.FailedOver, "already committed", t0)
+            self._need(vm, p, "commit_failover", S.FailedOverWaitingCompletion)
+            dst = self._ep(p.target)
+            for d in self._disks(vm):
+                dst.call(["prune", *self._rep_args(vm, p, d, p.target), "--hours", "0"])
+            vm.state = S.FailedOver.value
+            return result(p, "commit_failover", True, S.FailedOver, "failover committed; other points deleted", t0)
+
+    def cancel_failover(self, p: Placement) -> OpResult:
+        t0 = utcnow()
+        with self._vm(p) as box, self._errors(p, "cancel_failover", p.target):
+            vm = self._need(box[0], p, "cancel_failover")
+            if vm.state == S.Replicating.value:
+                return result(p, "cancel_failover", False, S.Replicating, "no failover to cancel", t0)
+            self._need(vm, p, "cancel_failover", S.FailedOverWaitingCompletion, S.PreparedForFailover)
+            if p.compute is not None and p.target.name in vm.running:
+                self._stop(vm, p, p.target, test=False)
+            vm.running = [h for h in vm.running if h != p.target.name]
+            vm.state, vm.failover_point = S.Replicating.value, None
+            # A replica the VM wrote to, or one reverted to an older point, no longer matches the
+            # source's manifest: the next cycle notices and resynchronizes by block compare.
+            return result(p, "cancel_failover", True, S.Replicating, "failover cancelled", t0)
+
+    def reverse_replication(self, p: Placement) -> OpResult:
+        t0 = utcnow()
+        op = "reverse_replication"
+        with self._vm(p) as box, self._errors(p, op, p.target):
+            vm0 = box[0]
+            if vm0 is not None and vm0.primary == p.target.name and vm0.replica == p.source.name:
+                return result(p, op, False, S(vm0.state), "replication already reversed", t0)
+            vm = self._need(vm0, p, op, S.FailedOver, S.FailedOverWaitingCompletion)
+            if p.compute is not None and p.source.name in vm.running:
+                self._stop(vm, p, p.source, test=False)  # two live copies must never share one identity
+            vm.running = [h for h in vm.running if h != p.source.name]
+            box[0] = vm
+            vm = _VM(**json.loads(json.dumps(asdict(vm))))  # swapped only once the resync succeeded
+            new_src, new_dst = p.target, p.source
+            # The reversed placement: the old replica is now the disk that is shipped.
+            rp = p.model_copy(update={"source": new_src, "target": new_dst})
+            old_meta = os.path.join(self._vm_dir(p.target, p.vm), "meta")
+            old_state = os.path.join(self._vm_dir(p.source, p.vm), "source")
+            self._ep(new_dst).call(["remove", os.path.join(self._vm_dir(new_dst, p.vm), "meta")])
+            vm.primary, vm.replica = new_src.name, new_dst.name
+            vm.failover_point = None
+            point, sent, _ = self._cycle(vm, rp, "crash", None, "resync", op)
+            self._ep(new_src).call(["remove", old_meta])
+            self._ep(new_dst).call(["remove", old_state])
+            vm.state = S.Replicating.value
+            box[0] = vm
+            return result(p, op, True, S.Replicating, f"now replicating {new_src.name} -> {new_dst.name} "
+                          "(resynchronized by block compare)", t0, point=self._rp(rp, point), bytes_sent=sent)
+
+    # ---- compute -----------------------------------------------------------------------------
+    def _run_dir(self, host: Host, vm: str) -> str:
+        return os.path.join(self._vm_dir(host, vm), "run")
+
+    def _virsh(self, host: Host) -> list[str]:
+        uri = self.opts.get("libvirt_uri")
+        if isinstance(uri, dict):
+            uri = uri.get(host.name)
+        return ["virsh", "-c", uri] if uri else ["virsh"]
+
+    def _domain(self, p: Placement, test: bool) -> str:
+        base = (p.compute.domain if p.compute and p.compute.domain else p.vm)
+        return f"{base}-test" if test else base
+
+    def _domstate(self, host: Host, dom: str) -> str:
+        rc, out, _ = self._sh(host, [*self._virsh(host), "domstate", dom])
+        return out.strip() if rc == 0 else "absent"
+
+    def _start(self, vm: _VM, p: Placement, host: Host, test: bool, network: str | None) -> bool:
+        c = p.compute
+        assert c is not None
+        disks = ([self._test_image(host, p.vm, d) for d in self._disks(vm)] if test
+                 else [vm.paths[d][host.name] for d in self._disks(vm)])
+        if c.backend == "libvirt":
+            return self._virsh_start(p, host, test, disks, network)
+        if not c.command:
+            raise InvalidStateError("the VM's compute has no command", vm=p.vm, host=host.name, operation="start_vm",
+                                    hint="give compute.command in the topology")
+        ctx = {"disks": disks, "disk": disks[0] if disks else "", "vm": p.vm, "site": host.site,
+               "network": network or "", "test": test, "host": host.name, "ip": self._address(p, host, test)}
+        argv = render_args(c.command, ctx)
+        name = "test" if test else "vm"
+        run = self._run_dir(host, p.vm)
+        out = self._ep(host).call(["spawn", "--pidfile", os.path.join(run, f"{name}.pid"),
+                                   "--log", os.path.join(run, f"{name}.log"), "--", *argv])
+        return bool(out["started"])
+
+    @staticmethod
+    def _address(p: Placement, host: Host, test: bool) -> str:
+        """The first NIC's address where this start happens ('' when none is known): its test-network
+        address for a test copy, the address it has now on the source side, its failover (or failback)
+        address on the target side. A process VM has no DHCP: it binds this address itself."""
+        nic = p.nics[0] if p.nics else None
+        if nic is None:
+            return ""
+        if test:
+            return str(nic.test_ip.address) if nic.test_ip else ""
+        if host.name == p.source.name:
+            return str(nic.source_ip or "")
+        return str(nic.ip.address) if nic.ip else ""
+
+    def _virsh_start(self, p: Placement, host: Host, test: bool, disks: list[str], network: str | None) -> bool:
+        dom = self._domain(p, test)
+        if self._domstate(host, dom) == "running":
+            return False
+        if not test:
+            rc, _, err = self._sh(host, [*self._virsh(host), "start", dom])
+            if rc != 0:
+                raise FabricError(f"virsh start {dom} failed: {err.strip()[-300:]}", vm=p.vm, host=host.name,
+                                  operation="start_vm", hint="check the domain with virsh dominfo")
+            return True
+        # A test VM: the production definition with its disks swapped for the test copies, its NICs on
+        # the isolated network, a new name and no UUID; transient, so cleanup leaves nothing behind.
+        prod = self._domain(p, False)
+        rc, xml, err = self._sh(host, [*self._virsh(host), "dumpxml", prod])
+        if rc != 0:
+            raise FabricError(f"virsh dumpxml {prod} failed: {err.strip()[-300:]}", vm=p.vm, host=host.name,
+                              operation="test_failover", hint="define the production domain at the target")
+        tree = ET.fromstring(xml)
+        name_el = tree.find("name")
+        if name_el is not None:
+            name_el.text = dom
+        for u in tree.findall("uuid"):
+            tree.remove(u)
+        file_disks = [d for d in tree.iter("disk") if d.get("device", "disk") == "disk"]
+        for el, path in zip(file_disks, disks, strict=False):
+            src = el.find("source")
+            if src is not None:
+                src.attrib.clear()
+                src.set("file", path)
+                el.set("type", "file")
+        for nic in tree.iter("interface"):
+            src = nic.find("source")
+            if network and src is not None:
+                src.attrib.clear()
+                src.set("network" if nic.get("type") == "network" else "bridge", network)
+            elif src is not None:
+                nic.remove(src)  # no isolated network named: leave the NIC unplugged
+        rc, _, err = self._sh(host, [*self._virsh(host), "create", "/dev/stdin"], stdin=ET.tostring(tree))
+        if rc != 0:
+            raise FabricError(f"virsh create {dom} failed: {err.strip()[-300:]}", vm=p.vm, host=host.name,
+                              operation="test_failover", hint="check the domain XML and the test network")
+        return True
+
+    def _stop(self, vm: _VM, p: Placement, host: Host, test: bool) -> bool:
+        c = p.compute
+        assert c is not None
+        grace = float(self.opts.get("stop_grace", 10))
+        if c.backend == "libvirt":
+            dom = self._domain(p, test)
+            if self._domstate(host, dom) in ("shut off", "absent"):
+                return False
+            if not test:
+                self._sh(host, [*self._virsh(host), "shutdown", dom])
+                deadline = time.monotonic() + grace
+                while time.monotonic() < deadline:
+                    if self._domstate(host, dom) in ("shut off", "absent"):
+                        return True
+                    time.sleep(0.2)
+            rc, _, err = self._sh(host, [*self._virsh(host), "destroy", dom])
+            if rc != 0 and self._domstate(host, dom) not in ("shut off", "absent"):
+                raise FabricError(f"virsh destroy {dom} failed: {err.strip()[-300:]}", vm=p.vm, host=host.name,
+                                  operation="stop_vm", hint="stop the domain by hand (virsh destroy)")
+            return True
+        name = "test" if test else "vm"
+        out = self._ep(host).call(["kill", "--pidfile", os.path.join(self._run_dir(host, p.vm), f"{name}.pid"),
+                                   "--grace", str(grace)])
+        return bool(out["stopped"])
+
+    def start_vm(self, p: Placement, side: Side = "target", test: bool = False) -> OpResult:
+        t0 = utcnow()
+        host = p.target if side == "target" else p.source
+        with self._vm(p) as box, self._errors(p, "start_vm", host):
+            vm = self._need(box[0], p, "start_vm")
+            if test and not vm.test_active:
+                raise InvalidStateError("no test VM to start", vm=p.vm, host=host.name, operation="start_vm",
+                                        hint="run the test failover first", error_id="InvalidState")
+            where = f"{host.name}#test" if test else host.name
+            if p.compute is None:
+                changed = where not in vm.running
+                msg = "no compute backend: the disks are ready" if changed else "already running"
+            else:
+                net = p.test_network if test else next((n.target_network for n in p.nics if n.target_network), None)
+                if side == "source":
+                    net = next((n.source_network for n in p.nics), None)
+                changed = self._start(vm, p, host, test, net)
+                msg = "started" if changed else "already running"
+            if where not in vm.running:
+                vm.running.append(where)
+            return result(p, "start_vm", changed, S(vm.state), msg, t0, host=host.name)
+
+    def stop_vm(self, p: Placement, side: Side = "source") -> OpResult:
+        t0 = utcnow()
+        host = p.target if side == "target" else p.source
+        with self._vm(p) as box, self._errors(p, "stop_vm", host):
+            vm = self._need(box[0], p, "stop_vm")
+            if p.compute is None:
+                changed = host.name in vm.running
+            else:
+                changed = self._stop(vm, p, host, test=False)
+            vm.running = [h for h in vm.running if h != host.name]
+            return result(p, "stop_vm", changed, S(vm.state), "stopped" if changed else "already off", t0, host=host.name)
+
+    def apply_network(self, p: Placement) -> OpResult:
+        t0 = utcnow()
+        with self._vm(p) as box:
+            vm = self._need(box[0], p, "apply_network")
+            if vm.network_applied:
+                return result(p, "apply_network", False, S(vm.state), "network settings already applied", t0)
+            vm.network_applied = True
+            # The process backend receives the mapped network as {{ network }} when it starts.
+            nets = ", ".join(f"{n.nic}->{n.target_network or 'disconnected'}" for n in p.nics)
+            return result(p, "apply_network", True, S(vm.state), f"network: {nets or 'no NICs'}", t0)
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._clients.values():
+                c.close()
+            self._clients.clear()

@@ -1,0 +1,307 @@
+"""The engine's host-side entry point: `python3 -m siterecovery.replica.agent <command> ...`.
+
+The linux fabric runs it on each host (over an SSH exec channel, or in-process for local paths), so
+hashing, compression, verification and apply happen where the disks are. Control commands answer one
+JSON object on stdout; `send` writes the binary stream on stdout and its result as the last stderr
+line. Failures exit 3 with {"error": code, "message": ...}. Also starts and stops `process` VMs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, BinaryIO
+
+from . import engine
+from .engine import Progress, Replica, ReplicaError, SourceState
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="siterecovery.replica.agent")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def rep(name: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name)
+        s.add_argument("--replica", required=True)
+        s.add_argument("--meta", required=True)
+        return s
+
+    rep("status")
+    s = rep("receive")
+    s.add_argument("--point", required=True, help="JSON: id, created_at, consistency")
+    s.add_argument("--retention-hours", type=float, default=0)
+    s.add_argument("--input", help="read the stream from this file (offline import)")
+    rep("rehash")
+    rep("manifest")
+    s = rep("rebuild")
+    s.add_argument("--seq", type=int, required=True)
+    s.add_argument("--dest", required=True)
+    s = rep("revert")
+    s.add_argument("--seq", type=int, required=True)
+    s = rep("prune")
+    s.add_argument("--hours", type=float, required=True)
+    rep("drop")
+    s = sub.add_parser("send")
+    s.add_argument("--disk", required=True)
+    s.add_argument("--state", required=True)
+    s.add_argument("--mode", choices=["full", "delta", "base"], default="delta")
+    s.add_argument("--expect-gen")
+    s.add_argument("--no-compress", action="store_true")
+    s.add_argument("--freeze", default="[]")
+    s.add_argument("--thaw", default="[]")
+    s.add_argument("--quiesce", default="[]")
+    s.add_argument("--seq", type=int, default=0)
+    s.add_argument("--output", help="write the stream to this file (offline export)")
+    s = sub.add_parser("source-commit")
+    s.add_argument("--state", required=True)
+    s.add_argument("--gen", required=True)
+    s = sub.add_parser("source-drop")
+    s.add_argument("--state", required=True)
+    s = sub.add_parser("digest")
+    s.add_argument("--path", required=True)
+    s = sub.add_parser("copy")
+    s.add_argument("--src", required=True)
+    s.add_argument("--dst", required=True)
+    s = sub.add_parser("remove")
+    s.add_argument("paths", nargs="+")
+    s = sub.add_parser("spawn")
+    s.add_argument("--pidfile", required=True)
+    s.add_argument("--log", required=True)
+    s.add_argument("argv", nargs=argparse.REMAINDER)
+    s = sub.add_parser("kill")
+    s.add_argument("--pidfile", required=True)
+    s.add_argument("--grace", type=float, default=10)
+    s = sub.add_parser("alive")
+    s.add_argument("--pidfile", required=True)
+    s = sub.add_parser("exists")
+    s.add_argument("--path", required=True)
+    return p
+
+
+def run_command(argv: list[str], stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None = None) -> dict[str, Any]:
+    """Run one agent command in this process; its JSON result (send also writes its stream)."""
+    a = _parser().parse_args(argv)
+    cmd = a.cmd
+    if cmd == "send":
+        base = None
+        if a.mode == "base":
+            # The replica's own manifest arrives first on stdin (resynchronization).
+            base = os.path.join(a.state, "base.manifest")
+            os.makedirs(a.state, exist_ok=True)
+            with open(base, "wb") as f:
+                (n,) = engine.struct.unpack("<Q", engine._read_exact(stdin, 8))
+                while n:
+                    chunk = stdin.read(min(n, 1 << 20))
+                    if not chunk:
+                        raise engine.CorruptTransfer("base manifest torn")
+                    f.write(chunk)
+                    n -= len(chunk)
+        if a.output:
+            os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
+        out_f: Any = open(a.output, "wb") if a.output else stdout  # noqa: SIM115 - closed below
+        try:
+            return engine.send(a.disk, a.state, out_f, mode=a.mode,
+                               expect_gen=bytes.fromhex(a.expect_gen) if a.expect_gen else None,
+                               base_manifest=base, compress=not a.no_compress, progress=progress,
+                               freeze=json.loads(a.freeze), thaw=json.loads(a.thaw), quiesce=json.loads(a.quiesce),
+                               seq=a.seq)
+        finally:
+            if a.output:
+                out_f.close()
+    if cmd == "source-commit":
+        return {"committed": SourceState(a.state).commit(bytes.fromhex(a.gen))}
+    if cmd == "source-drop":
+        import shutil
+        shutil.rmtree(a.state, ignore_errors=True)
+        return {"dropped": True}
+    if cmd == "digest":
+        return {"digest": engine.file_digest(a.path)}
+    if cmd == "copy":
+        os.makedirs(os.path.dirname(os.path.abspath(a.dst)), exist_ok=True)
+        return {"copy": engine.copy_file(a.src, a.dst)}
+    if cmd == "remove":
+        import shutil
+        removed = []
+        for path in a.paths:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            elif os.path.exists(path):
+                os.unlink(path)
+                removed.append(path)
+        return {"removed": removed}
+    if cmd == "exists":
+        return {"exists": os.path.exists(a.path)}
+    if cmd == "spawn":
+        return spawn(a.pidfile, a.log, [x for x in a.argv if x != "--"] if a.argv[:1] == ["--"] else a.argv)
+    if cmd == "kill":
+        return kill(a.pidfile, a.grace)
+    if cmd == "alive":
+        return {"pid": alive(a.pidfile)}
+    r = Replica(a.replica, a.meta)
+    if cmd == "status":
+        return r.status()
+    if cmd == "receive":
+        point = json.loads(a.point)
+        if a.input:
+            with open(a.input, "rb") as f:
+                return r.receive(f, point, a.retention_hours, progress)
+        return r.receive(stdin, point, a.retention_hours, progress)
+    if cmd == "rehash":
+        return r.rehash()
+    if cmd == "manifest":
+        r.recover()
+        with open(r.manifest, "rb") as f:
+            data = f.read()
+        stdout.write(engine.struct.pack("<Q", len(data)) + data)
+        return {"bytes": len(data)}
+    if cmd == "rebuild":
+        return r.rebuild(a.seq, a.dest)
+    if cmd == "revert":
+        return r.revert(a.seq)
+    if cmd == "prune":
+        r.recover()
+        return {"dropped": r.prune(a.hours)}
+    if cmd == "drop":
+        r.drop()
+        return {"dropped": True}
+    raise ReplicaError(f"unknown command {cmd}")
+
+
+# ---- process VMs ----------------------------------------------------------------------------------
+
+
+def alive(pidfile: str) -> int | None:
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    # A zombie or a reused pid is not our VM.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(")")[-1].split()[0] == "Z":
+                return None
+    except FileNotFoundError:
+        return None
+    return pid
+
+
+# VMs this process started (the agent in-process for local hosts): kept so they are reaped, not
+# left as zombies or reported as leaked by Popen's finalizer.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def spawn(pidfile: str, log: str, argv: list[str]) -> dict[str, Any]:
+    """Start `argv` detached (own session, stdin closed, stdout/stderr appended to `log`)."""
+    pid = alive(pidfile)
+    if pid:
+        return {"pid": pid, "started": False}
+    os.makedirs(os.path.dirname(os.path.abspath(pidfile)), exist_ok=True)
+    with open(log, "ab") as lf:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
+                             start_new_session=True, close_fds=True)
+    _children[p.pid] = p
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(f"{p.pid}\n")
+    os.replace(pidfile + ".tmp", pidfile)
+    time.sleep(0.05)
+    rc = p.poll()
+    if rc is not None:
+        _children.pop(p.pid, None)
+        raise ReplicaError(f"{argv[0]} exited at once with status {rc}; see {log}", code="StartFailed")
+    return {"pid": p.pid, "started": True}
+
+
+def kill(pidfile: str, grace: float) -> dict[str, Any]:
+    """TERM the process group, KILL it after `grace` seconds."""
+    pid = alive(pidfile)
+    if pid is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pidfile)
+        return {"stopped": False}
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    how = "TERM"
+    while alive(pidfile) and time.monotonic() < deadline:
+        child = _children.get(pid)
+        if child is not None and child.poll() is not None:
+            break
+        time.sleep(0.02)
+    if alive(pidfile):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        how = "KILL"
+        while alive(pidfile):
+            child = _children.get(pid)
+            if child is not None and child.poll() is not None:
+                break
+            time.sleep(0.02)
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait()
+    os.unlink(pidfile)
+    return {"stopped": True, "signal": how}
+
+
+F_SETPIPE_SZ = 1031
+
+
+def _widen_pipes() -> None:
+    """1 MiB pipe buffers on stdin/stdout: sshd and the agent then switch context far less often."""
+    import fcntl
+    for fd in (0, 1):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _widen_pipes()
+    out = sys.stdout.buffer
+    err = sys.stderr
+
+    def progress(done: int, total: int) -> None:
+        err.write(f"P {done} {total}\n")
+        err.flush()
+
+    is_send = bool(argv) and argv[0] == "send"
+    try:
+        res = run_command(argv, sys.stdin.buffer, out, progress)
+    except ReplicaError as exc:
+        msg = json.dumps({"error": exc.code, "message": str(exc)})
+        (err.write("E " + msg + "\n") if is_send else out.write(msg.encode() + b"\n"))
+        err.flush()
+        out.flush()
+        return 3
+    except OSError as exc:
+        msg = json.dumps({"error": "OSError", "message": f"{exc.strerror or exc}: {exc.filename or ''}"})
+        (err.write("E " + msg + "\n") if is_send else out.write(msg.encode() + b"\n"))
+        err.flush()
+        out.flush()
+        return 3
+    if is_send and not any(x.startswith("--output") for x in argv):
+        out.flush()
+        err.write("R " + json.dumps(res) + "\n")
+    else:
+        out.write(json.dumps(res).encode() + b"\n")
+    out.flush()
+    err.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1075 @@
+"""The block replication engine: manifests, the delta stream, journaled apply, undo-log recovery points.
+
+Self-contained on purpose (stdlib + xxhash + zstandard only): it is what runs on every host through
+siterecovery.replica.agent, so the orchestrator can stay out of hashing, compression and verification.
+A disk is cut into 64 KiB blocks hashed with xxh3-128; the source keeps the manifest of what it last
+shipped, the replica keeps the manifest of what it holds, so a cycle reads the source once and never
+reads the target. Each applied cycle is a recovery point whose overwritten blocks went to an undo log
+first; a journal makes a killed apply roll back to exactly the previous point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import mmap
+import os
+import shutil
+import struct
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, BinaryIO
+
+import xxhash
+import zstandard
+
+BLOCK = 64 * 1024
+CHUNK = 64 * BLOCK  # 4 MiB reads: few syscalls, memory flat in disk size
+MAP_WINDOW = 16 * CHUNK  # 64 MiB of the disk mapped at a time
+STREAM_MAGIC = b"SRSTRM1\n"
+MANIFEST_MAGIC = b"SRMANIF1"
+REC = struct.Struct("<QBI16s")  # block index, flag, payload length, xxh3-128 of the uncompressed block
+TRAILER = struct.Struct("<Q16s")  # record count, xxh3-128 over every record header
+END = 2**64 - 1
+F_RAW, F_ZSTD, F_ZERO = 0, 1, 2
+MHDR = struct.Struct("<8sIQQ16s20x")  # magic, block size, disk size, point seq, generation: 64 bytes
+DIG = 16
+PROGRESS_EVERY = 64 * 1024 * 1024
+
+Progress = Callable[[int, int], None]
+
+
+class ReplicaError(Exception):
+    """Base of the engine's errors; `code` is stable and crosses the agent boundary as JSON."""
+
+    code = "ReplicaError"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code:
+            self.code = code
+
+
+class CorruptTransfer(ReplicaError):
+    code = "CorruptTransfer"
+
+
+class ManifestMismatch(ReplicaError):
+    code = "ManifestMismatch"
+
+
+class NoReplica(ReplicaError):
+    code = "NoReplica"
+
+
+def digest(buf: Any) -> bytes:
+    return xxhash.xxh3_128_digest(buf)
+
+
+_ZERO_DIGESTS: dict[int, bytes] = {}
+
+
+def zero_digest(n: int = BLOCK) -> bytes:
+    d = _ZERO_DIGESTS.get(n)
+    if d is None:
+        d = _ZERO_DIGESTS[n] = digest(bytes(n))
+    return d
+
+
+ZERO = zero_digest()
+
+
+def nblocks(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK
+
+
+def block_len(index: int, size: int) -> int:
+    return min(BLOCK, size - index * BLOCK)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+# ---- small durable-file helpers -------------------------------------------------------------------
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def read_json(path: str, default: Any = None) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default
+
+
+_libc: Any = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE) so zero blocks stay sparse."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return False
+    return bool(_libc.fallocate(fd, 0x02 | 0x01, offset, length) == 0)
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    if not punch_hole(fd, offset, length):
+        os.pwrite(fd, bytes(length), offset)
+
+
+# ---- manifests ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ManifestHeader:
+    size: int
+    seq: int
+    gen: bytes
+    block: int = BLOCK
+
+    def pack(self) -> bytes:
+        return MHDR.pack(MANIFEST_MAGIC, self.block, self.size, self.seq, self.gen)
+
+
+def read_manifest_header(path: str) -> ManifestHeader | None:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MHDR.size)
+    except FileNotFoundError:
+        return None
+    if len(raw) != MHDR.size:
+        return None
+    magic, block, size, seq, gen = MHDR.unpack(raw)
+    if magic != MANIFEST_MAGIC or block != BLOCK:
+        return None
+    if os.path.getsize(path) != MHDR.size + nblocks(size) * DIG:
+        return None  # a torn manifest is as good as none: change tracking is lost, resync
+    return ManifestHeader(size=size, seq=seq, gen=gen)
+
+
+class ManifestReader:
+    """Random and sequential access to a manifest's digests without loading it whole."""
+
+    def __init__(self, path: str | None, header: ManifestHeader | None = None) -> None:
+        self.f: BinaryIO | None = open(path, "rb") if path else None  # noqa: SIM115 - closed by close()
+        self.header = header
+        self.count = nblocks(header.size) if header else 0
+
+    def range(self, start: int, count: int) -> bytes:
+        """Digests of blocks [start, start+count); blocks beyond the manifest read as absent (b'')."""
+        if self.f is None or start >= self.count:
+            return b""
+        count = min(count, self.count - start)
+        self.f.seek(MHDR.size + start * DIG)
+        return self.f.read(count * DIG)
+
+    def get(self, index: int) -> bytes | None:
+        d = self.range(index, 1)
+        return d or None
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+
+
+# ---- the stream -----------------------------------------------------------------------------------
+
+
+class Encoder:
+    """Per-block zstd, raw when it does not shrink. After a run of incompressible blocks it only
+    samples every 16th, so incompressible disks do not pay for a compressor that never wins."""
+
+    def __init__(self, compress: bool = True, level: int = 1) -> None:
+        self.c = zstandard.ZstdCompressor(level=level) if compress else None
+        self.misses = 0
+        self.skip = 0
+
+    def encode(self, block: Any) -> tuple[int, Any]:
+        if self.c is None:
+            return F_RAW, block
+        if self.skip:
+            self.skip -= 1
+            return F_RAW, block
+        z = self.c.compress(block)
+        if len(z) < len(block) - 64:
+            self.misses = 0
+            return F_ZSTD, z
+        self.misses += 1
+        if self.misses >= 8:
+            self.skip = 15
+        return F_RAW, block
+
+
+class StreamWriter:
+    def __init__(self, out: BinaryIO, header: dict[str, Any]) -> None:
+        self.out = out
+        self.count = 0
+        self.hh = xxhash.xxh3_128()
+        self.payload_bytes = 0
+        hj = json.dumps(header).encode()
+        out.write(STREAM_MAGIC + struct.pack("<I", len(hj)) + hj)
+
+    def record(self, index: int, flag: int, payload: Any, dig: bytes) -> None:
+        h = REC.pack(index, flag, len(payload), dig)
+        self.hh.update(h)
+        self.out.write(h)
+        if len(payload):
+            self.out.write(payload)
+        self.count += 1
+        self.payload_bytes += len(payload) + REC.size
+
+    def close(self) -> None:
+        self.out.write(REC.pack(END, 0xFF, 0, b"\0" * 16) + TRAILER.pack(self.count, self.hh.digest()))
+        self.out.flush()
+
+
+def _read_exact(inp: BinaryIO, n: int) -> bytes:
+    buf = inp.read(n)
+    if buf is None:
+        buf = b""
+    while len(buf) < n:
+        more = inp.read(n - len(buf))
+        if not more:
+            raise CorruptTransfer(f"transfer torn: stream ended after {len(buf)} of {n} bytes")
+        buf += more
+    return buf
+
+
+class StreamReader:
+    """Reads and verifies a stream: every block's digest, the record count and the header digest.
+    Nothing it yields is trusted until `trailer_ok` is True at the end."""
+
+    def __init__(self, inp: BinaryIO) -> None:
+        self.inp = inp
+        magic = _read_exact(inp, len(STREAM_MAGIC))
+        if magic != STREAM_MAGIC:
+            raise CorruptTransfer("not a replication stream (bad magic)")
+        (hl,) = struct.unpack("<I", _read_exact(inp, 4))
+        if hl > 1 << 20:
+            raise CorruptTransfer("stream header too large")
+        try:
+            self.header: dict[str, Any] = json.loads(_read_exact(inp, hl))
+        except ValueError:
+            raise CorruptTransfer("stream header is not JSON") from None
+        self.d = zstandard.ZstdDecompressor()
+        self.trailer_ok = False
+        self.count = 0
+
+    def records(self) -> Iterator[tuple[int, int, bytes, bytes, bytes]]:
+        """(index, flag, payload as sent, block data, digest) per record, each verified."""
+        hh = xxhash.xxh3_128()
+        size = int(self.header["size"])
+        last = -1
+        while True:
+            h = _read_exact(self.inp, REC.size)
+            index, flag, length, dig = REC.unpack(h)
+            if index == END:
+                count, total = TRAILER.unpack(_read_exact(self.inp, TRAILER.size))
+                if count != self.count or total != hh.digest():
+                    raise CorruptTransfer(f"transfer corrupt: trailer says {count} records, got {self.count}")
+                self.trailer_ok = True
+                return
+            hh.update(h)
+            if index <= last or index >= nblocks(size) or length > 2 * BLOCK:
+                raise CorruptTransfer(f"transfer corrupt: bad record for block {index}")
+            last = index
+            want = block_len(index, size)
+            payload = _read_exact(self.inp, length) if length else b""
+            if flag == F_ZERO:
+                data = b""
+                ok = not length and dig == zero_digest(want)
+            else:
+                if flag == F_ZSTD:
+                    try:
+                        data = self.d.decompress(payload, max_output_size=BLOCK)
+                    except zstandard.ZstdError:
+                        raise CorruptTransfer(f"transfer corrupt: block {index} does not decompress") from None
+                elif flag == F_RAW:
+                    data = payload
+                else:
+                    raise CorruptTransfer(f"transfer corrupt: unknown flag {flag}")
+                ok = len(data) == want and digest(data) == dig
+            if not ok:
+                raise CorruptTransfer(f"transfer corrupt: block {index} fails its checksum")
+            self.count += 1
+            yield index, flag, payload, data, dig
+
+
+# ---- reading a disk -------------------------------------------------------------------------------
+
+SEEK_DATA, SEEK_HOLE = getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)
+
+
+def scan(fd: int, size: int) -> Iterator[tuple[int, memoryview | None, list[bytes]]]:
+    """(first block, chunk data or None for a hole, digests) per chunk. Holes are not read.
+
+    The file is mapped read-only, 64 MiB at a time: hashing straight from the page cache measured
+    2-5x faster than copying it out with pread. (A file truncated while mapped would fault the reader; disks of
+    running VMs do not shrink, and a killed sender only tears a stream the replica then refuses.)
+    """
+    window: list[Any] = [None, None, -1]  # mmap, memoryview, offset of the mapped window
+    use_map = size > 0
+    buf = memoryview(bytearray(CHUNK))
+
+    def unmap() -> None:
+        if window[1] is not None:
+            window[1].release()
+        if window[0] is not None:
+            with contextlib.suppress(BufferError):
+                window[0].close()
+        window[:] = [None, None, -1]
+
+    def view(off: int, n: int) -> memoryview:
+        """A read-only window of MAP_WINDOW bytes, remapped as the scan moves: RSS stays bounded."""
+        nonlocal use_map
+        if use_map:
+            base = off - off % MAP_WINDOW
+            if window[2] != base:
+                unmap()
+                try:
+                    m = mmap.mmap(fd, min(MAP_WINDOW, size - base), prot=mmap.PROT_READ, offset=base)
+                    m.madvise(mmap.MADV_SEQUENTIAL)
+                    window[:] = [m, memoryview(m), base]
+                except (OSError, ValueError):
+                    use_map = False
+            if use_map:
+                return window[1][off - base:off - base + n]
+        if os.preadv(fd, [buf[:n]], off) != n:
+            raise ReplicaError(f"short read at {off}: the disk shrank while it was read")
+        return buf[:n]
+
+    data_start, data_end = 0, -1
+    off = 0
+    try:
+        while off < size:
+            n = min(CHUNK, size - off)
+            if off >= data_end:
+                try:
+                    data_start = os.lseek(fd, off, SEEK_DATA)
+                    data_end = os.lseek(fd, data_start, SEEK_HOLE)
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:
+                        raise
+                    data_start = data_end = size  # no data up to EOF
+                if data_end <= off:
+                    data_end = off + n  # filesystems without SEEK_DATA: read everything
+            first = off // BLOCK
+            if data_start >= off + n:
+                yield first, None, [zero_digest(min(BLOCK, n - i)) for i in range(0, n, BLOCK)]
+            else:
+                chunk = view(off, n)
+                yield first, chunk, [digest(chunk[i:i + BLOCK]) for i in range(0, n, BLOCK)]
+                chunk.release()
+            off += n
+    finally:
+        unmap()
+
+
+# ---- views of a live disk -------------------------------------------------------------------------
+
+
+def run_argv(argv: list[str], what: str, timeout: float = 120) -> None:
+    if not argv:
+        return
+    try:
+        r = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ReplicaError(f"{what} command {argv[0]} could not run: {type(exc).__name__}", code=f"{what}Failed") from None
+    if r.returncode != 0:
+        tail = r.stderr.decode(errors="replace").strip()[-300:]
+        raise ReplicaError(f"{what} command {argv[0]} exited {r.returncode}: {tail}", code=f"{what}Failed")
+
+
+FICLONE = 0x40049409
+
+
+def reflink(src: str, dst: str) -> bool:
+    """A copy-on-write clone (FICLONE); False where the filesystem has none."""
+    import fcntl
+    try:
+        with open(src, "rb") as s, open(dst, "wb") as d:
+            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+        return True
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dst)
+        return False
+
+
+@contextlib.contextmanager
+def disk_view(disk: str, state_dir: str, freeze: list[str], thaw: list[str], quiesce: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The path to read a crash-consistent cycle from.
+
+    With a freeze command: freeze, then a reflink clone and thaw at once (the pause lasts only as long as
+    the clone takes); without reflink the freeze is held for the read pass and thawed right after it.
+    Without a freeze command the live file is read (only as consistent as the workload's own writes).
+    """
+    info: dict[str, Any] = {"view": "live"}
+    run_argv(quiesce, "quiesce")
+    if not freeze:
+        yield disk, info
+        return
+    run_argv(freeze, "freeze")
+    thawed = False
+    clone = os.path.join(state_dir, "view.img")
+    try:
+        t0 = time.monotonic()
+        if reflink(disk, clone):
+            run_argv(thaw, "thaw")
+            thawed = True
+            info.update(view="reflink", frozen_seconds=round(time.monotonic() - t0, 4))
+            try:
+                yield clone, info
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(clone)
+        else:
+            info["view"] = "frozen-read"
+            yield disk, info
+            info["frozen_seconds"] = round(time.monotonic() - t0, 4)
+    finally:
+        if not thawed:
+            run_argv(thaw, "thaw")
+
+
+# ---- the source side ------------------------------------------------------------------------------
+
+
+class SourceState:
+    """What the source last shipped: `manifest` (acknowledged) and `manifest.pending` (in flight)."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.dir = state_dir
+        os.makedirs(state_dir, exist_ok=True)
+        self.manifest = os.path.join(state_dir, "manifest")
+        self.pending = os.path.join(state_dir, "manifest.pending")
+
+    def base_for(self, expect_gen: bytes) -> str:
+        """The manifest whose generation the replica holds; promotes a pending one it acknowledged."""
+        ph = read_manifest_header(self.pending)
+        if ph is not None and ph.gen == expect_gen:
+            os.replace(self.pending, self.manifest)
+            fsync_dir(self.dir)
+        mh = read_manifest_header(self.manifest)
+        if mh is None or mh.gen != expect_gen:
+            raise ManifestMismatch("the source's manifest does not match the replica's: change tracking is lost, "
+                                   "resynchronize")
+        return self.manifest
+
+    def commit(self, gen: bytes) -> bool:
+        ph = read_manifest_header(self.pending)
+        if ph is not None and ph.gen == gen:
+            os.replace(self.pending, self.manifest)
+            fsync_dir(self.dir)
+            return True
+        return False
+
+
+def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expect_gen: bytes | None = None,
+         base_manifest: str | None = None, compress: bool = True, progress: Progress | None = None,
+         freeze: list[str] | None = None, thaw: list[str] | None = None, quiesce: list[str] | None = None,
+         seq: int = 0) -> dict[str, Any]:
+    """Write the stream of one cycle to `out`.
+
+    mode 'full': every non-zero block (initial copy, export); 'delta': blocks whose digest differs from
+    the acknowledged manifest of generation `expect_gen`; 'base': against `base_manifest`, the digests a
+    replica computed from its own disk (resynchronization).
+    """
+    src = SourceState(state_dir)
+    if mode == "delta":
+        if expect_gen is None:
+            raise ReplicaError("a delta needs the replica's generation")
+        base_path: str | None = src.base_for(expect_gen)
+    elif mode == "base":
+        base_path = base_manifest
+    elif mode == "full":
+        base_path = None
+    else:
+        raise ReplicaError(f"unknown send mode {mode}")
+    bh = read_manifest_header(base_path) if base_path else None
+    if base_path and bh is None:
+        raise ManifestMismatch("the base manifest is unreadable: resynchronize")
+    new_gen = uuid.uuid4().bytes
+    with disk_view(disk, state_dir, freeze or [], thaw or [], quiesce or []) as (path, view):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            header = {"v": 1, "size": size, "block": BLOCK, "mode": mode, "gen": new_gen.hex(),
+                      "base_gen": bh.gen.hex() if bh else None, "source": os.path.basename(disk)}
+            w = StreamWriter(out, header)
+            enc = Encoder(compress)
+            base = ManifestReader(base_path, bh)
+            try:
+                tmp = src.pending + ".tmp"
+                changed = zeros = 0
+                with open(tmp, "wb") as mf:
+                    mf.write(ManifestHeader(size=size, seq=seq, gen=new_gen).pack())
+                    next_report = PROGRESS_EVERY
+                    for first, data, digs in scan(fd, size):
+                        new = b"".join(digs)
+                        old = base.range(first, len(digs)) if base_path else b""
+                        if old == new:
+                            mf.write(new)
+                            continue
+                        for j, d in enumerate(digs):
+                            if old[j * DIG:(j + 1) * DIG] == d:
+                                continue
+                            i = first + j
+                            n = block_len(i, size)
+                            if d == zero_digest(n):
+                                if base_path is None:
+                                    continue  # a full copy lands in a sparse file: zeros need not travel
+                                w.record(i, F_ZERO, b"", d)
+                                zeros += 1
+                                continue
+                            assert data is not None
+                            # A live disk may change between hashing and shipping: ship a private
+                            # copy under its own digest, and record that digest in the manifest.
+                            blk = bytes(data[j * BLOCK:j * BLOCK + n])
+                            d2 = digest(blk)
+                            if d2 != d:
+                                digs[j] = d2
+                            flag, payload = enc.encode(blk)
+                            w.record(i, flag, payload, d2)
+                            changed += 1
+                        mf.write(b"".join(digs))
+                        done = (first + len(digs)) * BLOCK
+                        if progress and done >= next_report:
+                            progress(min(done, size), size)
+                            next_report = done + PROGRESS_EVERY
+                    mf.flush()
+                    os.fsync(mf.fileno())
+            finally:
+                base.close()
+            w.close()
+        finally:
+            os.close(fd)
+    os.replace(tmp, src.pending)
+    if progress:
+        progress(size, size)
+    return {"gen": new_gen.hex(), "size": size, "blocks": changed, "zero_blocks": zeros,
+            "bytes": w.payload_bytes, "changed_bytes": changed * BLOCK, **view}
+
+
+# ---- the replica side -----------------------------------------------------------------------------
+
+
+class Replica:
+    """A replica disk and its metadata directory: manifest, state.json (points), undo/, journal."""
+
+    def __init__(self, path: str, meta: str) -> None:
+        self.path = path
+        self.meta = meta
+        self.manifest = os.path.join(meta, "manifest")
+        self.state_file = os.path.join(meta, "state.json")
+        self.journal = os.path.join(meta, "journal")
+        self.undo_dir = os.path.join(meta, "undo")
+        self.staging = os.path.join(meta, "staging")
+
+    def _mkdirs(self) -> None:
+        os.makedirs(self.undo_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def undo_path(self, seq: int) -> str:
+        return os.path.join(self.undo_dir, f"{seq:012d}.undo")
+
+    def state(self) -> dict[str, Any]:
+        st: dict[str, Any] = read_json(self.state_file, None) or {}
+        st.setdefault("points", [])
+        return st
+
+    def header(self) -> ManifestHeader | None:
+        return read_manifest_header(self.manifest)
+
+    def _stat(self) -> list[int]:
+        s = os.stat(self.path)
+        return [s.st_size, s.st_mtime_ns, s.st_ino]
+
+    # -- status and recovery --
+    def status(self) -> dict[str, Any]:
+        self.recover()
+        h = self.header()
+        st = self.state()
+        exists = os.path.exists(self.path)
+        matches = bool(exists and h is not None and st.get("stat") == self._stat() and h.size == self._stat()[0])
+        return {"exists": exists, "initialized": h is not None, "gen": h.gen.hex() if h else None,
+                "seq": h.seq if h else 0, "size": h.size if h else None, "disk_matches": matches,
+                "points": st["points"], "undo_bytes": self._undo_bytes()}
+
+    def _undo_bytes(self) -> int:
+        try:
+            return sum(e.stat().st_size for e in os.scandir(self.undo_dir))
+        except FileNotFoundError:
+            return 0
+
+    def recover(self) -> str:
+        """Finish or undo whatever a killed process left: the replica ends at a committed point."""
+        if not os.path.isdir(self.meta):
+            return "none"
+        j = read_json(self.journal)
+        outcome = "clean"
+        h = self.header()
+        if j is not None:
+            committed = h is not None and h.seq == j["seq"] and h.gen.hex() == j["gen"]
+            if j["op"] == "apply":
+                if committed:
+                    self._finish_apply(j)
+                    outcome = "rolled-forward"
+                else:
+                    undo = self.undo_path(j["seq"])
+                    if os.path.exists(undo):
+                        self._apply_undo(undo)
+                    outcome = "rolled-back"
+            elif j["op"] == "revert":
+                # Reverting to an older point only writes known data: redo it from the start.
+                if not committed:
+                    self._revert_one(j["from_seq"], resume=True)
+                self._finish_revert(j)
+                outcome = "reverted"
+            self._set_stat()
+            os.unlink(self.journal)
+            fsync_dir(self.meta)
+        # Leftovers of a crash before the journal was written (or after it was removed).
+        h = self.header()
+        for name in ("manifest.new", "journal.tmp", "state.json.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.meta, name))
+        if os.path.isdir(self.undo_dir):
+            for e in os.scandir(self.undo_dir):
+                if e.name.endswith(".tmp") or (h is not None and e.name.endswith(".undo") and int(e.name[:12]) > h.seq):
+                    os.unlink(e.path)
+        for e in list(os.scandir(self.meta)):
+            if e.name.startswith("staging"):
+                os.unlink(e.path)
+        return outcome
+
+    def _set_stat(self) -> None:
+        st = self.state()
+        if os.path.exists(self.path):
+            st["stat"] = self._stat()
+        write_json_atomic(self.state_file, st)
+
+    # -- receiving --
+    def receive(self, inp: BinaryIO, point: dict[str, Any], retention_hours: float = 0,
+                progress: Progress | None = None, max_points: int = 0) -> dict[str, Any]:
+        self._mkdirs()
+        self.recover()
+        r = StreamReader(inp)
+        hdr = r.header
+        if int(hdr.get("block", 0)) != BLOCK:
+            raise CorruptTransfer(f"block size {hdr.get('block')} is not {BLOCK}")
+        if hdr["mode"] == "full":
+            return self._receive_full(r, point, retention_hours, progress)
+        h = self.header()
+        if h is None or not os.path.exists(self.path):
+            raise NoReplica("there is no initialized replica to apply a delta to: run the initial replication")
+        if hdr["base_gen"] != h.gen.hex():
+            raise ManifestMismatch("the delta was computed against another generation of this replica: resynchronize")
+        if hdr["mode"] == "delta" and self.state().get("stat") != self._stat():
+            raise ManifestMismatch("the replica disk was changed outside replication: resynchronize")
+        # Stage the whole cycle and verify it before touching the replica: a torn or corrupt
+        # transfer is never applied.
+        staging = self.staging + f".{h.seq + 1}"
+        size = int(hdr["size"])
+        try:
+            with open(staging, "wb") as sf:
+                for index, flag, payload, _data, dig in r.records():
+                    sf.write(REC.pack(index, flag, len(payload), dig))
+                    if payload:
+                        sf.write(payload)
+                    if progress and r.count % 512 == 0:
+                        progress(index * BLOCK, size)
+                sf.flush()
+                os.fsync(sf.fileno())
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
+            raise
+        out = self._apply(staging, hdr, point, r.count)
+        self.prune(retention_hours, max_points)
+        if progress:
+            progress(size, size)
+        return out
+
+    def _receive_full(self, r: StreamReader, point: dict[str, Any], retention_hours: float,
+                      progress: Progress | None) -> dict[str, Any]:
+        hdr = r.header
+        size = int(hdr["size"])
+        partial = self.path + ".partial"
+        gen = bytes.fromhex(hdr["gen"])
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        seq = int(point.get("seq") or 1)
+        tmp = os.path.join(self.meta, "manifest.new")
+        n = nblocks(size)
+        try:
+            os.ftruncate(fd, size)
+            with open(tmp, "wb") as mf:
+                mf.write(ManifestHeader(size=size, seq=seq, gen=gen).pack())
+                pos = 0  # blocks not sent are zero; the manifest is written in block order as records come
+                for index, _flag, _payload, data, dig in r.records():
+                    if index > pos:
+                        mf.write(b"".join(zero_digest(block_len(k, size)) for k in range(pos, index)))
+                    mf.write(dig)
+                    pos = index + 1
+                    if data:
+                        os.pwrite(fd, data, index * BLOCK)
+                    if progress and r.count % 1024 == 0:
+                        progress(index * BLOCK, size)
+                for k in range(pos, n, 4096):
+                    mf.write(b"".join(zero_digest(block_len(i, size)) for i in range(k, min(n, k + 4096))))
+                mf.flush()
+                os.fsync(mf.fileno())
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            for leftover in (partial, tmp):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+            raise
+        os.close(fd)
+        os.replace(partial, self.path)
+        for e in os.scandir(self.undo_dir):
+            os.unlink(e.path)
+        os.replace(tmp, self.manifest)
+        fsync_dir(self.meta)
+        pt = dict(point, seq=seq, gen=hdr["gen"], size=size)
+        write_json_atomic(self.state_file, {"points": [pt], "stat": self._stat()})
+        if progress:
+            progress(size, size)
+        return {"point": pt, "blocks": r.count, "mode": "full"}
+
+    def _apply(self, staging: str, hdr: dict[str, Any], point: dict[str, Any], count: int) -> dict[str, Any]:
+        h = self.header()
+        assert h is not None
+        seq = h.seq + 1
+        new_size = int(hdr["size"])
+        old = ManifestReader(self.manifest, h)
+        undo = self.undo_path(seq)
+        # 1. the undo log: every block this cycle overwrites or truncates away, as it is now
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            with open(undo + ".tmp", "wb") as uf, open(staging, "rb") as sf:
+                w = StreamWriter(uf, {"v": 1, "size": h.size, "block": BLOCK, "mode": "undo",
+                                      "gen": h.gen.hex(), "seq": h.seq, "base_gen": None})
+                enc = Encoder(True)
+
+                def save(i: int) -> None:
+                    od = old.get(i)
+                    if od is None:
+                        return  # beyond the old size: truncation restores it
+                    n = block_len(i, h.size)
+                    if od == zero_digest(n):
+                        w.record(i, F_ZERO, b"", od)
+                        return
+                    data = os.pread(fd, n, i * BLOCK)
+                    flag, payload = enc.encode(data)
+                    w.record(i, flag, payload, od)
+
+                for index in _staged_indexes(sf):
+                    save(index)
+                for i in range(nblocks(new_size), nblocks(h.size)):
+                    save(i)
+                w.close()
+                uf.flush()
+                os.fsync(uf.fileno())
+            os.replace(undo + ".tmp", undo)
+            fsync_dir(self.undo_dir)
+            # 2. the journal: from here a crash rolls back through the undo log
+            write_json_atomic(self.journal, {"op": "apply", "seq": seq, "gen": hdr["gen"],
+                                             "point": dict(point, seq=seq, gen=hdr["gen"], size=new_size)})
+            # 3. the blocks
+            if new_size != h.size:
+                os.ftruncate(fd, new_size)
+            d = zstandard.ZstdDecompressor()
+            with open(staging, "rb") as sf:
+                for index, flag, payload, _dig in _staged_records(sf):
+                    if flag == F_ZERO:
+                        zero_range(fd, index * BLOCK, block_len(index, new_size))
+                    else:
+                        os.pwrite(fd, d.decompress(payload, max_output_size=BLOCK) if flag == F_ZSTD else payload,
+                                  index * BLOCK)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # 4. the new manifest; its rename is the commit point
+        with open(staging, "rb") as sf:
+            changes = ((i, dg) for i, _f, _p, dg in _staged_records(sf))
+            self._write_manifest(old, ManifestHeader(size=new_size, seq=seq, gen=bytes.fromhex(hdr["gen"])), changes)
+        old.close()
+        j = read_json(self.journal)
+        self._finish_apply(j)
+        os.unlink(self.journal)
+        fsync_dir(self.meta)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        return {"point": j["point"], "blocks": count, "mode": hdr["mode"], "undo_bytes": os.path.getsize(undo)}
+
+    def _write_manifest(self, old: ManifestReader, header: ManifestHeader, changes: Iterator[tuple[int, bytes]]) -> None:
+        """The old manifest with `changes` (sorted by block) merged in, streamed: memory stays flat."""
+        tmp = os.path.join(self.meta, "manifest.new")
+        n = nblocks(header.size)
+        pending = next(changes, None)
+        with open(tmp, "wb") as mf:
+            mf.write(header.pack())
+            for start in range(0, n, 4096):
+                cnt = min(4096, n - start)
+                cur = bytearray(old.range(start, cnt))
+                if len(cur) < cnt * DIG:  # grown: new blocks not sent are zero
+                    cur += b"".join(zero_digest(block_len(k, header.size)) for k in range(start + len(cur) // DIG, start + cnt))
+                while pending is not None and pending[0] < start + cnt:
+                    k, dg = pending
+                    if k >= start:
+                        cur[(k - start) * DIG:(k - start + 1) * DIG] = dg
+                    pending = next(changes, None)
+                mf.write(cur)
+            mf.flush()
+            os.fsync(mf.fileno())
+        os.replace(tmp, self.manifest)
+        fsync_dir(self.meta)
+
+    def _finish_apply(self, j: dict[str, Any]) -> None:
+        st = self.state()
+        st["points"] = [p for p in st["points"] if p["seq"] < j["seq"]] + [j["point"]]
+        st["stat"] = self._stat()
+        write_json_atomic(self.state_file, st)
+
+    def _apply_undo(self, undo: str, fd: int | None = None) -> tuple[int, dict[int, bytes], dict[str, Any]]:
+        """Write an undo log's blocks back (idempotent) and restore its size; (old size, digests, header)."""
+        own = fd is None
+        if fd is None:
+            fd = os.open(self.path, os.O_RDWR)
+        try:
+            with open(undo, "rb") as uf:
+                r = StreamReader(uf)
+                size = int(r.header["size"])
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)
+                digs: dict[int, bytes] = {}
+                for index, flag, _payload, data, dig in r.records():
+                    if flag == F_ZERO:
+                        zero_range(fd, index * BLOCK, block_len(index, size))
+                    else:
+                        os.pwrite(fd, data, index * BLOCK)
+                    digs[index] = dig
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            if own:
+                os.close(fd)
+        return size, digs, r.header
+
+    # -- points --
+    def prune(self, retention_hours: float, max_points: int = 0) -> list[int]:
+        """Drop points older than the retention (the newest always stays) and the undo logs only they need."""
+        st = self.state()
+        pts = sorted(st["points"], key=lambda p: p["seq"])
+        if not pts:
+            return []
+        cutoff = datetime.now(UTC) - timedelta(hours=retention_hours)
+        keep = [p for p in pts if datetime.fromisoformat(p["created_at"]) >= cutoff] or [pts[-1]]
+        if pts[-1] not in keep:
+            keep.append(pts[-1])
+        if max_points and len(keep) > max_points:
+            keep = keep[-max_points:]
+        oldest = keep[0]["seq"]
+        dropped = [p["seq"] for p in pts if p["seq"] < oldest]
+        if dropped:
+            st["points"] = [p for p in pts if p["seq"] >= oldest]
+            write_json_atomic(self.state_file, st)
+        for e in os.scandir(self.undo_dir):
+            if e.name.endswith(".undo") and int(e.name[:12]) <= oldest:
+                os.unlink(e.path)
+        return dropped
+
+    def rebuild(self, seq: int, dest: str) -> dict[str, Any]:
+        """Materialize point `seq` at `dest` (a copy-on-write clone where possible), the replica untouched."""
+        self.recover()
+        h = self.header()
+        if h is None:
+            raise NoReplica("no replica to rebuild a point from")
+        seqs = {p["seq"] for p in self.state()["points"]}
+        if seq not in seqs:
+            raise ReplicaError(f"recovery point {seq} does not exist (have {sorted(seqs)})", code="NoSuchPoint")
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        how = copy_file(self.path, dest)
+        fd = os.open(dest, os.O_RDWR)
+        try:
+            for s in range(h.seq, seq, -1):
+                self._apply_undo(self.undo_path(s), fd)
+        finally:
+            os.close(fd)
+        return {"seq": seq, "dest": dest, "copy": how, "undo_applied": h.seq - seq}
+
+    def revert(self, seq: int) -> dict[str, Any]:
+        """Roll the replica itself back to point `seq` (failover to an older point); newer points go."""
+        self.recover()
+        h = self.header()
+        if h is None:
+            raise NoReplica("no replica to revert")
+        if seq not in {p["seq"] for p in self.state()["points"]}:
+            raise ReplicaError(f"recovery point {seq} does not exist", code="NoSuchPoint")
+        steps = 0
+        while h is not None and h.seq > seq:
+            j = {"op": "revert", "from_seq": h.seq, "seq": h.seq - 1, "gen": ""}
+            uh = StreamReader(open(self.undo_path(h.seq), "rb"))  # noqa: SIM115 - header only
+            uh.inp.close()
+            j["gen"] = uh.header["gen"]
+            write_json_atomic(self.journal, j)
+            self._revert_one(h.seq)
+            self._finish_revert(j)
+            self._set_stat()
+            os.unlink(self.journal)
+            fsync_dir(self.meta)
+            steps += 1
+            h = self.header()
+        return {"seq": seq, "steps": steps}
+
+    def _revert_one(self, from_seq: int, resume: bool = False) -> None:
+        h = self.header()
+        assert h is not None
+        old = ManifestReader(self.manifest, h)
+        size, digs, uhdr = self._apply_undo(self.undo_path(from_seq))
+        self._write_manifest(old, ManifestHeader(size=size, seq=from_seq - 1, gen=bytes.fromhex(uhdr["gen"])),
+                             iter(sorted(digs.items())))
+        old.close()
+
+    def _finish_revert(self, j: dict[str, Any]) -> None:
+        st = self.state()
+        st["points"] = [p for p in st["points"] if p["seq"] <= j["seq"]]
+        write_json_atomic(self.state_file, st)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.undo_path(j["from_seq"]))
+
+    def rehash(self, out: BinaryIO | None = None) -> dict[str, Any]:
+        """Recompute the manifest from the replica disk (resynchronization, or a manifest that does not
+        match its disk). Points survive only when the disk still equals the newest point."""
+        self._mkdirs()
+        self.recover()
+        h = self.header()
+        fd = os.open(self.path, os.O_RDONLY)
+        gen = uuid.uuid4().bytes
+        tmp = os.path.join(self.meta, "manifest.new")
+        try:
+            size = os.fstat(fd).st_size
+            same = h is not None and h.size == size
+            old = ManifestReader(self.manifest, h) if h else ManifestReader(None)
+            with open(tmp, "wb") as mf:
+                mf.write(ManifestHeader(size=size, seq=h.seq if h else 0, gen=gen).pack())
+                for first, _data, digs in scan(fd, size):
+                    new = b"".join(digs)
+                    if same and old.range(first, len(digs)) != new:
+                        same = False
+                    mf.write(new)
+                mf.flush()
+                os.fsync(mf.fileno())
+            old.close()
+        finally:
+            os.close(fd)
+        if same and h is not None:
+            # Unchanged disk: keep the generation, the chain of undo logs stays valid.
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, self.manifest)
+            fsync_dir(self.meta)
+            for e in os.scandir(self.undo_dir):
+                os.unlink(e.path)
+            st = self.state()
+            st["points"] = []
+            write_json_atomic(self.state_file, st)
+        self._set_stat()
+        if out is not None:
+            with open(self.manifest, "rb") as mf:
+                shutil.copyfileobj(mf, out, 1 << 20)
+        nh = self.header()
+        assert nh is not None
+        return {"gen": nh.gen.hex(), "seq": nh.seq, "size": nh.size, "points_kept": same}
+
+    def drop(self) -> None:
+        shutil.rmtree(self.meta, ignore_errors=True)
+
+
+def _staged_records(sf: BinaryIO) -> Iterator[tuple[int, int, bytes, bytes]]:
+    while True:
+        h = sf.read(REC.size)
+        if len(h) < REC.size:
+            return
+        index, flag, length, dig = REC.unpack(h)
+        yield index, flag, sf.read(length) if length else b"", dig
+
+
+def _staged_indexes(sf: BinaryIO) -> Iterator[int]:
+    while True:
+        h = sf.read(REC.size)
+        if len(h) < REC.size:
+            return
+        index, _flag, length, _dig = REC.unpack(h)
+        if length:
+            sf.seek(length, os.SEEK_CUR)
+        yield index
+
+
+def copy_file(src: str, dst: str) -> str:
+    """A clone where the filesystem offers reflinks, else a sparse copy (holes stay holes)."""
+    tmp = dst + ".tmp"
+    if reflink(src, tmp):
+        os.replace(tmp, dst)
+        return "reflink"
+    size = os.path.getsize(src)
+    with open(src, "rb") as s, open(tmp, "wb") as d:
+        sfd, dfd = s.fileno(), d.fileno()
+        os.ftruncate(dfd, size)
+        for first, data, digs in scan(sfd, size):
+            if data is None:
+                continue
+            for j, dg in enumerate(digs):
+                if dg != zero_digest(len(data[j * BLOCK:(j + 1) * BLOCK])):
+                    os.pwrite(dfd, data[j * BLOCK:(j + 1) * BLOCK], (first + j) * BLOCK)
+        os.fsync(dfd)
+    os.replace(tmp, dst)
+    return "sparse-copy"
+
+
+def file_digest(path: str) -> str:
+    """xxh3-128 of a whole file's content (tests and verification: equal content, equal digest)."""
+    h = xxhash.xxh3_128()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        for _first, data, digs in scan(fd, size):
+            h.update(b"".join(digs))
+            _ = data
+    finally:
+        os.close(fd)
+    return h.hexdigest() + f":{size}"

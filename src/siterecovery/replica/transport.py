@@ -1,0 +1,275 @@
+"""Where the agent runs: in this process for local paths, over a paramiko exec channel for remote hosts.
+
+A transfer wires the sending agent's stream into the receiving agent: both local -> an OS pipe between
+two threads; one side local -> that side runs in-process on the channel of the other; both remote ->
+the orchestrator only relays bytes between two exec channels (hashing, compression and verification
+stay on the hosts). Bulk data never goes through SFTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import paramiko
+
+from ..render import sh_join
+from . import agent
+from .engine import Progress, ReplicaError
+
+RELAY_CHUNK = 1 << 20
+
+
+def _error(payload: bytes | str, rc: int, where: str) -> ReplicaError:
+    text = payload.decode(errors="replace") if isinstance(payload, bytes) else payload
+    for line in reversed(text.strip().splitlines()):
+        line = line[2:] if line.startswith(("E ", "R ")) else line
+        with contextlib.suppress(ValueError):
+            d = json.loads(line)
+            if isinstance(d, dict) and "error" in d:
+                return ReplicaError(f"{where}: {d['message']}", code=d["error"])
+    tail = text.strip()[-400:]
+    return ReplicaError(f"{where}: agent exited {rc}: {tail or 'no output'}", code="AgentFailed")
+
+
+class Endpoint:
+    """One host's agent. `call` runs a control command, `transfer` a cycle between two endpoints."""
+
+    name: str
+    local: bool
+
+    def call(self, args: Sequence[str], stdin: bytes = b"") -> dict[str, Any]:
+        raise NotImplementedError
+
+    def raw(self, args: Sequence[str], stdin: bytes = b"") -> bytes:
+        raise NotImplementedError
+
+
+@dataclass
+class LocalEndpoint(Endpoint):
+    name: str = "local"
+    local: bool = True
+
+    def call(self, args: Sequence[str], stdin: bytes = b"") -> dict[str, Any]:
+        return agent.run_command(list(args), io.BytesIO(stdin), io.BytesIO())
+
+    def raw(self, args: Sequence[str], stdin: bytes = b"") -> bytes:
+        out = io.BytesIO()
+        agent.run_command(list(args), io.BytesIO(stdin), out)
+        return out.getvalue()
+
+
+@dataclass
+class SSHEndpoint(Endpoint):
+    """An agent reached over SSH: `python -m siterecovery.replica.agent` on the host."""
+
+    name: str
+    client: paramiko.SSHClient
+    python: str = "python3"
+    local: bool = False
+    timeout: float = 600.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def argv(self, args: Sequence[str]) -> list[str]:
+        pre = ["env", *(f"{k}={v}" for k, v in self.env.items())] if self.env else []
+        return [*pre, self.python, "-m", "siterecovery.replica.agent", *args]
+
+    def channel(self, args: Sequence[str]) -> paramiko.Channel:
+        from ..ssh import exec_channel
+        return exec_channel(self.client, self.argv(args), timeout=self.timeout)
+
+    def raw(self, args: Sequence[str], stdin: bytes = b"") -> bytes:
+        from ..ssh import run
+        rc, out, err = run(self.client, self.argv(args), stdin=stdin or None, timeout=self.timeout)
+        if rc != 0:
+            raise _error(out + b"\n" + err, rc, f"{self.name}: {args[0]}")
+        return out
+
+    def call(self, args: Sequence[str], stdin: bytes = b"") -> dict[str, Any]:
+        out = self.raw(args, stdin)
+        try:
+            return json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise ReplicaError(f"{self.name}: {args[0]} answered no JSON", code="AgentFailed") from None
+
+
+class ChannelReader(io.RawIOBase):
+    def __init__(self, chan: paramiko.Channel, progress_lines: list[str] | None = None) -> None:
+        self.chan = chan
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.chan.recv(len(b))
+        n = len(data)
+        b[:n] = data
+        return n
+
+
+class ChannelWriter(io.RawIOBase):
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self.chan = chan
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.chan.sendall(bytes(b))
+        return len(b)
+
+
+def _finish(chan: paramiko.Channel, where: str) -> tuple[dict[str, Any], bytes]:
+    """Exit status, stdout rest and stderr of a finished channel; raises on failure."""
+    out = bytearray()
+    while True:
+        d = chan.recv(1 << 16)
+        if not d:
+            break
+        out += d
+    rc = chan.recv_exit_status()
+    err = bytearray()
+    while chan.recv_stderr_ready():
+        err += chan.recv_stderr(1 << 16)
+    chan.close()
+    if rc != 0:
+        raise _error(bytes(out) + b"\n" + bytes(err), rc, where)
+    res: dict[str, Any] = {}
+    for line in reversed((bytes(out) + b"\n" + bytes(err)).decode(errors="replace").splitlines()):
+        line = line[2:] if line.startswith("R ") else line
+        with contextlib.suppress(ValueError):
+            d = json.loads(line)
+            if isinstance(d, dict):
+                res = d
+                break
+    return res, bytes(err)
+
+
+def transfer(src: Endpoint, send_args: list[str], dst: Endpoint, recv_args: list[str],
+             progress: Progress | None = None, prefix: bytes = b"") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run `send` at src and `receive` at dst, the stream flowing between them; (sent, received).
+
+    `prefix` goes to the sender's stdin first (the replica's manifest for a resynchronization).
+    """
+    if src.local:
+        if dst.local:
+            return _local_local(send_args, recv_args, progress, prefix)
+        assert isinstance(dst, SSHEndpoint)
+        chan = dst.channel(recv_args)
+        w = io.BufferedWriter(ChannelWriter(chan), RELAY_CHUNK)
+        sent: dict[str, Any] = {}
+        send_exc: BaseException | None = None
+        try:
+            sent = agent.run_command(send_args, io.BytesIO(prefix), w, progress)
+            w.flush()
+        except (ReplicaError, OSError) as exc:
+            send_exc = exc
+        with contextlib.suppress(OSError):
+            chan.shutdown_write()
+        try:
+            got, _ = _finish(chan, f"{dst.name}: receive")
+        except ReplicaError:
+            if isinstance(send_exc, ReplicaError):
+                raise send_exc from None  # the sender's failure explains the torn stream
+            raise  # the receiver refused: the sender's broken pipe is only a consequence
+        if send_exc is not None:
+            raise send_exc
+        return sent, got
+    assert isinstance(src, SSHEndpoint)
+    schan = src.channel(send_args)
+    if prefix:
+        schan.sendall(prefix)
+    schan.shutdown_write()
+    if dst.local:
+        reader = io.BufferedReader(ChannelReader(schan), RELAY_CHUNK)
+        recv_exc: BaseException | None = None
+        got = {}
+        try:
+            got = agent.run_command(recv_args, reader, io.BytesIO(), progress)
+        except (ReplicaError, OSError) as exc:
+            recv_exc = exc
+        if recv_exc is not None:
+            # A sender that failed (e.g. lost change tracking) ends its stream early: its own error
+            # explains the torn stream better than the receiver's.
+            if schan.status_event.wait(2) and schan.recv_exit_status() != 0:
+                err = bytearray()
+                while schan.recv_stderr_ready():
+                    err += schan.recv_stderr(1 << 16)
+                schan.close()
+                raise _error(bytes(err), 3, f"{src.name}: send") from None
+            schan.close()  # do not drain the rest of a stream nobody will apply
+            raise recv_exc
+        sent, _ = _finish(schan, f"{src.name}: send")
+        return sent, got
+    assert isinstance(dst, SSHEndpoint)
+    dchan = dst.channel(recv_args)
+    relayed = 0
+    try:
+        while True:
+            data = schan.recv(RELAY_CHUNK)
+            if not data:
+                break
+            dchan.sendall(data)
+            relayed += len(data)
+            if progress:
+                progress(relayed, 0)
+    except OSError:
+        pass  # one side gave up; its exit status says why
+    with contextlib.suppress(OSError):
+        dchan.shutdown_write()
+    send_err: ReplicaError | None = None
+    try:
+        sent, _ = _finish(schan, f"{src.name}: send")
+    except ReplicaError as exc:
+        send_err = exc
+    try:
+        got, _ = _finish(dchan, f"{dst.name}: receive")
+    except ReplicaError:
+        if send_err is not None:
+            raise send_err from None
+        raise
+    if send_err is not None:
+        raise send_err
+    return sent, got
+
+
+def _local_local(send_args: list[str], recv_args: list[str], progress: Progress | None,
+                 prefix: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    r_fd, w_fd = os.pipe()
+    box: dict[str, Any] = {}
+
+    def receiver() -> None:
+        with os.fdopen(r_fd, "rb", buffering=RELAY_CHUNK) as rf:
+            try:
+                box["got"] = agent.run_command(recv_args, rf, io.BytesIO())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                box["exc"] = exc
+
+    t = threading.Thread(target=receiver, name="replica-receive", daemon=True)
+    t.start()
+    send_exc: BaseException | None = None
+    sent: dict[str, Any] = {}
+    try:
+        with os.fdopen(w_fd, "wb", buffering=RELAY_CHUNK) as wf:
+            sent = agent.run_command(send_args, io.BytesIO(prefix), wf, progress)
+    except (ReplicaError, OSError) as exc:  # BrokenPipe when the receiver refused the stream
+        send_exc = exc
+    t.join()
+    if "exc" in box:
+        if isinstance(send_exc, ReplicaError):
+            raise send_exc
+        raise box["exc"]
+    if send_exc is not None:
+        raise send_exc
+    return sent, box["got"]
+
+
+def stream_argv(python: str, args: Sequence[str]) -> str:
+    """The shell line an SSH endpoint runs (for logs and docs)."""
+    return sh_join([python, "-m", "siterecovery.replica.agent", *args])

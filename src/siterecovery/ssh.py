@@ -1,0 +1,184 @@
+"""SSH to managed hosts: one verified paramiko connection and one way to run a command on it.
+
+Shared by the hyperv and linux drivers. Host keys are always verified (the topology's pinned key, else
+its known_hosts file); an unknown or changed key raises HostKeyError, never trust-on-first-use.
+Commands are argv lists quoted through render.sh_join; secrets never reach a log or an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import paramiko
+
+from .errors import ConfigurationError, ConnectionFailed, HostKeyError, TransientFabricError
+from .model import Host
+from .model.topology import Credential
+from .render import sh_join
+
+log = logging.getLogger(__name__)
+
+# AES-GCM measured about twice as fast as the CTR modes paramiko prefers by default.
+GCM_FIRST = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+# Bulk transfers: a wide window keeps the pipe full on fast links.
+WINDOW_SIZE = 16 * 1024 * 1024
+
+Secrets = Callable[[Credential], str]
+
+
+def env_secrets(cred: Credential) -> str:
+    """The default resolver: environment variables only (the core knows nothing of Prefect blocks)."""
+    if cred.env:
+        value = os.environ.get(cred.env)
+        if value is None:
+            raise ConfigurationError(f"environment variable {cred.env} is not set (it holds an SSH credential)")
+        return value
+    raise ConfigurationError(f"credential from secret block '{cred.secret_block}' needs a secrets resolver "
+                             "(run through a flow, or use env / key_file)")
+
+
+class _PinnedOrKnown(paramiko.MissingHostKeyPolicy):
+    """Refuses every key that paramiko's own known-hosts check did not accept (pinned keys are
+    loaded as known hosts, so they pass there)."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        fp = _fingerprint(key)
+        raise HostKeyError(
+            f"unknown SSH host key {key.get_name()} {fp} for {hostname}",
+            host=self.host.name, operation="connect",
+            hint="verify the fingerprint out of band, then pin it as host_key in the topology "
+                 "or add it to the known_hosts file")
+
+
+def _fingerprint(key: paramiko.PKey) -> str:
+    import hashlib
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+def _host_id(host: Host) -> str:
+    return host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+
+
+def _load_pkey(text: str) -> paramiko.PKey:
+    errors = []
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key(io.StringIO(text))
+        except (paramiko.SSHException, ValueError) as exc:
+            errors.append(type(exc).__name__)
+    raise ConfigurationError("the credential does not hold a private key paramiko can read (ed25519, ecdsa, rsa)")
+
+
+def connect(host: Host, secrets: Secrets | None = None, timeout: float = 15.0) -> paramiko.SSHClient:
+    """A connected, authenticated client for `host`, its host key verified."""
+    client = paramiko.SSHClient()
+    hid = _host_id(host)
+    keys = client.get_host_keys()
+    if host.host_key:
+        kind, b64 = host.host_key.split()[:2]
+        try:
+            keys.add(hid, kind, paramiko.PKey.from_type_string(kind, base64.b64decode(b64)))
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means a bad pin
+            raise ConfigurationError(f"host {host.name}: pinned host_key cannot be read ({type(exc).__name__})") from None
+    elif host.known_hosts:
+        try:
+            client.load_host_keys(os.path.expanduser(host.known_hosts))
+        except OSError as exc:
+            raise ConfigurationError(f"host {host.name}: cannot read known_hosts {host.known_hosts}: {exc.strerror}") from None
+    client.set_missing_host_key_policy(_PinnedOrKnown(host))
+
+    kw: dict[str, Any] = {"allow_agent": False, "look_for_keys": False}
+    cred = host.credential
+    if cred is not None:
+        if cred.key_file:
+            kw["key_filename"] = os.path.expanduser(cred.key_file)
+        else:
+            text = (secrets or env_secrets)(cred)
+            if cred.kind == "password":
+                kw["password"] = text
+            else:
+                kw["pkey"] = _load_pkey(text)
+
+    def transport_factory(sock: Any, **tkw: Any) -> paramiko.Transport:
+        # Without TCP_NODELAY every small request (channel open, exec, EOF) waits out a delayed ACK:
+        # about 40 ms each, 170 ms per command measured.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t = paramiko.Transport(sock, default_window_size=WINDOW_SIZE, **tkw)
+        # Reordering (not restricting) keeps servers without GCM reachable.
+        prefs = t.get_security_options()
+        prefs.ciphers = tuple(c for c in GCM_FIRST if c in prefs.ciphers) + tuple(
+            c for c in prefs.ciphers if c not in GCM_FIRST)
+        return t
+
+    try:
+        client.connect(host.address, port=host.port, username=host.user, timeout=timeout, banner_timeout=timeout,
+                       auth_timeout=timeout, transport_factory=transport_factory, **kw)
+    except HostKeyError:
+        client.close()
+        raise
+    except paramiko.BadHostKeyException as exc:
+        client.close()
+        raise HostKeyError(
+            f"SSH host key of {host.address} CHANGED: got {exc.key.get_name()} {_fingerprint(exc.key)}, "
+            f"expected {_fingerprint(exc.expected_key)}",
+            host=host.name, operation="connect",
+            hint="someone may be intercepting the connection; if the host was rebuilt, verify the new "
+                 "fingerprint out of band and update host_key / known_hosts") from None
+    except paramiko.AuthenticationException:
+        client.close()
+        raise ConnectionFailed(f"SSH authentication as {host.user} failed", host=host.name, operation="connect",
+                               hint="check the host's credential (key file, environment variable or secret block)") from None
+    except (OSError, paramiko.SSHException, EOFError) as exc:
+        client.close()
+        # The message of a socket error names address and errno only; no secret can be in it.
+        raise ConnectionFailed(f"cannot reach {host.address}:{host.port} over SSH: {type(exc).__name__}: {exc}",
+                               host=host.name, operation="connect",
+                               hint="check that the host is up, sshd listens on that port and the network allows it") from None
+    return client
+
+
+def exec_channel(client: paramiko.SSHClient, argv: Sequence[object], timeout: float | None = None) -> paramiko.Channel:
+    """An exec channel running `argv` (quoted through sh_join); the caller streams stdin/stdout."""
+    transport = client.get_transport()
+    if transport is None or not transport.is_active():
+        raise ConnectionFailed("the SSH connection is closed", operation="exec",
+                               hint="reconnect and retry")
+    chan = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=32768, timeout=timeout)
+    chan.settimeout(timeout)
+    chan.exec_command(sh_join(argv))
+    return chan
+
+
+def run(client: paramiko.SSHClient, argv: Sequence[object], stdin: bytes | None = None,
+        timeout: float | None = 120.0) -> tuple[int, bytes, bytes]:
+    """Run `argv` on the host; (exit status, stdout, stderr). A timeout raises TransientFabricError."""
+    chan = exec_channel(client, argv, timeout=timeout)
+    try:
+        if stdin:
+            chan.sendall(stdin)
+        chan.shutdown_write()
+        # Blocking reads (the channel's timeout bounds them); stderr is small and the wide window
+        # holds it while stdout drains.
+        out = chan.makefile("rb").read()
+        err = chan.makefile_stderr("rb").read()
+        rc = chan.recv_exit_status()
+    except TimeoutError:
+        raise TransientFabricError(f"command {argv[0]!s} timed out after {timeout} s", operation="exec",
+                                   hint="the host may be overloaded; retry or raise the timeout") from None
+    except OSError as exc:
+        raise TransientFabricError(f"SSH channel failed: {type(exc).__name__}", operation="exec",
+                                   hint="retry; check the connection") from None
+    finally:
+        chan.close()
+    return rc, bytes(out), bytes(err)

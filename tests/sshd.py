@@ -1,0 +1,104 @@
+"""A real OpenSSH sshd on 127.0.0.1 for driver tests: its own host key, one authorized client key.
+
+Reusable: `sshd_server` (session scope) yields an SSHServer; `SSHServer.host(...)` builds a topology
+Host that reaches it with the host key pinned. Tests that use it are marked `sshd`; the fixture skips
+only when /usr/sbin/sshd is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from siterecovery.model import Host
+
+SSHD = "/usr/sbin/sshd"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def keygen(path: Path, kind: str = "ed25519") -> str:
+    """A new key pair at `path`; the public key line."""
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(path)], check=True)
+    return Path(f"{path}.pub").read_text().strip()
+
+
+@dataclass
+class SSHServer:
+    port: int
+    dir: Path
+    host_key: str  # "ssh-ed25519 AAAA..."
+    client_key: Path
+    known_hosts: Path
+    user: str
+
+    def host(self, name: str = "h1", site: str = "s1", root: str | None = None, **kw: object) -> Host:
+        args: dict[str, object] = dict(name=name, site=site, fabric="linux", address="127.0.0.1", port=self.port,
+                                       user=self.user, host_key=self.host_key, credential={"key_file": str(self.client_key)},
+                                       root=root)
+        args.update(kw)
+        return Host.model_validate(args)
+
+
+@pytest.fixture(scope="session")
+def sshd_server() -> Iterator[SSHServer]:
+    if not os.path.exists(SSHD):
+        pytest.skip(f"{SSHD} is missing (install openssh-server: scripts/setup-system.sh)")
+    with running_sshd() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_sshd() -> Iterator[SSHServer]:
+    """Start sshd (also used by bench/ outside pytest); stopped when the block ends."""
+    d = Path(tempfile.mkdtemp(prefix="sr-sshd-"))
+    host_pub = keygen(d / "ssh_host_ed25519_key")
+    client_pub = keygen(d / "client_key")
+    (d / "authorized_keys").write_text(client_pub + "\n")
+    port = _free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'ssh_host_ed25519_key'}\nPidFile {d / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+        "MaxSessions 64\nMaxStartups 64\nLogLevel ERROR\n")
+    kind, b64 = host_pub.split()[:2]
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {kind} {b64}\n")
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory Debian's sshd wants
+    log = open(d / "sshd.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.close()
+                raise RuntimeError(f"sshd did not start: {(d / 'sshd.log').read_text()[-2000:]}") from None
+            time.sleep(0.05)
+    try:
+        yield SSHServer(port=port, dir=d, host_key=f"{kind} {b64}", client_key=d / "client_key",
+                        known_hosts=d / "known_hosts", user=getpass.getuser())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
