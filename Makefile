@@ -5,6 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STATE  ?= .siterecovery
+UI_PORT ?= 4200
 PYTEST_ARGS ?=
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -51,6 +52,15 @@ test: venv system lint
 # The unit tier only: no sshd, no Prefect server, no browser.
 test-fast: venv
 	$(BIN)/pytest -m "not sshd and not prefect_server and not browser and not slow" $(PYTEST_ARGS)
+
+# A local Prefect UI on 127.0.0.1:$(UI_PORT): server (database in $(STATE)/prefect), the process work
+# pool, every deployment rendered from plans/, and a worker. `make ui-stop` stops exactly those.
+ui: venv
+	$(BIN)/siterecovery deployments render
+	$(BIN)/siterecovery ui up --state $(STATE) --port $(UI_PORT)
+
+ui-stop:
+	@if [ -x $(BIN)/siterecovery ]; then $(BIN)/siterecovery ui down --state $(STATE); fi
 
 bench: venv system
 	$(BIN)/python -m bench

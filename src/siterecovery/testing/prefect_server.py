@@ -71,12 +71,17 @@ class PrefectServer:
 
     def start(self, timeout: float = 120.0, log: Path | None = None) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
-        logf = open(log or self.home / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.logfile = logf  # closed by stop(): an unclosed file is a ResourceWarning (an error under pytest)
+        logf = open(log or self.home / "server.log", "ab")  # noqa: SIM115 - closed once the child has it
         exe = Path(sys.executable).with_name("prefect")
         cmd = [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = subprocess.Popen(cmd, env=server_env(self.home), stdout=logf, stderr=subprocess.STDOUT,
+        env = server_env(self.home)
+        # Without it the UI's JavaScript calls the default port (4200), not this server's.
+        env["PREFECT_UI_API_URL"] = self.api_url
+        self.process = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                         start_new_session=True)
+        # The child holds its own copy of the descriptor; ours would leak (a ResourceWarning, an error
+        # under filterwarnings=error) when the server outlives this call, as `ui up` makes it.
+        logf.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -1,0 +1,194 @@
+"""`siterecovery ui up|down`: a local Prefect server, work pool, deployments and worker for operators.
+
+Everything lives in the project's state directory (.siterecovery/): the server's database under
+prefect/, logs and PID files under ui/. `down` stops exactly the process groups `up` recorded, after
+checking each PID still belongs to the process that was started (a PID can be reused). Drives the
+`prefect` CLI as subprocesses, so the core still never imports prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigurationError
+from .testing.prefect_server import PrefectServer, server_env
+
+DEFAULT_PORT = 4200
+# Processes this process started and that outlive `up`: kept so they are not garbage-collected while
+# running (Popen warns), and so `down` in the same process (tests) can reap them instead of leaving
+# zombies.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@dataclass(frozen=True)
+class Layout:
+    state: Path
+
+    @property
+    def home(self) -> Path:
+        return self.state / "prefect"
+
+    @property
+    def run(self) -> Path:
+        return self.state / "ui"
+
+    def pidfile(self, name: str) -> Path:
+        return self.run / f"{name}.pid"
+
+    def log(self, name: str) -> Path:
+        return self.run / f"{name}.log"
+
+
+def prefect_exe() -> str:
+    return str(Path(sys.executable).with_name("prefect"))
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (field 22 of /proc/PID/stat): with the PID, it names one process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its closing one.
+    return stat[stat.rindex(")") + 2:].split()[19]
+
+
+def record(pidfile: Path, pid: int) -> None:
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.write_text(f"{pid} {_start_time(pid) or '?'}\n")
+
+
+def recorded(pidfile: Path) -> int | None:
+    """The PID in `pidfile` if that very process is still running; a stale file is removed."""
+    try:
+        pid_s, started = pidfile.read_text().split()
+        pid = int(pid_s)
+    except (OSError, ValueError):
+        return None
+    if _start_time(pid) != started:
+        pidfile.unlink(missing_ok=True)
+        return None
+    return pid
+
+
+def stop_group(pidfile: Path, grace: float = 20.0) -> bool:
+    """SIGTERM the process group recorded in `pidfile`, SIGKILL it after `grace`; True if one ran."""
+    pid = recorded(pidfile)
+    if pid is None:
+        pidfile.unlink(missing_ok=True)
+        return False
+    # Each process was started as the leader of its own session and group (start_new_session), so
+    # the group holds it and its children (uvicorn, flow-run subprocesses) and nothing else.
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pidfile.unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _reap(pid)
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait(10)
+    pidfile.unlink(missing_ok=True)
+    return True
+
+
+def _reap(pid: int) -> None:
+    # When `up` and `down` run in one process (tests), the leader is our child: collect it so it
+    # does not linger as a zombie that keeps its group alive.
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        del _children[pid]
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: Path, what: str) -> None:
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip()[-3000:]
+        raise ConfigurationError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+
+
+def up(
+    state: Path,
+    root: Path,
+    prefect_file: Path,
+    pool: str = "siterecovery",
+    port: int = DEFAULT_PORT,
+    say: Callable[[str], None] = print,
+) -> str:
+    """Start (or reuse) the server, create the pool, deploy, start (or reuse) the worker; return the UI URL."""
+    lay = Layout(state.resolve())
+    lay.run.mkdir(parents=True, exist_ok=True)
+    server = PrefectServer(lay.home, port)
+    running = recorded(lay.pidfile("server"))
+    if running is not None and server.healthy():
+        say(f"server already running at {server.url}")
+    elif running is not None:
+        # Starting a second one would overwrite its PID file and orphan it: `down` could not stop it.
+        raise ConfigurationError(f"the server `ui up` started (pid {running}) is not answering on {server.url}: "
+                                 "another --port, or still starting; run `siterecovery ui down` first")
+    else:
+        if server.healthy():
+            raise ConfigurationError(f"something else already serves {server.url}; choose another --port")
+        say(f"starting the Prefect server on {server.url} (database in {lay.home}) ...")
+        server.start(log=lay.log("server"))
+        assert server.process is not None
+        _children[server.process.pid] = server.process
+        record(lay.pidfile("server"), server.process.pid)
+    env = server.env()
+    # The flows keep their own state (memory fabric, reports) in the same state directory.
+    env["SITERECOVERY_STATE"] = str(lay.state)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root.resolve()), env.get("PYTHONPATH", "")) if p)
+    exe = prefect_exe()
+    say(f"work pool {pool} (process)")
+    _run([exe, "--no-prompt", "work-pool", "create", pool, "--type", "process", "--overwrite"], env, root,
+         "creating the work pool")
+    say(f"deploying {prefect_file}")
+    _run([exe, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)], env, root, "prefect deploy")
+    if recorded(lay.pidfile("worker")) is not None:
+        say("worker already running")
+    else:
+        logf = open(lay.log("worker"), "ab")  # noqa: SIM115 - the worker outlives this process
+        worker = subprocess.Popen([exe, "worker", "start", "--pool", pool, "--type", "process"], env=env,
+                                  cwd=root, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        logf.close()
+        _children[worker.pid] = worker
+        record(lay.pidfile("worker"), worker.pid)
+        say(f"worker started (log: {lay.log('worker')})")
+    return server.url
+
+
+def down(state: Path, say: Callable[[str], None] = print) -> None:
+    """Stop the worker, then the server: exactly the process groups `up` recorded."""
+    lay = Layout(state.resolve())
+    for name in ("worker", "server"):
+        if stop_group(lay.pidfile(name)):
+            say(f"stopped the {name}")
+        else:
+            say(f"no {name} running")
+
+
+def status(state: Path) -> dict[str, int | None]:
+    lay = Layout(state.resolve())
+    return {name: recorded(lay.pidfile(name)) for name in ("server", "worker")}
+
+
+__all__ = ["DEFAULT_PORT", "Layout", "down", "server_env", "status", "up"]
