@@ -7,15 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hvhelpers import VM, make_host, placement  # noqa: F401 - re-exported for fixtures
 
 from siterecovery.fabric import FabricContext
-from siterecovery.fabric.base import Placement
 from siterecovery.fabric.hyperv import HyperVFabric
-from siterecovery.model import Credential, Host, ReplicationPolicy
-from siterecovery.model.topology import ReplicaServer
+from siterecovery.model import Host
 from siterecovery.testing.hyperv_sim import HyperVSimulator, generate_key
-
-VM = "web-01"
 
 
 @pytest.fixture(scope="session")
@@ -37,16 +34,6 @@ def sim(client_key: tuple[object, Path]) -> Iterator[HyperVSimulator]:
         yield s
 
 
-def make_host(sim: HyperVSimulator, name: str, key_path: Path, **kw: object) -> Host:
-    fields: dict[str, object] = {
-        "name": name, "site": "site-" + name[-1], "fabric": "hyperv", "address": "127.0.0.1", "port": sim.port,
-        "user": name, "host_key": sim.host_key_line, "credential": Credential(key_file=str(key_path)),
-        "replica_server": ReplicaServer(port=80, storage_location="D:\\Replica"),
-    }
-    fields.update(kw)
-    return Host(**fields)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 def hosts(sim: HyperVSimulator, client_key: tuple[object, Path]) -> dict[str, Host]:
     return {n: make_host(sim, n, client_key[1]) for n in ("hv-a", "hv-b", "hv-c")}
@@ -59,8 +46,3 @@ def driver() -> Iterator[HyperVFabric]:
     d.close()
 
 
-def placement(hosts: dict[str, Host], vm: str = VM, src: str = "hv-a", dst: str = "hv-b",
-              **policy: object) -> Placement:
-    pol = ReplicationPolicy(name="gold", **{"copy_frequency_seconds": 300, "recovery_history_hours": 4,
-                                            **policy})  # type: ignore[arg-type]
-    return Placement(vm=vm, pairing="p1", source=hosts[src], target=hosts[dst], policy=pol)

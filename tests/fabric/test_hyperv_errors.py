@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import VM, make_host, placement
+from hvhelpers import VM, make_host, placement
 from test_hyperv_ops import protect
 
 from siterecovery.errors import FabricError, HostKeyError, InvalidStateError, NotFoundError

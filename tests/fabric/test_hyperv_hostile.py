@@ -6,7 +6,7 @@ from __future__ import annotations
 from ipaddress import IPv4Address
 
 import pytest
-from conftest import placement
+from hvhelpers import placement
 
 from siterecovery.fabric.base import PointChoice
 from siterecovery.mapping import NICPlacement

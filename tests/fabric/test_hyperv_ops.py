@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
 
 import pytest
-from conftest import VM, placement
+from hvhelpers import VM, placement
 
 from siterecovery.fabric import Fabric
 from siterecovery.fabric.base import PointChoice, ReplicationState
@@ -50,7 +50,7 @@ def test_driver_satisfies_protocol(driver: HyperVFabric) -> None:
 def test_configure_replica_server(sim, driver, hosts) -> None:
     h = sim.add_host("hv-new", replica_server=False)
     sim.add_host("hv-x")
-    from conftest import make_host
+    from hvhelpers import make_host
     new = make_host(sim, "hv-new", hosts["hv-a"].credential.key_file)  # type: ignore[union-attr]
     r = driver.configure_replica_server(new, allowed_primaries=[hosts["hv-a"]])
     assert r.changed
@@ -306,7 +306,7 @@ def test_extended_replica_failover(sim, driver, hosts) -> None:
 
 
 def test_broker_places_replica_on_a_node(sim, driver, hosts, client_key) -> None:
-    from conftest import make_host
+    from hvhelpers import make_host
     sim.add_host("node-1", replica_server=False)
     sim.add_host("node-2", replica_server=False)
     sim.host("node-1").vms.append(sim.add_vm("hv-c", "filler"))
