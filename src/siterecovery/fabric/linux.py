@@ -117,8 +117,10 @@ class LinuxFabric:
         return host.root or str((self.root / "sites" / host.site).absolute())
 
     def _python(self, host: Host) -> str:
-        py = self.opts.get("python", "python3")
-        return str(py.get(host.name, "python3") if isinstance(py, dict) else py)
+        # The caller's option wins (tests, the demo), then the topology's, then the host's python3.
+        default = host.python or "python3"
+        py = self.opts.get("python", default)
+        return str(py.get(host.name, default) if isinstance(py, dict) else py)
 
     def _client(self, host: Host) -> paramiko.SSHClient:
         with self._lock:

@@ -64,6 +64,8 @@ class Host(Frozen):
     max_active_transfers: int = Field(3, ge=1, le=64)
     broker: bool = Field(False, description="a Hyper-V Replica Broker client access point")
     root: str | None = Field(None, description="linux fabric: the site's state directory on this host")
+    python: str | None = Field(None, description="linux fabric: a Python with siterecovery installed, for the "
+                                                 "replication agent on this host (default: python3)")
 
     @field_validator("host_key")
     @classmethod
