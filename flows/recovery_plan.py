@@ -544,12 +544,21 @@ def recovery_plan(
 ) -> dict[str, Any]:
     """Run a recovery plan: a test failover (drill), a planned or an unplanned failover, forward or back.
 
-    plan: a plan name in `project`, or a plan file. fabric: run every host on this fabric kind instead
-    (`memory` for a dry run). confirm: must equal the plan name for planned and unplanned failovers.
-    intent: resume exactly this intent (default: the open intent of the same parameters, else a new one).
-    failure_policy: override the plan's (stop | continue). host_limit / site_limit: set the Prefect
-    concurrency limits of the hosts and sites touched (default: keep the server's, create missing ones
-    with 4 per host and 16 per site). fabric_options: driver options (memory fabric: latency, state_file).
+    Args:
+        plan: a plan name in `project`, or a path to a plan file.
+        failover_type: test (a drill, always cleaned up), planned (no data loss) or unplanned.
+        direction: forward, or failback once replication was reversed.
+        recovery_point: latest, latest_processed, latest_app_consistent or point_in_time.
+        point_in_time: with point_in_time, the newest point at or before this time is used.
+        options: shut down the source, commit, reverse replication, cleanup and test network choices.
+        project: the project directory holding the topology, protection and plans.
+        fabric: run every host on this fabric kind instead (memory for a dry run).
+        confirm: type the plan's name to allow a planned or unplanned failover; drills need none.
+        intent: resume exactly this intent (default: the open intent of the same parameters, else a new one).
+        failure_policy: override the plan's (stop or continue).
+        fabric_options: driver options (memory fabric: latency, state_file).
+        host_limit: set the Prefect concurrency limit of each host touched (default: keep the server's; 4 when missing).
+        site_limit: set the Prefect concurrency limit of each site touched (default: keep the server's; 16 when missing).
     """
     return execute_plan(plan, failover_type, direction, recovery_point, point_in_time, options, project, fabric,
                         confirm, intent, failure_policy, fabric_options, host_limit, site_limit)
