@@ -196,7 +196,13 @@ def server_events(ids: set[str]) -> list[dict[str, Any]]:
 
 
 def test_rpo_breach_emits_exactly_one_event_per_vm_per_breach(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.events.worker import EventsWorker
+
     import flows.protection as fp
+
+    # Event workers are per process and bind their clients to the server current when they start: one
+    # left by an earlier test (pointing at a server that has since stopped) would drop every event.
+    EventsWorker.drain_all(timeout=10, at_exit=False)
 
     sent: list[tuple[str, str, tuple[str, ...], str]] = []
     real_emit = fp.emit_alert
