@@ -7,7 +7,6 @@ everything that is wrong.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -319,9 +318,3 @@ def validate_project(p: Project, now: datetime | None = None) -> list[Problem]:
     out += check_plans_together(p)
     return out
 
-
-def vms_by_host(p: Project) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = defaultdict(list)
-    for vm in p.topology.vms:
-        out[vm.host].append(vm.name)
-    return dict(out)
