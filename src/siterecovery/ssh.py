@@ -18,7 +18,7 @@ from typing import Any
 
 import paramiko
 
-from .errors import ConfigurationError, ConnectionFailed, HostKeyError, TransientFabricError
+from .errors import ConfigurationError, ConnectionFailed, FabricError, HostKeyError, TransientFabricError
 from .model import Host
 from .model.topology import Credential
 from .render import sh_join
@@ -95,6 +95,10 @@ def connect(host: Host, secrets: Secrets | None = None, timeout: float = 15.0) -
             client.load_host_keys(os.path.expanduser(host.known_hosts))
         except OSError as exc:
             raise ConfigurationError(f"host {host.name}: cannot read known_hosts {host.known_hosts}: {exc.strerror}") from None
+    else:
+        # Neither pinned nor named: the user's own ~/.ssh/known_hosts, as OpenSSH would (still no TOFU).
+        with contextlib.suppress(OSError):
+            client.load_system_host_keys()
     client.set_missing_host_key_policy(_PinnedOrKnown(host))
 
     kw: dict[str, Any] = {"allow_agent": False, "look_for_keys": False}
@@ -103,7 +107,10 @@ def connect(host: Host, secrets: Secrets | None = None, timeout: float = 15.0) -
         if cred.key_file:
             kw["key_filename"] = os.path.expanduser(cred.key_file)
         else:
-            text = (secrets or env_secrets)(cred)
+            try:
+                text = (secrets or env_secrets)(cred)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"host {host.name}: {exc.message}") from None
             if cred.kind == "password":
                 kw["password"] = text
             else:
@@ -115,10 +122,10 @@ def connect(host: Host, secrets: Secrets | None = None, timeout: float = 15.0) -
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         t = paramiko.Transport(sock, default_window_size=WINDOW_SIZE, **tkw)
-        # Reordering (not restricting) keeps servers without GCM reachable.
+        # GCM first; the other modern ciphers stay (servers without GCM remain reachable); CBC modes go.
         prefs = t.get_security_options()
         prefs.ciphers = tuple(c for c in GCM_FIRST if c in prefs.ciphers) + tuple(
-            c for c in prefs.ciphers if c not in GCM_FIRST)
+            c for c in prefs.ciphers if c not in GCM_FIRST and "-cbc" not in c)
         return t
 
     try:
@@ -137,8 +144,11 @@ def connect(host: Host, secrets: Secrets | None = None, timeout: float = 15.0) -
                  "fingerprint out of band and update host_key / known_hosts") from None
     except paramiko.AuthenticationException:
         client.close()
-        raise ConnectionFailed(f"SSH authentication as {host.user} failed", host=host.name, operation="connect",
-                               hint="check the host's credential (key file, environment variable or secret block)") from None
+        # Not transient: retrying with the same credential fails the same way.
+        raise FabricError(f"SSH authentication as {host.user} failed", host=host.name, operation="connect",
+                          error_id="AuthenticationFailed",
+                          hint="check the host's credential (key file, environment variable or secret block) "
+                               "and that its public key is authorized") from None
     except (OSError, paramiko.SSHException, EOFError) as exc:
         client.close()
         # The message of a socket error names address and errno only; no secret can be in it.

@@ -9,12 +9,9 @@ JSON object; PowerShell errors become siterecovery.errors exceptions carrying th
 from __future__ import annotations
 
 import base64
-import io
 import ipaddress
 import json
-import os
 import re
-import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,6 +20,7 @@ from typing import Any
 
 import paramiko
 
+from .. import ssh
 from ..errors import (
     ConfigurationError,
     ConnectionFailed,
@@ -525,108 +523,6 @@ def parse_server_state(answer: dict[str, Any]) -> ServerState:
                           hint="check the Hyper-V module version on the host") from None
 
 
-# ---- SSH ------------------------------------------------------------------------------------------
-def _secret_text(host: Host, secrets: Callable[[Any], str] | None) -> str | None:
-    cred = host.credential
-    if cred is None or cred.key_file:
-        return None
-    if cred.env:
-        text = os.environ.get(cred.env)
-        if text is None:
-            raise ConfigurationError(f"host {host.name}: environment variable {cred.env} is not set")
-        return text
-    if secrets is None:
-        raise ConfigurationError(f"host {host.name}: credential names secret block {cred.secret_block!r} "
-                                 "but no secret resolver was given (FabricContext.secrets)")
-    return str(secrets(cred))
-
-
-def _load_key(text: str | None = None, path: str | None = None) -> paramiko.PKey:
-    errors = []
-    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
-        try:
-            if path is not None:
-                return cls.from_private_key_file(os.path.expanduser(path))
-            return cls.from_private_key(io.StringIO(text or ""))
-        except (paramiko.SSHException, ValueError) as exc:
-            errors.append(f"{cls.__name__}: {exc}")
-    # The message names the key types tried, never the key's text.
-    raise ConfigurationError("cannot load the private key (" + "; ".join(errors) + ")")
-
-
-def _gcm_transport(sock: Any, **kw: Any) -> paramiko.Transport:
-    if isinstance(sock, socket.socket):
-        # Small request/answer exchanges: without NODELAY, Nagle meets delayed ACKs (40 ms a step).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    t = paramiko.Transport(sock, **kw)
-    opts = t.get_security_options()
-    gcm = [c for c in opts.ciphers if c.endswith("-gcm@openssh.com")]
-    opts.ciphers = tuple(gcm + [c for c in opts.ciphers if c not in gcm and "cbc" not in c])
-    return t
-
-
-def _connect(host: Host, secrets: Callable[[Any], str] | None = None, timeout: float = 15.0) -> paramiko.SSHClient:
-    """An SSH client to `host`, its host key verified (pinned key, else known_hosts); the one place to
-    swap for siterecovery.ssh.connect when the shared helper lands."""
-    client = paramiko.SSHClient()
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    lookup = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
-    try:
-        if host.host_key:
-            ktype, kdata = host.host_key.split()[:2]
-            client.get_host_keys().add(lookup, ktype, paramiko.PKey.from_type_string(ktype, base64.b64decode(kdata)))
-        elif host.known_hosts:
-            client.load_host_keys(os.path.expanduser(host.known_hosts))
-        else:
-            client.load_system_host_keys()
-    except (ValueError, OSError, paramiko.SSHException) as exc:
-        client.close()
-        raise HostKeyError(f"cannot read the host key to verify against: {exc}", host=host.name,
-                           hint="fix host_key ('<type> <base64>') or known_hosts in the topology") from None
-    kwargs: dict[str, Any] = {}
-    try:
-        cred = host.credential
-        if cred is not None and cred.key_file:
-            kwargs["pkey"] = _load_key(path=cred.key_file)
-        else:
-            text = _secret_text(host, secrets)
-            if text is not None and cred is not None and cred.kind == "password":
-                kwargs["password"] = text
-            elif text is not None:
-                kwargs["pkey"] = _load_key(text=text)
-        client.connect(host.address, port=host.port, username=host.user, timeout=timeout, banner_timeout=timeout,
-                       auth_timeout=timeout, allow_agent=False, look_for_keys=False,
-                       transport_factory=_gcm_transport, **kwargs)
-        return client
-    except paramiko.BadHostKeyException as exc:
-        client.close()
-        raise HostKeyError(
-            f"host key of {host.address}:{host.port} CHANGED: it presents a {exc.key.get_name()} key with "
-            f"fingerprint {exc.key.fingerprint}, not the one expected", host=host.name,
-            hint="if the host was rebuilt, pin its new key in the topology (host_key); otherwise treat this "
-                 "as an attack and do not connect") from None
-    except paramiko.AuthenticationException:
-        client.close()
-        raise FabricError(f"SSH authentication as {host.user} failed", host=host.name, error_id="AuthenticationFailed",
-                          hint="check the host's credential and that its public key is authorized") from None
-    except paramiko.SSHException as exc:
-        client.close()
-        if "known_hosts" in str(exc):
-            raise HostKeyError(
-                f"host key of {host.address}:{host.port} is unknown: it is neither pinned nor in known_hosts",
-                host=host.name, hint="verify the key out of band and pin it in the topology (host_key: "
-                                     "'ssh-ed25519 AAAA...') or add it to the known_hosts file") from None
-        raise ConnectionFailed(f"SSH to {host.address}:{host.port} failed: {exc}", host=host.name,
-                               hint="check the host and the network, then re-run (transient)") from None
-    except SiteRecoveryError:
-        client.close()
-        raise
-    except (OSError, EOFError) as exc:
-        client.close()
-        raise ConnectionFailed(f"cannot reach {host.address}:{host.port}: {exc}", host=host.name,
-                               hint="check the host and the network, then re-run (transient)") from None
-
-
 # ---- the driver -----------------------------------------------------------------------------------
 class ReplicaServerResult(Frozen):
     host: str
@@ -659,7 +555,7 @@ class HyperVFabric:
         self.timeout = float(self.context.options.get("timeout", 120.0))
         self._clients: dict[str, paramiko.SSHClient] = {}
         self._lock = threading.Lock()
-        self.connect: Callable[[Host], paramiko.SSHClient] = lambda h: _connect(h, self.context.secrets)
+        self.connect: Callable[[Host], paramiko.SSHClient] = lambda h: ssh.connect(h, self.context.secrets)
 
     # ---- transport ---------------------------------------------------------------------------
     def _client(self, host: Host) -> paramiko.SSHClient:
