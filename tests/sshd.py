@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -102,3 +103,4 @@ def running_sshd() -> Iterator[SSHServer]:
             proc.kill()
             proc.wait()
         log.close()
+        shutil.rmtree(d, ignore_errors=True)  # keys and config of a server that no longer exists
