@@ -83,3 +83,41 @@ def test_unknown_host_key_refused_before_anything_runs(sshd_server: SSHServer, t
     with pytest.raises(HostKeyError):
         run_remote(sshd_server.host(host_key=None, known_hosts=str(empty)), s, [], {}, timeout=30)
     assert not marker.exists()
+
+
+@pytest.mark.usefixtures("harness")
+def test_a_plan_runs_its_script_on_the_recovery_host(estate, sshd_server: SSHServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Through the recovery-plan flow: the script action names a host, which the topology points at sshd."""
+    import json
+
+    import yaml
+
+    from flows.recovery_plan import PlanFailed, recovery_plan
+
+    out = tmp_path / "ran-on-host"
+    script = tmp_path / "project" / "check.sh"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(f'#!/bin/sh\necho "$SITERECOVERY_VM $1" >> {out}\n[ "$1" != fail ] || exit 7\n')
+    script.chmod(0o755)
+    plan = {"name": "app", "groups": [{"name": "one", "vms": ["vm-a"], "after": [
+        {"type": "script", "name": "check", "path": "check.sh", "host": "dst-1", "per_vm": True,
+         "args": ["{{ failover_type }}"]}]}]}
+    e = estate([plan])
+    topo = yaml.safe_load((e.root / "topology.yaml").read_text())
+    for h in topo["hosts"]:
+        if h["name"] == "dst-1":
+            h.update(port=sshd_server.port, user=sshd_server.user, host_key=sshd_server.host_key,
+                     credential={"key_file": str(sshd_server.client_key)})
+    (e.root / "topology.yaml").write_text(yaml.safe_dump(topo, sort_keys=False))
+    summary = recovery_plan(plan="app", project=str(e.root))
+    assert summary["status"] == "succeeded"
+    assert out.read_text() == "vm-a test\n"
+    rep = json.loads(Path(summary["report"]).with_suffix(".json").read_text())
+    assert [(s["host"], s["returncode"]) for s in rep["scripts"]] == [("dst-1", 0)]
+    # a failing remote script stops the plan and the report names the host
+    plan["groups"][0]["after"][0]["args"] = ["fail"]
+    (e.root / "app.yaml").write_text(yaml.safe_dump({"kind": "RecoveryPlan", "source": "Prod", "target": "Recovery",
+                                                     **plan}, sort_keys=False))
+    with pytest.raises(PlanFailed) as exc:
+        recovery_plan(plan="app", project=str(e.root))
+    assert any("exited with 7" in f for f in exc.value.summary["failures"])  # type: ignore[attr-defined]
