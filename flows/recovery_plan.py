@@ -47,7 +47,7 @@ from siterecovery.report import (
     report_filename,
 )
 from tasks.fabric import result_storage, state_dir
-from tasks.limits import Reservation, ensure_limits, limit_name
+from tasks.limits import Reservation, ensure_limits, limit_name, reclaim_abandoned
 from tasks.script import ScriptJob, run_script, script_cache_key
 from tasks.vm import VMJob, job_cache_key, run_vm_steps
 
@@ -450,6 +450,10 @@ def execute_plan(
     earlier = lock.acquire(flow_run)
     try:
         closed = _close_abandoned(earlier, the_intent.id, flow_run, log)
+        for gone in reclaim_abandoned(state / "leases"):
+            log.warning("released %d slot(s) of %s held by a dead run (%s, pid %s) instead of waiting for its "
+                        "lease to expire", gone.get("occupy"), ", ".join(gone.get("names", [])), gone.get("holder"),
+                        gone.get("pid"))
         steps = compiled.steps()
         names: dict[str, int | None] = {}
         for s in steps:
@@ -460,7 +464,7 @@ def execute_plan(
                    journal=StepJournal(state, the_intent.id), flow_run=flow_run, fabric=fabric,
                    fabric_options=dict(fabric_options or {}), policy=failure_policy or rp.failure_policy,
                    limits=(limits := ensure_limits(names)), log=log,
-                   slots=Reservation(f"{flow_run}:slots", limits))
+                   slots=Reservation(f"{flow_run}:slots", limits, state / "leases"))
         run.dry_run = {run.kind(s.host) for s in steps if s.kind == "vm"} == {"memory"}
         log.info("%s v%s: %s failover, %s, %d steps in %d batches; intent %s%s", rp.name, rp.version,
                  failover_type.value, direction.value, len(steps), len(compiled.batches), the_intent.id,

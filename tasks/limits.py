@@ -14,6 +14,14 @@ run spent waiting for uncontended slots). It is released before anything that ma
 scripts (manual actions, script batches) and at the end of the run, so other runs sharing a host wait
 at most for one stretch of VM work.
 
+A run killed by SIGKILL (or a lost node) cannot give its slots back: the server frees them only when
+the lease expires (LEASE_SECONDS, renewed by a background thread while the run lives), so a re-run
+after a kill waited for them. Each lease is therefore also written to a ledger in the state directory
+(`<state>/leases/<lease id>.json`), locked with flock by the process that holds it. The kernel drops
+that lock when the process dies, so the next run (`reclaim_abandoned`) finds the unlocked records and
+releases their leases at once. Runs on other machines with their own state directories are not seen;
+their leases still expire on the server.
+
 The release is one write on the server, and right after a large run it can wait behind the server's
 ingestion of that run's task events: measured 5-10 s, and 60 s once (SQLite's busy timeout in the
 Prefect server), while reads answered in under 2 s. The plan's work is done by then, so the release
@@ -24,16 +32,25 @@ later reservation simply waits until the release has landed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
+import os
 import re
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
 
 DEFAULT_HOST_LIMIT = 4   # concurrent VM operations per Hyper-V / linux host (VMMS serialises more anyway)
 DEFAULT_SITE_LIMIT = 16  # concurrent VM operations per site (storage and network of a recovery site)
 ACQUIRE_TIMEOUT = 3600.0  # a batch waiting longer than this for another run's slots fails
+# Prefect's default lease. Shorter would free a dead run's slots sooner without the ledger, but a lease
+# that cannot be renewed in time (the server's SQLite has stalled for 60 s here) stops the run holding it.
+LEASE_SECONDS = 300.0
 
 _log = logging.getLogger(__name__)
 
@@ -102,12 +119,98 @@ def slots(key: str) -> LocalSlots | None:
         return _REGISTRY.get(key)
 
 
-@contextmanager
-def reserve(key: str, wanted: dict[str, int], limits: dict[str, int]) -> Iterator[LocalSlots]:
-    """Reserve min(limit, wanted) slots of each named global limit for the block; register them
-    locally under `key` for the batch's jobs."""
-    from prefect.concurrency.sync import concurrency
+class _LedgerEntry:
+    """One held lease on disk, flock-ed by its holder for as long as the lease is held."""
 
+    def __init__(self, ledger: Path, lease_id: str, names: list[str], occupy: int, key: str) -> None:
+        ledger.mkdir(parents=True, exist_ok=True)
+        self.path = ledger / f"{lease_id}.json"
+        # Locked and written under a temporary name, then renamed: a reclaimer never sees it unlocked
+        # or half written (the lock belongs to the inode and survives the rename).
+        tmp = ledger / f".{lease_id}.tmp"
+        self._f: Any = open(tmp, "w")  # noqa: SIM115 - held until close()
+        fcntl.flock(self._f, fcntl.LOCK_EX)
+        json.dump({"lease_id": lease_id, "names": names, "occupy": occupy, "holder": key, "pid": os.getpid(),
+                   "acquired_at": time.time()}, self._f)
+        self._f.flush()
+        os.replace(tmp, self.path)
+
+    def close(self, keep: bool = False) -> None:
+        if not keep:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        self._f.close()  # drops the lock
+
+
+@contextmanager
+def _leased(names: list[str], occupy: int, ledger: Path | None, key: str) -> Iterator[None]:
+    """Prefect's `concurrency()` (acquire with a lease, renew it in the background, release), plus the
+    ledger entry. Uses prefect.concurrency's lease helpers directly, because `concurrency()` does not
+    tell its caller the lease id (prefect pinned to 3.8.x; tests/orchestration/test_limits_leases.py
+    exercises these calls against a real server)."""
+    from prefect.concurrency._leases import maintain_concurrency_lease
+    from prefect.concurrency._sync import (
+        acquire_concurrency_slots_with_lease,
+        release_concurrency_slots_with_lease,
+    )
+
+    got = acquire_concurrency_slots_with_lease(names, occupy, timeout_seconds=ACQUIRE_TIMEOUT, strict=True,
+                                               lease_duration=LEASE_SECONDS)
+    entry = _LedgerEntry(ledger, str(got.lease_id), names, occupy, key) if ledger is not None else None
+    try:
+        with maintain_concurrency_lease(got.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=True):
+            yield
+    finally:
+        try:
+            release_concurrency_slots_with_lease(got.lease_id)
+        except BaseException:
+            if entry is not None:
+                entry.close(keep=True)  # unlocked on disk: the next run's reclaim retries the release
+            raise
+        if entry is not None:
+            entry.close()
+
+
+def reclaim_abandoned(ledger: Path) -> list[dict[str, Any]]:
+    """Release the leases of ledger entries whose holder process is gone (their flock is free).
+    Returns the entries released. Safe to run from several processes at once."""
+    if not ledger.is_dir():
+        return []
+    from prefect.concurrency._sync import release_concurrency_slots_with_lease
+
+    released = []
+    for path in sorted(ledger.glob("*.json")):
+        try:
+            f = open(path, "r+")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            continue
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live process holds this lease
+            if not path.exists():
+                continue  # its holder released it and removed the entry while we opened it
+            try:
+                entry = json.loads(f.read() or "{}")
+                lease = entry["lease_id"]
+            except (ValueError, KeyError):
+                path.unlink(missing_ok=True)  # not ours to read: never written by _LedgerEntry
+                continue
+            try:
+                release_concurrency_slots_with_lease(lease)
+            except Exception as exc:  # noqa: BLE001 - already expired or released: nothing held any more
+                _log.debug("lease %s: %s", lease, exc)
+            path.unlink(missing_ok=True)
+            released.append(entry)
+    return released
+
+
+@contextmanager
+def reserve(key: str, wanted: dict[str, int], limits: dict[str, int], ledger: Path | None = None) -> Iterator[LocalSlots]:
+    """Reserve min(limit, wanted) slots of each named global limit for the block; register them
+    locally under `key` for the batch's jobs. With a `ledger` directory, each lease is recorded there
+    for `reclaim_abandoned`."""
     sizes = {n: max(1, min(limits[n], w)) for n, w in wanted.items() if w > 0}
     # One request per distinct slot count (usually one or two per batch): the server takes every name
     # of a request or none, and the requests go in a fixed order.
@@ -117,7 +220,7 @@ def reserve(key: str, wanted: dict[str, int], limits: dict[str, int]) -> Iterato
     t0 = time.monotonic()
     with ExitStack() as stack:
         for k, names in sorted(by_size.items(), key=lambda kv: sorted(kv[1])):
-            stack.enter_context(concurrency(sorted(names), occupy=k, timeout_seconds=ACQUIRE_TIMEOUT, strict=True))
+            stack.enter_context(_leased(sorted(names), k, ledger, key))
         local = LocalSlots(sizes, key)
         local.waited = time.monotonic() - t0
         with _REG_LOCK:
@@ -138,9 +241,10 @@ class Reservation:
     run next. Jobs find the slots under `key`.
     """
 
-    def __init__(self, key: str, limits: dict[str, int]) -> None:
+    def __init__(self, key: str, limits: dict[str, int], ledger: Path | None = None) -> None:
         self.key = key
         self.limits = limits
+        self.ledger = ledger
         self.requests = 0  # server reservations made (each one a wait the run paid for)
         self._stack: ExitStack | None = None
         self._local: LocalSlots | None = None
@@ -163,7 +267,8 @@ class Reservation:
         stack = ExitStack()
         try:
             # A key per reservation: a release still running in the background unregisters its own.
-            self._local = stack.enter_context(reserve(f"{self.key}:{self.requests}", ahead, self.limits))
+            self._local = stack.enter_context(reserve(f"{self.key}:{self.requests}", ahead, self.limits,
+                                                            self.ledger))
         except BaseException:
             stack.close()
             raise

@@ -1,0 +1,105 @@
+"""Concurrency slots of a run that was SIGKILLed: the next run releases them at once (the lease ledger)
+instead of waiting for the server to expire the dead run's lease. Against a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+from test_plan_crash import REPO, _api, _env, _wait
+
+from siterecovery.testing.prefect_server import PrefectServer
+from siterecovery.testing.projects import memory_project, seed_memory
+
+pytestmark = pytest.mark.prefect_server
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from tasks.limits import Reservation
+    r = Reservation("killed-run:slots", {sys.argv[1]: 1}, Path(sys.argv[2]))
+    r.cover({sys.argv[1]: 1})
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_reclaim_releases_only_the_dead_holders_lease(server: PrefectServer, tmp_path: Path) -> None:
+    from prefect.concurrency.sync import concurrency
+
+    from tasks.limits import ensure_limits, reclaim_abandoned
+
+    name = f"siterecovery-host-lease-{uuid.uuid4().hex[:8]}"
+    ledger = tmp_path / "leases"
+    with _api(server):
+        assert ensure_limits({name: 1}) == {name: 1}
+        p = subprocess.Popen([sys.executable, "-c", HOLDER, name, str(ledger)], env=_env(server, tmp_path),
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+        try:
+            assert p.stdout is not None and p.stdout.readline().strip() == "held"
+            assert reclaim_abandoned(ledger) == []  # a live holder is left alone
+            assert len(list(ledger.glob("*.json"))) == 1
+        finally:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+        # the premise: the dead process's lease still occupies the only slot
+        with pytest.raises(TimeoutError), concurrency(name, occupy=1, timeout_seconds=3, strict=True):
+            pass
+        gone = reclaim_abandoned(ledger)
+        assert [(g["names"], g["pid"]) for g in gone] == [([name], p.pid)]
+        assert list(ledger.glob("*.json")) == []
+        with concurrency(name, occupy=1, timeout_seconds=60, strict=True):
+            pass  # free again, long before the 300 s lease would have expired
+
+
+FLOW = textwrap.dedent("""
+    import json, sys
+    from flows.recovery_plan import PlanFailed, recovery_plan
+    try:
+        out = recovery_plan(plan="two", project=sys.argv[1], failover_type="planned", confirm="two",
+                            fabric_options=json.loads(sys.argv[2]), host_limit=2)
+    except PlanFailed as exc:
+        out = exc.summary
+    print("SUMMARY " + json.dumps(out, default=str), flush=True)
+""")
+
+
+def test_rerun_after_a_kill_mid_batch_takes_the_dead_runs_slots_back(server: PrefectServer, tmp_path: Path) -> None:
+    from tasks.limits import DEFAULT_HOST_LIMIT, ensure_limits, limit_name
+
+    plan = {"name": "two", "version": "1", "groups": [{"name": "g", "vms": ["a-1", "a-2"]}]}
+    root = memory_project(tmp_path / "project", [plan], source_hosts=1, target_hosts=1)
+    state = tmp_path / "state"
+    seed_memory(root, "two", state / "memory-fabric.json")
+    ledger = state / "leases"
+    log1, log2 = tmp_path / "run1.log", tmp_path / "run2.log"
+    try:
+        with open(log1, "w") as err:
+            first = subprocess.Popen([sys.executable, "-c", FLOW, str(root), json.dumps({"latency": {"failover": 600}})],
+                                     env=_env(server, state), stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+        try:
+            _wait("the first run to hold its slots", lambda: list(ledger.glob("*.json")))
+        finally:
+            first.kill()
+            first.wait()
+        with open(log2, "w") as err:
+            second = subprocess.run([sys.executable, "-c", FLOW, str(root), "{}"], env=_env(server, state),
+                                    stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, timeout=240)
+        line = next((x for x in second.stdout.splitlines() if x.startswith("SUMMARY ")), None)
+        assert line, log2.read_text()[-3000:]
+        assert json.loads(line[len("SUMMARY "):])["status"] == "succeeded"
+        text = log2.read_text()
+        assert "held by a dead run" in text and limit_name("host", "dst-1") in text, text[-3000:]
+        assert list(ledger.glob("*.json")) == []
+    finally:
+        with _api(server):  # other tests on this server share the host limits by name
+            ensure_limits({limit_name("host", h): DEFAULT_HOST_LIMIT for h in ("src-1", "dst-1")})
