@@ -74,7 +74,8 @@ class DrillSettings(Frozen):
 
 
 class ProtectionSettings(Frozen):
-    replicate: bool = Field(True, description="schedule a replication cycle per pairing at its copy frequency")
+    replicate: bool = Field(True, description="schedule a replication cycle per pairing at its copy frequency "
+                                              "(not for Hyper-V pairings: Hyper-V Replica replicates by itself)")
     health_interval_seconds: int = Field(600, ge=10)
 
 
@@ -128,6 +129,9 @@ def _daily(hhmm: str) -> str:
 
 def _pool(settings: Settings) -> dict[str, Any]:
     return {"name": settings.work_pool, "work_queue_name": None, "job_variables": {}}
+
+
+SELF_REPLICATING = {"hyperv"}  # fabrics whose hosts replicate by themselves
 
 
 def _with_fabric(params: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -193,7 +197,13 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
             "work_pool": _pool(settings),
             "schedules": [],
         })
-        if settings.protection.replicate:
+        # Hyper-V Replica ships changes on its own schedule; a replicate run there would only connect
+        # and do nothing, so the deployment exists for pairings on fabrics we drive (linux, memory).
+        topo = project.topology
+        kinds = {settings.fabric} if settings.fabric else {
+            topo.host(h).fabric for c in (pairing.protected_cloud, pairing.protecting_cloud)
+            for h in topo.cloud(c).hosts}
+        if settings.protection.replicate and kinds - SELF_REPLICATING:
             deployments.append({
                 "name": pairing.name,
                 "description": (f"One replication cycle of pairing {label}, every "
