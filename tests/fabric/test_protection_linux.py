@@ -344,7 +344,7 @@ def test_lost_change_tracking_marks_resync_which_runs_in_its_window(make_estate:
     assert res.status == "resynchronized" and res.waited_seconds == 0
     assert [s.vm for s in res.steps] == ["web-01"] and e.in_sync("web-01")
     assert changed <= res.steps[0].bytes_sent < changed + 3 * BLOCK  # block compare: differences only
-    assert e.source_manifest("web-01", "os").exists()
+    assert list(e.source_manifest("web-01", "os").parent.glob("manifest*"))  # change tracking is back
 
     rows = health(e)
     assert {vm: (r.health, r.resync_required) for vm, r in rows.items()} == {
