@@ -171,7 +171,7 @@ def server_events(ids: set[str], timeout: float = 60) -> list[dict[str, Any]]:
 
 def test_enable_then_rerun_then_replicate_only_changes(make_estate: Any) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     e = make_estate({"web-01": ["os"], "db-01": ["os", "data"]})
 
@@ -196,14 +196,18 @@ def test_enable_then_rerun_then_replicate_only_changes(make_estate: Any) -> None
     assert changed <= cycles["web-01"].bytes_sent < changed + 5 * 1024
     assert cycles["db-01"].bytes_sent == 0
 
-    rows = health(e)
+    state = e.run("replication-health", return_state=True)
+    rows = {r.vm: r for r in state.result()}
     assert {vm: (r.state, r.health) for vm, r in rows.items()} == {
         "web-01": ("Replicating", "Normal"), "db-01": ("Replicating", "Normal")}
     assert rows["web-01"].successful_cycles == 2 and rows["web-01"].pending_bytes == 0
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"replication-health-{PAIRING}"])))
-    assert arts and arts[-1].type == "table"
-    assert {row["vm"] for row in json.loads(str(arts[-1].data))} == {"web-01", "db-01"}
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"replication-health-{PAIRING}"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert len(arts) == 1 and arts[0].type == "table"
+    table = {row["vm"]: row for row in json.loads(str(arts[0].data))}
+    assert set(table) == {"web-01", "db-01"} and table["db-01"]["pending_mb"] == 0
 
 
 def test_pending_bytes_are_the_changes_not_yet_replicated(make_estate: Any) -> None:

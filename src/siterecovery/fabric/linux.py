@@ -546,7 +546,7 @@ class LinuxFabric:
                     try:
                         sources = self._source_status(vm, p, statuses)
                     except (ExecutionError, ReplicaError, paramiko.SSHException, EOFError, OSError) as exc:
-                        details = details or f"primary unreachable, pending changes unknown: {exc}"[:300]
+                        details = details or f"pending changes unknown, the source did not answer: {exc}"[:300]
                     else:
                         lost = [d for d, src in zip(self._disks(vm), sources, strict=True) if not src["tracked"]]
                         if lost:
