@@ -254,7 +254,10 @@ def replicate(pairing: str, project: str = "plans", vms: list[str] | None = None
                                           note=f"{sc.kind(p)} replicates by itself every {p.policy.copy_frequency_seconds} s")
                 continue
             row: HealthRow = healths[vm].result()
-            if row.state == S.Replicating:
+            # A VM that needs resynchronizing waits for the resynchronize flow (and its off-hours
+            # window): a cycle would read its whole disk now. The linux fabric reports lost change
+            # tracking as resync_required while its state still reads Replicating.
+            if row.state == S.Replicating and not row.resync_required:
                 todo[vm] = (p, False)
             elif row.state == S.ReadyForInitialReplication and initial_due(p, now) is None:
                 todo[vm] = (p, True)
@@ -372,7 +375,7 @@ def resynchronize(pairing: str, project: str = "plans", vms: list[str] | None = 
         if not marked:
             return ResyncReport(status="nothing to do", window=window)
         waited = 0.0
-        if not on_demand:
+        if not on_demand and not core.in_window(core.CLOCK.now(), window):
             start = core.CLOCK.now()
             while not core.in_window(core.CLOCK.now(), window):
                 assert window is not None  # in_window is always true without one
@@ -384,8 +387,7 @@ def resynchronize(pairing: str, project: str = "plans", vms: list[str] | None = 
                 # Short sleeps, re-reading the clock: robust to clock changes and DST shifts.
                 core.CLOCK.sleep(min(300.0, max(1.0, (opens - core.CLOCK.now()).total_seconds())))
             waited = (core.CLOCK.now() - start).total_seconds()
-            if waited:
-                marked = candidates()  # the estate may have changed while we waited
+            marked = candidates()  # the estate may have changed while we waited
         if not marked:
             return ResyncReport(status="nothing to do", window=window, waited_seconds=waited)
         ensure_host_limits([sc.placements[vm] for vm in marked])

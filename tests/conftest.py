@@ -3,4 +3,4 @@ their fixtures in their own tests/fixtures_*.py modules, listed in pytest_plugin
 
 from sshd import sshd_server  # noqa: F401 - a fixture, found by name
 
-pytest_plugins: list[str] = ["tests.fixtures_protection"]
+pytest_plugins: list[str] = ["tests.fixtures_prefect"]

@@ -26,7 +26,7 @@ VMS = ["sql-01", "sql-02", "app-01", "app-02", "web-01", "web-02", "lb-01", "jum
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protection_prefect: None) -> Path:
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None) -> Path:
     monkeypatch.setenv("SITERECOVERY_STATE", str(tmp_path / "state"))
     return tmp_path / "state"
 

@@ -73,7 +73,7 @@ class HealthRow(Frozen):
     primary: str | None = None
     replica: str | None = None
     last_replication_time: datetime | None = None
-    pending_bytes: int = 0
+    pending_bytes: int | None = Field(0, description="changes not yet replicated; None when unknown")
     successful_cycles: int = 0
     missed_cycles: int = 0
     current_rpo_seconds: float | None = None
@@ -116,7 +116,7 @@ class HealthRow(Frozen):
             "vm": self.vm, "state": self.state, "health": self.health, "primary": self.primary,
             "replica": self.replica,
             "last_replication": self.last_replication_time.isoformat(timespec="seconds") if self.last_replication_time else "",
-            "pending_mb": round(self.pending_bytes / 2**20, 1),
+            "pending_mb": None if self.pending_bytes is None else round(self.pending_bytes / 2**20, 1),
             "rpo_s": None if self.current_rpo_seconds is None else round(self.current_rpo_seconds),
             "threshold_s": self.rpo_threshold_seconds, "ok_cycles": self.successful_cycles,
             "missed_cycles": self.missed_cycles, "resync": self.resync_required, "details": self.details,

@@ -77,7 +77,7 @@ def failovers(sim: HyperVSimulator) -> dict[str, int]:
 
 def test_hyperv_plan_fault_rerun_host_keys_and_no_key_material(
         sim: HyperVSimulator, client_key: tuple[object, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture, protection_prefect: None) -> None:
+        caplog: pytest.LogCaptureFixture, prefect_harness: None) -> None:
     from flows.recovery_plan import PlanFailed, recovery_plan
     from siterecovery.model import FailoverType
     from tasks.fabric import close_all

@@ -47,7 +47,7 @@ pairings:
 
 def test_protection_flows_on_hyperv_simulator(sim: HyperVSimulator, client_key: tuple[object, Path],
                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              protection_prefect: None) -> None:
+                                              prefect_harness: None) -> None:
     import flows.protection as fp
 
     monkeypatch.setenv("SITERECOVERY_STATE", str(tmp_path / "state"))

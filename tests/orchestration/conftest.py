@@ -1,6 +1,6 @@
-"""Flow tests: one Prefect test harness per session (16-24 s to start here), a project of memory-fabric
-hosts per test, and the state directory ($SITERECOVERY_STATE) the flow, its tasks and the asserting
-test share."""
+"""Flow tests: the session's one Prefect test harness (`prefect_harness` in tests/fixtures_prefect.py),
+a project of memory-fabric hosts per test, and the state directory ($SITERECOVERY_STATE) the flow, its
+tasks and the asserting test share."""
 
 from __future__ import annotations
 
@@ -23,14 +23,6 @@ APP = {"name": "app", "version": "7", "groups": [
     {"name": "db", "vms": ["db-1", {"name": "db-2", "depends_on": ["db-1"]}]},
     {"name": "web", "vms": ["web-1", "web-2", "web-3"]},
 ]}
-
-
-@pytest.fixture(scope="session")
-def harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 @pytest.fixture(scope="session")

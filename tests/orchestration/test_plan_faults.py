@@ -21,7 +21,7 @@ from flows.recovery_plan import PlanFailed, recovery_plan
 from siterecovery.model import FailoverType
 from siterecovery.report import RunReport, render_markdown
 
-pytestmark = pytest.mark.usefixtures("harness")
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 VMS = ("db-1", "db-2", "web-1", "web-2", "web-3")
 STATE_CHANGING = ("prepare_planned_failover", "failover", "apply_network", "start_vm", "commit_failover")

@@ -15,7 +15,7 @@ from flows.recovery_plan import ConfirmationRequired, PlanFailed, recovery_plan
 from siterecovery.compile import RunOptions
 from siterecovery.model import Direction, FailoverType
 
-pytestmark = pytest.mark.usefixtures("harness")
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def report_of(summary: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from tasks.fabric import resolve_secret
 from tests.scan_secrets import main as scan_main
 from tests.scan_secrets import needles, scan_objects, scan_paths, scan_prefect
 
-pytestmark = pytest.mark.usefixtures("harness")
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def test_scanner_finds_a_planted_canary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -84,7 +84,7 @@ def status(
         style = HEALTH_STYLE.get(r.health, "")
         lrepl = r.last_replication_time.astimezone().strftime("%m-%d %H:%M:%S") if r.last_replication_time else "-"
         table.add_row(r.pairing, r.vm, r.state, f"[{style}]{r.health}[/]" if style else r.health, r.primary or "",
-                      r.replica or "", lrepl, f"{r.pending_bytes / 2**20:.1f}", _rpo(r), f"{r.rpo_threshold_seconds}s",
+                      r.replica or "", lrepl, "unknown" if r.pending_bytes is None else f"{r.pending_bytes / 2**20:.1f}", _rpo(r), f"{r.rpo_threshold_seconds}s",
                       f"{r.successful_cycles}/{r.missed_cycles}",
                       "open" if (r.pairing, r.vm) in open_breaches else "", r.details)
     out.print(table)

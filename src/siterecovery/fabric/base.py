@@ -141,7 +141,7 @@ class ReplicationHealth(Frozen):
     primary_host: str | None = None
     replica_host: str | None = None
     last_replication_time: datetime | None = None
-    pending_bytes: int = 0
+    pending_bytes: int | None = Field(0, description="changes not yet replicated; None when unknown")
     successful_cycles: int = 0
     missed_cycles: int = 0
     current_rpo_seconds: float | None = None

@@ -93,7 +93,7 @@ class _VM:
     cycles_missed: int = 0
     resync_required: bool = False
     network_applied: bool = False
-    pending_bytes: int = 0
+    pending_bytes: int = 0  # unused (health measures it at the source); kept so older records load
     gens: dict[str, str] = field(default_factory=dict)  # disk -> generation the replica holds (a cache)
     seq: int = 0
     last_error: str = ""
@@ -366,7 +366,6 @@ class LinuxFabric:
             with contextlib.suppress(FileNotFoundError):
                 marker.unlink()
         vm.cycles_ok += 1
-        vm.pending_bytes = 0
         vm.resync_required = False
         vm.last_error = ""
         vm.last_replication = point["created_at"]
@@ -443,9 +442,11 @@ class LinuxFabric:
         t0 = utcnow()
         with self._vm(p) as box, self._errors(p, "resynchronize", p.source):
             vm = self._need(box[0], p, "resynchronize", S.Replicating, S.WaitingForStartResynchronize, S.Suspended, S.Error)
-            needed = vm.resync_required or vm.state != S.Replicating.value or not all(
-                self._ep(p.target).call(["status", *self._rep_args(vm, p, d.disk, p.target)])["disk_matches"]
-                for d in p.disks)
+            needed = vm.resync_required or vm.state != S.Replicating.value
+            if not needed:
+                statuses = self._disk_status(vm, p)
+                needed = not all(st["disk_matches"] for st in statuses) or not all(
+                    src["tracked"] for src in self._source_status(vm, p, statuses))
             if not needed:
                 return result(p, "resynchronize", False, S.Replicating, "no resynchronization needed", t0)
             vm.state = S.Resynchronizing.value
@@ -503,6 +504,19 @@ class LinuxFabric:
         dst = self._ep(p.target)
         return [dst.call(["status", *self._rep_args(vm, p, d, p.target)]) for d in self._disks(vm)]
 
+    def _source_status(self, vm: _VM, p: Placement, statuses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per disk, from the source host: is change tracking intact for the generation the replica
+        holds, and the bytes changed since (engine.source_status; None when unknown)."""
+        src = self._ep(p.source)
+        limit = str(int(self.opts.get("pending_scan_bytes", 1 << 30)))
+        out = []
+        for d, st in zip(self._disks(vm), statuses, strict=True):
+            argv = ["source-status", "--disk", vm.paths[d][p.source.name], "--state", self._src_state(p.source, p.vm, d),
+                    "--scan-limit", limit]
+            out.append(src.call([*argv, "--gen", st["gen"]]) if st.get("gen") else
+                       {"tracked": False, "pending_bytes": None, "how": "no replica"})
+        return out
+
     @staticmethod
     def _disks(vm: _VM) -> list[str]:
         return [d for d in vm.paths if not d.startswith("_")]
@@ -516,12 +530,31 @@ class LinuxFabric:
             rpo = (utcnow() - last).total_seconds() if last else None
             resync = vm.resync_required
             details = ""
+            # Changes not yet replicated: measured at the source against what the replica holds; None
+            # (unknown) rather than a false 0 when they cannot be measured. Only a prepared failover has
+            # shipped everything by construction.
+            pending: int | None = 0 if vm.state == S.PreparedForFailover.value else None
             if vm.state in (S.Replicating.value, S.Suspended.value) and vm.primary == p.source.name:
+                statuses: list[dict[str, Any]] | None = None
                 try:
-                    if not all(s["disk_matches"] for s in self._disk_status(vm, p)):
+                    statuses = self._disk_status(vm, p)
+                    if not all(s["disk_matches"] for s in statuses):
                         resync, details = True, "a replica disk does not match its manifest"
                 except ExecutionError as exc:
                     details = f"replica unreachable: {exc.message}"
+                if statuses is not None:
+                    try:
+                        sources = self._source_status(vm, p, statuses)
+                    except (ExecutionError, ReplicaError, paramiko.SSHException, EOFError, OSError) as exc:
+                        details = details or f"pending changes unknown, the source did not answer: {exc}"[:300]
+                    else:
+                        lost = [d for d, src in zip(self._disks(vm), sources, strict=True) if not src["tracked"]]
+                        if lost:
+                            resync = True
+                            details = details or (f"change tracking is lost at the source ({', '.join(lost)}: its "
+                                                  "manifest is missing or older than the replica's)")
+                        counts = [src["pending_bytes"] for src in sources]
+                        pending = None if lost or None in counts else sum(counts)
             health = Health.Normal
             if resync:
                 health, details = Health.Critical, details or f"Resynchronization is required for {p.vm}."
@@ -542,7 +575,7 @@ class LinuxFabric:
                 details = vm.last_error
             return ReplicationHealth(vm=p.vm, state=S(vm.state), health=health, mode=ReplicationMode.Primary,
                                      primary_host=vm.primary, replica_host=vm.replica, last_replication_time=last,
-                                     pending_bytes=vm.pending_bytes, successful_cycles=vm.cycles_ok,
+                                     pending_bytes=pending, successful_cycles=vm.cycles_ok,
                                      missed_cycles=vm.cycles_missed, current_rpo_seconds=rpo, resync_required=resync,
                                      test_failover_active=vm.test_active, details=details)
 

@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gen", required=True)
     s = sub.add_parser("source-drop")
     s.add_argument("--state", required=True)
+    s = sub.add_parser("source-status")
+    s.add_argument("--disk", required=True)
+    s.add_argument("--state", required=True)
+    s.add_argument("--gen", default=None, help="the generation the replica holds")
+    s.add_argument("--scan-limit", type=int, default=1 << 30, help="hash disks up to this size to count pending bytes")
     s = sub.add_parser("digest")
     s.add_argument("--path", required=True)
     s = sub.add_parser("copy")
@@ -166,6 +171,9 @@ def _run(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Pro
                 out_f.close()
     if cmd == "source-commit":
         return {"committed": SourceState(a.state).commit(bytes.fromhex(a.gen))}
+    if cmd == "source-status":
+        # Read-only and without the source lock: health must not wait for a running cycle.
+        return engine.source_status(a.disk, a.state, bytes.fromhex(a.gen) if a.gen else None, a.scan_limit)
     if cmd == "source-drop":
         import shutil
         shutil.rmtree(a.state, ignore_errors=True)

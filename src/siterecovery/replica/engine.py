@@ -522,6 +522,9 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
     if base_path and bh is None:
         raise ManifestMismatch("the base manifest is unreadable: resynchronize")
     new_gen = uuid.uuid4().bytes
+    # Taken before the view, so a write racing the read changes the file's times after this record:
+    # source_status then rescans instead of reporting nothing pending.
+    read_stat = _disk_stat(disk)
     with disk_view(disk, state_dir, freeze or [], thaw or [], quiesce or []) as (path, view):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -577,10 +580,84 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
         finally:
             os.close(fd)
     os.replace(tmp, src.pending)
+    _record_read(state_dir, new_gen, read_stat)
     if progress:
         progress(size, size)
     return {"gen": new_gen.hex(), "size": size, "blocks": changed, "zero_blocks": zeros,
             "bytes": w.payload_bytes, "changed_bytes": changed * BLOCK, **view}
+
+
+# ---- what is pending at the source ---------------------------------------------------------------
+
+READS = "reads.json"
+# A file whose mtime lies this close to the moment it was recorded may be written again within the
+# same timestamp tick (filesystem clocks are coarse: jiffies on ext4, 1-2 s elsewhere): "racily clean",
+# as git calls it. Such a record never proves that nothing changed. (ctime is compared too: it moves
+# on any write or metadata change and cannot be set back, so an mtime reset does not hide a write.)
+RACY_NS = 2_000_000_000
+
+
+def _disk_stat(disk: str) -> dict[str, int]:
+    st = os.stat(disk)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino,
+            "taken_ns": time.time_ns()}
+
+
+def _record_read(state_dir: str, gen: bytes, stat: dict[str, int]) -> None:
+    """Remember the disk's stat as a cycle read it, per generation; only generations the manifests still
+    hold are kept (the acknowledged one and the one in flight)."""
+    path = os.path.join(state_dir, READS)
+    reads = read_json(path, {}) or {}
+    live = {h.gen.hex() for h in (read_manifest_header(os.path.join(state_dir, n)) for n in ("manifest", "manifest.pending"))
+            if h is not None}
+    reads = {g: r for g, r in reads.items() if g in live}
+    reads[gen.hex()] = stat
+    write_json_atomic(path, reads)
+
+
+def source_status(disk: str, state_dir: str, gen: bytes | None, scan_limit: int) -> dict[str, Any]:
+    """Is change tracking intact for the generation the replica holds, and how many bytes of the disk
+    differ from it (the changes not yet replicated)? Read-only.
+
+    tracked: the source has the manifest of `gen` (False: it is lost or stale and only a resync helps).
+    pending_bytes: 0 when the disk's size, times and inode are as the cycle of `gen` found them (and that
+    record is not racily clean); otherwise the changed blocks (whole blocks, as a cycle ships them),
+    counted by hashing the disk against the manifest when the disk is at most `scan_limit` bytes; None
+    (unknown) when it is larger, or when tracking is lost.
+    how: unchanged | scanned | too large to scan | untracked.
+    """
+    header = path = None
+    for name in ("manifest.pending", "manifest"):
+        h = read_manifest_header(os.path.join(state_dir, name))
+        if h is not None and gen is not None and h.gen == gen:
+            header, path = h, os.path.join(state_dir, name)
+            break
+    if header is None or path is None:
+        return {"tracked": False, "pending_bytes": None, "how": "untracked"}
+    now = _disk_stat(disk)
+    rec = (read_json(os.path.join(state_dir, READS), {}) or {}).get(gen.hex() if gen else "")
+    keys = ("size", "mtime_ns", "ctime_ns", "ino")
+    if rec and all(rec.get(k) == now[k] for k in keys) and rec["mtime_ns"] < rec["taken_ns"] - RACY_NS:
+        return {"tracked": True, "pending_bytes": 0, "how": "unchanged", "size": now["size"]}
+    size = now["size"]
+    if size > scan_limit:
+        return {"tracked": True, "pending_bytes": None, "how": "too large to scan", "size": size}
+    pending = 0
+    base = ManifestReader(path, header)
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        for first, _, digs in scan(fd, size):
+            old = base.range(first, len(digs))
+            new = b"".join(digs)
+            if old == new:
+                continue
+            for j, d in enumerate(digs):
+                if old[j * DIG:(j + 1) * DIG] != d:
+                    pending += block_len(first + j, size)
+    finally:
+        os.close(fd)
+        base.close()
+    return {"tracked": True, "pending_bytes": pending, "how": "scanned", "size": size}
 
 
 # ---- the replica side -----------------------------------------------------------------------------

@@ -1,0 +1,33 @@
+"""The one Prefect test harness of a pytest session, shared by every flow test (plans and protection):
+a real Prefect server in a subprocess with a fresh SQLite database, 16-24 s to start here (hence the
+90 s timeout). Two harnesses in one session would start two servers and leave clients (the events
+worker) bound to whichever came first, so there is exactly one fixture that starts it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+# Older names of the same fixture, kept so that tests written against them keep working.
+@pytest.fixture(scope="session")
+def harness(prefect_harness: None) -> None:
+    return None
+
+
+@pytest.fixture(scope="session")
+def protection_prefect(prefect_harness: None) -> None:
+    return None
