@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..cli import app, err, out
@@ -94,8 +95,8 @@ def status(
     out.print(table)
     bad = sum(1 for r in rows if r.health in ("Warning", "Critical", "Unknown"))
     if bad:
-        out.print(f"[yellow]{bad} VM(s) need attention[/]: `python -m flows.protection resynchronize "
-                  f"{pairing or 'PAIRING'} --on-demand` resynchronizes those marked for it")
+        out.print(f"[yellow]{bad} VM(s) need attention[/]: `siterecovery resync {pairing or 'PAIRING'}` "
+                  "resynchronizes those marked for it")
 
 
 def _import_flows() -> Any:
@@ -125,7 +126,7 @@ def protect(
                                         return_state=True)
     value = state.result(raise_on_failure=False)
     if isinstance(value, BaseException):
-        err.print(f"[red]enable-protection failed:[/] {value}", highlight=False)
+        err.print(f"[red]enable-protection failed:[/] {escape(str(value))}", highlight=False)  # [vm=...] is no markup
         raise typer.Exit(1)
     table = Table(title=f"Protection of {pairing}")
     for col in ("VM", "Outcome", "Ready", "Note"):
@@ -152,7 +153,7 @@ def resync(
                                     on_demand=True, return_state=True)
     value = state.result(raise_on_failure=False)
     if isinstance(value, BaseException):
-        err.print(f"[red]resynchronize failed:[/] {value}", highlight=False)
+        err.print(f"[red]resynchronize failed:[/] {escape(str(value))}", highlight=False)  # [vm=...] is no markup
         raise typer.Exit(1)
     if value.status == "nothing to do":
         out.print(f"nothing to resynchronize in {pairing}: no VM is marked for it (name VMs to resynchronize "
