@@ -25,6 +25,7 @@ from siterecovery.model.common import Frozen
 from siterecovery.model.protection import NetworkInitial
 from siterecovery.model.topology import Host
 from siterecovery.protection import DATA_PATH_KINDS, Alert, HealthRow
+from tasks.progress import reporting
 
 S = ReplicationState
 
@@ -99,7 +100,8 @@ def initial_replication_vm(driver: Fabric, p: Placement) -> Step:
         if h.state == S.ReadyForInitialReplication:
             return Step(vm=p.vm, step="initial_replication", changed=False, state=h.state.value,
                         message=f"scheduled for {due.isoformat(timespec='minutes')}; the replicate flow starts it")
-    return Step.of(driver.start_initial_replication(p))
+    with reporting(p.vm, "initial replication") as progress:
+        return Step.of(driver.start_initial_replication(p, progress=progress))
 
 
 class Readiness(Frozen):
@@ -148,11 +150,13 @@ def replicate_vm(driver: Fabric, p: Placement, consistency: Literal["crash", "ap
     # strict: a missing limit must fail loudly, not silently allow unlimited transfers.
     with concurrency(host_limit_name(p.source.name), occupy=1, strict=True, timeout_seconds=3600):
         if initial:
-            return Step.of(driver.start_initial_replication(p))
+            with reporting(p.vm, "initial replication") as progress:
+                return Step.of(driver.start_initial_replication(p, progress=progress))
         kwargs: dict[str, Any] = {}
         if bandwidth_bytes_per_second and supports_bandwidth(driver):
             kwargs["bandwidth_bytes_per_second"] = bandwidth_bytes_per_second
-        return Step.of(driver.replicate(p, consistency, **kwargs))
+        with reporting(p.vm, "replicate") as progress:
+            return Step.of(driver.replicate(p, consistency, progress=progress, **kwargs))
 
 
 def host_limit_name(host: str) -> str:
@@ -210,7 +214,8 @@ def resync_vm(driver: Fabric, p: Placement) -> Step:
 
     # A resync reads whole disks: it counts as a transfer against the host's limit.
     with concurrency(host_limit_name(p.source.name), occupy=1, strict=True, timeout_seconds=3600):
-        return Step.of(driver.resynchronize(p))
+        with reporting(p.vm, "resynchronize") as progress:
+            return Step.of(driver.resynchronize(p, progress=progress))
 
 
 @task(name="disable replication", task_run_name="disable replication {p.vm}", **RETRY)

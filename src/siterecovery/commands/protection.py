@@ -1,8 +1,11 @@
-"""`siterecovery status` and `siterecovery protect`: the operator's view of replication health and
-the way to protect a pairing's VMs.
+"""`siterecovery status`, `siterecovery protect` and `siterecovery resync`: the operator's view of
+replication health, the way to protect a pairing's VMs and to resynchronize them on demand.
 
 status reads health straight from the fabric (no Prefect needed: it must work while the orchestrator
-is down); protect runs the enable-protection flow, so prefect is imported inside that command only.
+is down). protect and resync move data, so they run the enable-protection and resynchronize flows in
+this process (prefect is imported inside those commands only): a resync then takes its source host's
+transfer slot like any scheduled cycle, clears the pairing's failed-cycle count and leaves a flow run
+with its artifacts. Both show each VM's copy as it runs (progress_view).
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..cli import app, err, out
 from ..errors import ExecutionError, SiteRecoveryError
 from ..placement import pairing_placements
+from ..progress_view import progress_display
 from ..project import load_project
 from ..protection import HealthRow, kind_of, open_fabric, read_pairing_state, state_dir
 
@@ -90,8 +95,8 @@ def status(
     out.print(table)
     bad = sum(1 for r in rows if r.health in ("Warning", "Critical", "Unknown"))
     if bad:
-        out.print(f"[yellow]{bad} VM(s) need attention[/]: `python -m flows.protection resynchronize "
-                  f"{pairing or 'PAIRING'} --on-demand` resynchronizes those marked for it")
+        out.print(f"[yellow]{bad} VM(s) need attention[/]: `siterecovery resync {pairing or 'PAIRING'}` "
+                  "resynchronizes those marked for it")
 
 
 def _import_flows() -> Any:
@@ -116,11 +121,12 @@ def protect(
 ) -> None:
     """Enable protection: replication, initial copy, network mapping and a readiness check, per VM."""
     flows = _import_flows()
-    state = flows.enable_protection(pairing=pairing, project=str(project_dir), vms=vms or None, fabric=fabric,
-                                    return_state=True)
+    with progress_display(out):
+        state = flows.enable_protection(pairing=pairing, project=str(project_dir), vms=vms or None, fabric=fabric,
+                                        return_state=True)
     value = state.result(raise_on_failure=False)
     if isinstance(value, BaseException):
-        err.print(f"[red]enable-protection failed:[/] {value}", highlight=False)
+        err.print(f"[red]enable-protection failed:[/] {escape(str(value))}", highlight=False)  # [vm=...] is no markup
         raise typer.Exit(1)
     table = Table(title=f"Protection of {pairing}")
     for col in ("VM", "Outcome", "Ready", "Note"):
@@ -129,4 +135,36 @@ def protect(
     for r in value:
         c = colour.get(r.outcome, "yellow")
         table.add_row(r.vm, f"[{c}]{r.outcome}[/]", "yes" if r.ready else "no", r.note)
+    out.print(table)
+
+
+@app.command()
+def resync(
+    pairing: Annotated[str, typer.Argument(help="pairing name")],
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs to resynchronize even if not marked "
+                                                        "(default: those marked for it)")] = None,
+    project_dir: ProjectOpt = Path("plans"),
+    fabric: FabricOpt = None,
+) -> None:
+    """Resynchronize now, ignoring the resync window: compare block checksums and ship what differs."""
+    flows = _import_flows()
+    with progress_display(out):
+        state = flows.resynchronize(pairing=pairing, project=str(project_dir), vms=vms or None, fabric=fabric,
+                                    on_demand=True, return_state=True)
+    value = state.result(raise_on_failure=False)
+    if isinstance(value, BaseException):
+        err.print(f"[red]resynchronize failed:[/] {escape(str(value))}", highlight=False)  # [vm=...] is no markup
+        raise typer.Exit(1)
+    if value.status == "nothing to do":
+        out.print(f"nothing to resynchronize in {pairing}: no VM is marked for it (name VMs to resynchronize "
+                  "them anyway)", highlight=False)
+        return
+    table = Table(title=f"Resynchronization of {pairing}")
+    for col in ("VM", "Reason", "Changed", "Sent", "Result"):
+        table.add_column(col)
+    steps = {s.vm: s for s in value.steps}
+    for vm, reason in value.candidates.items():
+        s = steps.get(vm)
+        table.add_row(vm, reason, "yes" if s and s.changed else "no",
+                      f"{s.bytes_sent / 2**20:.1f} MiB" if s else "-", s.message if s else "")
     out.print(table)

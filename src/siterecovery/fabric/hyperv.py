@@ -757,8 +757,8 @@ class HyperVFabric:
                                                    Path=init.import_path)])
                 changed = True
                 st = self.vm_state(p.source, p.vm, op)
-        if progress:
-            progress(1, 1)
+        # No progress call: Start-VMInitialReplication only starts the copy (Hyper-V moves the data on
+        # its own); reporting 100 % here would show a finished bar for a copy that has just begun.
         msg = {"offline": "initial copy exported and imported", "network": "initial replication started",
                "existing_replica": "initial replication against the existing replica started"}[init.method]
         if init.method == "network" and init.start_at is not None:

@@ -34,6 +34,7 @@ from ..errors import (
     TransientFabricError,
 )
 from ..model import Host
+from ..progress import DiskTotals
 from ..render import render_args
 from ..replica.engine import ReplicaError
 from ..replica.transport import Endpoint, LocalEndpoint, SSHEndpoint, transfer
@@ -95,6 +96,7 @@ class _VM:
     network_applied: bool = False
     pending_bytes: int = 0  # unused (health measures it at the source); kept so older records load
     gens: dict[str, str] = field(default_factory=dict)  # disk -> generation the replica holds (a cache)
+    sizes: dict[str, int] = field(default_factory=dict)  # disk -> bytes at the last look (progress totals)
     seq: int = 0
     last_error: str = ""
 
@@ -239,13 +241,18 @@ class LinuxFabric:
                 raise InvalidStateError("the VM has no disks to replicate", vm=p.vm, host=p.source.name,
                                         operation="enable_replication", hint="declare the VM's disks in the topology")
             src = self._ep(p.source)
+            sizes = {}
             for d in p.disks:
-                if not src.call(["exists", "--path", d.source_path])["exists"]:
+                found = src.call(["exists", "--path", d.source_path])
+                if not found["exists"]:
                     raise NotFoundError(f"disk {d.disk} not found at {d.source_path}", vm=p.vm, host=p.source.name,
                                         operation="enable_replication", hint="check the disk path in the topology")
+                if isinstance(found.get("size"), int):
+                    sizes[d.disk] = found["size"]
             paths = {d.disk: {p.source.name: d.source_path, p.target.name: self._replica_image(p, d.disk, d.target_location)}
                      for d in p.disks}
-            box[0] = _VM(primary=p.source.name, replica=p.target.name, paths=paths, running=[p.source.name])
+            box[0] = _VM(primary=p.source.name, replica=p.target.name, paths=paths, running=[p.source.name],
+                         sizes=sizes)
             return result(p, "enable_replication", True, S.ReadyForInitialReplication, "replication enabled", t0,
                           host=p.source.name)
 
@@ -350,8 +357,15 @@ class LinuxFabric:
         tmp.replace(marker)
         total, notes = 0, []
         try:
-            for d in p.disks:
-                out = self._ship(vm, p, d.disk, point, consistency, progress, mode)
+            # One count over the VM's disks, so a caller sees one total and done never going back.
+            totals = DiskTotals(progress, self._sizes(vm, p)) if progress is not None else None
+            for i, d in enumerate(p.disks):
+                out = self._ship(vm, p, d.disk, point, consistency, totals.disk(i) if totals else None, mode)
+                size = out.get("size")
+                if isinstance(size, int):
+                    vm.sizes[d.disk] = size
+                if totals:
+                    totals.finished(i, size if isinstance(size, int) else None)
                 total += int(out.get("bytes", 0))
                 if out.get("resync_reason"):
                     notes.append(f"{d.disk}: resynchronized ({out['resync_reason']})")
@@ -372,6 +386,15 @@ class LinuxFabric:
         if consistency == "app":
             vm.last_app_point = point["created_at"]
         return point, total, notes
+
+    def _sizes(self, vm: _VM, p: Placement) -> list[int]:
+        """Each disk's size for progress totals: as last seen, else asked of the source host."""
+        for d in p.disks:
+            if d.disk not in vm.sizes:
+                found = self._ep(p.source).call(["exists", "--path", vm.paths[d.disk][p.source.name]])
+                if isinstance(found.get("size"), int):
+                    vm.sizes[d.disk] = found["size"]
+        return [vm.sizes.get(d.disk, 0) for d in p.disks]
 
     def start_initial_replication(self, p: Placement, progress: Progress | None = None) -> OpResult:
         t0 = utcnow()

@@ -195,7 +195,8 @@ def _run(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Pro
                 removed.append(path)
         return {"removed": removed}
     if cmd == "exists":
-        return {"exists": os.path.exists(a.path)}
+        # The size lets the orchestrator show a copy's total before the first byte moves.
+        return {"exists": os.path.exists(a.path), "size": os.path.getsize(a.path) if os.path.isfile(a.path) else None}
     if cmd == "spawn":
         return spawn(a.pidfile, a.log, [x for x in a.argv if x != "--"] if a.argv[:1] == ["--"] else a.argv)
     if cmd == "kill":
@@ -316,6 +317,7 @@ def kill(pidfile: str, grace: float) -> dict[str, Any]:
 
 
 F_SETPIPE_SZ = 1031
+REMOTE_PROGRESS_EVERY = 64 * 1024 * 1024  # bytes between two `P done total` lines on stderr
 
 
 def _widen_pipes() -> None:
@@ -332,7 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout.buffer
     err = sys.stderr
 
+    last = [-REMOTE_PROGRESS_EVERY]
+
     def progress(done: int, total: int) -> None:
+        # Sparse on purpose: until a reader drains stderr, every unread byte holds back the SSH
+        # channel's window (one line per 64 MiB stays far below it for any disk size).
+        if done - last[0] < REMOTE_PROGRESS_EVERY and not (total and done >= total):
+            return
+        last[0] = done
         err.write(f"P {done} {total}\n")
         err.flush()
 

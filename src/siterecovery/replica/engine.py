@@ -41,7 +41,8 @@ END = 2**64 - 1
 F_RAW, F_ZSTD, F_ZERO = 0, 1, 2
 MHDR = struct.Struct("<8sIQQ16s20x")  # magic, block size, disk size, point seq, generation: 64 bytes
 DIG = 16
-PROGRESS_EVERY = 64 * 1024 * 1024
+PROGRESS_EVERY = 16 * 1024 * 1024  # in-process callbacks; the agent's P lines are sparser (agent.py)
+PROGRESS_RECORDS = 256  # a receiver reports every this many records (16 MiB of full blocks)
 
 Progress = Callable[[int, int], None]
 
@@ -541,6 +542,10 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
                     mf.write(ManifestHeader(size=size, seq=seq, gen=new_gen).pack())
                     next_report = PROGRESS_EVERY
                     for first, data, digs in scan(fd, size):
+                        # Everything before this chunk is done (unchanged chunks included).
+                        if progress and first * BLOCK >= next_report:
+                            progress(first * BLOCK, size)
+                            next_report = first * BLOCK + PROGRESS_EVERY
                         new = b"".join(digs)
                         old = base.range(first, len(digs)) if base_path else b""
                         if old == new:
@@ -568,10 +573,6 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
                             w.record(i, flag, payload, d2)
                             changed += 1
                         mf.write(b"".join(digs))
-                        done = (first + len(digs)) * BLOCK
-                        if progress and done >= next_report:
-                            progress(min(done, size), size)
-                            next_report = done + PROGRESS_EVERY
                     mf.flush()
                     os.fsync(mf.fileno())
             finally:
@@ -786,7 +787,7 @@ class Replica:
                     sf.write(REC.pack(index, flag, len(payload), dig))
                     if payload:
                         sf.write(payload)
-                    if progress and r.count % 512 == 0:
+                    if progress and r.count % PROGRESS_RECORDS == 0:
                         progress(index * BLOCK, size)
                 sf.flush()
                 os.fsync(sf.fileno())
@@ -822,7 +823,7 @@ class Replica:
                     pos = index + 1
                     if data:
                         os.pwrite(fd, data, index * BLOCK)
-                    if progress and r.count % 1024 == 0:
+                    if progress and r.count % PROGRESS_RECORDS == 0:
                         progress(index * BLOCK, size)
                 for k in range(pos, n, 4096):
                     mf.write(b"".join(zero_digest(block_len(i, size)) for i in range(k, min(n, k + 4096))))

@@ -100,8 +100,11 @@ class SSHEndpoint(Endpoint):
 
 
 class ChannelReader(io.RawIOBase):
-    def __init__(self, chan: paramiko.Channel, progress_lines: list[str] | None = None) -> None:
+    """A channel's stdout as a file; its stderr, when `stderr` is given, is fed to it as it comes."""
+
+    def __init__(self, chan: paramiko.Channel, stderr: _SenderProgress | None = None) -> None:
         self.chan = chan
+        self.stderr = stderr
 
     def readable(self) -> bool:
         return True
@@ -110,6 +113,8 @@ class ChannelReader(io.RawIOBase):
         data = self.chan.recv(len(b))
         n = len(data)
         b[:n] = data
+        if self.stderr is not None and self.chan.recv_stderr_ready():
+            self.stderr.feed(self.chan.recv_stderr(1 << 16))
         return n
 
 
@@ -125,8 +130,9 @@ class ChannelWriter(io.RawIOBase):
         return len(b)
 
 
-def _finish(chan: paramiko.Channel, where: str) -> tuple[dict[str, Any], bytes]:
-    """Exit status, stdout rest and stderr of a finished channel; raises on failure."""
+def _finish(chan: paramiko.Channel, where: str, early_err: bytes = b"") -> tuple[dict[str, Any], bytes]:
+    """Exit status, stdout rest and stderr of a finished channel; raises on failure. `early_err` is
+    stderr already read from the channel (the relay reads the sender's progress lines as they come)."""
     out = bytearray()
     while True:
         d = chan.recv(1 << 16)
@@ -134,7 +140,7 @@ def _finish(chan: paramiko.Channel, where: str) -> tuple[dict[str, Any], bytes]:
             break
         out += d
     rc = chan.recv_exit_status()
-    err = bytearray()
+    err = bytearray(early_err)
     while chan.recv_stderr_ready():
         err += chan.recv_stderr(1 << 16)
     chan.close()
@@ -187,7 +193,8 @@ def transfer(src: Endpoint, send_args: list[str], dst: Endpoint, recv_args: list
         schan.sendall(prefix)
     schan.shutdown_write()
     if dst.local:
-        reader = io.BufferedReader(ChannelReader(schan), RELAY_CHUNK)
+        lines = _SenderProgress(progress)
+        reader = io.BufferedReader(ChannelReader(schan, lines), RELAY_CHUNK)
         recv_exc: BaseException | None = None
         got = {}
         try:
@@ -198,34 +205,35 @@ def transfer(src: Endpoint, send_args: list[str], dst: Endpoint, recv_args: list
             # A sender that failed (e.g. lost change tracking) ends its stream early: its own error
             # explains the torn stream better than the receiver's.
             if schan.status_event.wait(2) and schan.recv_exit_status() != 0:
-                err = bytearray()
+                err = bytearray(lines.kept())
                 while schan.recv_stderr_ready():
                     err += schan.recv_stderr(1 << 16)
                 schan.close()
                 raise _error(bytes(err), 3, f"{src.name}: send") from None
             schan.close()  # do not drain the rest of a stream nobody will apply
             raise recv_exc
-        sent, _ = _finish(schan, f"{src.name}: send")
+        sent, _ = _finish(schan, f"{src.name}: send", lines.kept())
         return sent, got
     assert isinstance(dst, SSHEndpoint)
     dchan = dst.channel(recv_args)
-    relayed = 0
+    err_lines = _SenderProgress(progress)
     try:
         while True:
             data = schan.recv(RELAY_CHUNK)
             if not data:
                 break
             dchan.sendall(data)
-            relayed += len(data)
-            if progress:
-                progress(relayed, 0)
+            if schan.recv_stderr_ready():
+                err_lines.feed(schan.recv_stderr(1 << 16))
+        while schan.recv_stderr_ready():  # lines that came with the end of the stream
+            err_lines.feed(schan.recv_stderr(1 << 16))
     except OSError:
         pass  # one side gave up; its exit status says why
     with contextlib.suppress(OSError):
         dchan.shutdown_write()
     send_err: ReplicaError | None = None
     try:
-        sent, _ = _finish(schan, f"{src.name}: send")
+        sent, _ = _finish(schan, f"{src.name}: send", err_lines.kept())
     except ReplicaError as exc:
         send_err = exc
     try:
@@ -237,6 +245,29 @@ def transfer(src: Endpoint, send_args: list[str], dst: Endpoint, recv_args: list
     if send_err is not None:
         raise send_err
     return sent, got
+
+
+class _SenderProgress:
+    """The sending agent's stderr as the relay reads it: `P done total` lines (disk bytes scanned of the
+    disk's size) go to `progress`; every other byte is kept for _finish, which finds the result there."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.other = bytearray()
+        self.tail = b""
+
+    def feed(self, data: bytes) -> None:
+        *lines, self.tail = (self.tail + data).split(b"\n")
+        for line in lines:
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == b"P" and parts[1].isdigit() and parts[2].isdigit():
+                if self.progress:
+                    self.progress(int(parts[1]), int(parts[2]))
+            else:
+                self.other += line + b"\n"
+
+    def kept(self) -> bytes:
+        return bytes(self.other) + self.tail
 
 
 def _local_local(send_args: list[str], recv_args: list[str], progress: Progress | None,
