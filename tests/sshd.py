@@ -47,6 +47,11 @@ class SSHServer:
     known_hosts: Path
     user: str
 
+    def authorize(self, public_key: str) -> None:
+        """Let one more client key in (sshd reads authorized_keys at every login)."""
+        with open(self.dir / "authorized_keys", "a") as f:
+            f.write(public_key.strip() + "\n")
+
     def host(self, name: str = "h1", site: str = "s1", root: str | None = None, **kw: object) -> Host:
         args: dict[str, object] = dict(name=name, site=site, fabric="linux", address="127.0.0.1", port=self.port,
                                        user=self.user, host_key=self.host_key, credential={"key_file": str(self.client_key)},

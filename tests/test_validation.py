@@ -383,3 +383,31 @@ def test_every_project_in_plans_dir_is_valid() -> None:
     for d in dirs:
         project = load_project(d)
         assert project.plans, f"{d} has no plans"
+
+
+# ---- host-to-host replication (linux peer_ssh) ------------------------------------------------------
+@pytest.mark.parametrize(
+    ("new", "token", "path", "needle"),
+    [
+        ("    peer_ssh: {identity_file: keys/peer, known_hosts: /etc/sr/known_hosts}\n", "keys/peer",
+         "hosts[1].peer_ssh.identity_file", "must be an absolute path on the host"),
+        ("    peer_ssh: {identity_file: /etc/sr/peer, known_hosts: '/etc/sr/known hosts'}\n", "known hosts",
+         "hosts[1].peer_ssh.known_hosts", "must not contain whitespace"),
+        ("    peer_ssh: {identity_file: /etc/sr/peer}\n", "peer_ssh", "hosts[1].peer_ssh.known_hosts",
+         "required field 'known_hosts' is missing"),
+        ("    peer_ssh: {identity_file: /etc/sr/peer, known_hosts: /etc/sr/kh}\n", "peer_ssh",
+         "hosts[1].peer_ssh", "peer_ssh applies to linux hosts only; host 'h-west' is memory"),
+    ],
+)
+def test_peer_ssh_rules(tmp_path: Path, new: str, token: str, path: str, needle: str) -> None:
+    text = edit(TOPOLOGY, "    default_storage: /srv/west\n", "    default_storage: /srv/west\n" + new)
+    write(tmp_path, topology=text)
+    expect(tmp_path, "topology.yaml", text, token, path, needle)
+
+
+def test_peer_ssh_on_a_linux_host_is_valid() -> None:
+    from siterecovery.model import Host
+    h = Host.model_validate({"name": "h", "site": "s", "fabric": "linux", "address": "10.0.0.1",
+                             "peer_ssh": {"identity_file": "/etc/sr/peer", "known_hosts": "/etc/sr/kh"}})
+    assert h.peer_ssh is not None and h.peer_ssh.known_hosts == "/etc/sr/kh"
+    assert Host(name="h", site="s", fabric="linux", address="10.0.0.1").peer_ssh is None

@@ -55,6 +55,9 @@ def check_topology(p: Project) -> list[Problem]:
     for i, h in enumerate(t.hosts):
         if h.site not in sites:
             out.append(src.problem(("hosts", i, "site"), _unknown("site", h.site, sites)))
+        if h.peer_ssh is not None and h.fabric != FabricKind.linux:
+            out.append(src.problem(("hosts", i, "peer_ssh"), f"peer_ssh applies to linux hosts only; host "
+                                                            f"'{h.name}' is {h.fabric.value}"))
         if h.fabric == FabricKind.hyperv and h.replica_server:
             for j, a in enumerate(h.replica_server.allowed_primaries):
                 if a not in hosts:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import threading
@@ -29,6 +30,7 @@ from .. import ssh
 from ..errors import (
     ExecutionError,
     FabricError,
+    HostKeyError,
     InvalidStateError,
     NotFoundError,
     TransientFabricError,
@@ -37,6 +39,7 @@ from ..model import Host
 from ..progress import DiskTotals
 from ..render import render_args
 from ..replica.engine import ReplicaError
+from ..replica.peer import send_to_args, transfer_direct
 from ..replica.transport import Endpoint, LocalEndpoint, SSHEndpoint, transfer
 from . import FabricContext
 from .base import (
@@ -57,10 +60,12 @@ from .base import (
 )
 
 S = ReplicationState
+log = logging.getLogger(__name__)
 
-_CODES: dict[str, type[FabricError]] = {
+_CODES: dict[str, type[ExecutionError]] = {
     "ManifestMismatch": InvalidStateError, "NoReplica": InvalidStateError, "NoSuchPoint": NotFoundError,
     "CorruptTransfer": TransientFabricError, "Busy": TransientFabricError,
+    "PeerHostKey": HostKeyError, "PeerLinkLost": TransientFabricError,
 }
 _HINTS = {
     "ManifestMismatch": "resynchronize the VM (siterecovery resync); only differing blocks travel",
@@ -75,6 +80,11 @@ _HINTS = {
               "ships only what changed",
     "Busy": "an agent left by a dropped connection still holds the replica; retry, or stop that pid on the host",
     "EACCES": "check the permissions of the host's root directory for the SSH user",
+    "PeerHostKey": "verify the target host's key out of band, then add it to the source host's peer_ssh.known_hosts "
+                   "file (ssh-keyscan output is not verification); nothing was applied",
+    "PeerAuth": "authorize the source host's peer_ssh.identity_file public key for that user on the target host",
+    "PeerConfig": "fix the source host's peer_ssh in the topology, or the files it names on that host",
+    "PeerLinkLost": "the host-to-host ssh link dropped; nothing torn was applied; the next cycle carries on",
 }
 
 
@@ -303,7 +313,7 @@ class LinuxFabric:
                     raise ReplicaError("there is no replica to apply a delta to", code="NoReplica")
                 gen = st["gen"]
             try:
-                sent, got = transfer(src, [*send, "--mode", "delta", "--expect-gen", gen], dst, recv, progress)
+                sent, got = self._transfer(p, src, [*send, "--mode", "delta", "--expect-gen", gen], dst, recv, progress)
                 vm.gens[disk] = got["point"]["gen"]
                 return {**sent, **got, "mode": "delta"}
             except ReplicaError as exc:
@@ -322,10 +332,42 @@ class LinuxFabric:
                 mode = "full"
         if mode == "full":
             send += ["--mode", "full"]
-        sent, got = transfer(src, send, dst, recv, progress, prefix=prefix)
+        sent, got = self._transfer(p, src, send, dst, recv, progress, prefix)
         vm.gens[disk] = got["point"]["gen"]
         # The source promotes its pending manifest when the next cycle names this generation.
         return {**sent, **got, **info, "mode": mode}
+
+    def data_path(self, p: Placement) -> str:
+        """How a cycle's stream travels: 'local' (both hosts are this machine), 'channel' (one is: it
+        runs in-process on the other's exec channel), 'peer' (the source host's own ssh to the target,
+        its `peer_ssh`), or 'relay' (both remote, no peer_ssh: the orchestrator copies every byte)."""
+        src_local, dst_local = self._is_local(p.source), self._is_local(p.target)
+        if src_local and dst_local:
+            return "local"
+        if src_local or dst_local:
+            return "channel"
+        return "peer" if p.source.peer_ssh is not None else "relay"
+
+    def _transfer(self, p: Placement, src: Endpoint, send: list[str], dst: Endpoint, recv: list[str],
+                  progress: Progress | None, prefix: bytes = b"") -> tuple[dict[str, Any], dict[str, Any]]:
+        if self.data_path(p) != "peer":
+            return transfer(src, send, dst, recv, progress, prefix=prefix)
+        peer = p.source.peer_ssh
+        assert peer is not None and isinstance(src, SSHEndpoint) and isinstance(dst, SSHEndpoint)
+        # The source host reaches the target at the address, port and user the topology gives it.
+        args = send_to_args(send, src, dst, recv, p.target.address, p.target.port, p.target.user,
+                            peer.identity_file, peer.known_hosts, int(self.opts.get("ssh_timeout", 15)))
+        return transfer_direct(src, args, progress, prefix)
+
+    def _path_notes(self, p: Placement) -> list[str]:
+        path = self.data_path(p)
+        if path != "relay":
+            log.debug("%s: %s -> %s streams %s", p.vm, p.source.name, p.target.name, path)
+            return []
+        note = (f"the orchestrator relayed the stream: source host {p.source.name} has no peer_ssh, so it "
+                f"cannot send to {p.target.name} itself")
+        log.info("%s: %s", p.vm, note)
+        return [note]
 
     def _inflight_path(self, vm: str) -> Path:
         return self.root / "vms" / f"{vm}.cycle"
@@ -355,7 +397,7 @@ class LinuxFabric:
         tmp.write_text(json.dumps({"point": point["id"], "seq": vm.seq, "operation": operation,
                                    "started_at": t0.isoformat(), "pid": os.getpid()}))
         tmp.replace(marker)
-        total, notes = 0, []
+        total, notes = 0, self._path_notes(p)
         try:
             # One count over the VM's disks, so a caller sees one total and done never going back.
             totals = DiskTotals(progress, self._sizes(vm, p)) if progress is not None else None
@@ -410,8 +452,9 @@ class LinuxFabric:
             vm.state = S.InitialReplicationInProgress.value
             point, sent, notes = self._cycle(vm, p, "crash", progress, "resync" if method == "existing_replica" else "full", op)
             vm.state = S.Replicating.value
-            return result(p, op, True, S.Replicating, f"initial copy complete ({method})", t0,
-                          point=self._rp(p, point), bytes_sent=sent, details={"method": method})
+            return result(p, op, True, S.Replicating, "; ".join([f"initial copy complete ({method})", *notes]), t0,
+                          point=self._rp(p, point), bytes_sent=sent,
+                          details={"method": method, "data_path": self.data_path(p)})
 
     def _offline(self, vm: _VM, p: Placement, progress: Progress | None, t0: datetime) -> OpResult:
         """Export at the source into export_path, import at the target from import_path. When the
@@ -459,7 +502,8 @@ class LinuxFabric:
             point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate")
             msg = "resynchronized" if mode == "resync" else "delta cycle complete"
             return result(p, "replicate", True, S.Replicating, "; ".join([msg, *notes]), t0,
-                          point=self._rp(p, point), bytes_sent=sent, details={"consistency": consistency})
+                          point=self._rp(p, point), bytes_sent=sent,
+                          details={"consistency": consistency, "data_path": self.data_path(p)})
 
     def resynchronize(self, p: Placement, progress: Progress | None = None) -> OpResult:
         t0 = utcnow()
@@ -473,10 +517,11 @@ class LinuxFabric:
             if not needed:
                 return result(p, "resynchronize", False, S.Replicating, "no resynchronization needed", t0)
             vm.state = S.Resynchronizing.value
-            point, sent, _ = self._cycle(vm, p, "crash", progress, "resync", "resynchronize")
+            point, sent, notes = self._cycle(vm, p, "crash", progress, "resync", "resynchronize")
             vm.state = S.Replicating.value
-            return result(p, "resynchronize", True, S.Replicating, "resynchronized (only differing blocks sent)", t0,
-                          point=self._rp(p, point), bytes_sent=sent)
+            return result(p, "resynchronize", True, S.Replicating,
+                          "; ".join(["resynchronized (only differing blocks sent)", *notes]), t0,
+                          point=self._rp(p, point), bytes_sent=sent, details={"data_path": self.data_path(p)})
 
     def mark_resync_required(self, p: Placement) -> None:
         with self._vm(p) as box:

@@ -22,6 +22,7 @@ from .topology import (
     FailoverIP,
     Host,
     HostGroup,
+    PeerSSH,
     Site,
     StorageClassification,
     Subnet,
@@ -32,7 +33,7 @@ from .topology import (
 __all__ = [
     "NIC", "VM", "Cloud", "Compute", "Credential", "Direction", "Disk", "ExistingReplicaInitial",
     "FabricKind", "FailoverIP", "FailoverType", "FailurePolicy", "Frozen", "GroupVM", "Host", "HostGroup",
-    "ManualAction", "NetworkInitial", "NetworkMapping", "OfflineInitial", "Pairing", "Protection",
+    "ManualAction", "NetworkInitial", "NetworkMapping", "OfflineInitial", "Pairing", "PeerSSH", "Protection",
     "RecoveryPlan", "ReplicationPolicy", "Scope", "ScriptAction", "Site", "StorageClassification",
     "StorageMapping", "Subnet", "Topology", "VMGroup", "VMNetwork",
 ]

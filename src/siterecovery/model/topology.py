@@ -49,6 +49,28 @@ class ReplicaServer(Frozen):
         return self
 
 
+class PeerSSH(Frozen):
+    """How a linux host sends replication streams to another host itself (OpenSSH client on this host).
+
+    Both paths are files ON THIS HOST, read by its `ssh`; the orchestrator never sees the key. The
+    target is reached at its own `address`, `port` and `user`; its host key must already be in
+    `known_hosts` (never trust-on-first-use).
+    """
+
+    identity_file: str = Field(..., description="private key on this host that the receiving hosts authorize")
+    known_hosts: str = Field(..., description="known_hosts file on this host holding the receiving hosts' keys")
+
+    @field_validator("identity_file", "known_hosts")
+    @classmethod
+    def _plain_path(cls, v: str) -> str:
+        # ssh -o takes whitespace-separated lists and expands % tokens: keep paths unambiguous.
+        if not v.startswith("/"):
+            raise ValueError("must be an absolute path on the host (it is read there, not on the orchestrator)")
+        if any(c.isspace() or c in "\"'%" or not c.isprintable() for c in v):
+            raise ValueError("must not contain whitespace, quotes, % or control characters (ssh -o cannot take them)")
+        return v
+
+
 class Host(Frozen):
     name: Name
     site: Name
@@ -66,6 +88,9 @@ class Host(Frozen):
     root: str | None = Field(None, description="linux fabric: the site's state directory on this host")
     python: str | None = Field(None, description="linux fabric: a Python with siterecovery installed, for the "
                                                  "replication agent on this host (default: python3)")
+    peer_ssh: PeerSSH | None = Field(None, description="linux fabric: this host sends cycles straight to remote "
+                                                       "target hosts over its own ssh; without it the "
+                                                       "orchestrator relays when both hosts are remote")
 
     @field_validator("host_key")
     @classmethod

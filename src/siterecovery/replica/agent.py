@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     s = rep("prune")
     s.add_argument("--hours", type=float, required=True)
     rep("drop")
-    s = sub.add_parser("send")
+    # send's options, shared with send-to
+    send = argparse.ArgumentParser(add_help=False)
+    s = send
     s.add_argument("--disk", required=True)
     s.add_argument("--state", required=True)
     s.add_argument("--mode", choices=["full", "delta", "base"], default="delta")
@@ -60,7 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--thaw", default="[]")
     s.add_argument("--quiesce", default="[]")
     s.add_argument("--seq", type=int, default=0)
-    s.add_argument("--output", help="write the stream to this file (offline export)")
+    sub.add_parser("send", parents=[send]).add_argument("--output", help="write the stream to this file (offline export)")
+    s = sub.add_parser("send-to", parents=[send], add_help=False,
+                       help="send, piped into `receive` on another host over this host's own ssh")
+    s.add_argument("--from-name", required=True, help="this host's name (for messages)")
+    s.add_argument("--to-name", required=True, help="the receiving host's name (for messages)")
+    s.add_argument("--to-address", required=True)
+    s.add_argument("--to-port", type=int, default=22)
+    s.add_argument("--to-user", required=True)
+    s.add_argument("--identity-file", required=True, help="private key file on this host")
+    s.add_argument("--known-hosts", required=True, help="known_hosts file on this host")
+    s.add_argument("--connect-timeout", type=int, default=15)
+    s.add_argument("--remote-argv", required=True, help="JSON list: the receive command at the other host")
     s = sub.add_parser("source-commit")
     s.add_argument("--state", required=True)
     s.add_argument("--gen", required=True)
@@ -96,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 # orphaned by a dropped connection finishes or fails within seconds; a live cycle may take longer).
 LOCK_WAIT = float(os.environ.get("SITERECOVERY_AGENT_LOCK_WAIT", "300"))
 _REPLICA_CMDS = frozenset({"status", "receive", "rehash", "manifest", "rebuild", "revert", "prune", "drop"})
-_SOURCE_CMDS = frozenset({"send", "source-commit", "source-drop"})
+_SOURCE_CMDS = frozenset({"send", "send-to", "source-commit", "source-drop"})
 
 
 @contextlib.contextmanager
@@ -141,34 +154,41 @@ def run_command(argv: list[str], stdin: BinaryIO, stdout: BinaryIO, progress: Pr
     return _run(a, stdin, stdout, progress)
 
 
+def _send(a: argparse.Namespace, stdin: BinaryIO, out: BinaryIO, progress: Progress | None) -> dict[str, Any]:
+    base = None
+    if a.mode == "base":
+        # The replica's own manifest arrives first on stdin (resynchronization).
+        base = os.path.join(a.state, "base.manifest")
+        os.makedirs(a.state, exist_ok=True)
+        with open(base, "wb") as f:
+            (n,) = engine.struct.unpack("<Q", engine._read_exact(stdin, 8))
+            while n:
+                chunk = stdin.read(min(n, 1 << 20))
+                if not chunk:
+                    raise engine.CorruptTransfer("base manifest torn")
+                f.write(chunk)
+                n -= len(chunk)
+    return engine.send(a.disk, a.state, out, mode=a.mode,
+                       expect_gen=bytes.fromhex(a.expect_gen) if a.expect_gen else None,
+                       base_manifest=base, compress=not a.no_compress, progress=progress,
+                       freeze=json.loads(a.freeze), thaw=json.loads(a.thaw), quiesce=json.loads(a.quiesce),
+                       seq=a.seq)
+
+
 def _run(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None) -> dict[str, Any]:
     cmd = a.cmd
     if cmd == "send":
-        base = None
-        if a.mode == "base":
-            # The replica's own manifest arrives first on stdin (resynchronization).
-            base = os.path.join(a.state, "base.manifest")
-            os.makedirs(a.state, exist_ok=True)
-            with open(base, "wb") as f:
-                (n,) = engine.struct.unpack("<Q", engine._read_exact(stdin, 8))
-                while n:
-                    chunk = stdin.read(min(n, 1 << 20))
-                    if not chunk:
-                        raise engine.CorruptTransfer("base manifest torn")
-                    f.write(chunk)
-                    n -= len(chunk)
         if a.output:
             os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
         out_f: Any = open(a.output, "wb") if a.output else stdout  # noqa: SIM115 - closed below
         try:
-            return engine.send(a.disk, a.state, out_f, mode=a.mode,
-                               expect_gen=bytes.fromhex(a.expect_gen) if a.expect_gen else None,
-                               base_manifest=base, compress=not a.no_compress, progress=progress,
-                               freeze=json.loads(a.freeze), thaw=json.loads(a.thaw), quiesce=json.loads(a.quiesce),
-                               seq=a.seq)
+            return _send(a, stdin, out_f, progress)
         finally:
             if a.output:
                 out_f.close()
+    if cmd == "send-to":
+        from .peer import send_to
+        return send_to(a, lambda out: _send(a, stdin, out, progress))
     if cmd == "source-commit":
         return {"committed": SourceState(a.state).commit(bytes.fromhex(a.gen))}
     if cmd == "source-status":

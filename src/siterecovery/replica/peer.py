@@ -1,0 +1,224 @@
+"""Host to host: the source host pipes its send stream into `receive` on the target over its own ssh.
+
+`send_to` runs on the source host inside the agent (stdlib only): it starts OpenSSH's client with the
+host's own identity and known_hosts files (strict host key checking, batch mode), waits until the
+target's shell answers, then sends. `transfer_direct` runs at the orchestrator: it starts `send-to`
+over the source host's exec channel and only reads its progress lines and result; no disk byte
+crosses the orchestrator. Errors keep transfer()'s meaning (see transport.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import os
+import shlex
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from .engine import Progress, ReplicaError
+
+if TYPE_CHECKING:
+    import argparse
+
+    from .transport import SSHEndpoint
+
+READY = b"SITERECOVERY-PEER-READY"
+F_SETPIPE_SZ = 1031
+CHUNK = 1 << 20
+
+
+def ssh_argv(a: argparse.Namespace, remote: str) -> list[str]:
+    """OpenSSH client argv for `send-to`: nothing from ~/.ssh or an agent decides trust or identity."""
+    o = [f"UserKnownHostsFile={a.known_hosts}", "GlobalKnownHostsFile=/dev/null", "StrictHostKeyChecking=yes",
+         "UpdateHostKeys=no", "CheckHostIP=no", "BatchMode=yes", "IdentitiesOnly=yes", "IdentityAgent=none",
+         "PasswordAuthentication=no", "KbdInteractiveAuthentication=no", "ClearAllForwardings=yes",
+         f"ConnectTimeout={a.connect_timeout}", "ServerAliveInterval=15", "ServerAliveCountMax=4",
+         # the stream is zstd already; AES-GCM first (AES-NI), the rest of OpenSSH's list after it
+         "Compression=no", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com", "LogLevel=ERROR"]
+    argv = ["ssh", "-T", "-x", "-a", "-i", a.identity_file]
+    for opt in o:
+        argv += ["-o", opt]
+    return [*argv, "-p", str(a.to_port), "-l", a.to_user, "--", a.to_address, remote]
+
+
+def _tail(text: bytes, n: int = 600) -> str:
+    lines = [ln for ln in text.decode(errors="replace").splitlines() if ln.strip() and not ln.startswith("P ")]
+    return " | ".join(lines)[-n:]
+
+
+def send_to(a: argparse.Namespace, run_send: Callable[[BinaryIO], dict[str, Any]]) -> dict[str, Any]:
+    """Start ssh to the target, check it answers, run the send into it; {"sent": ..., "received": ...}."""
+    src, dst = a.from_name, a.to_name
+    where = f"{src} -> {dst}"
+    if not os.path.isfile(a.known_hosts):
+        raise ReplicaError(f"{where}: {src} cannot verify the SSH host key of {dst}: its peer_ssh.known_hosts "
+                           f"{a.known_hosts} does not exist on {src}; nothing was sent or applied", code="PeerHostKey")
+    if not os.path.isfile(a.identity_file):
+        raise ReplicaError(f"{where}: peer_ssh.identity_file {a.identity_file} does not exist on {src} (it is "
+                           "read there, by the host's ssh)", code="PeerConfig")
+    remote = f"echo {READY.decode()} && exec " + shlex.join(json.loads(a.remote_argv))
+    try:
+        proc = subprocess.Popen(ssh_argv(a, remote), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, bufsize=0, close_fds=True)
+    except FileNotFoundError:
+        raise ReplicaError(f"{where}: {src} has no OpenSSH client (ssh) on its PATH; install openssh-client "
+                           "there or remove its peer_ssh", code="PeerConfig") from None
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    err = bytearray()
+    out = bytearray()
+
+    def drain(f: BinaryIO, buf: bytearray, keep: int) -> None:
+        # The receiver's progress lines come back through ssh's stderr: drained so it never blocks.
+        while True:
+            d = f.read(1 << 16)
+            if not d:
+                return
+            buf += d
+            if len(buf) > keep:
+                del buf[:len(buf) - keep]
+
+    t_err = threading.Thread(target=drain, args=(proc.stderr, err, 1 << 16), daemon=True)
+    t_err.start()
+    # Nothing is read, frozen or sent until the target's shell has answered: a refused host key or
+    # login costs no work at the source.
+    for _ in range(200):  # a login shell may print lines of its own first
+        first = proc.stdout.readline()
+        if not first or first.strip() == READY:
+            break
+        out += first
+    if first.strip() != READY:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        rest = proc.stdout.read()
+        out += rest or b""
+        rc = proc.wait()
+        t_err.join()
+        raise _failure(a, rc, bytes(out), bytes(err), before=True)
+    t_out = threading.Thread(target=drain, args=(proc.stdout, out, 1 << 20), daemon=True)
+    t_out.start()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(proc.stdin.fileno(), F_SETPIPE_SZ, CHUNK)
+    w = io.BufferedWriter(proc.stdin, CHUNK)  # type: ignore[arg-type]
+    sent: dict[str, Any] = {}
+    send_exc: BaseException | None = None
+    try:
+        sent = run_send(w)
+        w.flush()
+    except (ReplicaError, OSError) as exc:  # BrokenPipe when the receiver or the link gave up
+        send_exc = exc
+    with contextlib.suppress(OSError):
+        w.close()
+    rc = proc.wait()
+    t_out.join()
+    t_err.join()
+    if rc != 0:
+        if isinstance(send_exc, ReplicaError):
+            raise send_exc  # the sender's failure explains the torn stream
+        raise _failure(a, rc, bytes(out), bytes(err), before=False)
+    if send_exc is not None:
+        raise send_exc
+    got = _last_json(bytes(out))
+    if got is None:
+        raise ReplicaError(f"{where}: receive at {dst} answered no JSON: {_tail(bytes(out) + bytes(err))}",
+                           code="AgentFailed")
+    return {"sent": sent, "received": got}
+
+
+def _last_json(out: bytes) -> dict[str, Any] | None:
+    for line in reversed(out.decode(errors="replace").splitlines()):
+        with contextlib.suppress(ValueError):
+            d = json.loads(line)
+            if isinstance(d, dict):
+                return d
+    return None
+
+
+def _failure(a: argparse.Namespace, rc: int, out: bytes, err: bytes, before: bool) -> ReplicaError:
+    """The ReplicaError for a failed ssh / receive: a host key, login or link problem, or the receiver's refusal."""
+    src, dst = a.from_name, a.to_name
+    where = f"{src} -> {dst}"
+    target = f"{a.to_address}:{a.to_port}"
+    said = _tail(err)
+    d = _last_json(out)
+    if d is not None and "error" in d:
+        return ReplicaError(f"{dst}: receive: {d['message']}", code=str(d["error"]))
+    text = err.decode(errors="replace")
+    if "Host key verification failed" in text or "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
+        changed = "CHANGED" in text
+        return ReplicaError(
+            f"{where}: {src} refused the SSH host key of {dst} ({target}): "
+            f"{'it CHANGED from the one' if changed else 'no matching key is'} in {a.known_hosts} on {src}; "
+            f"nothing was sent or applied (ssh: {said})", code="PeerHostKey")
+    if "Permission denied" in text:
+        return ReplicaError(f"{where}: {dst} ({target}) refused {src}'s key {a.identity_file} for user "
+                            f"{a.to_user} (ssh: {said})", code="PeerAuth")
+    if rc < 0:
+        return ReplicaError(f"{where}: the ssh client on {src} was killed (signal {-rc}) "
+                            f"{'before the stream started' if before else 'mid-stream'}; the receiver applies "
+                            "no torn stream", code="PeerLinkLost")
+    if rc == 255:
+        return ReplicaError(f"{where}: ssh from {src} to {dst} ({target}) failed: {said or 'no message'}",
+                            code="PeerLinkLost")
+    said = _tail(out + b"\n" + err) or "no output"
+    return ReplicaError(f"{where}: receive at {dst} exited {rc}: {said}", code="AgentFailed")
+
+
+# ---- at the orchestrator ---------------------------------------------------------------------------
+
+
+def send_to_args(send_args: Sequence[str], src: SSHEndpoint, dst: SSHEndpoint, recv_args: Sequence[str],
+                 address: str, port: int, user: str, identity_file: str, known_hosts: str,
+                 connect_timeout: int = 15) -> list[str]:
+    assert send_args[0] == "send"
+    return ["send-to", *send_args[1:], "--from-name", src.name, "--to-name", dst.name, "--to-address", address,
+            "--to-port", str(port), "--to-user", user, "--identity-file", identity_file,
+            "--known-hosts", known_hosts, "--connect-timeout", str(connect_timeout),
+            "--remote-argv", json.dumps(dst.argv(recv_args))]
+
+
+def transfer_direct(src: SSHEndpoint, args: list[str], progress: Progress | None = None,
+                    prefix: bytes = b"") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run `send-to` (args from send_to_args) at the source host; (sent, received) as transfer() answers.
+
+    Only the prefix (a resynchronization's manifest), progress lines and two JSON results cross the
+    orchestrator's connection.
+    """
+    from .transport import _error
+    chan = src.channel(args)
+    try:
+        if prefix:
+            chan.sendall(prefix)
+        chan.shutdown_write()
+        buf = b""
+        tail = bytearray()
+        while True:
+            d = chan.recv_stderr(1 << 16)
+            if not d:
+                break
+            buf += d
+            *lines, buf = buf.split(b"\n")
+            for ln in lines:
+                if ln.startswith(b"P "):
+                    if progress:
+                        with contextlib.suppress(ValueError, IndexError):
+                            done, total = ln[2:].split()
+                            progress(int(done), int(total))
+                else:
+                    tail += ln + b"\n"
+                    del tail[:-4096]
+        out = chan.makefile("rb").read()
+        rc = chan.recv_exit_status()
+    finally:
+        chan.close()
+    where = f"{src.name}: send-to"
+    if rc != 0:
+        raise _error(bytes(out) + b"\n" + bytes(tail + buf), rc, where)
+    res = _last_json(bytes(out))
+    if res is None or "sent" not in res or "received" not in res:
+        raise ReplicaError(f"{where} answered no result", code="AgentFailed")
+    return res["sent"], res["received"]
