@@ -52,6 +52,16 @@ class SSHServer:
         with open(self.dir / "authorized_keys", "a") as f:
             f.write(public_key.strip() + "\n")
 
+    def peer_ssh(self, where: Path) -> dict[str, str]:
+        """What an operator puts on a source host for host-to-host replication (a topology `peer_ssh`):
+        a new identity this sshd authorizes and a known_hosts file holding this sshd's key."""
+        where.mkdir(parents=True, exist_ok=True)
+        key = where / "peer_ed25519"
+        self.authorize(keygen(key))
+        kh = where / "peer_known_hosts"
+        kh.write_text(self.known_hosts.read_text())
+        return {"identity_file": str(key), "known_hosts": str(kh)}
+
     def host(self, name: str = "h1", site: str = "s1", root: str | None = None, **kw: object) -> Host:
         args: dict[str, object] = dict(name=name, site=site, fabric="linux", address="127.0.0.1", port=self.port,
                                        user=self.user, host_key=self.host_key, credential={"key_file": str(self.client_key)},

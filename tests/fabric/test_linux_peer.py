@@ -47,22 +47,10 @@ def make_disk(path: Path, size: int = 16 * MiB, seed: int = 7) -> int:
     return n
 
 
-def peer_files(sshd: SSHServer, where: Path) -> tuple[Path, Path]:
-    """An identity the sshd authorizes and a known_hosts holding its key: what an operator puts on the
-    source host."""
-    where.mkdir(parents=True, exist_ok=True)
-    key = where / "peer_ed25519"
-    sshd.authorize(keygen(key))
-    kh = where / "peer_known_hosts"
-    shutil.copy(sshd.known_hosts, kh)
-    return key, kh
-
-
 def hosts(sshd: SSHServer, tmp: Path, peer: bool = True) -> tuple[Host, Host]:
     extra: dict[str, object] = {}
     if peer:
-        key, kh = peer_files(sshd, tmp / "on-source-host")
-        extra["peer_ssh"] = {"identity_file": str(key), "known_hosts": str(kh)}
+        extra["peer_ssh"] = sshd.peer_ssh(tmp / "on-source-host")
     a = sshd.host("ny-h1", "ny", root=str(tmp / "root-a"), **extra)
     b = sshd.host("chi-h1", "chi", root=str(tmp / "root-b"))
     return a, b
@@ -236,8 +224,10 @@ def test_ssh_killed_mid_stream_leaves_the_previous_point(sshd_server: SSHServer,
         stop = threading.Event()
 
         def saboteur() -> None:
-            # Hold the receiver still (SIGSTOP) so the stream is surely in flight, kill the source
-            # host's ssh client, then let the receiver go on to find its stream torn.
+            # Once the receiver stages the stream, hold it still (SIGSTOP) so the rest is surely in
+            # flight, kill the source host's ssh client, then let the receiver find its stream torn.
+            while not stop.is_set() and not any(n.startswith("staging") for n in os.listdir(rig.meta)):
+                time.sleep(0.002)
             while not stop.is_set() and not stopped:
                 for pid, argv in _procs(marker):
                     if argv[1:4] == ["-m", "siterecovery.replica.agent", "receive"]:

@@ -260,9 +260,13 @@ CHILD = Path(__file__).with_name("cycle_child.py")
 
 
 @pytest.mark.sshd
-def test_orchestrator_killed_mid_cycle(sshd_server: SSHServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["relay", "peer"])
+def test_orchestrator_killed_mid_cycle(sshd_server: SSHServer, tmp_path: Path, path: str) -> None:
     rnd = random.Random(9)
-    a = sshd_server.host("ny-h1", "ny", root=str(tmp_path / "root-a"))
+    # peer: the source host streams to the target over its own ssh; killing the orchestrator leaves
+    # that link running without anyone to hear the result
+    extra = {"peer_ssh": sshd_server.peer_ssh(tmp_path / "on-source-host")} if path == "peer" else {}
+    a = sshd_server.host("ny-h1", "ny", root=str(tmp_path / "root-a"), **extra)
     b = sshd_server.host("chi-h1", "chi", root=str(tmp_path / "root-b"))
     rig = Rig(tmp_path, a, b)
     pjson = tmp_path / "placement.json"
@@ -307,6 +311,7 @@ def test_orchestrator_killed_mid_cycle(sshd_server: SSHServer, tmp_path: Path) -
                 assert h.health == Health.Warning and "interrupted" in h.details, h
             r = rig.cycle()
             assert r.changed and "resynchronized" not in r.message, r.message
+            assert r.details["data_path"] == path
             assert r.bytes_sent <= written + SLACK
             assert file_digest(str(rig.replica)) == file_digest(str(rig.disk))
             assert not wait_no_agents(str(tmp_path))

@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--point", required=True, help="JSON: id, created_at, consistency")
     s.add_argument("--retention-hours", type=float, default=0)
     s.add_argument("--input", help="read the stream from this file (offline import)")
+    s.add_argument("--ready", action="store_true",
+                   help="print a ready line on stdout once this agent holds the replica (send-to waits for it)")
     rep("rehash")
     rep("manifest")
     s = rep("rebuild")
@@ -147,6 +149,12 @@ def run_command(argv: list[str], stdin: BinaryIO, stdout: BinaryIO, progress: Pr
     a = _parser().parse_args(argv)
     if a.cmd in _REPLICA_CMDS:
         with _exclusive(a.meta, "the replica"):
+            if getattr(a, "ready", False):
+                # From here on no other agent touches this replica until this one is done: a sender
+                # that waited for this line cannot race a newer cycle's status check.
+                from .peer import READY
+                stdout.write(READY + b"\n")
+                stdout.flush()
             return _run(a, stdin, stdout, progress)
     if a.cmd in _SOURCE_CMDS:
         with _exclusive(a.state, "the source state"):
@@ -154,20 +162,24 @@ def run_command(argv: list[str], stdin: BinaryIO, stdout: BinaryIO, progress: Pr
     return _run(a, stdin, stdout, progress)
 
 
-def _send(a: argparse.Namespace, stdin: BinaryIO, out: BinaryIO, progress: Progress | None) -> dict[str, Any]:
-    base = None
-    if a.mode == "base":
-        # The replica's own manifest arrives first on stdin (resynchronization).
-        base = os.path.join(a.state, "base.manifest")
-        os.makedirs(a.state, exist_ok=True)
-        with open(base, "wb") as f:
-            (n,) = engine.struct.unpack("<Q", engine._read_exact(stdin, 8))
-            while n:
-                chunk = stdin.read(min(n, 1 << 20))
-                if not chunk:
-                    raise engine.CorruptTransfer("base manifest torn")
-                f.write(chunk)
-                n -= len(chunk)
+def _read_base(a: argparse.Namespace, stdin: BinaryIO) -> str | None:
+    """The replica's own manifest arrives first on stdin (resynchronization); its path here."""
+    if a.mode != "base":
+        return None
+    base = os.path.join(a.state, "base.manifest")
+    os.makedirs(a.state, exist_ok=True)
+    with open(base, "wb") as f:
+        (n,) = engine.struct.unpack("<Q", engine._read_exact(stdin, 8))
+        while n:
+            chunk = stdin.read(min(n, 1 << 20))
+            if not chunk:
+                raise engine.CorruptTransfer("base manifest torn")
+            f.write(chunk)
+            n -= len(chunk)
+    return base
+
+
+def _send(a: argparse.Namespace, base: str | None, out: BinaryIO, progress: Progress | None) -> dict[str, Any]:
     return engine.send(a.disk, a.state, out, mode=a.mode,
                        expect_gen=bytes.fromhex(a.expect_gen) if a.expect_gen else None,
                        base_manifest=base, compress=not a.no_compress, progress=progress,
@@ -182,13 +194,14 @@ def _run(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Pro
             os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
         out_f: Any = open(a.output, "wb") if a.output else stdout  # noqa: SIM115 - closed below
         try:
-            return _send(a, stdin, out_f, progress)
+            return _send(a, _read_base(a, stdin), out_f, progress)
         finally:
             if a.output:
                 out_f.close()
     if cmd == "send-to":
         from .peer import send_to
-        return send_to(a, lambda out: _send(a, stdin, out, progress))
+        base = _read_base(a, stdin)
+        return send_to(a, stdin, lambda out: _send(a, base, out, progress))
     if cmd == "source-commit":
         return {"committed": SourceState(a.state).commit(bytes.fromhex(a.gen))}
     if cmd == "source-status":

@@ -2,9 +2,11 @@
 
 `send_to` runs on the source host inside the agent (stdlib only): it starts OpenSSH's client with the
 host's own identity and known_hosts files (strict host key checking, batch mode), waits until the
-target's shell answers, then sends. `transfer_direct` runs at the orchestrator: it starts `send-to`
-over the source host's exec channel and only reads its progress lines and result; no disk byte
-crosses the orchestrator. Errors keep transfer()'s meaning (see transport.py).
+receiving agent holds the replica's lock, then sends. `transfer_direct` runs at the orchestrator: it
+starts `send-to` over the source host's exec channel and only reads its progress lines and result; no
+disk byte crosses the orchestrator. It keeps the channel's stdin open: when it closes (the orchestrator
+died or gave up) send-to kills its ssh, so no cycle lands that nobody waits for. Errors keep
+transfer()'s meaning (see transport.py).
 """
 
 from __future__ import annotations
@@ -51,8 +53,12 @@ def _tail(text: bytes, n: int = 600) -> str:
     return " | ".join(lines)[-n:]
 
 
-def send_to(a: argparse.Namespace, run_send: Callable[[BinaryIO], dict[str, Any]]) -> dict[str, Any]:
-    """Start ssh to the target, check it answers, run the send into it; {"sent": ..., "received": ...}."""
+def send_to(a: argparse.Namespace, stdin: BinaryIO,
+            run_send: Callable[[BinaryIO], dict[str, Any]]) -> dict[str, Any]:
+    """Start ssh to the target, wait for its receiver, run the send into it; {"sent": ..., "received": ...}.
+
+    `stdin` is the orchestrator's side: its end (EOF) aborts the transfer.
+    """
     src, dst = a.from_name, a.to_name
     where = f"{src} -> {dst}"
     if not os.path.isfile(a.known_hosts):
@@ -61,7 +67,7 @@ def send_to(a: argparse.Namespace, run_send: Callable[[BinaryIO], dict[str, Any]
     if not os.path.isfile(a.identity_file):
         raise ReplicaError(f"{where}: peer_ssh.identity_file {a.identity_file} does not exist on {src} (it is "
                            "read there, by the host's ssh)", code="PeerConfig")
-    remote = f"echo {READY.decode()} && exec " + shlex.join(json.loads(a.remote_argv))
+    remote = shlex.join(json.loads(a.remote_argv))
     try:
         proc = subprocess.Popen(ssh_argv(a, remote), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, bufsize=0, close_fds=True)
@@ -84,8 +90,28 @@ def send_to(a: argparse.Namespace, run_send: Callable[[BinaryIO], dict[str, Any]
 
     t_err = threading.Thread(target=drain, args=(proc.stderr, err, 1 << 16), daemon=True)
     t_err.start()
-    # Nothing is read, frozen or sent until the target's shell has answered: a refused host key or
-    # login costs no work at the source.
+    gone = threading.Event()
+
+    def watch() -> None:
+        # The orchestrator holds our stdin open while it waits for the result; EOF means it is gone
+        # (killed, or its connection dropped): stop the stream rather than land a cycle nobody records.
+        # os.read on the descriptor: a daemon thread blocked inside the BufferedReader would hold its
+        # lock at interpreter exit and abort the agent.
+        with contextlib.suppress(OSError):
+            while os.read(fd, 1 << 12):
+                pass
+        if proc.poll() is None:
+            gone.set()
+            proc.kill()
+
+    try:
+        fd = stdin.fileno()
+    except (OSError, ValueError, AttributeError):
+        fd = -1  # in-process (tests): nobody to outlive
+    if fd >= 0:
+        threading.Thread(target=watch, daemon=True).start()
+    # Nothing is read, frozen or sent until the receiving agent holds the replica: a refused host key
+    # or login costs no work at the source.
     for _ in range(200):  # a login shell may print lines of its own first
         first = proc.stdout.readline()
         if not first or first.strip() == READY:
@@ -116,6 +142,9 @@ def send_to(a: argparse.Namespace, run_send: Callable[[BinaryIO], dict[str, Any]
     rc = proc.wait()
     t_out.join()
     t_err.join()
+    if gone.is_set():
+        raise ReplicaError(f"{where}: the orchestrator's connection to {src} closed; the stream was stopped",
+                           code="PeerLinkLost")
     if rc != 0:
         if isinstance(send_exc, ReplicaError):
             raise send_exc  # the sender's failure explains the torn stream
@@ -174,11 +203,11 @@ def _failure(a: argparse.Namespace, rc: int, out: bytes, err: bytes, before: boo
 def send_to_args(send_args: Sequence[str], src: SSHEndpoint, dst: SSHEndpoint, recv_args: Sequence[str],
                  address: str, port: int, user: str, identity_file: str, known_hosts: str,
                  connect_timeout: int = 15) -> list[str]:
-    assert send_args[0] == "send"
+    assert send_args[0] == "send" and recv_args[0] == "receive"
     return ["send-to", *send_args[1:], "--from-name", src.name, "--to-name", dst.name, "--to-address", address,
             "--to-port", str(port), "--to-user", user, "--identity-file", identity_file,
             "--known-hosts", known_hosts, "--connect-timeout", str(connect_timeout),
-            "--remote-argv", json.dumps(dst.argv(recv_args))]
+            "--remote-argv", json.dumps(dst.argv([*recv_args, "--ready"]))]
 
 
 def transfer_direct(src: SSHEndpoint, args: list[str], progress: Progress | None = None,
@@ -186,14 +215,13 @@ def transfer_direct(src: SSHEndpoint, args: list[str], progress: Progress | None
     """Run `send-to` (args from send_to_args) at the source host; (sent, received) as transfer() answers.
 
     Only the prefix (a resynchronization's manifest), progress lines and two JSON results cross the
-    orchestrator's connection.
+    orchestrator's connection. stdin stays open until the agent is done (its EOF aborts send-to).
     """
     from .transport import _error
     chan = src.channel(args)
     try:
         if prefix:
             chan.sendall(prefix)
-        chan.shutdown_write()
         buf = b""
         tail = bytearray()
         while True:
