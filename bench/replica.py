@@ -1,6 +1,6 @@
 """Benchmarks of the block replication engine against rsync, on this machine, in one run.
 
-    python -m bench.replica [local|ssh|rss|crash|sustained|all] [--dir DIR] [--size-gib 2] [--out FILE]
+    python -m bench.replica [local|ssh|direct|rss|crash|sustained|all] [--dir DIR] [--size-gib 2] [--out FILE]
 
 Each part prints one JSON object and `all` writes bench/results/replica.json, from which
 docs/BENCHMARKS.md quotes. Timings are wall clock on a warm page cache for both tools alike.
@@ -26,6 +26,7 @@ from typing import Any
 
 from siterecovery.render import sh_join
 from siterecovery.replica.engine import BLOCK, file_digest
+from siterecovery.replica.peer import send_to_args, transfer_direct
 from siterecovery.replica.selfcheck import crash_trials
 from siterecovery.replica.transport import Endpoint, LocalEndpoint, SSHEndpoint, transfer
 
@@ -86,8 +87,10 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 class Cycle:
     """A source image and its replica, driven through the same transfer() the linux fabric uses."""
 
-    def __init__(self, src: Endpoint, dst: Endpoint, disk: Path, work: Path, remote_work: Path | None = None) -> None:
+    def __init__(self, src: Endpoint, dst: Endpoint, disk: Path, work: Path, remote_work: Path | None = None,
+                 peer: dict[str, Any] | None = None) -> None:
         self.src, self.dst, self.disk = src, dst, disk
+        self.peer = peer  # send_to_args' keywords: the source host sends to the target over its own ssh
         w = remote_work or work
         self.state = str(work / "src-state")
         self.rep = ["--replica", str(w / "replica.img"), "--meta", str(w / "replica-meta")]
@@ -101,8 +104,12 @@ class Cycle:
         if mode == "delta":
             assert self.gen
             send += ["--expect-gen", self.gen]
-        sent, got = transfer(self.src, send, self.dst, ["receive", *self.rep, "--point", json.dumps(point),
-                                                          "--retention-hours", "0"])
+        recv = ["receive", *self.rep, "--point", json.dumps(point), "--retention-hours", "0"]
+        if self.peer is not None:
+            assert isinstance(self.src, SSHEndpoint) and isinstance(self.dst, SSHEndpoint)
+            sent, got = transfer_direct(self.src, send_to_args(send, self.src, self.dst, recv, **self.peer))
+        else:
+            sent, got = transfer(self.src, send, self.dst, recv)
         self.gen = got["point"]["gen"]
         return {**sent, **got}
 
@@ -194,6 +201,75 @@ def bench_ssh(work: Path, size: int, rounds: int = 3) -> dict[str, Any]:
     med = sorted(runs, key=lambda x: x["ratio"])[len(runs) // 2]
     return {"size": size, "cipher": cipher, "initial_s": round(t_full, 2), "initial_MBps": round(size / t_full / 1e6, 1),
             "relay_initial_MBps": round(size / t_relay / 1e6, 1), "runs": runs, "median": med}
+
+
+def _sock_bytes(*clients: Any) -> int:
+    """Bytes the kernel moved over these paramiko clients' sockets (TCP_INFO bytes_acked + bytes_received)."""
+    import socket
+    import struct
+    total = 0
+    for c in clients:
+        info = c.get_transport().sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        total += sum(struct.unpack_from("<QQ", info, 120))
+    return total
+
+
+def _cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def bench_direct(work: Path, size: int, rounds: int = 3) -> dict[str, Any]:
+    """Both hosts remote: the orchestrator relaying between two exec channels against the source host
+    sending to the target over its own OpenSSH client (peer_ssh), alternating, in the same run.
+    Per run: wall time, bytes over the orchestrator's sockets, CPU seconds of the orchestrator process."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from sshd import running_sshd
+
+    from siterecovery import ssh
+    disk = work / "direct-src.img"
+    log(f"direct: writing a {size / GiB:g} GiB random (incompressible) image")
+    random_image(disk, size, seed=4)
+    with running_sshd() as srv:
+        host = srv.host("target", "chi", root=str(work))
+        peer = srv.peer_ssh(work / "peer-keys")
+        src = SSHEndpoint(name="source", client=ssh.connect(host), python=sys.executable)
+        dst = SSHEndpoint(name="target", client=ssh.connect(host), python=sys.executable)
+        kw = {"address": "127.0.0.1", "port": srv.port, "user": srv.user, **peer}
+        cycles = {}
+        for name in ("relay", "peer"):
+            (work / f"direct-{name}").mkdir(exist_ok=True)
+            cycles[name] = Cycle(src, dst, disk, work / f"direct-{name}", peer=kw if name == "peer" else None)
+
+        def one(name: str, mode: str) -> dict[str, Any]:
+            b0, c0 = _sock_bytes(src.client, dst.client), _cpu()
+            t, out = timed(lambda: cycles[name].run(mode))
+            return {"s": round(t, 3), "orch_kB": round((_sock_bytes(src.client, dst.client) - b0) / 1e3),
+                    "orch_cpu_s": round(_cpu() - c0, 2), "bytes": out["bytes"]}
+
+        runs: dict[str, list[dict[str, Any]]] = {"full": [], "delta": []}
+        warm(disk)
+        order = ("relay", "peer")
+        for mode in ("full", "delta"):
+            for r in range(1 if mode == "full" else rounds):
+                if mode == "delta":
+                    rewrite(disk, 0.01, seed=300 + r)
+                    warm(disk)
+                row: dict[str, Any] = {}
+                for name in order if r % 2 == 0 else order[::-1]:
+                    row[name] = one(name, mode)
+                row["relay_over_peer"] = round(row["relay"]["s"] / row["peer"]["s"], 2)
+                runs[mode].append(row)
+                log(f"direct {mode}", row)
+        for name in ("relay", "peer"):
+            assert file_digest(str(work / f"direct-{name}" / "replica.img")) == file_digest(str(disk))
+        src.client.close()
+        dst.client.close()
+    ratios = sorted(x["relay_over_peer"] for x in runs["delta"])
+    return {"size": size, "full": runs["full"][0], "delta": runs["delta"], "delta_median_ratio": ratios[len(ratios) // 2],
+            "full_relay_MBps": round(size / runs["full"][0]["relay"]["s"] / 1e6, 1),
+            "full_peer_MBps": round(size / runs["full"][0]["peer"]["s"] / 1e6, 1)}
 
 
 def _agent(*args: str) -> list[str]:
@@ -403,6 +479,25 @@ def report(res: dict[str, Any]) -> str:
         for i, r in enumerate(ss["runs"], 1):
             out.append(f"| {i} | {r['engine_s']} | {r['rsync_s']} | {r['ratio']}x | {r['engine_bytes']:,} | {r['rsync_sent']:,} |")
         out += ["", f"- median ratio {md['ratio']}x (target >= 3x: {_ok(md['ratio'] >= 3)}).", ""]
+    if "direct" in res:
+        di = res["direct"]
+        fu = di["full"]
+        out += ["### Both hosts remote: orchestrator relay against host to host (`peer_ssh`)", "",
+                "Same run, same sshd, alternating order. relay: the orchestrator copies the stream between two "
+                "paramiko exec channels; peer: the source host's OpenSSH client pipes it into the target's "
+                "receiver. `orchestrator kB` is what the kernel moved over the orchestrator's two SSH sockets "
+                "(TCP_INFO), `orchestrator CPU` the CPU seconds of the orchestrator process.", "",
+                "| cycle | path | wall (s) | orchestrator kB | orchestrator CPU (s) | relay / peer |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        rows = [("initial, " + f"{di['size'] / GiB:g} GiB incompressible", fu)] + [
+            (f"delta {i} (1% of blocks)", r) for i, r in enumerate(di["delta"], 1)]
+        for label, r in rows:
+            for name in ("relay", "peer"):
+                x = r[name]
+                out.append(f"| {label} | {name} | {x['s']} | {x['orch_kB']:,} | {x['orch_cpu_s']} | "
+                           f"{str(r['relay_over_peer']) + 'x' if name == 'peer' else ''} |")
+        out += ["", f"- initial copy: relay {di['full_relay_MBps']} MB/s, peer {di['full_peer_MBps']} MB/s; delta "
+                f"median relay / peer {di['delta_median_ratio']}x.", ""]
     if "rss" in res:
         out += ["### Peak memory of a delta cycle (1% of blocks rewritten)", "",
                 "Sender and receiver as separate agent processes joined by a pipe.", "",
@@ -436,7 +531,7 @@ def report(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.replica")
     ap.add_argument("what", nargs="?", default="all",
-                    choices=["local", "ssh", "rss", "crash", "sustained", "all", "report"])
+                    choices=["local", "ssh", "direct", "rss", "crash", "sustained", "all", "report"])
     ap.add_argument("--dir", default=None, help="scratch directory (needs ~8 GiB free)")
     ap.add_argument("--size-gib", type=float, default=2)
     ap.add_argument("--crash-trials", type=int, default=50)
@@ -455,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             res["local"] = bench_local(work, size)
         if a.what in ("ssh", "all"):
             res["ssh"] = bench_ssh(work, size)
+        if a.what in ("direct", "all"):
+            res["direct"] = bench_direct(work, size)
         if a.what in ("rss", "all"):
             res["rss"] = bench_rss(work)
         if a.what in ("crash", "all"):
