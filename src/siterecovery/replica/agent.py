@@ -3,7 +3,8 @@
 The linux fabric runs it on each host (over an SSH exec channel, or in-process for local paths), so
 hashing, compression, verification and apply happen where the disks are. Control commands answer one
 JSON object on stdout; `send` writes the binary stream on stdout and its result as the last stderr
-line. Failures exit 3 with {"error": code, "message": ...}. Also starts and stops `process` VMs.
+line; `send-to` pipes it into another host's `receive` over this host's ssh (peer.py). Failures exit 3
+with {"error": code, "message": ...}. Also starts and stops `process` VMs.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A transfer wires the sending agent's stream into the receiving agent: both local -> an OS pipe between
 two threads; one side local -> that side runs in-process on the channel of the other; both remote ->
 the orchestrator only relays bytes between two exec channels (hashing, compression and verification
-stay on the hosts). Bulk data never goes through SFTP.
+stay on the hosts), unless the source host sends itself (peer.py). Bulk data never goes through SFTP.
 """
 
 from __future__ import annotations
