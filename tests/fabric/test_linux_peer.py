@@ -24,7 +24,7 @@ from estate import fabric, placement
 from faultrig import Rig, rewrite, wait_no_agents
 from sshd import SSHServer, keygen
 
-from siterecovery.errors import HostKeyError, TransientFabricError
+from siterecovery.errors import FabricError, HostKeyError, TransientFabricError
 from siterecovery.fabric.linux import LinuxFabric
 from siterecovery.model import Host
 from siterecovery.replica.engine import BLOCK, Replica, file_digest
@@ -268,3 +268,29 @@ def test_ssh_killed_mid_stream_leaves_the_previous_point(sshd_server: SSHServer,
         rig.verify(clean=True, rebuild=1)
     finally:
         rig.close()
+
+
+def test_target_refuses_the_source_hosts_key(sshd_server: SSHServer, tmp_path: Path) -> None:
+    disk = tmp_path / "src" / "web-01.img"
+    make_disk(disk, 4 * MiB)
+    a, b = hosts(sshd_server, tmp_path)
+    assert a.peer_ssh is not None
+    f = fabric(tmp_path / "state", ssh_timeout=30)
+    p = placement(a, b, disk)
+    replica = tmp_path / "root-b" / "web-01" / "replica" / "os.img"
+    try:
+        f.enable_replication(p)
+        f.start_initial_replication(p)
+        held = file_digest(str(replica))
+        key = Path(a.peer_ssh.identity_file)
+        key.unlink()
+        Path(f"{key}.pub").unlink()
+        keygen(key)  # a key the target never authorized, at the same path
+        scribble(disk)
+        with pytest.raises(FabricError) as ei:
+            f.replicate(p)
+        assert ei.value.error_id == "PeerAuth" and not isinstance(ei.value, TransientFabricError)
+        assert "chi-h1" in str(ei.value) and str(key) in str(ei.value) and sshd_server.user in str(ei.value)
+        assert file_digest(str(replica)) == held
+    finally:
+        f.close()

@@ -40,8 +40,10 @@ def ssh_argv(a: argparse.Namespace, remote: str) -> list[str]:
          "UpdateHostKeys=no", "CheckHostIP=no", "BatchMode=yes", "IdentitiesOnly=yes", "IdentityAgent=none",
          "PasswordAuthentication=no", "KbdInteractiveAuthentication=no", "ClearAllForwardings=yes",
          f"ConnectTimeout={a.connect_timeout}", "ServerAliveInterval=15", "ServerAliveCountMax=4",
-         # the stream is zstd already; AES-GCM first (AES-NI), the rest of OpenSSH's list after it
-         "Compression=no", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com", "LogLevel=ERROR"]
+         # the stream is zstd already; OpenSSH's default ciphers with AES-GCM (AES-NI) first, spelt out
+         # because the "^" prepend syntax is missing from older clients
+         "Compression=no", "Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
+         "aes128-ctr,aes192-ctr,aes256-ctr", "LogLevel=ERROR"]
     argv = ["ssh", "-T", "-x", "-a", "-i", a.identity_file]
     for opt in o:
         argv += ["-o", opt]
