@@ -219,35 +219,24 @@ def transfer_direct(src: SSHEndpoint, args: list[str], progress: Progress | None
     Only the prefix (a resynchronization's manifest), progress lines and two JSON results cross the
     orchestrator's connection. stdin stays open until the agent is done (its EOF aborts send-to).
     """
-    from .transport import _error
+    from .transport import _error, _SenderProgress
     chan = src.channel(args)
+    lines = _SenderProgress(progress)
     try:
         if prefix:
             chan.sendall(prefix)
-        buf = b""
-        tail = bytearray()
         while True:
             d = chan.recv_stderr(1 << 16)
             if not d:
                 break
-            buf += d
-            *lines, buf = buf.split(b"\n")
-            for ln in lines:
-                if ln.startswith(b"P "):
-                    if progress:
-                        with contextlib.suppress(ValueError, IndexError):
-                            done, total = ln[2:].split()
-                            progress(int(done), int(total))
-                else:
-                    tail += ln + b"\n"
-                    del tail[:-4096]
+            lines.feed(d)
         out = chan.makefile("rb").read()
         rc = chan.recv_exit_status()
     finally:
         chan.close()
     where = f"{src.name}: send-to"
     if rc != 0:
-        raise _error(bytes(out) + b"\n" + bytes(tail + buf), rc, where)
+        raise _error(bytes(out) + b"\n" + lines.kept()[-4096:], rc, where)
     res = _last_json(bytes(out))
     if res is None or "sent" not in res or "received" not in res:
         raise ReplicaError(f"{where} answered no result", code="AgentFailed")
