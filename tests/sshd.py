@@ -54,10 +54,11 @@ class SSHServer:
 
     def peer_ssh(self, where: Path) -> dict[str, str]:
         """What an operator puts on a source host for host-to-host replication (a topology `peer_ssh`):
-        a new identity this sshd authorizes and a known_hosts file holding this sshd's key."""
+        a new identity this sshd authorizes (with `restrict`: no forwarding, no pty, as ENGINE.md
+        advises) and a known_hosts file holding this sshd's key."""
         where.mkdir(parents=True, exist_ok=True)
         key = where / "peer_ed25519"
-        self.authorize(keygen(key))
+        self.authorize("restrict " + keygen(key))
         kh = where / "peer_known_hosts"
         kh.write_text(self.known_hosts.read_text())
         return {"identity_file": str(key), "known_hosts": str(kh)}
