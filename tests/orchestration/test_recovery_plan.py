@@ -188,8 +188,9 @@ def test_scripts_get_exactly_rendered_arguments(estate, tmp_path: Path) -> None:
     out = tmp_path / "argv"
     script = tmp_path / "project" / "dump.sh"
     script.parent.mkdir(parents=True, exist_ok=True)
-    # Each argument NUL-terminated, so newlines and spaces inside one are visible as such.
-    script.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done >> "$ARGV_OUT"\n'
+    # Each argument NUL-terminated, so newlines and spaces inside one are visible as such. One printf, so
+    # one append: the two VMs' scripts run at once and a loop of writes could interleave.
+    script.write_text('#!/bin/sh\nprintf "%s\\0" "$@" >> "$ARGV_OUT"\n'
                       'printf "vm=%s type=%s\\n" "${SITERECOVERY_VM:-}" "$SITERECOVERY_FAILOVER_TYPE"\n')
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     plan = {"name": "app", "description": HOSTILE, "groups": [{
