@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,6 +64,47 @@ class _PinnedOrKnown(paramiko.MissingHostKeyPolicy):
 def _fingerprint(key: paramiko.PKey) -> str:
     import hashlib
     return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+class Transport(paramiko.Transport):
+    """paramiko's Transport without its re-key self-deadlock (paramiko/paramiko#822, open upstream).
+
+    paramiko re-keys after 512 MiB either way (Packetizer.REKEY_BYTES). Once it has sent its KEXINIT
+    it holds back every channel message until the new keys are in place (`_send_user_message` waits on
+    `clear_to_send`). Messages the server sent before it saw that KEXINIT still arrive; for a
+    CHANNEL_CLOSE (a command that just ended) or a request wanting a reply, paramiko's own transport
+    thread answers from its read loop, so it waits there for a key exchange that only it can finish:
+    30 s later (`clear_to_send_timeout`) "Key-exchange timed out waiting for key negotiation" kills
+    the connection and every channel on it. Here an answer the transport thread would have to wait
+    for is queued instead and sent as soon as the new keys are active, which is what OpenSSH does
+    with packets queued during a re-key. Other threads still wait as before. Re-keying itself is
+    unchanged (same limits, same algorithms).
+    """
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._held: list[paramiko.Message] = []
+        self.rekeys = 0  # key exchanges completed after the first
+        self.held_messages = 0  # answers that would have deadlocked without the queue
+
+    def _send_user_message(self, data: Any) -> None:
+        if threading.current_thread() is self:
+            with self.clear_to_send_lock:
+                if not self.clear_to_send.is_set():
+                    self._held.append(data)
+                    self.held_messages += 1
+                    return
+        super()._send_user_message(data)
+
+    def _parse_newkeys(self, m: Any) -> None:
+        first = not self.initial_kex_done
+        super()._parse_newkeys(m)  # both directions now use the new keys; clear_to_send is set
+        with self.clear_to_send_lock:
+            held, self._held = self._held, []
+            for msg in held:
+                self._send_message(msg)
+        if not first:
+            self.rekeys += 1
 
 
 def _host_id(host: Host) -> str:
@@ -121,7 +163,7 @@ def connect(host: Host, secrets: Secrets | None = None, timeout: float = 15.0) -
         # about 40 ms each, 170 ms per command measured.
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        t = paramiko.Transport(sock, default_window_size=WINDOW_SIZE, **tkw)
+        t = Transport(sock, default_window_size=WINDOW_SIZE, **tkw)
         # GCM first; the other modern ciphers stay (servers without GCM remain reachable); CBC modes go.
         prefs = t.get_security_options()
         prefs.ciphers = tuple(c for c in GCM_FIRST if c in prefs.ciphers) + tuple(
