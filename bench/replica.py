@@ -1,6 +1,7 @@
 """Benchmarks of the block replication engine against rsync, on this machine, in one run.
 
     python -m bench.replica [local|ssh|direct|rss|crash|sustained|all] [--dir DIR] [--size-gib 2] [--out FILE]
+    python -m bench.replica tput [--reps 5] [--before OTHER_CHECKOUT/src]   (SSH initial copy vs OpenSSH, rsync)
 
 Each part prints one JSON object and `all` writes bench/results/replica.json, from which
 docs/BENCHMARKS.md quotes. Timings are wall clock on a warm page cache for both tools alike.
@@ -272,6 +273,88 @@ def bench_direct(work: Path, size: int, rounds: int = 3) -> dict[str, Any]:
             "full_peer_MBps": round(size / runs["full"][0]["peer"]["s"] / 1e6, 1)}
 
 
+def _engine_copy_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One initial copy, local source -> target over SSH, run in a child process so that the code under
+    test (orchestrator side and remote agent alike) comes from `spec["code"]` (PYTHONPATH)."""
+    from siterecovery import ssh
+    from siterecovery.model import Host
+    host = Host.model_validate(spec["host"])
+    client = ssh.connect(host)
+    t = client.get_transport()
+    assert t is not None
+    env = {"PYTHONPATH": spec["code"]} if spec.get("code") else {}
+    dst = SSHEndpoint(name="target", client=client, python=sys.executable, env=env)
+    remote, state = Path(spec["remote"]), Path(spec["state"])
+    shutil.rmtree(remote, ignore_errors=True)
+    shutil.rmtree(state, ignore_errors=True)
+    remote.mkdir(parents=True)
+    point = {"id": "t@1", "created_at": datetime.now(UTC).isoformat(), "consistency": "crash"}
+    secs, _ = timed(lambda: transfer(LocalEndpoint(), ["send", "--disk", spec["disk"], "--state", str(state), "--mode", "full"],
+                                     dst, ["receive", "--replica", str(remote / "replica.img"), "--meta", str(remote / "meta"),
+                                           "--point", json.dumps(point)]))
+    ok = file_digest(str(remote / "replica.img")) == spec["digest"]
+    client.close()
+    shutil.rmtree(remote, ignore_errors=True)
+    return {"s": secs, "ok": ok, "cipher_out": t.local_cipher, "cipher_in": t.remote_cipher}
+
+
+def bench_tput(work: Path, size: int, reps: int = 5, before: str | None = None) -> dict[str, Any]:
+    """Initial copy of incompressible data over SSH on loopback against the OpenSSH ceiling
+    (`ssh -c aes128-gcm@openssh.com host 'cat > /dev/null' < file`) and `rsync -e ssh`, each repetition
+    running every variant back to back (order rotated), so ratios compare figures from the same moment
+    of a noisy machine. `before`: another checkout's src/ whose engine runs as a further variant."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from sshd import running_sshd
+    disk = work / "tput-src.img"
+    if not disk.exists() or disk.stat().st_size != size:
+        log(f"tput: writing a {size / GiB:g} GiB random (incompressible) image")
+        random_image(disk, size, seed=4)
+    digest = file_digest(str(disk))
+    variants = ["openssh", "rsync", "engine"] + (["engine-before"] if before else [])
+    runs: list[dict[str, Any]] = []
+    with running_sshd() as srv:
+        host = srv.host("target", "chi", root=str(work / "tput-remote")).model_dump(mode="json")
+        ssh_cmd = ["ssh", "-p", str(srv.port), "-i", str(srv.client_key), "-o", f"UserKnownHostsFile={srv.known_hosts}",
+                   "-o", "BatchMode=yes", "-c", "aes128-gcm@openssh.com"]
+        for rep in range(reps):
+            row: dict[str, Any] = {}
+            for v in variants[rep % len(variants):] + variants[:rep % len(variants)]:
+                warm(disk)
+                if v == "openssh":
+                    with open(disk, "rb") as f:
+                        secs, _ = timed(lambda f=f: subprocess.run([*ssh_cmd, "127.0.0.1", "cat > /dev/null"], stdin=f, check=True))
+                elif v == "rsync":
+                    dest = work / "tput-rsync.img"
+                    dest.unlink(missing_ok=True)
+                    secs, _ = timed(lambda dest=dest: subprocess.run(
+                        ["rsync", "--inplace", "-e", sh_join(ssh_cmd), str(disk), f"{srv.user}@127.0.0.1:{dest}"], check=True))
+                    dest.unlink()
+                else:
+                    spec = {"host": host, "disk": str(disk), "digest": digest, "remote": str(work / "tput-remote"),
+                            "state": str(work / "tput-state"), "code": before if v == "engine-before" else str(ROOT / "src")}
+                    env = {**os.environ, "PYTHONPATH": f"{spec['code']}:{ROOT}"}
+                    p = subprocess.run([sys.executable, "-m", "bench.replica", "tput-child", "--spec", json.dumps(spec)],
+                                       env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+                    child = json.loads(p.stdout.strip().splitlines()[-1])
+                    assert child["ok"], f"{v}: the replica differs from the source"
+                    row["cipher"] = f"{child['cipher_out']} / {child['cipher_in']}"
+                    secs = child["s"]
+                row[v] = round(size / secs / 1e6, 1)
+            for v in variants[1:]:
+                row[f"{v}_ratio"] = round(row[v] / row["openssh"], 3)
+            runs.append(row)
+            log("tput rep", rep + 1, row)
+
+    def med(xs: list[float]) -> float:
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else round((xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2, 3)
+
+    summary = {v: {"best_MBps": max(r[v] for r in runs), "median_MBps": med([r[v] for r in runs])} for v in variants}
+    for v in variants[1:]:
+        summary[v].update(best_ratio=max(r[f"{v}_ratio"] for r in runs), median_ratio=med([r[f"{v}_ratio"] for r in runs]))
+    return {"size": size, "reps": reps, "before": before, "runs": runs, "summary": summary}
+
+
 def _agent(*args: str) -> list[str]:
     return [sys.executable, "-m", "siterecovery.replica.agent", *args]
 
@@ -531,13 +614,19 @@ def report(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.replica")
     ap.add_argument("what", nargs="?", default="all",
-                    choices=["local", "ssh", "direct", "rss", "crash", "sustained", "all", "report"])
+                    choices=["local", "ssh", "direct", "rss", "crash", "sustained", "all", "report", "tput", "tput-child"])
     ap.add_argument("--dir", default=None, help="scratch directory (needs ~8 GiB free)")
     ap.add_argument("--size-gib", type=float, default=2)
     ap.add_argument("--crash-trials", type=int, default=50)
     ap.add_argument("--sustained-seconds", type=float, default=60)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "replica.json"))
+    ap.add_argument("--reps", type=int, default=5, help="tput: repetitions")
+    ap.add_argument("--before", help="tput: src/ of another checkout, measured as 'engine-before'")
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.what == "tput-child":
+        print(json.dumps(_engine_copy_child(json.loads(a.spec))))
+        return 0
     if a.what == "report":
         print(report(json.loads(Path(a.out).read_text())))
         return 0
@@ -558,13 +647,16 @@ def main(argv: list[str] | None = None) -> int:
             res["crash"] = bench_crash(work, a.crash_trials)
         if a.what in ("sustained", "all"):
             res["sustained"] = bench_sustained(work, size, a.sustained_seconds)
+        if a.what == "tput":
+            res["tput"] = bench_tput(work, size, a.reps, a.before)
     finally:
         if not a.dir:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(res, indent=1))
-    if a.what == "all":
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    if a.what in ("all", "tput"):
+        out = Path(a.out) if a.what == "all" else Path(a.out).with_name("tput.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
 
