@@ -300,7 +300,8 @@ def _engine_copy_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def bench_tput(work: Path, size: int, reps: int = 5, before: str | None = None) -> dict[str, Any]:
     """Initial copy of incompressible data over SSH on loopback against the OpenSSH ceiling
-    (`ssh -c aes128-gcm@openssh.com host 'cat > /dev/null' < file`) and `rsync -e ssh`, each repetition
+    (`ssh -c aes128-gcm@openssh.com host 'cat > /dev/null' < file`; also into a file with `dd conv=fsync`,
+    as a replica is written) and `rsync -e ssh`, each repetition
     running every variant back to back (order rotated), so ratios compare figures from the same moment
     of a noisy machine. `before`: another checkout's src/ whose engine runs as a further variant."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -310,7 +311,7 @@ def bench_tput(work: Path, size: int, reps: int = 5, before: str | None = None) 
         log(f"tput: writing a {size / GiB:g} GiB random (incompressible) image")
         random_image(disk, size, seed=4)
     digest = file_digest(str(disk))
-    variants = ["openssh", "rsync", "engine"] + (["engine-before"] if before else [])
+    variants = ["openssh", "openssh-file", "rsync", "engine"] + (["engine-before"] if before else [])
     runs: list[dict[str, Any]] = []
     with running_sshd() as srv:
         host = srv.host("target", "chi", root=str(work / "tput-remote")).model_dump(mode="json")
@@ -323,6 +324,14 @@ def bench_tput(work: Path, size: int, reps: int = 5, before: str | None = None) 
                 if v == "openssh":
                     with open(disk, "rb") as f:
                         secs, _ = timed(lambda f=f: subprocess.run([*ssh_cmd, "127.0.0.1", "cat > /dev/null"], stdin=f, check=True))
+                elif v == "openssh-file":  # the same, written to a file and fsynced, as a replica is
+                    dest = work / "tput-ssh-file.img"
+                    with open(disk, "rb") as f:
+                        secs, _ = timed(lambda f=f, dest=dest: subprocess.run(
+                            [*ssh_cmd, "127.0.0.1", sh_join(["dd", f"of={dest}", "bs=1M", "conv=fsync", "status=none"])],
+                            stdin=f, check=True))
+                    assert dest.stat().st_size == size
+                    dest.unlink()
                 elif v == "rsync":
                     dest = work / "tput-rsync.img"
                     dest.unlink(missing_ok=True)
