@@ -20,14 +20,3 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
-
-
-# Older names of the same fixture, kept so that tests written against them keep working.
-@pytest.fixture(scope="session")
-def harness(prefect_harness: None) -> None:
-    return None
-
-
-@pytest.fixture(scope="session")
-def protection_prefect(prefect_harness: None) -> None:
-    return None

@@ -67,7 +67,7 @@ def linux_project(root: Path) -> Path:
 
 
 @pytest.fixture
-def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protection_prefect: None) -> Path:
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None) -> Path:
     monkeypatch.setenv("SITERECOVERY_STATE", str(tmp_path / "state"))
     return linux_project(tmp_path)
 

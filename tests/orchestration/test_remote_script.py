@@ -85,7 +85,7 @@ def test_unknown_host_key_refused_before_anything_runs(sshd_server: SSHServer, t
     assert not marker.exists()
 
 
-@pytest.mark.usefixtures("harness")
+@pytest.mark.usefixtures("prefect_harness")
 def test_a_plan_runs_its_script_on_the_recovery_host(estate, sshd_server: SSHServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Through the recovery-plan flow: the script action names a host, which the topology points at sshd."""
     import json
