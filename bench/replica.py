@@ -30,6 +30,7 @@ from siterecovery.replica.engine import BLOCK, file_digest
 from siterecovery.replica.peer import send_to_args, transfer_direct
 from siterecovery.replica.selfcheck import crash_trials
 from siterecovery.replica.transport import Endpoint, LocalEndpoint, SSHEndpoint, transfer
+from siterecovery.testing.disks import rewrite_random
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB, GiB = 1024 * 1024, 1024 * 1024 * 1024
@@ -59,16 +60,7 @@ def random_image(path: Path, size: int, seed: int = 1) -> None:
 
 def rewrite(path: Path, fraction: float, seed: int) -> int:
     """Rewrite `fraction` of the 64 KiB blocks at random; bytes changed."""
-    rnd = random.Random(seed)
-    n = os.path.getsize(path) // BLOCK
-    idx = rnd.sample(range(n), int(n * fraction))
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for i in idx:
-            os.pwrite(fd, rnd.randbytes(BLOCK), i * BLOCK)
-    finally:
-        os.close(fd)
-    return len(idx) * BLOCK
+    return rewrite_random(path, int(os.path.getsize(path) // BLOCK * fraction), random.Random(seed))
 
 
 def warm(path: Path) -> None:

@@ -26,7 +26,8 @@ from siterecovery.fabric.base import Placement, ReplicationState
 from siterecovery.fabric.linux import LinuxFabric
 from siterecovery.mapping import DiskPlacement, NICPlacement
 from siterecovery.model import Compute, Host, ReplicationPolicy
-from siterecovery.replica.engine import BLOCK, file_digest
+from siterecovery.replica.engine import file_digest
+from siterecovery.testing.disks import make_disk
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
@@ -108,15 +109,6 @@ def count_files(*roots: Path) -> int:
     return sum(len(files) for root in roots for _d, _s, files in os.walk(root))
 
 
-def make_disk(path: Path, size: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for i in range(0, size // BLOCK, 4):
-            f.seek(i * BLOCK)
-            f.write(os.urandom(BLOCK))
-
-
 def placement(vm: str, a: Host, b: Host, disk: Path, rate: float, interval: int) -> Placement:
     return Placement(
         vm=vm, pairing="soak", source=a, target=b,
@@ -145,7 +137,7 @@ def run_soak(seconds: float, work: Path, vms: int = 4, interval: int = 5, size: 
         ps = []
         for i in range(vms):
             disk = work / "disks" / f"vm-{i + 1}.img"
-            make_disk(disk, size)
+            make_disk(disk, size, every=4)
             ps.append(placement(f"vm-{i + 1}", a, b, disk, rate, interval))
         roots = (work / "root-a", work / "root-b", work / "state")
         try:

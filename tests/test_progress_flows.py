@@ -21,6 +21,7 @@ from siterecovery.placement import pairing_placements  # noqa: E402
 from siterecovery.progress import ProgressEvent, listening  # noqa: E402
 from siterecovery.project import load_project  # noqa: E402
 from siterecovery.protection import open_fabric  # noqa: E402
+from siterecovery.testing.disks import make_disk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
@@ -28,22 +29,12 @@ SIZES = {"os": 24 * MiB, "data": 12 * MiB}  # 36 MiB in all
 LINE = re.compile(r"^web-01 (?P<op>[a-z ]+): (?P<done>[\d.]+ MiB) of 36\.0 MiB \((?P<pct>[\d.]+)%\), (?P<rate>[\d.]+) MB/s$")
 
 
-def write_disk(path: Path, size: int) -> None:
-    """Random data with a hole every fourth 1 MiB: compressible nowhere, sparse in places."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off in range(0, size, MiB):
-            if (off // MiB) % 4 != 3:
-                f.seek(off)
-                f.write(os.urandom(MiB))
-
-
 def linux_project(root: Path) -> Path:
     """Two local hosts, one pairing, one VM with two disks."""
     disks = root / "disks"
     disks.mkdir(parents=True)
     for name, size in SIZES.items():
-        write_disk(disks / f"{name}.img", size)
+        make_disk(disks / f"{name}.img", size, every=2)
     proj = root / "project"
     proj.mkdir()
     topology = {

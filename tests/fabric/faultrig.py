@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,35 +16,10 @@ from estate import fabric, placement
 from siterecovery.fabric.base import OpResult, Placement
 from siterecovery.fabric.linux import LinuxFabric
 from siterecovery.model import Host
-from siterecovery.replica.engine import BLOCK, Replica, file_digest
+from siterecovery.replica.engine import Replica, file_digest
+from siterecovery.testing.disks import make_disk
 
 MiB = 1024 * 1024
-
-
-def make_disk(path: Path, size: int, seed: int = 1) -> int:
-    """A sparse image with every third block random (incompressible); its data bytes."""
-    rnd = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        n = 0
-        for i in range(0, size // BLOCK, 3):
-            f.seek(i * BLOCK)
-            f.write(rnd.randbytes(BLOCK))
-            n += BLOCK
-    return n
-
-
-def rewrite(path: Path, blocks: int, rnd: random.Random) -> int:
-    """Rewrite `blocks` distinct whole blocks with random data (some land on holes); bytes written."""
-    n = os.path.getsize(path) // BLOCK
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for i in rnd.sample(range(n), min(blocks, n)):
-            os.pwrite(fd, rnd.randbytes(BLOCK), i * BLOCK)
-    finally:
-        os.close(fd)
-    return min(blocks, n) * BLOCK
 
 
 def agents(marker: str) -> list[tuple[int, str]]:
@@ -93,7 +67,7 @@ class Rig:
 
     def __post_init__(self) -> None:
         self.disk = self.tmp / "src" / f"{self.vm}.img"
-        self.data_bytes = make_disk(self.disk, self.size)
+        self.data_bytes = make_disk(self.disk, self.size, seed=1)
         self.f = fabric(self.tmp / "state", ssh_timeout=30)
         self.p = placement(self.a, self.b, self.disk).model_copy(update={"vm": self.vm})
 

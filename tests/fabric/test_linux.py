@@ -19,25 +19,10 @@ from siterecovery.model import ReplicationPolicy
 from siterecovery.model.protection import ExistingReplicaInitial, OfflineInitial
 from siterecovery.replica.agent import alive
 from siterecovery.replica.engine import BLOCK, file_digest
+from siterecovery.testing.disks import make_disk, scribble
 
 S = ReplicationState
 MiB = 1024 * 1024
-
-
-def make_disk(path: Path, size: int = 16 * MiB) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for i in range(0, size // BLOCK, 3):
-            f.seek(i * BLOCK)
-            f.write(os.urandom(BLOCK))
-
-
-def scribble(path: Path, n: int = 8) -> None:
-    fd = os.open(path, os.O_RDWR)
-    size = os.path.getsize(path)
-    for _ in range(n):
-        os.pwrite(fd, os.urandom(5000), int.from_bytes(os.urandom(4), "little") % (size - 5000))
-    os.close(fd)
 
 
 def wait_for(pred, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
@@ -53,7 +38,7 @@ def wait_for(pred, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def
 def test_lifecycle_over_ssh(sshd_server: SSHServer, tmp_path: Path) -> None:
     disk = tmp_path / "a-disks" / "web-01.img"
     disk.parent.mkdir()
-    make_disk(disk)
+    make_disk(disk, 16 * MiB)
     events = tmp_path / "events.log"
     a = sshd_server.host("ny-h1", "ny", root=str(tmp_path / "root-a"))
     b = sshd_server.host("chi-h1", "chi", root=str(tmp_path / "root-b"))

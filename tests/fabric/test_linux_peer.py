@@ -21,30 +21,17 @@ from pathlib import Path
 
 import pytest
 from estate import fabric, placement
-from faultrig import Rig, rewrite, wait_no_agents
+from faultrig import Rig, wait_no_agents
 from sshd import SSHServer, keygen
 
 from siterecovery.errors import FabricError, HostKeyError, TransientFabricError
 from siterecovery.fabric.linux import LinuxFabric
 from siterecovery.model import Host
 from siterecovery.replica.engine import BLOCK, Replica, file_digest
+from siterecovery.testing.disks import make_disk, rewrite_random, scribble
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.sshd
-
-
-def make_disk(path: Path, size: int = 16 * MiB, seed: int = 7) -> int:
-    """Every third block random (incompressible); the data bytes."""
-    rnd = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for i in range(0, size // BLOCK, 3):
-            f.seek(i * BLOCK)
-            f.write(rnd.randbytes(BLOCK))
-            n += BLOCK
-    return n
 
 
 def hosts(sshd: SSHServer, tmp: Path, peer: bool = True) -> tuple[Host, Host]:
@@ -68,17 +55,9 @@ def orchestrator_bytes(f: LinuxFabric, *hs: Host) -> int:
     return total
 
 
-def scribble(path: Path, n: int = 8) -> None:
-    fd = os.open(path, os.O_RDWR)
-    size = os.path.getsize(path)
-    for _ in range(n):
-        os.pwrite(fd, os.urandom(5000), int.from_bytes(os.urandom(4), "little") % (size - 5000))
-    os.close(fd)
-
-
 def test_peer_path_lands_identical_without_the_orchestrator(sshd_server: SSHServer, tmp_path: Path) -> None:
     disk = tmp_path / "src" / "web-01.img"
-    data = make_disk(disk)
+    data = make_disk(disk, 16 * MiB, seed=7)
     events = tmp_path / "events.log"
     a, b = hosts(sshd_server, tmp_path)
     f = fabric(tmp_path / "state", ssh_timeout=30)
@@ -122,7 +101,7 @@ def test_peer_path_lands_identical_without_the_orchestrator(sshd_server: SSHServ
 def test_without_peer_ssh_the_orchestrator_relays_and_says_so(sshd_server: SSHServer, tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     disk = tmp_path / "src" / "web-01.img"
-    data = make_disk(disk)
+    data = make_disk(disk, 16 * MiB, seed=7)
     a, b = hosts(sshd_server, tmp_path, peer=False)
     f = fabric(tmp_path / "state", ssh_timeout=30)
     p = placement(a, b, disk)
@@ -218,7 +197,7 @@ def test_ssh_killed_mid_stream_leaves_the_previous_point(sshd_server: SSHServer,
     marker = str(tmp_path)
     try:
         rig.start()
-        written = rewrite(rig.disk, 160, rnd)  # 10 MiB of incompressible blocks: far more than the buffers
+        written = rewrite_random(rig.disk, 160, rnd)  # 10 MiB of incompressible blocks: far more than the buffers
         stopped: list[int] = []
         killed: list[int] = []
         stop = threading.Event()

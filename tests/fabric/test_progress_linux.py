@@ -16,21 +16,12 @@ from siterecovery.fabric.base import Placement
 from siterecovery.mapping import DiskPlacement
 from siterecovery.model import Host, ReplicationPolicy
 from siterecovery.replica.engine import file_digest
+from siterecovery.testing.disks import make_disk
 
 MiB = 1024 * 1024
 # os is larger than the agent's 64 MiB between two progress lines, so a relayed copy reports mid-disk too.
 SIZES = {"os": 72 * MiB, "data": 12 * MiB}
 TOTAL = sum(SIZES.values())
-
-
-def write_disk(path: Path, size: int) -> None:
-    """Random data with a hole every fourth MiB (incompressible, sparse in places)."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off in range(0, size, MiB):
-            if (off // MiB) % 4 != 3:
-                f.seek(off)
-                f.write(os.urandom(MiB))
 
 
 def two_disk_placement(a: Host, b: Host, disks: Path) -> Placement:
@@ -54,7 +45,7 @@ def run(tmp_path: Path, a: Host, b: Host) -> None:
     disks = tmp_path / "disks"
     disks.mkdir()
     for name, size in SIZES.items():
-        write_disk(disks / f"{name}.img", size)
+        make_disk(disks / f"{name}.img", size, every=2)
     f = fabric(tmp_path / "state")
     p = two_disk_placement(a, b, disks)
     try:

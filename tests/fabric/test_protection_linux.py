@@ -24,6 +24,7 @@ from sshd import SSHServer
 pytest.importorskip("prefect")
 
 from siterecovery.replica.engine import BLOCK, file_digest  # noqa: E402
+from siterecovery.testing.disks import make_disk, rewrite_blocks  # noqa: E402
 
 pytestmark = [pytest.mark.sshd, pytest.mark.prefect_server]
 
@@ -33,26 +34,6 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
 
 # ---- the estate ---------------------------------------------------------------------------------
-
-def make_disk(path: Path, size: int = 4 * MiB) -> None:
-    """A raw image with data in every third block (the rest stays sparse)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for i in range(0, size // BLOCK, 3):
-            f.seek(i * BLOCK)
-            f.write(os.urandom(BLOCK))
-
-
-def write_blocks(path: Path, blocks: list[int]) -> int:
-    """Overwrite whole blocks with random data; the number of bytes changed."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for i in blocks:
-            os.pwrite(fd, os.urandom(BLOCK), i * BLOCK)
-    finally:
-        os.close(fd)
-    return len(blocks) * BLOCK
 
 
 class Estate:
@@ -65,7 +46,7 @@ class Estate:
         self.root = {"ny": tmp / "root-ny", "chi": tmp / "root-chi"}
         self.disks = {(vm, d): tmp / "disks" / f"{vm}-{d}.img" for vm, ds in vms.items() for d in ds}
         for path in self.disks.values():
-            make_disk(path)
+            make_disk(path, 4 * MiB)
         self.write_topology()
         self.write_protection()
 
@@ -187,7 +168,7 @@ def test_enable_then_rerun_then_replicate_only_changes(make_estate: Any) -> None
     assert not any(s.changed for r in again for s in r.steps)
     assert e.replica_files() == files and {vm: e.vm_record(vm) for vm in e.vms} == records
 
-    changed = write_blocks(e.disks[("web-01", "os")], [1, 7, 20, 21, 40])
+    changed = rewrite_blocks(e.disks[("web-01", "os")], [1, 7, 20, 21, 40])
     assert not e.in_sync("web-01")
     cycles = {r.vm: r for r in e.run("replicate")}
     assert {vm: r.action for vm, r in cycles.items()} == {"web-01": "cycle", "db-01": "cycle"}, cycles
@@ -216,9 +197,9 @@ def test_pending_bytes_are_the_changes_not_yet_replicated(make_estate: Any) -> N
     assert health(e)["web-01"].pending_bytes == 0
 
     # Changes on two disks, one of them growing the disk by a block: all of it is pending.
-    pending = write_blocks(e.disks[("web-01", "os")], [2, 3, 30])
+    pending = rewrite_blocks(e.disks[("web-01", "os")], [2, 3, 30])
     size = e.disks[("web-01", "data")].stat().st_size
-    pending += write_blocks(e.disks[("web-01", "data")], [5, size // BLOCK])
+    pending += rewrite_blocks(e.disks[("web-01", "data")], [5, size // BLOCK])
     row = health(e)["web-01"]
     assert row.pending_bytes == pending, row
     assert row.health == "Normal"
@@ -310,8 +291,8 @@ def test_lost_change_tracking_marks_resync_which_runs_in_its_window(make_estate:
     # replication's back. Both are marked for resync (Critical) and alert once.
     for f in e.source_manifest("web-01", "os").parent.glob("manifest*"):
         f.unlink()
-    changed = write_blocks(e.disks[("web-01", "os")], [4, 5])
-    write_blocks(e.replica("db-01", "os"), [11])
+    changed = rewrite_blocks(e.disks[("web-01", "os")], [4, 5])
+    rewrite_blocks(e.replica("db-01", "os"), [11])
     for _ in range(2):
         rows = health(e)
     for vm in ("web-01", "db-01"):
@@ -360,7 +341,7 @@ def test_lost_change_tracking_marks_resync_which_runs_in_its_window(make_estate:
         ("siterecovery.replication.recovered", "db-01"), ("siterecovery.replication.recovered", "web-01")]
     assert e.run("resynchronize").status == "nothing to do"
     # and the next delta cycle works from the rebuilt tracking
-    changed = write_blocks(e.disks[("web-01", "os")], [50])
+    changed = rewrite_blocks(e.disks[("web-01", "os")], [50])
     cycles = {r.vm: r for r in e.run("replicate")}
     assert cycles["web-01"].action == "cycle" and changed <= cycles["web-01"].bytes_sent < changed + 1024
     assert e.in_sync("web-01")

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 from cutproxy import CutProxy
-from faultrig import MiB, Rig, rewrite, wait_no_agents
+from faultrig import MiB, Rig, wait_no_agents
 from sshd import SSHServer
 
 from siterecovery.errors import FabricError
 from siterecovery.fabric.base import Health, ReplicationState
 from siterecovery.replica.engine import BLOCK, file_digest, read_manifest_header
+from siterecovery.testing.disks import rewrite_random
 
 S = ReplicationState
 DELTA_BLOCKS = 48  # 3 MiB of incompressible changes per fault: big enough to cut in the middle
@@ -120,7 +121,7 @@ def test_connection_cut_mid_transfer(sshd_server: SSHServer, tmp_path: Path, sid
         rig.start()
         outcomes = []
         for direction, budget in CUTS[side]:
-            written = rewrite(rig.disk, DELTA_BLOCKS, rnd)
+            written = rewrite_random(rig.disk, DELTA_BLOCKS, rnd)
 
             def attempt(direction: str = direction, budget: int = budget) -> None:
                 proxy.arm(budget, direction)
@@ -137,7 +138,7 @@ def test_connection_cut_mid_transfer(sshd_server: SSHServer, tmp_path: Path, sid
             # The acknowledgement lost: the replica holds the new point, the orchestrator saw a failure.
             # The next cycle must carry on from that point, shipping nothing again.
             for _ in range(3):
-                written = rewrite(rig.disk, 12, rnd)  # 768 KiB: the stream fits sshd's channel window
+                written = rewrite_random(rig.disk, 12, rnd)  # 768 KiB: the stream fits sshd's channel window
                 pid = rig.next_id()
                 out = _fault_then_recover(rig, lambda: _cut_after_commit(rig, proxy), str(tmp_path), written)
                 newest_before_recovery = out["newest"]
@@ -225,7 +226,7 @@ def test_target_disk_full(sshd_server: SSHServer, tmp_path: Path) -> None:
             # space runs out while staging, while writing the undo log, while writing blocks, or not at all.
             failures = []
             for leave in (5 * MiB, 128 * 1024, 2 * MiB, 3 * MiB + 512 * 1024, 8 * MiB):
-                written = rewrite(rig.disk, DELTA_BLOCKS, rnd)
+                written = rewrite_random(rig.disk, DELTA_BLOCKS, rnd)
                 filler = _fill(fs, leave)
                 failed = ""
                 try:
@@ -277,7 +278,7 @@ def test_orchestrator_killed_mid_cycle(sshd_server: SSHServer, tmp_path: Path, p
         rig.start()
         # seconds after "go"; None: the moment the replica committed (the orchestrator never hears)
         for delay in (0.0, 0.05, 0.15, 0.3, 0.6, None, 1.2):
-            written = rewrite(rig.disk, 96, rnd)  # 6 MiB: a cycle long enough to land in
+            written = rewrite_random(rig.disk, 96, rnd)  # 6 MiB: a cycle long enough to land in
             pid = rig.next_id()
             rig.known[pid] = file_digest(str(rig.disk))
             h0 = read_manifest_header(manifest)

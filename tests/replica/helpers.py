@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from siterecovery.replica.engine import BLOCK, Replica, SourceState, now_iso, send
+from siterecovery.testing.disks import rewrite_blocks
 
 MiB = 1024 * 1024
 
@@ -28,14 +29,8 @@ def make_disk(path: Path, size: int, fill: float = 0.3, seed: int = 1, compressi
 def scribble(path: Path, blocks: int, seed: int = 2) -> set[int]:
     """Rewrite `blocks` random whole blocks; their indexes."""
     rnd = random.Random(seed)
-    n = os.path.getsize(path) // BLOCK
-    idx = set(rnd.sample(range(n), blocks))
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for i in idx:
-            os.pwrite(fd, rnd.randbytes(BLOCK), i * BLOCK)
-    finally:
-        os.close(fd)
+    idx = set(rnd.sample(range(os.path.getsize(path) // BLOCK), blocks))
+    rewrite_blocks(path, sorted(idx), rnd)
     return idx
 
 
