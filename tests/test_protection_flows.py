@@ -5,12 +5,12 @@ windows with an injected clock, and disable honouring the policy's delete_replic
 from __future__ import annotations
 
 import shutil
-import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+from alerts import observe_alerts, server_events
 
 pytest.importorskip("prefect")
 
@@ -182,36 +182,10 @@ def test_replicate_skips_vms_needing_resync_and_counts_failed_cycles(state: Path
 
 # ---- replication-health and its events ----------------------------------------------------------
 
-def server_events(ids: set[str]) -> list[dict[str, Any]]:
-    """Events with these ids as stored by the server, read through its REST API (POST /events/filter).
-    Filtered by id: earlier tests in the session emit many events of the same kind, more than a page."""
-    import httpx
-    from prefect.settings import PREFECT_API_URL
-
-    body = {"filter": {"id": {"id": sorted(ids)}, "event": {"prefix": ["siterecovery.replication."]},
-                       "resource": {"id_prefix": ["siterecovery.vm."]}}, "limit": 50}
-    r = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10)
-    r.raise_for_status()
-    return list(r.json()["events"])
-
-
 def test_rpo_breach_emits_exactly_one_event_per_vm_per_breach(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from prefect.events.worker import EventsWorker
-
     import flows.protection as fp
 
-    # Event workers are per process and bind their clients to the server current when they start: one
-    # left by an earlier test (pointing at a server that has since stopped) would drop every event.
-    EventsWorker.drain_all(timeout=10, at_exit=False)
-
-    sent: list[tuple[str, str, tuple[str, ...], str]] = []
-    real_emit = fp.emit_alert
-
-    def observed(alert: Any) -> Any:
-        sent.append((alert.event, alert.vm, alert.reasons, alert.id))
-        return real_emit(alert)
-
-    monkeypatch.setattr(fp, "emit_alert", observed)
+    sent = observe_alerts(monkeypatch)
 
     def health() -> dict[str, Any]:
         return {r.vm: r for r in fp.replication_health(pairing="gold", project=PLANS, fabric="memory")}
@@ -243,13 +217,7 @@ def test_rpo_breach_emits_exactly_one_event_per_vm_per_breach(state: Path, monke
     assert [(e, vm) for e, vm, _, _ in sent[4:]] == [(EVENT_BREACHED, "sql-01")]
 
     # The same events reached the Prefect server (the events API), with our resource ids and payload.
-    expected = {s[3] for s in sent}
-    deadline = time.monotonic() + 30
-    while True:
-        got = [ev for ev in server_events(expected) if ev["id"] in expected]
-        if len(got) == len(expected) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    got = server_events({s[3] for s in sent}, timeout=30)
     assert sorted((ev["event"], ev["resource"]["prefect.resource.id"]) for ev in got) == sorted(
         [(EVENT_BREACHED, "siterecovery.vm.sql-01")] * 2 + [(EVENT_BREACHED, "siterecovery.vm.web-01")]
         + [(EVENT_RECOVERED, "siterecovery.vm.sql-01"), (EVENT_RECOVERED, "siterecovery.vm.web-01")])

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alerts import observe_alerts, server_events
 from sshd import SSHServer
 
 pytest.importorskip("prefect")
@@ -111,41 +112,6 @@ def make_estate(sshd_server: SSHServer, tmp_path: Path, monkeypatch: pytest.Monk
 
 def health(e: Estate, **kw: Any) -> dict[str, Any]:
     return {r.vm: r for r in e.run("replication-health", **kw)}
-
-
-def observe_alerts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, tuple[str, ...], str]]:
-    """Alerts as the flow hands them to Prefect (they still go to the server)."""
-    from prefect.events.worker import EventsWorker
-
-    import flows.protection as fp
-
-    # An events worker left bound to an earlier test's server would drop every event.
-    EventsWorker.drain_all(timeout=10, at_exit=False)
-    sent: list[tuple[str, str, tuple[str, ...], str]] = []
-    real = fp.emit_alert
-
-    def observed(alert: Any) -> Any:
-        sent.append((alert.event, alert.vm, alert.reasons, alert.id))
-        return real(alert)
-
-    monkeypatch.setattr(fp, "emit_alert", observed)
-    return sent
-
-
-def server_events(ids: set[str], timeout: float = 60) -> list[dict[str, Any]]:
-    """The events with these ids once the server has stored them all (or what it has at the timeout)."""
-    import httpx
-    from prefect.settings import PREFECT_API_URL
-
-    body = {"filter": {"id": {"id": sorted(ids)}, "event": {"prefix": ["siterecovery.replication."]}}, "limit": 50}
-    deadline = time.monotonic() + timeout
-    while True:
-        r = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10)
-        r.raise_for_status()
-        got = [ev for ev in r.json()["events"] if ev["id"] in ids]
-        if len(got) == len(ids) or time.monotonic() > deadline:
-            return got
-        time.sleep(0.5)
 
 
 # ---- enable-protection, replicate, replication-health ------------------------------------------
