@@ -26,6 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from siterecovery import protection as core
 from siterecovery.errors import ConfigurationError, ExecutionError
+from siterecovery.estate import open_estate
 from siterecovery.fabric import Fabric, Placement, ReplicationState
 from siterecovery.model import Direction, Pairing
 from siterecovery.model.common import Frozen
@@ -88,7 +89,7 @@ def scope(pairing: str, project: str, vms: list[str] | None, fabric: str | None)
         placements = pairing_placements(proj, pair, Direction.forward, vms)
     except KeyError as exc:
         raise ConfigurationError(str(exc.args[0])) from None
-    sc = Scope(project=proj, pairing=pair, placements=placements, state=core.state_dir(), fabric=fabric)
+    sc = Scope(project=proj, pairing=pair, placements=placements, state=open_estate(proj.root), fabric=fabric)
     try:
         yield sc
     finally:

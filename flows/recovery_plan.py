@@ -30,6 +30,7 @@ from siterecovery.errors import (
     ConfigurationError,
     SiteRecoveryError,
 )
+from siterecovery.estate import open_estate
 from siterecovery.fabric import PointChoice
 from siterecovery.intent import Intent, IntentJournal, RunLock, StepJournal, intent_key, os_user
 from siterecovery.model import Direction, FailoverType, FailurePolicy, ManualAction, ScriptAction
@@ -46,7 +47,7 @@ from siterecovery.report import (
     render_markdown,
     report_filename,
 )
-from tasks.fabric import result_storage, state_dir
+from tasks.fabric import result_storage
 from tasks.limits import Reservation, ensure_limits, limit_name, reclaim_abandoned
 from tasks.script import ScriptJob, run_script, script_cache_key
 from tasks.vm import VMJob, job_cache_key, run_vm_steps
@@ -436,7 +437,7 @@ def execute_plan(
         raise ConfigurationError("recovery_point 'point_in_time' needs point_in_time")
     point = PointChoice(kind=recovery_point, at=point_in_time)
     compiled = compile_plan(proj, rp, failover_type, direction, point, options)
-    state = state_dir(proj.root)
+    state = open_estate(proj.root)
     ctx = FlowRunContext.get()
     flow_run = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
 

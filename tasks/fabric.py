@@ -1,8 +1,7 @@
-"""The one place flows and tasks obtain fabric drivers, the state directory and secrets.
+"""The one place flows and tasks obtain fabric drivers and secrets.
 
-State directory: $SITERECOVERY_STATE when set, else `.siterecovery` next to the project directory
-(`<project>/../.siterecovery`, i.e. the checkout's `.siterecovery` for `plans/`). It holds the memory
-fabric's shared estate, the intent journal, persisted task results and the HTML reports.
+The state directory comes from siterecovery.estate (the one resolver); it holds the memory fabric's
+shared estate, the intent journal, persisted task results and the HTML reports.
 """
 
 from __future__ import annotations
@@ -19,17 +18,6 @@ from siterecovery.model import Credential
 
 _DRIVERS: dict[tuple[str, str, str], Fabric] = {}
 _LOCK = threading.Lock()
-
-
-def state_dir(project: Path | str | None = None) -> Path:
-    env = os.environ.get("SITERECOVERY_STATE")
-    if env:
-        return Path(env).expanduser().resolve()
-    if project is not None:
-        root = Path(project).resolve()
-        root = root if root.is_dir() else root.parent
-        return (root.parent / ".siterecovery").resolve()
-    return Path(".siterecovery").resolve()
 
 
 def resolve_secret(cred: Credential) -> str:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from siterecovery.fabric import Fabric
-from siterecovery.protection import open_fabric, state_dir
+from siterecovery.protection import open_fabric
 from tasks.fabric import resolve_secret
 
 
-def get_fabric(kind: str, state: str | Path | None = None) -> Fabric:
-    """A driver for `kind` using the shared state directory."""
-    return open_fabric(kind, state_dir(state), secrets=resolve_secret)
+def get_fabric(kind: str, state: str | Path) -> Fabric:
+    """A driver for `kind` on the project's estate (siterecovery.estate resolves it)."""
+    return open_fabric(kind, Path(state), secrets=resolve_secret)

@@ -63,3 +63,19 @@ def test_show_table_and_plan_file() -> None:
 def test_show_unknown_plan_is_a_usage_error() -> None:
     r = cli("show", "nope")
     assert r.returncode == 2 and "unknown plan 'nope'" in (r.stdout + r.stderr)
+
+
+def test_run_of_a_missing_plan_file_is_one_clear_error_before_prefect_starts() -> None:
+    # Before, this started Prefect's ephemeral server first and ended in a traceback.
+    r = cli("run", "nosuch.yaml")
+    text = r.stdout + r.stderr
+    assert r.returncode == 2 and "nosuch.yaml: no such plan file" in text
+    assert "Traceback" not in text and "prefect" not in text.lower()
+
+
+def test_run_of_an_invalid_plan_prints_its_problems(tmp_path: Path) -> None:
+    (tmp_path / "topology.yaml").write_text("kind: Topology\nsites: [{name: a}]\nhosts: []\nvms: []\n")
+    (tmp_path / "bad.yaml").write_text("kind: RecoveryPlan\nname: bad\nsource: nowhere\ntarget: nowhere\ngroups: []\n")
+    r = cli("run", str(tmp_path / "bad.yaml"))
+    text = r.stdout + r.stderr
+    assert r.returncode == 1 and f"{tmp_path / 'bad.yaml'}:" in text and "Traceback" not in text

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 problems found (or the operation failed), 2 usage error
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -70,7 +71,9 @@ def _resolve_plan(plan: str, project_dir: Path | None):  # type: ignore[no-untyp
     from .project import load_project
 
     p = Path(plan)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
+    if p.suffix in (".yaml", ".yml") and not p.is_file():
+        raise typer.BadParameter(f"{p}: no such plan file")
+    if p.suffix in (".yaml", ".yml"):
         project = load_project(p.parent)
         for ps in project.plans.values():
             if ps.file.resolve() == p.resolve():
@@ -130,6 +133,9 @@ def _load_commands() -> None:
 
 
 def main() -> None:
+    # Prefect's ephemeral server (used when no PREFECT_API_URL is set) gives up after 20 s; a first start
+    # on a fresh machine (migrations, no bytecode cache) takes longer and failed the first `run` that way.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     _load_commands()
     try:
         app()

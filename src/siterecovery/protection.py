@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import time as _time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ from .fabric import Fabric, FabricContext, driver_for
 from .fabric.base import Health, Placement, ReplicationHealth, ReplicationState
 from .model.common import Frozen
 
-STATE_ENV = "SITERECOVERY_STATE"
 # Fabrics whose driver moves the data itself; Hyper-V Replica ships its own cycles on its own timer.
 DATA_PATH_KINDS = frozenset({"linux", "memory"})
 # Consecutive failed delta cycles after which a VM is resynchronized rather than retried (Hyper-V and
@@ -36,12 +34,7 @@ EVENT_BREACHED = "siterecovery.replication.breached"
 EVENT_RECOVERED = "siterecovery.replication.recovered"
 
 
-# ---- where things live ------------------------------------------------------------------------
-
-def state_dir(explicit: str | Path | None = None) -> Path:
-    """The orchestrator's state directory: $SITERECOVERY_STATE, else ./.siterecovery (the Makefile's STATE)."""
-    return Path(explicit or os.environ.get(STATE_ENV) or ".siterecovery")
-
+# ---- which driver serves a VM (the state directory comes from siterecovery.estate) ------------------------------------------------------------------------
 
 def fabric_context(kind: str, state: Path, secrets: Any = None) -> FabricContext:
     """The one convention every caller uses, so a CLI, a flow and a test see the same estate: the

@@ -1,5 +1,5 @@
 """`siterecovery demo` end to end, as a user runs it: a real sshd, real tier processes, the recovery
-plan through Prefect (ephemeral). Checks the demo's claims from the outside: exit 0, three runs in the
+plan through Prefect (the demo's own server, started cold: fresh PREFECT_HOME, no bytecode cache). Checks the demo's claims from the outside: exit 0, three runs in the
 summary and as HTML reports, the order written before the planned failover read back at the recovery
 site, nothing left by the drill, and nothing left running at all."""
 
@@ -40,8 +40,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         pytest.skip("/usr/sbin/sshd is missing (scripts/setup-system.sh installs it)")
     state = tmp_path / "demo"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PYTHONPATH": str(ROOT), "COLUMNS": "120"}
-    env.pop("PREFECT_API_URL", None)  # the demo's default: an ephemeral server
+           "PYTHONPATH": str(ROOT), "COLUMNS": "120", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PREFECT_API_URL", None)  # the demo's default: it starts and waits for its own server
     env.pop("SITERECOVERY_STATE", None)
     cli = [sys.executable, "-m", "siterecovery", "demo", "--state", str(state)]
     try:

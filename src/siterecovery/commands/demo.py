@@ -198,6 +198,11 @@ def _run(core: Any, state: Path, console: Console, use_ssh: bool, cycles: int) -
     return 0 if ok else 1
 
 
+# A cold first start of the server (migrations, imports without a bytecode cache) took 20-60 s here.
+STARTUP_LIMIT = 300.0
+_servers: list[Any] = []
+
+
 class _PrefectStart(threading.Thread):
     """Imports Prefect and the flows and makes the first API call, which starts the ephemeral server
     (or reaches PREFECT_API_URL): its cost is measured and shown."""
@@ -215,6 +220,8 @@ class _PrefectStart(threading.Thread):
         self.view.begin_bg("prefect", "starting")
         t0 = time.monotonic()
         try:
+            if not os.environ.get("PREFECT_API_URL"):
+                self._own_server()
             from prefect.client.orchestration import get_client
             from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
@@ -231,6 +238,19 @@ class _PrefectStart(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self.error = exc
             self.view.end_bg("prefect", f"{type(exc).__name__}: {exc}", ok=False)
+
+    def _own_server(self) -> None:
+        """Start the demo's own Prefect server and wait for it. Prefect's ephemeral server gives up after
+        20 s, and a first start on a fresh machine (database migrations, no bytecode cache with
+        PYTHONDONTWRITEBYTECODE=1) takes longer: the first `make demo` failed that way. Set before prefect
+        is imported, so every client of this process talks to it; stopped in the demo's tear-down."""
+        from ..testing.prefect_server import PrefectServer, free_port
+
+        home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")  # prefect's own default
+        server = PrefectServer(home, free_port())
+        _servers.append(server)
+        server.start(timeout=STARTUP_LIMIT, log=home / "demo-server.log")
+        os.environ["PREFECT_API_URL"] = server.api_url
 
 
 def _through_prefect(core: Any, estate: Any, view: View, console: Console, writer: Any,
@@ -369,11 +389,12 @@ def _quiet_console(view: View, log_path: Path) -> None:
 
 
 def _close_prefect() -> None:
-    """Close cached fabric drivers (their SSH sessions) before the sshd stops; the ephemeral server
-    stops with this process."""
+    """Close cached fabric drivers (their SSH sessions) before the sshd stops, then the demo's server."""
     mod = sys.modules.get("tasks.fabric")
     if mod is not None:
         mod.close_all()
+    while _servers:
+        _servers.pop().stop()
 
 
 def _s(v: Any) -> str:

@@ -6,7 +6,6 @@ kept in the project's state directory). Used by `make ui` / `make ui-stop`.
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +13,7 @@ import typer
 
 from ..cli import app, err, out
 from ..errors import PlanError
+from ..estate import open_estate, state_dir
 
 deployments_app = typer.Typer(no_args_is_help=True, help="Prefect deployments generated from the plans.")
 ui_app = typer.Typer(no_args_is_help=True, help="A local Prefect UI: server, work pool, deployments, worker.")
@@ -65,14 +65,16 @@ def render_cmd(
     out.print(f"wrote {out_file}")
 
 
-def _state_dir(state: Path | None) -> Path:
-    return state or Path(os.environ.get("SITERECOVERY_STATE", ".siterecovery"))
+StateOpt = Annotated[Path | None, typer.Option(help="state directory (default: $SITERECOVERY_STATE, else the "
+                                                   "project's estate, .siterecovery beside it)")]
+ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="project directory whose estate the UI serves")]
 
 
 @ui_app.command("up")
 def ui_up(
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 4200,
-    state: Annotated[Path | None, typer.Option(help="state directory (default: $SITERECOVERY_STATE or .siterecovery)")] = None,
+    state: StateOpt = None,
+    project_dir: ProjectOpt = Path("plans"),
     prefect_file: Annotated[Path, typer.Option(help="deployments to apply")] = DEFAULT_OUT,
     pool: Annotated[str, typer.Option(help="process work pool")] = "siterecovery",
 ) -> None:
@@ -82,28 +84,30 @@ def ui_up(
     if not prefect_file.exists():
         err.print(f"[red]{prefect_file} not found[/]: run from the repository root, or `siterecovery deployments render`")
         raise typer.Exit(2)
-    url = ui.up(_state_dir(state), Path.cwd(), prefect_file, pool=pool, port=port, say=out.print)
+    url = ui.up(open_estate(project_dir, state), Path.cwd(), prefect_file, pool=pool, port=port, say=out.print)
     out.print(f"\nPrefect UI: [bold]{url}[/]   (stop with `make ui-stop` or `siterecovery ui down`)")
 
 
 @ui_app.command("down")
 def ui_down(
-    state: Annotated[Path | None, typer.Option(help="state directory (default: $SITERECOVERY_STATE or .siterecovery)")] = None,
+    state: StateOpt = None,
+    project_dir: ProjectOpt = Path("plans"),
 ) -> None:
     """Stop the worker and the server that `ui up` started, and nothing else."""
     from .. import ui
 
-    ui.down(_state_dir(state), say=out.print)
+    ui.down(state_dir(project_dir, state), say=out.print)
 
 
 @ui_app.command("status")
 def ui_status(
-    state: Annotated[Path | None, typer.Option(help="state directory")] = None,
+    state: StateOpt = None,
+    project_dir: ProjectOpt = Path("plans"),
 ) -> None:
     """Which of the server and the worker are running."""
     from .. import ui
 
-    running = ui.status(_state_dir(state))
+    running = ui.status(state_dir(project_dir, state))
     for name, pid in running.items():
         out.print(f"{name}: {'running, pid ' + str(pid) if pid else 'not running'}")
     if not all(running.values()):

@@ -22,10 +22,11 @@ from rich.table import Table
 
 from ..cli import app, err, out
 from ..errors import ExecutionError, SiteRecoveryError
+from ..estate import open_estate
 from ..placement import pairing_placements
 from ..progress_view import progress_display
 from ..project import load_project
-from ..protection import HealthRow, kind_of, open_fabric, read_pairing_state, state_dir
+from ..protection import HealthRow, kind_of, open_fabric, read_pairing_state
 
 HEALTH_STYLE = {"Normal": "green", "Warning": "yellow", "Critical": "bold red", "Unknown": "bold red"}
 
@@ -37,7 +38,7 @@ def health_rows(project_dir: Path, pairing: str | None, fabric: str | None) -> l
     """Every VM's health for one pairing or all of them; a VM that cannot be read is a row too."""
     project = load_project(project_dir)
     pairings = [project.protection.pairing(pairing)] if pairing else list(project.protection.pairings)
-    state = state_dir()
+    state = open_estate(project.root, create=False)  # reading health never makes an estate
     drivers: dict[str, Any] = {}
     rows = []
     try:
@@ -80,7 +81,7 @@ def status(
         print(json.dumps([r.model_dump(mode="json") | {"breach": list(r.breach_reasons())} for r in rows], indent=1))
         return
     open_breaches = {(pr, vm) for pr in {r.pairing for r in rows}
-                     for vm in read_pairing_state(state_dir(), pr).breaches}
+                     for vm in read_pairing_state(open_estate(project_dir, create=False), pr).breaches}
     table = Table(title="Replication health" + (f" of {pairing}" if pairing else ""))
     for col in ("Pairing", "VMName", "State", "Health", "Primary", "Replica", "LReplTime", "PReplSize(M)",
                 "RPO", "Threshold", "Cycles ok/missed", "Alert", "Details"):

@@ -16,7 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli import app, err, out
+from ..cli import _resolve_plan, app, err, out
+from ..errors import PlanError
 from ..model import Direction, FailoverType, FailurePolicy
 
 
@@ -46,6 +47,12 @@ def run(
         err.print(f"[red]a {failover_type.value} failover of '{plan}' changes production:[/] "
                   f"add --confirm {plan} to go ahead", highlight=False)
         raise typer.Exit(2)
+    try:  # a missing or invalid plan is one clear error, before Prefect starts
+        _resolve_plan(plan, project)
+    except PlanError as exc:
+        for problem in exc.problems:
+            err.print(str(problem), markup=False, highlight=False)
+        raise typer.Exit(1) from None
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))

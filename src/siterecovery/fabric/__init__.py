@@ -36,7 +36,9 @@ _DRIVERS: dict[str, str] = {
 class FabricContext:
     """What a driver gets from its caller: where to keep state and how to reach secrets."""
 
-    state_dir: Path = field(default_factory=lambda: Path(".siterecovery"))
+    # The project's estate, from siterecovery.estate (the one resolver). No default: a driver that keeps
+    # state (linux) refuses to start without it rather than open a second estate in the current directory.
+    state_dir: Path | None = None
     # Resolves a Credential to the secret's text (Prefect Secret block or environment variable);
     # flows pass one that knows Prefect, the core only environment variables.
     secrets: Any = None

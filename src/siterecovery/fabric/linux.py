@@ -28,6 +28,7 @@ import paramiko
 
 from .. import ssh
 from ..errors import (
+    ConfigurationError,
     ExecutionError,
     FabricError,
     HostKeyError,
@@ -117,6 +118,9 @@ class LinuxFabric:
     def __init__(self, context: FabricContext | None = None) -> None:
         self.context = context or FabricContext()
         self.opts = self.context.options
+        if self.context.state_dir is None:
+            raise ConfigurationError("the linux fabric needs the project's state directory (FabricContext.state_dir, "
+                                     "from siterecovery.estate): it holds the VM records and the default host roots")
         self.root = Path(self.context.state_dir) / "linux"
         self._clients: dict[str, paramiko.SSHClient] = {}
         self._lock = threading.RLock()
