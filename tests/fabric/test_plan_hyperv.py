@@ -121,6 +121,7 @@ def test_hyperv_plan_fault_rerun_host_keys_and_no_key_material(
         for name, kw, says in (("changed", {"host_key": f"ssh-ed25519 {other.get_base64()}"}, "CHANGED"),
                                ("unknown", {"known_hosts": str(tmp_path / "empty_known_hosts")}, "unknown")):
             bad = write_project(tmp_path / name, sim, **kw)
+            monkeypatch.setenv("SITERECOVERY_STATE", str(tmp_path / f"state-{name}"))  # another project's estate
             before = len(sim.log())
             with pytest.raises(PlanFailed) as refused:
                 recovery_plan(plan="shop", project=str(bad), failover_type=FailoverType.test)
