@@ -120,7 +120,9 @@ def test_commands_from_four_directories_share_one_estate_and_fail_over_to_the_ne
     monkeypatch.delenv("SITERECOVERY_STATE", raising=False)
     proj = _lab(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "SITERECOVERY_STATE"}
-    env.update({"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    # No PYTHONPATH: the installed CLI finds flows/ and tasks/ (installed with the package) from any directory.
+    env.pop("PYTHONPATH", None)
+    env.update({"PREFECT_API_URL": str(PREFECT_API_URL.value()), "COLUMNS": "200"})
     dirs = {n: tmp_path / n for n in ("ops-a", "ops-b", "ops-c")}
     for d in dirs.values():
         d.mkdir()

@@ -213,8 +213,6 @@ class _PrefectStart(threading.Thread):
         self.error: BaseException | None = None
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         os.environ["SITERECOVERY_STATE"] = str(estate.fabric_state)
-        if str(estate.checkout) not in sys.path:
-            sys.path.insert(0, str(estate.checkout))  # flows/ and tasks/ are imported from the checkout
 
     def run(self) -> None:
         self.view.begin_bg("prefect", "starting")

@@ -11,8 +11,6 @@ with its artifacts. Both show each VM's copy as it runs (progress_view).
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -101,15 +99,12 @@ def status(
 
 
 def _import_flows() -> Any:
-    """flows/ lives in the checkout, not the wheel (Prefect's project convention): make it importable
-    when the console script runs from the repository root."""
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    """The protection flows (installed with the package; imported here so the core never loads prefect)."""
     try:
         import flows.protection as module
     except ModuleNotFoundError as exc:
-        raise SiteRecoveryError(f"cannot import the protection flows ({exc}); run from a siterecovery checkout") from None
+        raise SiteRecoveryError(f"cannot import the protection flows ({exc}): install siterecovery with its "
+                                "orchestration extra (pip install 'siterecovery[orchestration]')") from None
     return module
 
 

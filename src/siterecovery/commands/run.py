@@ -2,14 +2,13 @@
 Prefect API, and print its progress (the flow's log) and summary.
 
 Prefect and flows/ are imported inside the command only: the core package never imports prefect.
-flows/ is imported from the repository root (run from a checkout, or put it on PYTHONPATH).
+flows/ is installed with the package (pyproject maps the checkout's flows/ and tasks/), so any directory works.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -54,12 +53,10 @@ def run(
             err.print(str(problem), markup=False, highlight=False)
         raise typer.Exit(1) from None
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
     try:
         from flows.recovery_plan import ConfirmationRequired, PlanFailed, recovery_plan
     except ImportError as exc:
-        err.print(f"[red]cannot import the flows ({exc}):[/] run from a checkout of siterecovery, or put it on PYTHONPATH")
+        err.print(f"[red]cannot import the flows ({exc}):[/] install siterecovery with its orchestration extra")
         raise typer.Exit(2) from None
     from ..compile import RunOptions
 
