@@ -113,6 +113,7 @@ def _lab(base: Path) -> Path:
 
 
 @pytest.mark.prefect_server
+@pytest.mark.timeout(900)  # four CLI processes, each importing prefect: slow on a loaded machine
 def test_commands_from_four_directories_share_one_estate_and_fail_over_to_the_newest_data(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None) -> None:
     from prefect.settings import PREFECT_API_URL
