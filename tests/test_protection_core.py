@@ -26,6 +26,7 @@ from siterecovery.protection import (
     read_pairing_state,
     resync_reason,
 )
+from siterecovery.testing.projects import copy_project
 
 ROOT = Path(__file__).resolve().parents[1]
 CHI = timezone(timedelta(hours=-6))
@@ -134,7 +135,8 @@ def test_status_shows_health_and_json(tmp_path: Path, monkeypatch: pytest.Monkey
     from siterecovery.cli import _load_commands, app
 
     monkeypatch.setenv("SITERECOVERY_STATE", str(tmp_path))
-    project = load_project(ROOT / "plans")
+    plans = copy_project(ROOT / "plans", tmp_path / "checkout")  # its own estate: a copy of the project
+    project = load_project(plans)
     placements = pairing_placements(project, project.protection.pairing("gold"))
     fab = open_fabric("memory", tmp_path)
     for p in placements.values():
@@ -142,14 +144,14 @@ def test_status_shows_health_and_json(tmp_path: Path, monkeypatch: pytest.Monkey
     fab.mark_resync_required(placements["sql-01"])  # type: ignore[attr-defined]
     _load_commands()
     runner = CliRunner()
-    res = runner.invoke(app, ["status", "gold", "--fabric", "memory", "--project", str(ROOT / "plans"), "--json"])
+    res = runner.invoke(app, ["status", "gold", "--fabric", "memory", "--project", str(plans), "--json"])
     assert res.exit_code == 0, res.output
     rows = {r["vm"]: r for r in json.loads(res.stdout)}
     assert set(rows) == set(placements)
     assert rows["sql-01"]["health"] == "Critical" and rows["sql-01"]["breach"] == ["critical"]
     assert rows["web-01"]["health"] == "Normal" and rows["web-01"]["state"] == "Replicating"
-    res = runner.invoke(app, ["status", "gold", "--fabric", "memory", "--project", str(ROOT / "plans")])
+    res = runner.invoke(app, ["status", "gold", "--fabric", "memory", "--project", str(plans)])
     assert res.exit_code == 0, res.output
     assert "Critical" in res.stdout and "WaitingForStartResynchronize" in res.stdout
-    res = runner.invoke(app, ["status", "nope", "--fabric", "memory", "--project", str(ROOT / "plans")])
+    res = runner.invoke(app, ["status", "nope", "--fabric", "memory", "--project", str(plans)])
     assert res.exit_code == 2

@@ -4,7 +4,7 @@ windows with an injected clock, and disable honouring the policy's delete_replic
 
 from __future__ import annotations
 
-import shutil
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from siterecovery.fabric.memory import MemoryFabric  # noqa: E402
 from siterecovery.placement import pairing_placements  # noqa: E402
 from siterecovery.project import load_project  # noqa: E402
 from siterecovery.protection import EVENT_BREACHED, EVENT_RECOVERED, open_fabric  # noqa: E402
+from siterecovery.testing.projects import copy_project  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = str(ROOT / "plans")
@@ -28,6 +29,8 @@ VMS = ["sql-01", "sql-02", "app-01", "app-02", "web-01", "web-02", "lb-01", "jum
 @pytest.fixture
 def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None) -> Path:
     monkeypatch.setenv("SITERECOVERY_STATE", str(tmp_path / "state"))
+    # One project has one estate: each test's estate belongs to its own copy of the worked example.
+    monkeypatch.setattr(sys.modules[__name__], "PLANS", str(copy_project(ROOT / "plans", tmp_path / "checkout")))
     return tmp_path / "state"
 
 
@@ -37,16 +40,15 @@ def fabric(state: Path) -> MemoryFabric:
     return f
 
 
-def placements(project: str = PLANS) -> dict[str, Any]:
-    proj = load_project(Path(project))
+def placements(project: str | None = None) -> dict[str, Any]:
+    proj = load_project(Path(project or PLANS))
     return pairing_placements(proj, proj.protection.pairing("gold"))
 
 
 def project_copy(tmp_path: Path, edits: dict[str, list[tuple[str, str]]]) -> str:
-    """plans/ with text edits per file, for policy and host variants."""
-    dst = tmp_path / "plans"
-    shutil.copytree(ROOT / "plans", dst)
-    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")  # plans reference ../scripts
+    """The test's project with text edits per file, for policy and host variants: edited in place, as an
+    operator edits the project whose estate this is (another copy would be another project)."""
+    dst = Path(PLANS)
     for name, pairs in edits.items():
         text = (dst / name).read_text()
         for old, new in pairs:

@@ -230,9 +230,9 @@ def test_failing_script_stops_the_plan(estate, tmp_path: Path) -> None:  # type:
 
 def test_dr_drill_and_the_worked_example_dry_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.drill import dr_drill
-    from siterecovery.testing.projects import seed_memory
+    from siterecovery.testing.projects import copy_project, seed_memory
 
-    plans = Path(__file__).resolve().parents[2] / "plans"
+    plans = copy_project(Path(__file__).resolve().parents[2] / "plans", tmp_path / "checkout")
     monkeypatch.setenv("SITERECOVERY_STATE", str(tmp_path))
     seed_memory(plans, "three-tier", tmp_path / "memory-fabric.json")
     summary = dr_drill(plan="three-tier", project=str(plans), fabric="memory")

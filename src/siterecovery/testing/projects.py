@@ -7,6 +7,7 @@ the memory fabric's shared state file, so a failover can run at once.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,17 @@ from ..fabric.memory import MemoryFabric
 from ..model import Direction
 from ..placement import plan_placements
 from ..project import load_project
+
+
+def copy_project(src: Path, into: Path) -> Path:
+    """A copy of the project `src` (and the `scripts/` beside it, which plans reference as ../scripts)
+    under `into`. A test that gives a project its own state directory uses a copy: one project has one
+    estate (siterecovery.estate), so the checkout's plans/ cannot serve many tests' estates."""
+    dst = into / src.name
+    shutil.copytree(src, dst)
+    if (src.parent / "scripts").is_dir() and not (into / "scripts").exists():
+        shutil.copytree(src.parent / "scripts", into / "scripts")
+    return dst
 
 
 def memory_project(root: Path, plans: list[dict[str, Any]], vms: list[str] | None = None, source_hosts: int = 2,
