@@ -1077,9 +1077,6 @@ class HyperVFabric:
         st = self.vm_state(p.target, p.vm, op)
         if st.state == S.FailedOver.value:
             return result(p, op, False, S.FailedOver, "already committed", t0)
-        if st.mode == "Primary" and st.simple and st.simple.replica.lower() == _server_name(p.source).lower():
-            # Reversed already (a planned failover): Set-VMReplication -Reverse completed the failover.
-            return result(p, op, False, S(st.state), "already committed (replication reversed)", t0)
         st = self._act(p.target, p.vm, op, [cmd("Complete-VMFailover", VM=Var("vm"), Confirm=NO_CONFIRM)])
         return result(p, op, True, S(st.state), "failover committed", t0)
 
