@@ -579,6 +579,7 @@ class HyperVSimulator:
         self.faults: list[dict[str, Any]] = []
         self.enum_style, self.date_style, self.shell = enum_style, date_style, shell
         self.jobs: list[Job] = []
+        self.refused: list[tuple[str, str, str]] = []  # (host, call, FQID) PowerShell would not bind
         self._job_ids = 0
         self.hold_resync = False  # keep a resynchronization running until finish_resync()
         self.clock_offset = timedelta(0)
@@ -891,7 +892,12 @@ class HyperVSimulator:
             raise PSError("CommandNotFoundException", None, "ObjectNotFound",
                           f"The term '{c.name}' is not recognized as the name of a cmdlet, function, script file, "
                           "or operable program.")
-        args, kinds = self._bind(c, core, piped, variables)
+        try:
+            args, kinds = self._bind(c, core, piped, variables)
+        except PSError as exc:
+            with self.lock:  # PowerShell refused the call itself: no cmdlet ran
+                self.refused.append((host.name, c.name + "".join(f" {t.text}" for t in c.args), exc.fqid))
+            raise
         silent = str(args.pop("ErrorAction", "")).lower() in ("silentlycontinue", "ignore")
         if args.get("AsJob") and c.name in SYNTAX:
             return [self._start_job(host, c, args, kinds)]
