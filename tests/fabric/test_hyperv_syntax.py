@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hvhelpers import VM, make_host, placement
+from hvhelpers import make_host, placement
 
 from siterecovery.fabric.base import PointChoice
 from siterecovery.fabric.hyperv import HyperVFabric

@@ -124,3 +124,27 @@ def test_certificate_per_host(sim: HyperVSimulator, driver: HyperVFabric, client
     # The primary presents its own certificate, not one thumbprint for every host.
     assert any("-CertificateThumbprint THUMB-HV-A" in e.render() for e in sim.log("hv-a")
                if e.cmdlet == "Enable-VMReplication")
+
+
+def test_excluded_disk_and_delete_replica_removes_vhds(sim: HyperVSimulator, driver: HyperVFabric,
+                                                       hosts: dict[str, Host]) -> None:
+    from siterecovery.mapping import DiskPlacement
+    os_disk, page = "C:\\VMs\\web-01\\os.vhdx", "C:\\VMs\\web-01\\pagefile.vhdx"
+    sim.add_vm("hv-a", VM, disks=(os_disk, page))
+    p = placement(hosts).model_copy(update={"disks": (
+        DiskPlacement(disk="os", source_path=os_disk, target_location=None, classification=None),
+        DiskPlacement(disk="page", source_path=page, target_location=None, classification=None,
+                      replicate=False))})
+    driver.enable_replication(p)
+    assert any(e.render().endswith(f"-ExcludedVhdPath {page}") for e in sim.log("hv-a")
+               if e.cmdlet == "Enable-VMReplication")
+    replica = sim.vm("hv-b", VM)
+    assert [d.rsplit("\\", 1)[-1] for d in replica.disks] == ["os.vhdx"]  # the page file is not replicated
+    driver.start_initial_replication(p)
+    before = set(sim.host("hv-b").files)
+    assert set(replica.disks) <= before
+    driver.disable_replication(p, delete_replica=True)
+    # Remove-VM keeps the VHDs; "delete the replica" removes them too.
+    assert not set(replica.disks) & sim.host("hv-b").files
+    assert os_disk in sim.host("hv-a").files and sim.vm("hv-a", VM).rel is None
+    assert sim.refused == []

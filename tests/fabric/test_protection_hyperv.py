@@ -62,6 +62,9 @@ def test_protection_flows_on_hyperv_simulator(sim: HyperVSimulator, client_key: 
     assert sim.vm("hv-b", "web-01").mode == "Replica"
     done = sim.actions()
     assert any(a.startswith("Set-VMReplicationServer") for a in done), done
+    # The primary is a replica server too, authorizing its replica host: reverse replication needs it.
+    assert [e["AllowedPrimaryServer"] for e in sim.host("hv-a").entries] == ["hv-b"]
+    assert [e["AllowedPrimaryServer"] for e in sim.host("hv-b").entries] == ["hv-a"]
     assert sum(a.startswith("Enable-VMReplication") for a in done) >= 2
 
     sim.clear_log()

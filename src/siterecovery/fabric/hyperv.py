@@ -163,6 +163,10 @@ NO_CONFIRM: Any = object()  # `-Confirm:$false`
 
 
 def _value(v: object) -> str:
+    if isinstance(v, list | tuple):
+        if not v:
+            raise ValueError("an empty list has no PowerShell literal here")
+        return ", ".join(_value(x) for x in v)
     if isinstance(v, Var):
         return "$" + v.name
     if isinstance(v, bool):
@@ -840,6 +844,11 @@ class HyperVFabric:
         }
         return params
 
+    @staticmethod
+    def _excluded(p: Placement) -> list[str] | None:
+        """The VHD paths left out of replication (topology disks with `replicate: false`)."""
+        return [d.source_path for d in p.disks if not d.replicate] or None
+
     def enable_replication(self, p: Placement) -> OpResult:
         t0, op = utcnow(), "enable_replication"
         st = self.vm_state(p.source, p.vm, op)
@@ -865,7 +874,8 @@ class HyperVFabric:
                 self._act(p.target, p.vm, op, [cmd("Enable-VMReplication", VM=Var("vm"), AsReplica=SWITCH,
                                                    AllowedPrimaryServer=_server_name(p.source))])
         st = self._act(p.source, p.vm, op, [cmd("Enable-VMReplication", VM=Var("vm"),
-                                                **self._enable_params(p.policy, p.target, p.source))])
+                                                **self._enable_params(p.policy, p.target, p.source),
+                                                ExcludedVhdPath=self._excluded(p))])
         return result(p, op, True, S(st.state), f"replication {p.source.name} -> {p.target.name} enabled", t0,
                       host=p.source.name)
 
@@ -959,8 +969,14 @@ class HyperVFabric:
             if st.simple is not None:
                 lines.append(cmd("Remove-VMReplication", VM=Var("vm")))
             if host is p.target and delete_replica:
+                # Remove-VM keeps the virtual disks: read their paths first, delete them after the VM.
+                disks = _list(self.run(host, [*find("vm", p.vm), *select("Get-VMHardDiskDrive -VM $vm", ("Path",),
+                                                                          "disks")], op, p.vm).get("disks"))
+                paths = [_str(d.get("Path")) for d in disks if isinstance(d, dict) and d.get("Path")]
                 lines += [cmd("Stop-VM", VM=Var("vm"), TurnOff=SWITCH, Force=SWITCH)] if st.power != "Off" else []
                 lines.append(cmd("Remove-VM", VM=Var("vm"), Force=SWITCH))
+                if paths:
+                    lines.append(cmd("Remove-Item", LiteralPath=paths))
                 self.run(host, [*find("vm", p.vm), *lines], op, p.vm)
                 changed = True
             elif lines:

@@ -193,6 +193,8 @@ class Disk(Frozen):
     path: str = Field(..., min_length=1, max_length=1024)
     size_bytes: int | None = Field(None, ge=0)
     classification: Name | None = None
+    replicate: bool = Field(True, description="hyperv: false leaves this disk out of replication "
+                                               "(-ExcludedVhdPath), e.g. a page-file or scratch disk")
 
 
 class Compute(Frozen):

@@ -151,6 +151,8 @@ class SimVM:
     failover_point: str = ""
     last_test_failover: datetime | None = None
     locked: bool = False  # a guest session is locked: Stop-VM without -Force prompts
+    disks: list[str] = field(default_factory=list)  # VHD paths
+    excluded: list[str] = field(default_factory=list)  # VHD paths not replicated (-ExcludedVhdPath)
 
     @property
     def mode(self) -> str:
@@ -177,6 +179,7 @@ class SimHost:
     nodes: list[str] = field(default_factory=list)  # a Replica Broker's cluster nodes
     shell: str = "cmd"  # the OpenSSH DefaultShell: "cmd" (Windows' default) or "powershell"
     firewall: set[str] = field(default_factory=set)  # enabled inbound rules (display names)
+    files: set[str] = field(default_factory=set)  # virtual disk files on this host
     broker: str = ""  # the broker a node belongs to
 
 
@@ -499,6 +502,8 @@ CORE: dict[str, dict[str, P]] = {
     "Receive-Job": {"Job": P("job", position=0, pipeline=True)},
     "Enable-NetFirewallRule": {"DisplayName": P("list")},
     "Get-NetFirewallRule": {"DisplayName": P("list")},
+    "Get-VMHardDiskDrive": {"VM": P("vm")},
+    "Remove-Item": {"LiteralPath": P("list")},
 }
 COMMON_PARAMS = {"ErrorAction": P("enum", values=("Stop", "Continue", "SilentlyContinue", "Ignore"))}
 
@@ -620,10 +625,12 @@ class HyperVSimulator:
         return b
 
     def add_vm(self, host: str, name: str, nics: tuple[tuple[str, str], ...] = (("eth0", "LAN"),),
-               running: bool = True, vm_id: str | None = None) -> SimVM:
+               running: bool = True, vm_id: str | None = None, disks: tuple[str, ...] | None = None) -> SimVM:
         h = self.host(host)
         vm = SimVM(name=name, host=h.name, id=vm_id or str(uuid.uuid4()), power="Running" if running else "Off")
         vm.nics = [Nic(name=n, vm=vm, switch=s) for n, s in nics]
+        vm.disks = list(disks) if disks is not None else [f"C:\\VMs\\{name}\\{name}.vhdx"]
+        h.files.update(vm.disks)
         h.vms.append(vm)
         return vm
 
@@ -971,6 +978,19 @@ class HyperVSimulator:
                 raise j.error  # with -ErrorAction Stop in effect, a job's error is re-thrown  # guess: FQID kept
         return []
 
+    def _c_Get_VMHardDiskDrive(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
+        return [{"VMName": vm.name, "Path": path} for vm in self._targets(host, "Get-VMHardDiskDrive", a)
+                for path in vm.disks]
+
+    def _c_Remove_Item(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
+        for path in a["LiteralPath"]:
+            node = next((h for h in [host, *(self.host(n) for n in host.nodes)] if path in h.files), None)
+            if node is None:
+                raise PSError("PathNotFound,Microsoft.PowerShell.Commands.RemoveItemCommand", None, "ObjectNotFound",
+                              f"Cannot find path '{path}' because it does not exist.")
+            node.files.discard(path)
+        return []
+
     def _c_Get_NetFirewallRule(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
         # Enabled is the GpoBoolean enum: True = 1, False = 2.  # guess: numbers as 5.1 writes them
         return [{"DisplayName": n, "Enabled": EnumVal("True", 1) if n in host.firewall else EnumVal("False", 2)}
@@ -1031,7 +1051,7 @@ class HyperVSimulator:
         if core is None:
             try:
                 b = bind(SYNTAX, c.name, named, positional, piped is not None,
-                         lambda ty: bool(piped) and all(_object_kind(x) == kind_of(ty).kind for x in piped))
+                         lambda ty: bool(piped) and all(_object_kind(x) == kind_of(ty).kind for x in piped or []))
             except BindError as exc:
                 raise PSError(exc.error_id, c.name, exc.category, exc.message) from None
             kinds = {k: kind_of(t) for k, t in b.types.items()}
@@ -1260,6 +1280,10 @@ class HyperVSimulator:
         node = self._place(target)
         vm = SimVM(name=src.name, host=node.name, id=src.id)
         vm.nics = [Nic(name=n.name, vm=vm) for n in src.nics]  # guess: replica NICs start disconnected
+        storage = target.server["DefaultStorageLocation"] or "D:\\Replica"
+        # guess: a replica's disks land under the storage location, in a folder named after the VM
+        vm.disks = [f"{storage}\\{src.name}\\{d.rsplit(chr(92), 1)[-1]}" for d in src.disks if d not in src.excluded]
+        node.files.update(vm.disks)
         vm.rel = rel
         node.vms.append(vm)
         return vm
@@ -1565,6 +1589,11 @@ class HyperVSimulator:
             self._validate_settings(c, a, extended, vm.rel.frequency if extended and vm.rel else 30)
             target = self._server_host(c, a["ReplicaServerName"])
             self._check_server(c, target, host if not host.broker else self.host(host.broker), a)
+            unknown = [x for x in a.get("ExcludedVhdPath", []) if x not in vm.disks]
+            if unknown:
+                raise PSError("InvalidParameter", c, "InvalidArgument",  # guess: id and text
+                              f"'{unknown[0]}' is not a virtual hard disk of '{vm.name}'.")
+            vm.excluded = list(a.get("ExcludedVhdPath", []))
             existing = self.by_id(target.name, vm.id)
             rel = Rel(mode="Primary", state="ReadyForInitialReplication", primary=host.broker or host.name,
                       replica=target.name, rtype="Extended" if extended else "Simple",

@@ -78,12 +78,7 @@ def _parse_block(cmdlet: str, text: str) -> list[dict[str, Any]]:
         if text[i].isspace():
             i += 1
             continue
-        for kind, rx in _TOKENS:
-            m = rx.match(text, i)
-            if m:
-                break
-        else:
-            raise ValueError(f"{cmdlet}: cannot read the syntax at {text[i:i + 40]!r}")
+        kind, m = _token(cmdlet, text, i)
         i = m.end()
         if kind == "common":
             continue
@@ -94,6 +89,14 @@ def _parse_block(cmdlet: str, text: str) -> list[dict[str, Any]]:
             position += 1
         params.append(p)
     return params
+
+
+def _token(cmdlet: str, text: str, i: int) -> tuple[str, re.Match[str]]:
+    for kind, rx in _TOKENS:
+        m = rx.match(text, i)
+        if m:
+            return kind, m
+    raise ValueError(f"{cmdlet}: cannot read the syntax at {text[i:i + 40]!r}")
 
 
 def load_table() -> dict[str, dict[str, Any]]:
