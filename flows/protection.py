@@ -39,6 +39,7 @@ from tasks.protection import (
     disable_vm,
     emit_alert,
     enable_vm,
+    extend_vm,
     finalize_vm,
     host_limit_name,
     initial_due,
@@ -170,6 +171,8 @@ def enable_protection(pairing: str, project: str = "plans", vms: list[str] | Non
 
         phase(enable_vm)
         phase(initial_replication_vm)
+        if any(p.extended is not None for p in sc.placements.values()):
+            phase(extend_vm)
         phase(finalize_vm)
 
         reports = []
