@@ -108,7 +108,7 @@ def select(source: str, props: Iterable[str], section: str) -> list[str]:
     return [ps_quote("#" + section), f"{source} | Select-Object {', '.join(props)} | {EMIT}"]
 
 
-def state_lines(var: str, name: str) -> list[str]:
+def state_lines(var: str, name: str, vms: str = "Get-VM") -> list[str]:
     """Everything the driver reads about one VM; `$var` holds it (resolved by `find`)."""
     v = "$" + Var(var).name
     return [*select(v, ("Name", "Id", "State"), "vm"),
@@ -118,7 +118,7 @@ def state_lines(var: str, name: str) -> list[str]:
             *select(f"Get-VMNetworkAdapter -VM {v}", ("Name", "SwitchName", "TestReplicaSwitchName"), "nics"),
             *select(f"Get-VMNetworkAdapterFailoverConfiguration -VM {v}", FAILOVER_PROPS, "failover"),
             # A test failover's VM is "<name> - Test" (seed 003, the Start-VMFailover reference).
-            *select(f"Get-VM | Where-Object Name -ceq {ps_quote(test_vm_name(name))}", ("Name", "State"), "test"),
+            *select(f"{vms} | Where-Object Name -ceq {ps_quote(test_vm_name(name))}", ("Name", "State"), "test"),
             ps_quote("#end")]
 
 
@@ -746,14 +746,25 @@ class HyperVFabric:
 
     # ---- reading state -----------------------------------------------------------------------
     def vm_state(self, host: Host, vm: str, operation: str = "read_state") -> VMState:
-        answer = self.run(host, [*find("vm", vm), *state_lines("vm", vm)], operation, vm)
+        answer = self.run(host, [*self._find(host, "vm", vm), *state_lines("vm", vm, self._vms(host))], operation, vm)
         return self._parsed(parse_vm_state, answer, host, vm, operation)
 
     def _act(self, host: Host, vm: str, operation: str, lines: list[str], var: str = "vm",
              timeout: float | None = None) -> VMState:
         """Resolve the VM, run `lines`, and answer the VM's state afterwards."""
-        answer = self.run(host, [*find(var, vm), *lines, *state_lines(var, vm)], operation, vm, timeout)
+        answer = self.run(host, [*self._find(host, var, vm), *lines, *state_lines(var, vm, self._vms(host))],
+                          operation, vm, timeout)
         return self._parsed(parse_vm_state, answer, host, vm, operation)
+
+    @staticmethod
+    def _vms(host: Host) -> str:
+        """Where a VM is looked up. On a Replica Broker's client access point the session runs on one node
+        and Get-VM lists that node's VMs only: ask every cluster node (the VM object then carries its
+        node, and the cmdlets given -VM act there)."""
+        return "Get-VM -ComputerName $nodes.Name" if host.broker else "Get-VM"
+
+    def _find(self, host: Host, var: str, vm: str) -> list[str]:
+        return (["$nodes = @(Get-ClusterNode)"] if host.broker else []) + find(var, vm, self._vms(host))
 
     def deadline(self, kind: str) -> float:
         """Seconds a long cmdlet (stop, export, import, prepare) may run: context option `deadlines`."""
@@ -970,14 +981,14 @@ class HyperVFabric:
                 lines.append(cmd("Remove-VMReplication", VM=Var("vm")))
             if host is p.target and delete_replica:
                 # Remove-VM keeps the virtual disks: read their paths first, delete them after the VM.
-                disks = _list(self.run(host, [*find("vm", p.vm), *select("Get-VMHardDiskDrive -VM $vm", ("Path",),
+                disks = _list(self.run(host, [*self._find(host, "vm", p.vm), *select("Get-VMHardDiskDrive -VM $vm", ("Path",),
                                                                           "disks")], op, p.vm).get("disks"))
                 paths = [_str(d.get("Path")) for d in disks if isinstance(d, dict) and d.get("Path")]
                 lines += [cmd("Stop-VM", VM=Var("vm"), TurnOff=SWITCH, Force=SWITCH)] if st.power != "Off" else []
                 lines.append(cmd("Remove-VM", VM=Var("vm"), Force=SWITCH))
                 if paths:
                     lines.append(cmd("Remove-Item", LiteralPath=paths))
-                self.run(host, [*find("vm", p.vm), *lines], op, p.vm)
+                self.run(host, [*self._find(host, "vm", p.vm), *lines], op, p.vm)
                 changed = True
             elif lines:
                 self._act(host, p.vm, op, lines)

@@ -181,6 +181,7 @@ class SimHost:
     firewall: set[str] = field(default_factory=set)  # enabled inbound rules (display names)
     files: set[str] = field(default_factory=set)  # virtual disk files on this host
     broker: str = ""  # the broker a node belongs to
+    owner: str = ""  # a broker: the node that owns its client access point now (default: the first)
 
 
 @dataclass(frozen=True)
@@ -503,6 +504,7 @@ CORE: dict[str, dict[str, P]] = {
     "Enable-NetFirewallRule": {"DisplayName": P("list")},
     "Get-NetFirewallRule": {"DisplayName": P("list")},
     "Get-VMHardDiskDrive": {"VM": P("vm")},
+    "Get-ClusterNode": {},
     "Remove-Item": {"LiteralPath": P("list")},
 }
 COMMON_PARAMS = {"ErrorAction": P("enum", values=("Stop", "Continue", "SilentlyContinue", "Ignore"))}
@@ -978,6 +980,13 @@ class HyperVSimulator:
                 raise j.error  # with -ErrorAction Stop in effect, a job's error is re-thrown  # guess: FQID kept
         return []
 
+    def _c_Get_ClusterNode(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
+        cluster = self.host(host.broker) if host.broker else host
+        if not cluster.nodes:
+            raise PSError("ClusterServiceNotRunning,Microsoft.FailoverClusters.PowerShell.GetClusterNodeCommand",
+                          None, "ConnectionError", "The cluster service is not running.")  # guess: id and text
+        return [{"Name": n, "State": EnumVal("Up", 0)} for n in cluster.nodes]
+
     def _c_Get_VMHardDiskDrive(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
         return [{"VMName": vm.name, "Path": path} for vm in self._targets(host, "Get-VMHardDiskDrive", a)
                 for path in vm.disks]
@@ -1350,7 +1359,14 @@ class HyperVSimulator:
         return {}
 
     def _c_Get_VM(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
-        vms = self.vms_on(host)
+        # A session on a Replica Broker's client access point runs on the node that owns the CAP now:
+        # Get-VM lists that node's VMs, or those of the nodes named by -ComputerName.
+        if "ComputerName" in a:
+            vms = [v for n in a["ComputerName"] for v in self.host(n).vms]
+        elif host.nodes:
+            vms = list(self.host(host.owner or host.nodes[0]).vms)
+        else:
+            vms = self.vms_on(host)
         if "Name" in a:
             out = []
             for pattern in a["Name"]:
