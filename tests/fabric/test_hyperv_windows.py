@@ -148,3 +148,29 @@ def test_excluded_disk_and_delete_replica_removes_vhds(sim: HyperVSimulator, dri
     assert not set(replica.disks) & sim.host("hv-b").files
     assert os_disk in sim.host("hv-a").files and sim.vm("hv-a", VM).rel is None
     assert sim.refused == []
+
+
+def test_broker_accepts_each_nodes_pinned_key(sim: HyperVSimulator, client_key: tuple[object, Path]) -> None:
+    """The CAP moves between nodes, each with its own host key: every pinned node key is accepted, any
+    other key is still refused."""
+    from siterecovery.errors import HostKeyError
+    from siterecovery.testing.hyperv_sim import generate_key
+    sim.add_host("node-1", replica_server=False)
+    sim.add_broker("hvr-broker", ["node-1"])
+    sim.add_vm("node-1", VM)
+    node1, _ = generate_key()  # the node that does not own the CAP now
+    other = f"ssh-ed25519 {node1.get_base64()}"
+    base = make_host(sim, "hvr-broker", client_key[1], broker=True, host_key=other)
+    d = HyperVFabric(FabricContext(options={"timeout": 20}))
+    try:
+        with pytest.raises(HostKeyError):
+            d.vm_state(base, VM)
+        pinned = base.model_copy(update={"node_host_keys": (sim.host_key_line,)})
+        assert d.vm_state(pinned, VM).name == VM
+        stranger, _ = generate_key()
+        bad = base.model_copy(update={"node_host_keys": (f"ssh-ed25519 {stranger.get_base64()}",)})
+        with pytest.raises(HostKeyError) as ei:
+            d.vm_state(bad, VM)
+        assert "none of its 2 pinned node keys" in str(ei.value)
+    finally:
+        d.close()

@@ -648,7 +648,24 @@ class HyperVFabric:
         self.timeout = float(self.context.options.get("timeout", 120.0))
         self._clients: dict[str, paramiko.SSHClient] = {}
         self._lock = threading.Lock()
-        self.connect: Callable[[Host], paramiko.SSHClient] = lambda h: ssh.connect(h, self.context.secrets)
+        self.connect: Callable[[Host], paramiko.SSHClient] = self._connect
+
+    def _connect(self, host: Host) -> paramiko.SSHClient:
+        """ssh.connect; a Replica Broker's client access point answers with the key of whichever node owns
+        it now, so each node's pinned key (`node_host_keys`) is accepted, and nothing else."""
+        pins = [k for k in (host.host_key, *host.node_host_keys) if k] if host.broker else []
+        if len(pins) < 2:
+            return ssh.connect(host, self.context.secrets)
+        changed: HostKeyError | None = None
+        for key in pins:
+            try:
+                return ssh.connect(host.model_copy(update={"host_key": key}), self.context.secrets)
+            except HostKeyError as exc:
+                changed = exc  # another node's key: try the next pin
+        assert changed is not None
+        raise HostKeyError(f"SSH host key of broker {host.name} matches none of its {len(pins)} pinned node keys: "
+                           f"{changed.message.split(' [')[0]}", host=host.name, operation="connect",
+                           hint=changed.hint) from None
 
     # ---- transport ---------------------------------------------------------------------------
     def _client(self, host: Host) -> paramiko.SSHClient:
