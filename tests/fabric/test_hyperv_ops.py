@@ -362,3 +362,12 @@ def test_answer_shapes(sim, driver, hosts, style) -> None:
     h = driver.replication_health(p)
     assert h.state == S.Replicating and h.last_replication_time is not None
     assert len(driver.recovery_points(p)) == 4
+
+
+def test_onboarding_again_applies_changed_policy(sim, driver, hosts) -> None:
+    p = protect(sim, driver, hosts)
+    assert driver.enable_replication(p).changed is False
+    r = driver.enable_replication(placement(hosts, copy_frequency_seconds=30, recovery_history_hours=8))
+    assert r.changed and "ReplicationFrequencySec" in r.message
+    assert actions(sim)[-1] == ("hv-a", "Set-VMReplication -VM web-01 -ReplicationFrequencySec 30 -RecoveryHistory 8")
+    assert (sim.vm("hv-a", VM).rel.frequency, sim.vm("hv-a", VM).rel.history) == (30, 8)
