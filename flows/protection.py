@@ -40,6 +40,7 @@ from tasks.protection import (
     disable_vm,
     emit_alert,
     enable_vm,
+    extend_vm,
     finalize_vm,
     host_limit_name,
     initial_due,
@@ -142,6 +143,16 @@ def enable_protection(pairing: str, project: str = "plans", vms: list[str] | Non
             for name, p in sorted(replica_hosts.items()):
                 hosts = [primaries[name][h] for h in sorted(primaries[name])]
                 log.info("%s: %s", name, configure_host(sc.driver(p), p.target, hosts))
+            # Reverse replication makes each primary a replica of its replica hosts (seed 003: enable the
+            # primary as a replica server too), so the primaries are configured the other way round.
+            reverse: dict[str, tuple[Any, dict[str, Any]]] = {}
+            for p in sc.placements.values():
+                if p.source.replica_server is not None:
+                    reverse.setdefault(p.source.name, (p, {}))[1][p.target.name] = p.target
+            for name, (p, targets) in sorted(reverse.items()):
+                hosts = [targets[h] for h in sorted(targets)]
+                log.info("%s (for reverse replication): %s", name,
+                         configure_host(sc.driver(p), p.source, hosts))
 
         steps: dict[str, list[Step]] = {vm: [] for vm in sc.placements}
         errors: dict[str, BaseException] = {}
@@ -161,6 +172,8 @@ def enable_protection(pairing: str, project: str = "plans", vms: list[str] | Non
 
         phase(enable_vm)
         phase(initial_replication_vm)
+        if any(p.extended is not None for p in sc.placements.values()):
+            phase(extend_vm)
         phase(finalize_vm)
 
         reports = []

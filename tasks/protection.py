@@ -104,6 +104,18 @@ def initial_replication_vm(driver: Fabric, p: Placement) -> Step:
         return Step.of(driver.start_initial_replication(p, progress=progress))
 
 
+@task(name="extended replication", task_run_name="extended replication {p.vm}", **RETRY)
+def extend_vm(driver: Fabric, p: Placement) -> Step:
+    """The pairing's extended replication (A -> B -> C) from the replica, where the fabric has it."""
+    extend = getattr(driver, "enable_extended_replication", None)
+    if p.extended is None or extend is None:
+        return Step(vm=p.vm, step="enable_extended_replication", changed=False, state="",
+                    message="no extended replication" if p.extended is None
+                    else f"{driver.kind} fabric: no extended replication")
+    r = extend(p, p.extended, p.extended_frequency_seconds)
+    return Step.of(r)
+
+
 class Readiness(Frozen):
     vm: str
     network: Step

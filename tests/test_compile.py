@@ -46,9 +46,18 @@ def test_planned_failover_shuts_down_in_reverse_order_then_commits(project) -> N
     assert shutdown == ["web-01", "web-02", "lb-01", "app-01", "app-02", "sql-01", "sql-02"]
     assert all(s.host and s.host.startswith("hv-ny") for s in c.steps() if s.stage == "shutdown")
     chain = [op for op, vm in ops(c, "group") if vm == "web-01"]
-    assert chain == ["failover", "apply_network", "start_vm"]
-    assert [b.stage for b in c.batches][-2:] == ["commit", "reverse"]
+    # Hyper-V hosts: the documented order (seed 003): Start-VMFailover, Set-VMReplication -Reverse, Start-VM;
+    # the reverse completes the failover, so no commit stage.
+    assert chain == ["failover", "reverse_replication", "apply_network", "start_vm"]
+    assert not [b for b in c.batches if b.stage in ("commit", "reverse")]
     assert ("manual", "confirm-dba") in ops(c) and ("manual", "switch-dns") in ops(c)
+    # Reverse is the default for a planned failover; turning it off commits instead.
+    default = compile_plan(project, project.plan("three-tier"), FailoverType.planned)
+    assert [op for op, vm in ops(default, "group") if vm == "web-01"] == chain
+    off = compile_plan(project, project.plan("three-tier"), FailoverType.planned,
+                       options=RunOptions(reverse_replication=False))
+    assert [op for op, vm in ops(off, "group") if vm == "web-01"] == ["failover", "apply_network", "start_vm"]
+    assert [b.stage for b in off.batches][-1:] == ["commit"]
 
 
 def test_failback_drops_forward_only_actions_and_swaps_hosts(project) -> None:  # type: ignore[no-untyped-def]

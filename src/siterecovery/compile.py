@@ -28,7 +28,9 @@ SOURCE_SIDE_OPS = frozenset({"prepare_planned_failover", "stop_vm"})
 class RunOptions(Frozen):
     shut_down_source: bool = Field(True, description="unplanned: try to shut the source VMs down first")
     commit: bool = Field(True, description="planned/unplanned: commit the failover once every group is up")
-    reverse_replication: bool = Field(False, description="after commit, replicate back to the old source")
+    reverse_replication: bool | None = Field(
+        None, description="replicate back to the old source; default: yes for a planned failover (reversed before "
+                          "the VM starts, as Hyper-V Replica documents), no for an unplanned one (after commit)")
     cleanup: Literal["immediate", "after_approval"] = Field(
         "immediate", description="test: clean up at once, or after a manual 'drill finished' approval")
     test_network: str | None = Field(None, description="test: override the isolated network (switch name)")
@@ -137,6 +139,14 @@ def compile_plan(
     batches: list[Batch] = []
     cleanup: list[Batch] = []
     groups = list(enumerate(plan.groups, start=1))
+    reverse = options.reverse_replication
+
+    def planned_reverse(vm: str) -> bool:
+        # Hyper-V Replica reverses inside a planned failover, before the VM starts (on by default). The
+        # linux fabric keeps its own order: commit, then reverse when asked.
+        if failover_type != FailoverType.planned or reverse is False:
+            return False
+        return placements[vm].target.fabric.value == "hyperv"
 
     if failover_type == FailoverType.planned:
         for gi, g in reversed(groups):
@@ -159,6 +169,11 @@ def compile_plan(
                 chain.append(vm_step("group", "start_vm", vm, g.name, gi, (chain[-1].id,), test=True, verb="start test"))
             else:
                 chain.append(vm_step("group", "failover", vm, g.name, gi))
+                if planned_reverse(vm):
+                    # Seed 003 / Start-VMFailover: Prepare (primary), Start-VMFailover, Set-VMReplication
+                    # -Reverse, Start-VM: the VM comes up already protected in the other direction.
+                    chain.append(vm_step("group", "reverse_replication", vm, g.name, gi, (chain[-1].id,),
+                                         verb="reverse replication"))
                 chain.append(vm_step("group", "apply_network", vm, g.name, gi, (chain[-1].id,), verb="configure network"))
                 chain.append(vm_step("group", "start_vm", vm, g.name, gi, (chain[-1].id,), verb="start"))
             start_ids[vm] = chain[-1].id
@@ -185,12 +200,14 @@ def compile_plan(
             cleanup.append(Batch(name=f"{g.name}: clean up test failover", stage="cleanup", group=g.name, steps=tuple(
                 vm_step("cleanup", "cleanup_test_failover", vm, g.name, gi, verb="clean up test") for vm in g.vm_names)))
     else:
-        if options.commit:
+        # A reversed planned failover is complete (Set-VMReplication -Reverse commits it): nothing to commit.
+        rest = [vm for vm in plan.vm_names if not planned_reverse(vm)]
+        if options.commit and rest:
             batches.append(Batch(name="commit", stage="commit", steps=tuple(
-                vm_step("commit", "commit_failover", vm, None, 0, verb="commit") for vm in plan.vm_names)))
-            if options.reverse_replication:
+                vm_step("commit", "commit_failover", vm, None, 0, verb="commit") for vm in rest)))
+            if reverse:
                 batches.append(Batch(name="reverse replication", stage="reverse", steps=tuple(
                     vm_step("reverse", "reverse_replication", vm, None, 0, verb="reverse replication")
-                    for vm in plan.vm_names)))
+                    for vm in rest)))
     return CompiledPlan(plan=plan.name, plan_version=plan.version, failover_type=failover_type, direction=direction,
                         point=point, options=options, batches=tuple(batches), cleanup=tuple(cleanup))

@@ -34,6 +34,7 @@ class DiskPlacement(Frozen):
     source_path: str
     target_location: str | None
     classification: str | None
+    replicate: bool = True
 
 
 def target_network(source_network: str, protection: Protection, direction: Direction = Direction.forward) -> str | None:
@@ -142,5 +143,6 @@ def place_disks(vm: VM, topology: Topology, protection: Protection, target_host:
                 loc = cls.locations[0]
         if loc is None:
             loc = host.default_storage
-        out.append(DiskPlacement(disk=d.name, source_path=d.path, target_location=loc, classification=tcls))
+        out.append(DiskPlacement(disk=d.name, source_path=d.path, target_location=loc, classification=tcls,
+                                 replicate=d.replicate))
     return tuple(out)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 
+from .errors import ConfigurationError
 from .fabric.base import Placement
 from .mapping import place_disks, place_nic, pool_address, replica_candidates
-from .model import Direction, Pairing, RecoveryPlan, VMNetwork
+from .model import Direction, Host, Pairing, RecoveryPlan, VMNetwork
 from .project import Project
 
 
@@ -21,6 +22,17 @@ def isolated_network(project: Project, site: str) -> str | None:
         if net.site == site and net.isolated:
             return net.switch or net.name
     return None
+
+
+def extended_host(project: Project, pairing: Pairing) -> Host | None:
+    """The pairing's extended-replication host (A -> B -> C), or None."""
+    if pairing.extended is None:
+        return None
+    for h in project.topology.hosts:
+        if h.name == pairing.extended.host:
+            return h
+    raise ConfigurationError(f"pairing {pairing.name}: extended.host {pairing.extended.host!r} is not a host of the "
+                             "topology", hint="name a host of topology.yaml (a replica server on a third site)")
 
 
 def _isolated(project: Project, site: str) -> VMNetwork | None:
@@ -64,6 +76,8 @@ def pairing_placements(project: Project, pairing: Pairing, direction: Direction 
             vm=vm.name, pairing=pairing.name, direction=direction, source=source, target=target, policy=policy,
             disks=place_disks(vm, t, pr, replica.name), nics=nics, compute=vm.compute, quiesce=vm.quiesce,
             test_network=isolated_network(project, target.site),
+            extended=extended_host(project, pairing) if direction == Direction.forward else None,
+            extended_frequency_seconds=pairing.extended.frequency_seconds if pairing.extended else 300,
         )
     return out
 

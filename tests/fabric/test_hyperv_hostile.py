@@ -90,7 +90,8 @@ def test_hostile_name_through_every_operation(sim, driver, hosts, name: str) -> 
     d.disable_replication(p, delete_replica=True)
 
     # The simulator saw exactly the intended literal, everywhere.
-    wanted = {name, f"{name} - Test", "eth0"}
+    # (reading the test VM's own state looks for its test VM in turn: "<name> - Test - Test")
+    wanted = {name, f"{name} - Test", f"{name} - Test - Test", "eth0"}
     seen_where = [dict(e.args)["Value"] for e in sim.log() if e.cmdlet == "Where-Object"]
     assert seen_where and set(seen_where) <= wanted | {x.id for h in sim.hosts.values() for v in h.vms
                                                        for x in v.points} | set(_point_ids(sim)), seen_where

@@ -54,7 +54,9 @@ def test_configure_replica_server(sim, driver, hosts) -> None:
     new = make_host(sim, "hv-new", hosts["hv-a"].credential.key_file)  # type: ignore[union-attr]
     r = driver.configure_replica_server(new, allowed_primaries=[hosts["hv-a"]])
     assert r.changed
-    assert h.server["RepEnabled"] and not h.server["AllowAnyServer"]
+    assert h.server["ReplicationEnabled"] and not h.server["ReplicationAllowedFromAnyServer"]
+    # Seed 003: the listener's firewall rule is built in but off; configuring the server enables it.
+    assert h.firewall == {"Hyper-V Replica HTTP Listener (TCP-In)"}
     assert [e["AllowedPrimaryServer"] for e in h.entries] == ["hv-a"]
     assert driver.configure_replica_server(new, allowed_primaries=[hosts["hv-a"]]).changed is False
     # hv-a is authorized, hv-b is not: the replica server refuses it with the documented id.
@@ -107,8 +109,9 @@ def test_initial_replication_offline(sim, driver, hosts) -> None:
     driver.enable_replication(p)
     r = driver.start_initial_replication(p)
     assert (r.changed, r.state) == (True, S.Replicating)
+    # Each VM imports its own export folder (the export path and the VM's name), not the bare import path.
     assert actions(sim)[-2:] == [("hv-a", "Start-VMInitialReplication -VM web-01 -DestinationPath E:\\export"),
-                                 ("hv-b", "Import-VMInitialReplication -VM web-01 -Path E:\\export")]
+                                 ("hv-b", "Import-VMInitialReplication -VM web-01 -Path E:\\export\\web-01")]
     assert driver.start_initial_replication(p).changed is False
 
 
@@ -119,10 +122,12 @@ def test_existing_replica(sim, driver, hosts) -> None:
     p = placement(hosts, initial_replication=ExistingReplicaInitial(method="existing_replica"))
     driver.enable_replication(p)
     driver.start_initial_replication(p)
-    assert [a for a in actions(sim)][:2] == [
+    # Seed 003, "do not copy the initial replication": the restored replica is the starting point (-UseBackup).
+    assert [a for a in actions(sim)][:3] == [
         ("hv-b", "Enable-VMReplication -VM web-01 -AsReplica -AllowedPrimaryServer hv-a"),
         ("hv-a", "Enable-VMReplication -VM web-01 -ReplicaServerName hv-b -ReplicaServerPort 80 -AuthenticationType "
-                 "Kerberos -ReplicationFrequencySec 300 -RecoveryHistory 4 -CompressionEnabled $true")]
+                 "Kerberos -ReplicationFrequencySec 300 -RecoveryHistory 4 -CompressionEnabled $true"),
+        ("hv-a", "Start-VMInitialReplication -VM web-01 -UseBackup")]
     assert len(sim.host("hv-b").vms) == 1 and sim.vm("hv-b", VM).state == "Replicating"
 
 
@@ -196,7 +201,7 @@ def test_planned_failover_sequence(sim, driver, hosts) -> None:
     # The reference's order, line by line: primary Stop-VM, Start-VMFailover -Prepare; replica
     # Start-VMFailover, Set-VMReplication -Reverse, Start-VM.
     assert actions(sim) == [
-        ("hv-a", "Stop-VM -VM web-01"),
+        ("hv-a", "Stop-VM -VM web-01 -Force"),
         ("hv-a", "Start-VMFailover -VM web-01 -Prepare -Confirm:$false"),
         ("hv-b", "Start-VMFailover -VM web-01 -Confirm:$false"),
         ("hv-b", "Set-VMReplication -VM web-01 -Reverse -ReplicaServerName hv-a"),
@@ -239,7 +244,7 @@ def test_unplanned_failover_sequence_and_reverse(sim, driver, hosts) -> None:
     assert got[-3:] == [
         ("hv-a", "Set-VMReplication -VM web-01 -AsReplica -AllowedPrimaryServer hv-b"),
         ("hv-b", "Set-VMReplication -VM web-01 -Reverse -ReplicaServerName hv-a"),
-        ("hv-b", "Start-VMInitialReplication -VM web-01")]
+        ("hv-b", "Start-VMInitialReplication -VM web-01 -UseBackup")]
     assert got[-4] == ("hv-b", "Complete-VMFailover -VM web-01 -Confirm:$false")
     assert got[-5] == ("hv-b", "Start-VM -VM web-01")
     assert got[-6] == ("hv-b", f"Start-VMFailover -VMRecoverySnapshot {names[pts[1].id]} -Confirm:$false")
@@ -348,10 +353,21 @@ def test_down_host_is_transient(sim, driver, hosts) -> None:
     assert driver.replication_health(p).state == S.Replicating
 
 
-@pytest.mark.parametrize("style", [("name", "msdate", True), ("number", "iso", True), ("name", "iso", False)])
+@pytest.mark.parametrize("style", [("name", "msdate"), ("number", "iso"), ("number", "msdate")])
 def test_answer_shapes(sim, driver, hosts, style) -> None:
+    # ConvertTo-Json's shapes (one object bare, several as an array, none as no line) are PowerShell's own
+    # in the simulator now; enums and dates still vary between Windows PowerShell 5.1 and PowerShell 7.
     p = protect(sim, driver, hosts)
-    sim.enum_style, sim.date_style, sim.unroll_single = style
+    sim.enum_style, sim.date_style = style
     h = driver.replication_health(p)
     assert h.state == S.Replicating and h.last_replication_time is not None
     assert len(driver.recovery_points(p)) == 4
+
+
+def test_onboarding_again_applies_changed_policy(sim, driver, hosts) -> None:
+    p = protect(sim, driver, hosts)
+    assert driver.enable_replication(p).changed is False
+    r = driver.enable_replication(placement(hosts, copy_frequency_seconds=30, recovery_history_hours=8))
+    assert r.changed and "ReplicationFrequencySec" in r.message
+    assert actions(sim)[-1] == ("hv-a", "Set-VMReplication -VM web-01 -ReplicationFrequencySec 30 -RecoveryHistory 8")
+    assert (sim.vm("hv-a", VM).rel.frequency, sim.vm("hv-a", VM).rel.history) == (30, 8)

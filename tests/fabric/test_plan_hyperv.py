@@ -15,13 +15,14 @@ import yaml
 
 pytest.importorskip("prefect")
 
-from siterecovery.testing.hyperv_sim import HyperVSimulator, generate_key  # noqa: E402
+from siterecovery.testing.hyperv_sim import READ_ONLY, HyperVSimulator, generate_key  # noqa: E402
 from tests.scan_secrets import needles, scan_objects, scan_paths, scan_prefect  # noqa: E402
 
 VMS = ("web-01", "web-02", "web-03")
 
 
-def write_project(root: Path, sim: HyperVSimulator, host_key: str | None = None, known_hosts: str | None = None) -> Path:
+def write_project(root: Path, sim: HyperVSimulator, host_key: str | None = None, known_hosts: str | None = None,
+                  vms: tuple[str, ...] = VMS) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     hosts = []
     for n, site in (("hv-a", "a"), ("hv-b", "b")):
@@ -36,14 +37,14 @@ def write_project(root: Path, sim: HyperVSimulator, host_key: str | None = None,
     topo = {"kind": "Topology", "sites": [{"name": "a"}, {"name": "b"}], "hosts": hosts,
             "clouds": [{"name": "CloudA", "site": "a", "host_groups": [{"name": "ga", "hosts": ["hv-a"]}]},
                        {"name": "CloudB", "site": "b", "host_groups": [{"name": "gb", "hosts": ["hv-b"]}]}],
-            "vms": [{"name": v, "host": "hv-a", "cloud": "CloudA"} for v in VMS]}
+            "vms": [{"name": v, "host": "hv-a", "cloud": "CloudA"} for v in vms]}
     (root / "topology.yaml").write_text(yaml.safe_dump(topo, sort_keys=False))
     (root / "protection.yaml").write_text(yaml.safe_dump({
         "kind": "Protection", "policies": [{"name": "p300", "copy_frequency_seconds": 300}],
         "pairings": [{"name": "ab", "protected_cloud": "CloudA", "protecting_cloud": "CloudB", "policy": "p300"}]}))
     (root / "shop.yaml").write_text(yaml.safe_dump({
         "kind": "RecoveryPlan", "name": "shop", "source": "CloudA", "target": "CloudB",
-        "groups": [{"name": "web", "vms": list(VMS)}]}))
+        "groups": [{"name": "web", "vms": list(vms)}]}))
     return root
 
 
@@ -111,7 +112,8 @@ def test_hyperv_plan_fault_rerun_host_keys_and_no_key_material(
         assert failovers(sim) == {vm: 1 for vm in VMS}, sim.actions("hv-b")
         for vm in VMS:
             b = sim.vm("hv-b", vm)
-            assert (b.state, b.power) == ("FailedOver", "Running"), vm
+            # A planned failover reverses by default: the VM runs at hv-b, replicating back to hv-a.
+            assert (b.mode, b.state, b.power) == ("Primary", "Replicating", "Running"), vm
         audit = json.loads(Path(again["report"]).with_suffix(".json").read_text())["audit"]
         assert len([a for a in audit if a["action"] == "failover"]) == 3
 
@@ -141,3 +143,61 @@ def test_hyperv_plan_fault_rerun_host_keys_and_no_key_material(
     hits += more
     assert files > 5 and counts["logs"] > 0 and counts["artifacts"] > 0
     assert hits == [], hits
+
+
+def _seq(sim: HyperVSimulator) -> list[tuple[str, str]]:
+    return [(e.host, e.render()) for e in sim.log() if e.ok and e.cmdlet not in READ_ONLY]
+
+
+def test_seed_003_sequences_at_plan_level(
+        sim: HyperVSimulator, client_key: tuple[object, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        prefect_harness: None) -> None:
+    """The three failovers of seed 003, line by line from the simulator's cmdlet log, through the
+    recovery-plan flow over real SSH, with the hosts' OpenSSH default shell set to PowerShell (the other
+    test runs cmd.exe, Windows' default)."""
+    from flows.recovery_plan import recovery_plan
+    from siterecovery.model import Direction, FailoverType
+    from tasks.fabric import close_all
+
+    key_text = client_key[1].read_text()
+    monkeypatch.setenv("SR_HV_KEY", key_text)
+    monkeypatch.setenv("SITERECOVERY_STATE", str(tmp_path / "state"))
+    for h in ("hv-a", "hv-b"):
+        sim.host(h).shell = "powershell"
+    root = write_project(tmp_path / "project", sim, vms=("web-01",))
+    protect(sim, root, key_text)
+    try:
+        # 1. Drill (replica host): Start-VMFailover -AsTest, Start-VM on "<vm> - Test", Stop-VMFailover.
+        assert recovery_plan(plan="shop", project=str(root), failover_type=FailoverType.test)["status"] == "succeeded"
+        assert _seq(sim) == [
+            ("hv-b", "Start-VMFailover -VM web-01 -AsTest -Confirm:$false"),
+            ("hv-b", "Start-VM -VM web-01 - Test"),
+            ("hv-b", "Stop-VMFailover -VM web-01")]
+        sim.clear_log()
+        # 2. Planned, reversed by default: Stop-VM and Start-VMFailover -Prepare on the primary, then
+        #    Start-VMFailover, Set-VMReplication -Reverse, Start-VM on the replica.
+        res = recovery_plan(plan="shop", project=str(root), failover_type=FailoverType.planned, confirm="shop")
+        assert res["status"] == "succeeded", res
+        assert _seq(sim) == [
+            ("hv-a", "Stop-VM -VM web-01 -Force"),
+            ("hv-a", "Start-VMFailover -VM web-01 -Prepare -Confirm:$false"),
+            ("hv-b", "Start-VMFailover -VM web-01 -Confirm:$false"),
+            ("hv-b", "Set-VMReplication -VM web-01 -Reverse -ReplicaServerName hv-a"),
+            ("hv-b", "Start-VM -VM web-01")]
+        a, b = sim.vm("hv-a", "web-01"), sim.vm("hv-b", "web-01")
+        assert (b.mode, b.state, b.power, a.mode, a.state) == ("Primary", "Replicating", "Running", "Replica",
+                                                               "Replicating")
+        # 3. Unplanned, back to hv-a with hv-b lost: Start-VMFailover, Start-VM, Complete-VMFailover.
+        sim.replicate("hv-b", "web-01", cycles=2)
+        sim.set_down("hv-b", crash=True)
+        sim.clear_log()
+        res = recovery_plan(plan="shop", project=str(root), failover_type=FailoverType.unplanned,
+                            direction=Direction.failback, confirm="shop")
+        assert res["status"] == "succeeded", res
+        assert _seq(sim) == [
+            ("hv-a", "Start-VMFailover -VM web-01 -Confirm:$false"),
+            ("hv-a", "Start-VM -VM web-01"),
+            ("hv-a", "Complete-VMFailover -VM web-01 -Confirm:$false")]
+        assert (a.state, a.power) == ("FailedOver", "Running")
+    finally:
+        close_all()

@@ -24,9 +24,9 @@ def write_project(root: Path, sim: HyperVSimulator, key: Path) -> str:
     host_key: '{sim.host_key_line}'
     credential: {{key_file: '{key}'}}
     default_storage: 'D:\\Replica'
-    replica_server: {{port: 80, authentication: kerberos}}""" for n, site in (("hv-a", "a"), ("hv-b", "b")))
+    replica_server: {{port: 80, authentication: kerberos}}""" for n, site in (("hv-a", "a"), ("hv-b", "b"), ("hv-c", "c")))
     (root / "topology.yaml").write_text(f"""kind: Topology
-sites: [{{name: a}}, {{name: b}}]
+sites: [{{name: a}}, {{name: b}}, {{name: c}}]
 hosts:
 {hosts}
 clouds:
@@ -40,7 +40,7 @@ vms:
 policies:
   - {name: p300, copy_frequency_seconds: 300, recovery_history_hours: 4, rpo_threshold_seconds: 900}
 pairings:
-  - {name: ab, protected_cloud: CloudA, protecting_cloud: CloudB, policy: p300}
+  - {name: ab, protected_cloud: CloudA, protecting_cloud: CloudB, policy: p300, extended: {host: hv-c}}
 """)
     return str(root)
 
@@ -60,8 +60,16 @@ def test_protection_flows_on_hyperv_simulator(sim: HyperVSimulator, client_key: 
     assert {r.outcome for r in first} == {"protected"}, [(r.vm, r.outcome, r.note) for r in first]
     assert sim.vm("hv-a", "web-01").state == "Replicating"
     assert sim.vm("hv-b", "web-01").mode == "Replica"
+    # The pairing's extended replication: each replica on hv-b replicates on to hv-c (A -> B -> C).
+    for vm in ("web-01", "web-02"):
+        ext = sim.vm("hv-b", vm).ext
+        assert ext is not None and ext.replica == "hv-c" and ext.frequency == 300
+        assert sim.vm("hv-c", vm).mode == "ExtendedReplica"
     done = sim.actions()
     assert any(a.startswith("Set-VMReplicationServer") for a in done), done
+    # The primary is a replica server too, authorizing its replica host: reverse replication needs it.
+    assert [e["AllowedPrimaryServer"] for e in sim.host("hv-a").entries] == ["hv-b"]
+    assert [e["AllowedPrimaryServer"] for e in sim.host("hv-b").entries] == ["hv-a"]
     assert sum(a.startswith("Enable-VMReplication") for a in done) >= 2
 
     sim.clear_log()

@@ -30,7 +30,8 @@ def run(
     fabric: Annotated[str | None, typer.Option(help="run every host on this fabric kind (memory: a dry run)")] = None,
     confirm: Annotated[str, typer.Option(help="planned/unplanned: the plan name, to confirm")] = "",
     project: Annotated[Path, typer.Option("--project", "-p", help="project directory")] = Path("plans"),
-    reverse_replication: Annotated[bool, typer.Option(help="after commit, replicate back to the old source")] = False,
+    reverse_replication: Annotated[bool | None, typer.Option(
+        help="replicate back to the old source (default: on for a planned Hyper-V failover, off otherwise)")] = None,
     commit: Annotated[bool, typer.Option(help="commit the failover once every group is up")] = True,
     cleanup: Annotated[str, typer.Option(help="test: immediate, or after_approval")] = "immediate",
     failure_policy: Annotated[FailurePolicy | None, typer.Option(help="override the plan's: stop or continue")] = None,

@@ -117,6 +117,8 @@ class Placement(Frozen):
     compute: Compute | None = None
     quiesce: tuple[str, ...] = ()
     test_network: str | None = Field(None, description="switch/bridge of the isolated test network at the target")
+    extended: Host | None = Field(None, description="hyperv: the third host the replica extends to (A -> B -> C)")
+    extended_frequency_seconds: int = 300
 
 
 class OpResult(Frozen):

@@ -54,60 +54,13 @@ from .base import (
 S = ReplicationState
 
 # ---- the script grammar ---------------------------------------------------------------------------
-# The prologue is fixed text (no interpolated value); the simulator compares it byte for byte and
-# implements its three functions natively. Warnings are silenced so stdout carries only the JSON.
+# The prologue is fixed text (no interpolated value, no function: the simulator runs every line of the
+# body with PowerShell's own semantics, so nothing here can agree with it by construction). Warnings are
+# silenced and the console writes UTF-8, so stdout carries only our markers and JSON, names intact.
 PROLOGUE = """$ErrorActionPreference = 'Stop'
 $ProgressPreference = 'SilentlyContinue'
 $WarningPreference = 'SilentlyContinue'
-function ConvertTo-SrDate($d) { if ($null -eq $d) { $null } else { $d.ToUniversalTime().ToString('o') } }
-function Assert-SrOne($Found, [string]$Name, [string]$What) {
-  $n = @($Found).Count
-  if ($n -eq 1) { return }
-  if ($n -eq 0) { $id = 'ObjectNotFound,SiteRecovery.Resolve'; $cat = 'ObjectNotFound' }
-  else { $id = 'AmbiguousName,SiteRecovery.Resolve'; $cat = 'InvalidArgument' }
-  $msg = 'found ' + $n + ' ' + $What + ' named ' + $Name + ', expected exactly one'
-  throw [System.Management.Automation.ErrorRecord]::new([System.Exception]::new($msg), $id, $cat, $Name)
-}
-function Out-SrState($VM) {
-  $repl = @(Get-VMReplication -VM $VM -ErrorAction SilentlyContinue | ForEach-Object { [ordered]@{
-    VMName = $_.VMName; ReplicationState = $_.ReplicationState; ReplicationHealth = $_.ReplicationHealth
-    ReplicationMode = $_.ReplicationMode; ReplicationRelationshipType = $_.ReplicationRelationshipType
-    PrimaryServerName = $_.PrimaryServerName; ReplicaServerName = $_.ReplicaServerName
-    ReplicaServerPort = $_.ReplicaServerPort; AuthenticationType = $_.AuthenticationType
-    ReplicationFrequencySec = $_.ReplicationFrequencySec; RecoveryHistory = $_.RecoveryHistory
-    VSSSnapshotFrequencyHour = $_.VSSSnapshotFrequencyHour; CompressionEnabled = $_.CompressionEnabled
-    LastReplicationTime = ConvertTo-SrDate $_.LastReplicationTime; TestVirtualMachine = [string]$_.TestVirtualMachine } })
-  $measure = @(Measure-VMReplication -VM $VM -ErrorAction SilentlyContinue | ForEach-Object { [ordered]@{
-    ReplicationRelationshipType = $_.ReplicationRelationshipType; PendingReplicationSize = $_.PendingReplicationSize
-    AverageReplicationLatency = $_.AverageReplicationLatency.TotalSeconds; SuccessfulReplicationCount = $_.SuccessfulReplicationCount
-    MissedReplicationCount = $_.MissedReplicationCount; ReplicationErrors = $_.ReplicationErrors
-    ReplicationHealthDetails = @($_.ReplicationHealthDetails | ForEach-Object { [string]$_.Message })
-    LastTestFailoverInitiatedTime = ConvertTo-SrDate $_.LastTestFailoverInitiatedTime
-    LastVSSSnapshotTime = ConvertTo-SrDate $_.LastVSSSnapshotTime } })
-  $points = @(Get-VMSnapshot -VM $VM -ErrorAction SilentlyContinue | Where-Object { [int]$_.SnapshotType -in 6, 7 } |
-    ForEach-Object { [ordered]@{ Id = [string]$_.Id; Name = $_.Name; SnapshotType = $_.SnapshotType
-      CreationTime = ConvertTo-SrDate $_.CreationTime } })
-  $nics = @(Get-VMNetworkAdapter -VM $VM | ForEach-Object {
-    $f = Get-VMNetworkAdapterFailoverConfiguration -VMNetworkAdapter $_ -ErrorAction SilentlyContinue
-    [ordered]@{ Name = $_.Name; SwitchName = $_.SwitchName; TestReplicaSwitchName = $_.TestReplicaSwitchName
-      FailoverIPv4Address = [string]$f.IPv4Address; FailoverIPv4SubnetMask = [string]$f.IPv4SubnetMask
-      FailoverIPv4DefaultGateway = [string]$f.IPv4DefaultGateway
-      FailoverIPv4PreferredDNSServer = [string]$f.IPv4PreferredDNSServer
-      FailoverIPv4AlternateDNSServer = [string]$f.IPv4AlternateDNSServer } })
-  [ordered]@{ ok = $true; vm = [ordered]@{ Name = $VM.Name; Id = [string]$VM.Id; State = $VM.State }
-    repl = $repl; measure = $measure; points = $points; nics = $nics }
-}
-function Out-SrOk { [ordered]@{ ok = $true } }
-function Out-SrServer {
-  $s = Get-VMReplicationServer
-  [ordered]@{ ok = $true; server = [ordered]@{ ReplicationEnabled = $s.RepEnabled
-    AllowedAuthenticationType = $s.AllowedAuthType; KerberosAuthenticationPort = $s.KerbAuthPort
-    CertificateAuthenticationPort = $s.CertAuthPort; CertificateThumbprint = $s.CertificateThumbprint
-    ReplicationAllowedFromAnyServer = $s.AllowAnyServer; DefaultStorageLocation = $s.DefaultStorageLocation }
-    entries = @(Get-VMReplicationAuthorizationEntry -ErrorAction SilentlyContinue | ForEach-Object { [ordered]@{
-      AllowedPrimaryServer = $_.AllowedPrimaryServer; ReplicaStorageLocation = $_.ReplicaStorageLocation
-      TrustGroup = $_.TrustGroup } }) }
-}
+[Console]::OutputEncoding = [System.Text.Encoding]::UTF8
 try {
 """
 EPILOGUE = """} catch {
@@ -117,7 +70,73 @@ EPILOGUE = """} catch {
 }
 """
 EMIT = "ConvertTo-Json -Depth 4 -Compress"
-COMMAND_PREFIX = "powershell -NoProfile -NonInteractive -EncodedCommand "
+# The command line is short and the same for every script: Windows' OpenSSH runs it through its default
+# shell (cmd.exe, 8,191 characters at most, or PowerShell). The script goes on stdin as one ASCII line
+# that decodes the UTF-8 script from base64, so neither the console's input code page nor a shell's
+# quoting ever sees a script character.
+COMMAND = "powershell.exe -NoProfile -NonInteractive -Command -"
+BOOTSTRAP = ("$s = [System.Text.Encoding]::UTF8.GetString([System.Convert]::FromBase64String('{}')); "
+             "Invoke-Expression $s\n\n")
+
+# What the state read selects: documented properties only (shared/reference/hyperv-replica.md, seed 003).
+REPL_PROPS = ("VMName", "ReplicationState", "ReplicationHealth", "ReplicationMode", "ReplicationRelationshipType",
+              "PrimaryServerName", "ReplicaServerName", "ReplicaServerPort", "AuthenticationType",
+              "ReplicationFrequencySec", "RecoveryHistory", "VSSSnapshotFrequencyHour", "CompressionEnabled",
+              "LastReplicationTime")
+MEASURE_PROPS = ("ReplicationRelationshipType", "PendingReplicationSize", "SuccessfulReplicationCount",
+                 "MissedReplicationCount", "ReplicationErrors", "ReplicationHealthDetails",
+                 "LastTestFailoverInitiatedTime", "LastVSSSnapshotTime")
+FAILOVER_PROPS = ("VMNetworkAdapterName", "IPv4Address", "IPv4SubnetMask", "IPv4DefaultGateway",
+                  "IPv4PreferredDNSServer", "IPv4AlternateDNSServer")
+SERVER_PROPS = ("RepEnabled", "AllowedAuthenticationType", "KerbAuthPort", "CertAuthPort", "CertificateThumbprint",
+                "AllowAnyServer", "DefaultStorageLocation")
+FIREWALL_RULES = {"Kerberos": "Hyper-V Replica HTTP Listener (TCP-In)",
+                  "Certificate": "Hyper-V Replica HTTPS Listener (TCP-In)"}
+
+
+def server_lines() -> list[str]:
+    return [*select("Get-VMReplicationServer", SERVER_PROPS, "server"),
+            *select("Get-VMReplicationAuthorizationEntry", ("AllowedPrimaryServer", "ReplicaStorageLocation",
+                                                           "TrustGroup"), "entries"),
+            *select(f"Get-NetFirewallRule -DisplayName {', '.join(ps_quote(r) for r in FIREWALL_RULES.values())}",
+                    ("DisplayName", "Enabled"), "firewall")]
+
+
+def select(source: str, props: Iterable[str], section: str) -> list[str]:
+    """A marker line, then `source | Select-Object props | ConvertTo-Json`: one JSON line, or none when
+    the source yields nothing (ConvertTo-Json writes nothing for no input)."""
+    return [ps_quote("#" + section), f"{source} | Select-Object {', '.join(props)} | {EMIT}"]
+
+
+def state_lines(var: str, name: str, vms: str = "Get-VM") -> list[str]:
+    """Everything the driver reads about one VM; `$var` holds it (resolved by `find`)."""
+    v = "$" + Var(var).name
+    return [*select(v, ("Name", "Id", "State"), "vm"),
+            *select(f"Get-VMReplication -VM {v} -ErrorAction SilentlyContinue", REPL_PROPS, "repl"),
+            *select(f"Measure-VMReplication -VM {v} -ErrorAction SilentlyContinue", MEASURE_PROPS, "measure"),
+            *select(f"Get-VMSnapshot -VM {v}", ("Id", "Name", "SnapshotType", "CreationTime"), "points"),
+            *select(f"Get-VMNetworkAdapter -VM {v}", ("Name", "SwitchName", "TestReplicaSwitchName"), "nics"),
+            *select(f"Get-VMNetworkAdapterFailoverConfiguration -VM {v}", FAILOVER_PROPS, "failover"),
+            # A test failover's VM is "<name> - Test" (seed 003, the Start-VMFailover reference).
+            *select(f"{vms} | Where-Object Name -ceq {ps_quote(test_vm_name(name))}", ("Name", "State"), "test"),
+            ps_quote("#end")]
+
+
+# Per-operation deadlines (seconds) for the cmdlets that legitimately take minutes; each runs as a job.
+DEADLINES = {"stop": 900.0, "prepare": 1800.0, "export": 6 * 3600.0, "import": 6 * 3600.0}
+
+
+def test_vm_name(vm: str) -> str:
+    return f"{vm} - Test"
+
+
+def run_as_job(line: str, var: str, deadline: float) -> list[str]:
+    """A long cmdlet (`... -AsJob`) waited for at most `deadline` seconds: a failed job re-throws its
+    error; one still running after the deadline throws OperationTimeout (it keeps running on the host)."""
+    j = "$" + Var(var).name
+    return [f"{j} = {line} -AsJob", f"$null = Wait-Job -Job {j} -Timeout {int(deadline)}", f"Receive-Job -Job {j}",
+            f"if ({j}.State -ne 'Completed') {{ throw 'OperationTimeout' }}"]
+
 
 _IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
 _CMDLET = re.compile(r"^[A-Z][A-Za-z]*-[A-Z][A-Za-z0-9]*$")
@@ -144,6 +163,10 @@ NO_CONFIRM: Any = object()  # `-Confirm:$false`
 
 
 def _value(v: object) -> str:
+    if isinstance(v, list | tuple):
+        if not v:
+            raise ValueError("an empty list has no PowerShell literal here")
+        return ", ".join(_value(x) for x in v)
     if isinstance(v, Var):
         return "$" + v.name
     if isinstance(v, bool):
@@ -174,12 +197,14 @@ def cmd(name: str, *positional: object, **params: object) -> str:
     return " ".join(parts)
 
 
-def find(var: str, name: str, source: str = "Get-VM", what: str = "VM", prop: str = "Name") -> list[str]:
-    """Resolve exactly one object by exact, case-sensitive name: never a wildcard (-VMName takes them)."""
+def find(var: str, name: str, source: str = "Get-VM", prop: str = "Name") -> list[str]:
+    """Resolve exactly one object by exact, case-sensitive name: never a wildcard (-VMName takes them).
+    `@(pipeline)` counts what the pipeline wrote: 0 when nothing matched (`@($null)` would count 1)."""
     v = Var(var)
     op = "-ceq" if prop == "Name" else "-eq"
-    return [f"${v.name} = {source} | Where-Object {prop} {op} {ps_quote(name)}",
-            f"Assert-SrOne ${v.name} {ps_quote(name)} {ps_quote(what)}"]
+    return [f"${v.name} = @({source} | Where-Object {prop} {op} {ps_quote(name)})",
+            f"if (${v.name}.Count -eq 0) {{ throw 'ObjectNotFound' }}",
+            f"if (${v.name}.Count -gt 1) {{ throw 'AmbiguousName' }}"]
 
 
 def script(lines: Iterable[str]) -> str:
@@ -192,9 +217,9 @@ def script(lines: Iterable[str]) -> str:
     return PROLOGUE + "".join(f"  {line}\n" for line in body) + EPILOGUE
 
 
-def encode(text: str) -> str:
-    """The full command line: the script UTF-16LE, base64, so the remote shell never parses it."""
-    return COMMAND_PREFIX + base64.b64encode(text.encode("utf-16-le")).decode("ascii")
+def stdin_payload(text: str) -> bytes:
+    """What goes to powershell.exe's stdin: one ASCII line carrying the UTF-8 script in base64."""
+    return BOOTSTRAP.format(base64.b64encode(text.encode("utf-8")).decode("ascii")).encode("ascii")
 
 
 # ---- parsing the answers --------------------------------------------------------------------------
@@ -205,7 +230,21 @@ _REL_NAMES = ["Simple", "Extended"]
 _AUTH_NAMES = {1: "Kerberos", 2: "Certificate", 3: "CertificateAndKerberos"}
 _SNAP_NAMES = {0: "Standard", 1: "Recovery", 2: "Planned", 5: "Missing", 6: "Replica", 7: "AppConsistentReplica",
                8: "SyncedReplica"}
-_VMSTATE_NAMES = {2: "Running", 3: "Off", 4: "Stopping", 6: "Saved", 9: "Paused", 10: "Starting"}
+# Microsoft.HyperV.PowerShell.VMState, every documented value; a *Critical state is its base state with
+# the VM's storage in trouble, and the driver treats it as the base state for power decisions.
+_VMSTATE_NAMES = {1: "Other", 2: "Running", 3: "Off", 4: "Stopping", 6: "Saved", 9: "Paused", 10: "Starting",
+                  11: "Reset", 32773: "Saving", 32776: "Pausing", 32777: "Resuming", 32779: "FastSaved",
+                  32780: "FastSaving", 32781: "ForceShutdown", 32782: "ForceReboot", 32783: "Hibernated",
+                  32784: "ComponentServicing", 32785: "RunningCritical", 32786: "OffCritical",
+                  32787: "StoppingCritical", 32788: "SavedCritical", 32789: "PausedCritical",
+                  32790: "StartingCritical", 32791: "ResetCritical", 32792: "SavingCritical",
+                  32793: "PausingCritical", 32794: "ResumingCritical", 32795: "FastSavedCritical",
+                  32796: "FastSavingCritical"}
+
+
+def base_power(state: str) -> str:
+    """RunningCritical -> Running: what the VM is doing, whatever its storage's health."""
+    return state.removesuffix("Critical")
 _MSDATE = re.compile(r"^\\?/Date\((-?\d{1,15})([+-]\d{4})?\)\\?/$")
 
 
@@ -310,7 +349,6 @@ class Relationship:
     port: int
     frequency: int
     history: int
-    test_vm: str
     last_replication: datetime | None
 
 
@@ -345,6 +383,9 @@ class VMState:
     measures: tuple[Measure, ...]
     points: tuple[RecoveryPoint, ...]
     nics: tuple[NicState, ...]
+    test_vm: str = ""  # "<name> - Test" when a test failover's VM exists on this host
+    test_power: str = ""
+    power_state: str = ""  # as reported, *Critical included
 
     @property
     def simple(self) -> Relationship | None:
@@ -373,31 +414,43 @@ class ServerState:
     any_server: bool
     storage: str
     entries: tuple[tuple[str, str, str], ...] = field(default=())
+    firewall: tuple[str, ...] = ()  # enabled Hyper-V Replica listener rules
 
 
 def decode_answer(stdout: str, status: int) -> dict[str, Any]:
-    """The one JSON object a script answers; raises FabricError for an error answer or garbage."""
-    text = stdout.strip()
-    obj: Any = None
-    candidates = [text] + [ln for ln in reversed(text.splitlines()) if ln.lstrip().startswith("{")]
-    for cand in candidates:
-        try:
-            obj = json.loads(cand)
-        except (ValueError, RecursionError):
+    """The sections a script wrote (`#name` marker lines, each followed by at most one JSON line), up to
+    its `#end`; raises FabricError for an error answer or anything else."""
+    sections: dict[str, Any] = {}
+    current: str | None = None
+    ended = False
+    error: dict[str, Any] | None = None
+    for raw in stdout.splitlines():
+        line = raw.strip()
+        if not line:
             continue
-        if isinstance(obj, dict):
-            break
-        obj = None
-    if obj is None:
-        raise OutputError(f"the host answered no JSON object (exit status {status}): {text[:200]!r}",
+        if line.startswith("#"):
+            current, ended = line[1:], line == "#end"
+            sections.setdefault(current, None)
+            continue
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            current = None  # noise (a stray line from a profile or a module): never part of an answer
+            continue
+        if isinstance(obj, dict) and obj.get("ok") is False:
+            error = obj
+        elif current is not None and sections.get(current) is None:
+            sections[current] = obj
+    if error is not None:
+        raise _error_from_answer(error)
+    if not ended:
+        raise OutputError(f"the host answered no complete result (exit status {status}): {stdout.strip()[:200]!r}",
                           error_id="UnexpectedOutput",
-                          hint="check that the host's SSH shell is PowerShell with the Hyper-V module")
-    if obj.get("ok") is True and status == 0:
-        return obj
-    if obj.get("ok") is False:
-        raise _error_from_answer(obj)
-    raise OutputError(f"the host answered ok={obj.get('ok')!r} with exit status {status}",
-                      error_id="UnexpectedOutput", hint="check the script's output on the host by hand")
+                          hint="check that the host's SSH shell starts powershell.exe and the Hyper-V module loads")
+    if status != 0:
+        raise OutputError(f"the script finished with exit status {status}", error_id="UnexpectedOutput",
+                          hint="check the script's output on the host by hand")
+    return sections
 
 
 def _error_from_answer(obj: dict[str, Any]) -> FabricError:
@@ -451,12 +504,19 @@ def make_error(fqid: str, message: str, category: str = "", **ctx: Any) -> Fabri
     return cls(message, error_id=fqid, hint=hint, **ctx)
 
 
+def _id(value: Any) -> str:
+    # Windows PowerShell 5.1 writes a Guid as {"Guid": "..."}; PowerShell 7 as the bare string.
+    if isinstance(value, dict):
+        return _str(value.get("Guid"))
+    return _str(value)
+
+
 def parse_vm_state(answer: dict[str, Any]) -> VMState:
-    """Parse Out-SrState's answer; any odd shape becomes an OutputError, never a Python exception."""
+    """Parse the state sections; any odd shape becomes an OutputError, never a Python exception."""
     try:
         vm = _obj(answer.get("vm"), "vm")
         name = _str(vm.get("Name"))
-        power = enum_name(vm.get("State"), _VMSTATE_NAMES, "VM state") if vm.get("State") is not None else "Off"
+        power_state = enum_name(vm.get("State"), _VMSTATE_NAMES, "VM state") if vm.get("State") is not None else "Off"
         rels = []
         for r in _list(answer.get("repl")):
             r = _obj(r, "replication")
@@ -467,17 +527,18 @@ def parse_vm_state(answer: dict[str, Any]) -> VMState:
                 relationship=enum_name(r.get("ReplicationRelationshipType", 0), _REL_NAMES, "RelationshipType"),
                 primary=_str(r.get("PrimaryServerName")), replica=_str(r.get("ReplicaServerName")),
                 port=_int(r.get("ReplicaServerPort")), frequency=_int(r.get("ReplicationFrequencySec")),
-                history=_int(r.get("RecoveryHistory")), test_vm=_str(r.get("TestVirtualMachine")),
-                last_replication=parse_date(r.get("LastReplicationTime"))))
+                history=_int(r.get("RecoveryHistory")), last_replication=parse_date(r.get("LastReplicationTime"))))
         measures = []
         for m in _list(answer.get("measure")):
             m = _obj(m, "measure")
+            details = tuple(_str(d.get("Message")) if isinstance(d, dict) else _str(d)
+                            for d in _list(m.get("ReplicationHealthDetails")))
             measures.append(Measure(
                 relationship=enum_name(m.get("ReplicationRelationshipType", 0), _REL_NAMES, "RelationshipType"),
                 pending_bytes=_int(m.get("PendingReplicationSize")),
                 successful=_int(m.get("SuccessfulReplicationCount")),
                 missed=_int(m.get("MissedReplicationCount")), errors=_int(m.get("ReplicationErrors")),
-                details=tuple(_str(d) for d in _list(m.get("ReplicationHealthDetails")))))
+                details=details))
         points = []
         for p in _list(answer.get("points")):
             p = _obj(p, "recovery point")
@@ -485,25 +546,36 @@ def parse_vm_state(answer: dict[str, Any]) -> VMState:
             created = parse_date(p.get("CreationTime"))
             if created is None or kind not in ("Replica", "AppConsistentReplica"):
                 continue
-            points.append(RecoveryPoint(id=_str(p.get("Id")) or _str(p.get("Name")), vm=name, created_at=created,
+            points.append(RecoveryPoint(id=_id(p.get("Id")) or _str(p.get("Name")), vm=name, created_at=created,
                                         consistency="app" if kind == "AppConsistentReplica" else "crash"))
+        failover = {}
+        for f in _list(answer.get("failover")):
+            f = _obj(f, "failover configuration")
+            failover[_str(f.get("VMNetworkAdapterName"))] = f
         nics = []
         for n in _list(answer.get("nics")):
             n = _obj(n, "network adapter")
-            dns = tuple(x for x in (_str(n.get("FailoverIPv4PreferredDNSServer")),
-                                    _str(n.get("FailoverIPv4AlternateDNSServer"))) if x)
+            f = failover.get(_str(n.get("Name")), {})
+            dns = tuple(x for x in (_str(f.get("IPv4PreferredDNSServer")), _str(f.get("IPv4AlternateDNSServer"))) if x)
             nics.append(NicState(name=_str(n.get("Name")), switch=_str(n.get("SwitchName")),
                                  test_switch=_str(n.get("TestReplicaSwitchName")),
-                                 ip=_str(n.get("FailoverIPv4Address")), mask=_str(n.get("FailoverIPv4SubnetMask")),
-                                 gateway=_str(n.get("FailoverIPv4DefaultGateway")), dns=dns))
-        return VMState(name=name, power=power, relationships=tuple(rels), measures=tuple(measures),
-                       points=tuple(sorted(points, key=lambda x: x.created_at)), nics=tuple(nics))
+                                 ip=_str(f.get("IPv4Address")), mask=_str(f.get("IPv4SubnetMask")),
+                                 gateway=_str(f.get("IPv4DefaultGateway")), dns=dns))
+        tests = _list(answer.get("test"))
+        test = _obj(tests[0], "test VM") if len(tests) == 1 else None
+        test_power = enum_name(test.get("State"), _VMSTATE_NAMES, "VM state") if test and test.get("State") else ""
+        return VMState(name=name, power=base_power(power_state), relationships=tuple(rels), measures=tuple(measures),
+                       points=tuple(sorted(points, key=lambda x: x.created_at)), nics=tuple(nics),
+                       test_vm=_str(test.get("Name")) if test else "", test_power=base_power(test_power),
+                       power_state=power_state)
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
         raise OutputError(f"cannot read the host's answer: {exc}", error_id="UnexpectedOutput",
                           hint="check the Hyper-V module version on the host; report it with the answer") from None
 
 
 def parse_server_state(answer: dict[str, Any]) -> ServerState:
+    """Get-VMReplicationServer's documented properties (seed 003 lists them), the authorization entries and
+    the state of the two Hyper-V Replica listener firewall rules."""
     try:
         s = _obj(answer.get("server"), "server")
         entries = []
@@ -511,13 +583,19 @@ def parse_server_state(answer: dict[str, Any]) -> ServerState:
             e = _obj(e, "authorization entry")
             entries.append((_str(e.get("AllowedPrimaryServer")), _str(e.get("ReplicaStorageLocation")),
                             _str(e.get("TrustGroup"))))
-        return ServerState(enabled=_bool(s.get("ReplicationEnabled")),
-                           auth=enum_name(s.get("AllowedAuthenticationType", 1), _AUTH_NAMES, "auth"),
-                           kerberos_port=_int(s.get("KerberosAuthenticationPort")),
-                           certificate_port=_int(s.get("CertificateAuthenticationPort")),
+        rules = []
+        for r in _list(answer.get("firewall")):
+            r = _obj(r, "firewall rule")
+            if enum_name(r.get("Enabled"), {1: "True", 2: "False"}, "Enabled") == "True":
+                rules.append(_str(r.get("DisplayName")))
+        return ServerState(enabled=_bool(s.get("RepEnabled")),
+                           auth=enum_name(s.get("AllowedAuthenticationType"), _AUTH_NAMES, "auth"),
+                           kerberos_port=_int(s.get("KerbAuthPort")),
+                           certificate_port=_int(s.get("CertAuthPort")),
                            thumbprint=_str(s.get("CertificateThumbprint")),
-                           any_server=_bool(s.get("ReplicationAllowedFromAnyServer")),
-                           storage=_str(s.get("DefaultStorageLocation")), entries=tuple(entries))
+                           any_server=_bool(s.get("AllowAnyServer")),
+                           storage=_str(s.get("DefaultStorageLocation")), entries=tuple(entries),
+                           firewall=tuple(rules))
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
         raise OutputError(f"cannot read the host's answer: {exc}", error_id="UnexpectedOutput",
                           hint="check the Hyper-V module version on the host") from None
@@ -540,6 +618,21 @@ def _server_name(host: Host) -> str:
     return host.name
 
 
+def export_folder(path: str | None, vm: str) -> str:
+    """Where Start-VMInitialReplication -DestinationPath puts one VM's initial copy: a folder named after
+    the VM under the path."""
+    base = (path or "").rstrip("\\/")
+    return f"{base}\\{vm}"
+
+
+def _thumbprint(host: Host, policy: ReplicationPolicy) -> str | None:
+    """The certificate a host presents (seed 003: each host its own, CN/SAN naming that host or its
+    broker); the policy's thumbprint only when the host names none."""
+    rs = host.replica_server
+    return (rs.certificate_thumbprint if rs is not None and rs.certificate_thumbprint else None) \
+        or policy.certificate_thumbprint
+
+
 def _mask(prefix: int) -> str:
     return str(ipaddress.IPv4Network(f"0.0.0.0/{prefix}").netmask)
 
@@ -555,7 +648,24 @@ class HyperVFabric:
         self.timeout = float(self.context.options.get("timeout", 120.0))
         self._clients: dict[str, paramiko.SSHClient] = {}
         self._lock = threading.Lock()
-        self.connect: Callable[[Host], paramiko.SSHClient] = lambda h: ssh.connect(h, self.context.secrets)
+        self.connect: Callable[[Host], paramiko.SSHClient] = self._connect
+
+    def _connect(self, host: Host) -> paramiko.SSHClient:
+        """ssh.connect; a Replica Broker's client access point answers with the key of whichever node owns
+        it now, so each node's pinned key (`node_host_keys`) is accepted, and nothing else."""
+        pins = [k for k in (host.host_key, *host.node_host_keys) if k] if host.broker else []
+        if len(pins) < 2:
+            return ssh.connect(host, self.context.secrets)
+        changed: HostKeyError | None = None
+        for key in pins:
+            try:
+                return ssh.connect(host.model_copy(update={"host_key": key}), self.context.secrets)
+            except HostKeyError as exc:
+                changed = exc  # another node's key: try the next pin
+        assert changed is not None
+        raise HostKeyError(f"SSH host key of broker {host.name} matches none of its {len(pins)} pinned node keys: "
+                           f"{changed.message.split(' [')[0]}", host=host.name, operation="connect",
+                           hint=changed.hint) from None
 
     # ---- transport ---------------------------------------------------------------------------
     def _client(self, host: Host) -> paramiko.SSHClient:
@@ -578,10 +688,17 @@ class HyperVFabric:
         if c is not None:
             c.close()
 
-    def run(self, host: Host, lines: list[str], operation: str, vm: str | None = None) -> dict[str, Any]:
-        """Run one script on `host` and return its JSON answer; errors carry vm, host and operation."""
-        command = encode(script(lines))
+    def run(self, host: Host, lines: list[str], operation: str, vm: str | None = None,
+            timeout: float | None = None) -> dict[str, Any]:
+        """Run one script on `host` and return its answer's sections; errors carry vm, host and operation.
+
+        `timeout` bounds the whole script (default: the driver's timeout). Once the script was sent, a
+        timeout is never a transient connection error: the host may still be running it, so the step
+        fails as OperationTimeout and the next run reads the VM's state before doing anything."""
+        payload = stdin_payload(script([*lines, ps_quote("#end")]))
         ctx = {"vm": vm, "host": host.name, "operation": operation}
+        limit = timeout or self.timeout
+        sent = False
         try:
             transport = self._client(host).get_transport()
             if transport is None:
@@ -589,7 +706,11 @@ class HyperVFabric:
             chan = transport.open_session(timeout=self.timeout)
             try:
                 chan.settimeout(self.timeout)
-                chan.exec_command(command)
+                chan.exec_command(COMMAND)
+                chan.sendall(payload)
+                chan.shutdown_write()
+                sent = True
+                chan.settimeout(limit)
                 out, err = bytearray(), bytearray()
                 while True:
                     data = chan.recv(65536)
@@ -606,6 +727,15 @@ class HyperVFabric:
                 raise type(exc)(exc.message.split(" [")[0], vm=vm, host=host.name, operation=operation,
                                 hint=exc.hint, error_id=exc.error_id) from None
             raise
+        except TimeoutError:
+            self._drop(host)
+            if sent:
+                raise FabricError(f"no answer within {limit:.0f} s; the script may still be running on the host",
+                                  error_id="OperationTimeout", hint="read the VM's state (siterecovery status) "
+                                  "before re-running the step; raise the operation's timeout if it is legitimately "
+                                  "slow", **ctx) from None
+            raise ConnectionFailed(f"SSH session to {host.name} timed out before the script was sent",
+                                   hint="check the host and the network, then re-run (transient)", **ctx) from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             self._drop(host)
             raise ConnectionFailed(f"SSH session to {host.name} failed: {exc or type(exc).__name__}",
@@ -617,8 +747,13 @@ class HyperVFabric:
         try:
             return decode_answer(out.decode("utf-8", "replace"), status)
         except FabricError as exc:
-            raise type(exc)(exc.message.split(" [")[0].split(" (error id")[0], hint=exc.hint,
-                            error_id=exc.error_id, **ctx) from None
+            message = exc.message.split(" [")[0].split(" (error id")[0]
+            if exc.error_id in ("ObjectNotFound", "AmbiguousName") and vm is not None:
+                message = (f"no VM named {vm!r} on {host.name}" if exc.error_id == "ObjectNotFound" else
+                           f"several VMs named {vm!r} on {host.name}, expected exactly one")
+            if exc.error_id == "OperationTimeout":
+                message = "the cmdlet did not finish within its deadline; it may still be running on the host"
+            raise type(exc)(message, hint=exc.hint, error_id=exc.error_id, **ctx) from None
 
     def close(self) -> None:
         with self._lock:
@@ -628,13 +763,35 @@ class HyperVFabric:
 
     # ---- reading state -----------------------------------------------------------------------
     def vm_state(self, host: Host, vm: str, operation: str = "read_state") -> VMState:
-        answer = self.run(host, [*find("vm", vm), f"Out-SrState $vm | {EMIT}"], operation, vm)
+        answer = self.run(host, [*self._find(host, "vm", vm), *state_lines("vm", vm, self._vms(host))], operation, vm)
         return self._parsed(parse_vm_state, answer, host, vm, operation)
 
-    def _act(self, host: Host, vm: str, operation: str, lines: list[str], var: str = "vm") -> VMState:
+    def _act(self, host: Host, vm: str, operation: str, lines: list[str], var: str = "vm",
+             timeout: float | None = None) -> VMState:
         """Resolve the VM, run `lines`, and answer the VM's state afterwards."""
-        answer = self.run(host, [*find(var, vm), *lines, f"Out-SrState ${var} | {EMIT}"], operation, vm)
+        answer = self.run(host, [*self._find(host, var, vm), *lines, *state_lines(var, vm, self._vms(host))],
+                          operation, vm, timeout)
         return self._parsed(parse_vm_state, answer, host, vm, operation)
+
+    @staticmethod
+    def _vms(host: Host) -> str:
+        """Where a VM is looked up. On a Replica Broker's client access point the session runs on one node
+        and Get-VM lists that node's VMs only: ask every cluster node (the VM object then carries its
+        node, and the cmdlets given -VM act there)."""
+        return "Get-VM -ComputerName $nodes.Name" if host.broker else "Get-VM"
+
+    def _find(self, host: Host, var: str, vm: str) -> list[str]:
+        return (["$nodes = @(Get-ClusterNode)"] if host.broker else []) + find(var, vm, self._vms(host))
+
+    def deadline(self, kind: str) -> float:
+        """Seconds a long cmdlet (stop, export, import, prepare) may run: context option `deadlines`."""
+        return float(self.context.options.get("deadlines", {}).get(kind, DEADLINES[kind]))
+
+    def _job(self, host: Host, vm: str, operation: str, lines: list[str], job_line: str, kind: str) -> VMState:
+        """`lines`, then `job_line` as a job waited for up to its deadline, then the state."""
+        limit = self.deadline(kind)
+        return self._act(host, vm, operation, [*lines, *run_as_job(job_line, "job", limit)],
+                         timeout=limit + self.timeout)
 
     @staticmethod
     def _parsed(fn: Callable[[dict[str, Any]], Any], answer: dict[str, Any], host: Host, vm: str | None,
@@ -659,7 +816,7 @@ class HyperVFabric:
         if rs is None:
             raise ConfigurationError(f"host {host.name} has no replica_server settings")
         op = "configure_replica_server"
-        cur = self._parsed(parse_server_state, self.run(host, [f"Out-SrServer | {EMIT}"], op), host, None, op)
+        cur = self._parsed(parse_server_state, self.run(host, server_lines(), op), host, None, op)
         primaries = [_server_name(h) for h in (allowed_primaries or ())] or list(rs.allowed_primaries)
         storage = rs.storage_location or host.default_storage
         auth = "Certificate" if rs.authentication == "certificate" else "Kerberos"
@@ -689,21 +846,25 @@ class HyperVFabric:
                                          "(replica_server.storage_location or default_storage)")
             lines.append(cmd("New-VMReplicationAuthorizationEntry", AllowedPrimaryServer=prim,
                              ReplicaStorageLocation=storage, TrustGroup="siterecovery"))
+        # The listener rule for the port in use (seed 003: built in, but not enabled by the configuration).
+        rule = FIREWALL_RULES[auth]
+        if rule not in cur.firewall:
+            lines.append(cmd("Enable-NetFirewallRule", DisplayName=rule))
         if not lines:
             return ReplicaServerResult(host=host.name, changed=False, message="replica server already configured")
-        self.run(host, [*lines, f"Out-SrServer | {EMIT}"], op)
+        self.run(host, [*lines, *server_lines()], op)
         return ReplicaServerResult(host=host.name, changed=True, message="replica server configured",
                                    commands=tuple(lines))
 
     # ---- protection --------------------------------------------------------------------------
-    def _enable_params(self, policy: ReplicationPolicy, target: Host) -> dict[str, Any]:
+    def _enable_params(self, policy: ReplicationPolicy, target: Host, source: Host) -> dict[str, Any]:
         rs = target.replica_server
         cert = policy.authentication == "certificate"
         params: dict[str, Any] = {
             "ReplicaServerName": _server_name(target),
             "ReplicaServerPort": rs.port if rs is not None else (443 if cert else 80),
             "AuthenticationType": "Certificate" if cert else "Kerberos",
-            "CertificateThumbprint": policy.certificate_thumbprint if cert else None,
+            "CertificateThumbprint": _thumbprint(source, policy) if cert else None,
             "ReplicationFrequencySec": policy.copy_frequency_seconds,
             "RecoveryHistory": policy.recovery_history_hours,
             "VSSSnapshotFrequencyHour": policy.app_consistent_frequency_hours,
@@ -711,12 +872,26 @@ class HyperVFabric:
         }
         return params
 
+    @staticmethod
+    def _excluded(p: Placement) -> list[str] | None:
+        """The VHD paths left out of replication (topology disks with `replicate: false`)."""
+        return [d.source_path for d in p.disks if not d.replicate] or None
+
     def enable_replication(self, p: Placement) -> OpResult:
         t0, op = utcnow(), "enable_replication"
         st = self.vm_state(p.source, p.vm, op)
         if st.simple is not None:
             if st.mode == "Primary" and st.simple.replica.lower() == _server_name(p.target).lower():
-                return result(p, op, False, S(st.state), "replication already enabled", t0, host=p.source.name)
+                # Onboarded before: apply what changed in the policy since (Set-VMReplication).
+                want = {"ReplicationFrequencySec": p.policy.copy_frequency_seconds,
+                        "RecoveryHistory": p.policy.recovery_history_hours}
+                have = {"ReplicationFrequencySec": st.simple.frequency, "RecoveryHistory": st.simple.history}
+                changed = {k: v for k, v in want.items() if have[k] != v}
+                if not changed:
+                    return result(p, op, False, S(st.state), "replication already enabled", t0, host=p.source.name)
+                st = self._act(p.source, p.vm, op, [cmd("Set-VMReplication", VM=Var("vm"), **changed)])
+                return result(p, op, True, S(st.state), "replication settings updated: " + ", ".join(sorted(changed)),
+                              t0, host=p.source.name)
             # Enabled toward another host: send the cmdlet anyway so the host answers its own error
             # (VMReplication_AlreadyEnabled) rather than one we made up.
         if p.policy.initial_replication.method == "existing_replica":
@@ -727,7 +902,8 @@ class HyperVFabric:
                 self._act(p.target, p.vm, op, [cmd("Enable-VMReplication", VM=Var("vm"), AsReplica=SWITCH,
                                                    AllowedPrimaryServer=_server_name(p.source))])
         st = self._act(p.source, p.vm, op, [cmd("Enable-VMReplication", VM=Var("vm"),
-                                                **self._enable_params(p.policy, p.target))])
+                                                **self._enable_params(p.policy, p.target, p.source),
+                                                ExcludedVhdPath=self._excluded(p))])
         return result(p, op, True, S(st.state), f"replication {p.source.name} -> {p.target.name} enabled", t0,
                       host=p.source.name)
 
@@ -745,7 +921,14 @@ class HyperVFabric:
             elif init.method == "network" and init.start_at is not None:
                 at = init.start_at if init.start_at.tzinfo else init.start_at.replace(tzinfo=UTC)
                 params["InitialReplicationStartTime"] = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            st = self._act(p.source, p.vm, op, [cmd("Start-VMInitialReplication", VM=Var("vm"), **params)])
+            elif init.method == "existing_replica":
+                # The replica was restored from a backup: compare blocks, do not copy the disks again.
+                params["UseBackup"] = SWITCH
+            line = cmd("Start-VMInitialReplication", VM=Var("vm"), **params)
+            if init.method == "offline":
+                st = self._job(p.source, p.vm, op, [], line, "export")
+            else:
+                st = self._act(p.source, p.vm, op, [line])
             changed = True
         elif st.state != S.InitialReplicationInProgress.value:
             # Wrong state or mode: let Hyper-V refuse with its documented error.
@@ -753,8 +936,9 @@ class HyperVFabric:
         if init.method == "offline":
             rst = self.vm_state(p.target, p.vm, op)
             if rst.state == S.WaitingForInitialReplication.value:
-                self._act(p.target, p.vm, op, [cmd("Import-VMInitialReplication", VM=Var("vm"),
-                                                   Path=init.import_path)])
+                # Each VM's initial copy is its own folder under the export path, named after the VM.
+                self._job(p.target, p.vm, op, [], cmd("Import-VMInitialReplication", VM=Var("vm"),
+                                                      Path=export_folder(init.import_path, p.vm)), "import")
                 changed = True
                 st = self.vm_state(p.source, p.vm, op)
         # No progress call: Start-VMInitialReplication only starts the copy (Hyper-V moves the data on
@@ -813,9 +997,15 @@ class HyperVFabric:
             if st.simple is not None:
                 lines.append(cmd("Remove-VMReplication", VM=Var("vm")))
             if host is p.target and delete_replica:
+                # Remove-VM keeps the virtual disks: read their paths first, delete them after the VM.
+                disks = _list(self.run(host, [*self._find(host, "vm", p.vm), *select("Get-VMHardDiskDrive -VM $vm", ("Path",),
+                                                                          "disks")], op, p.vm).get("disks"))
+                paths = [_str(d.get("Path")) for d in disks if isinstance(d, dict) and d.get("Path")]
                 lines += [cmd("Stop-VM", VM=Var("vm"), TurnOff=SWITCH, Force=SWITCH)] if st.power != "Off" else []
                 lines.append(cmd("Remove-VM", VM=Var("vm"), Force=SWITCH))
-                self.run(host, [*find("vm", p.vm), *lines, f"Out-SrOk | {EMIT}"], op, p.vm)
+                if paths:
+                    lines.append(cmd("Remove-Item", LiteralPath=paths))
+                self.run(host, [*self._find(host, "vm", p.vm), *lines], op, p.vm)
                 changed = True
             elif lines:
                 self._act(host, p.vm, op, lines)
@@ -829,11 +1019,11 @@ class HyperVFabric:
         m = next((x for x in st.measures if x.relationship == "Simple"), None)
         last = rel.last_replication if rel else None
         details = "; ".join(m.details) if m else ""
-        test_active = bool(rel and rel.test_vm)
+        test_active = bool(st.test_vm)
         try:
-            # Test failovers live on the replica: only its Get-VMReplication names the test VM.
+            # Test failovers live on the replica: the test VM "<name> - Test" exists there.
             rst = self.vm_state(p.target, p.vm, "replication_health")
-            test_active = test_active or bool(rst.simple and rst.simple.test_vm)
+            test_active = test_active or bool(rst.test_vm)
         except FabricError:
             pass  # health of the primary is still worth reporting with the replica host down
         return ReplicationHealth(
@@ -866,13 +1056,13 @@ class HyperVFabric:
                                 + (f" at {point.at.isoformat()}" if point.at else ""),
                                 vm=p.vm, host=host.name, operation=operation, error_id="NoRecoveryPoint",
                                 hint="list the points (siterecovery points) and choose one that exists")
-        return find("snap", chosen.id, "Get-VMSnapshot -VM $vm", "recovery point", prop="Id"), chosen
+        return find("snap", chosen.id, "Get-VMSnapshot -VM $vm", prop="Id"), chosen
 
     def test_failover(self, p: Placement, point: PointChoice = LATEST, network: str | None = None) -> OpResult:
         t0, op = utcnow(), "test_failover"
         st = self.vm_state(p.target, p.vm, op)
-        if st.simple is not None and st.simple.test_vm:
-            return result(p, op, False, S(st.state), f"test VM {st.simple.test_vm!r} already exists", t0)
+        if st.test_vm:
+            return result(p, op, False, S(st.state), f"test VM {st.test_vm!r} already exists", t0)
         lines, chosen = self._point_lines(p, p.target, st, point, op)
         switch = network or p.test_network
         if switch:
@@ -883,14 +1073,14 @@ class HyperVFabric:
         else:
             lines.append(cmd("Start-VMFailover", VMRecoverySnapshot=Var("snap"), AsTest=SWITCH, Confirm=NO_CONFIRM))
         st = self._act(p.target, p.vm, op, lines)
-        test_vm = st.simple.test_vm if st.simple else ""
+        test_vm = st.test_vm
         return result(p, op, True, S(st.state), f"test VM {test_vm!r} created", t0, point=chosen,
                       details={"test_vm": test_vm, "network": switch})
 
     def cleanup_test_failover(self, p: Placement) -> OpResult:
         t0, op = utcnow(), "cleanup_test_failover"
         st = self.vm_state(p.target, p.vm, op)
-        if st.simple is None or not st.simple.test_vm:
+        if not st.test_vm:
             return result(p, op, False, S(st.state), "no test failover to clean up", t0)
         st = self._act(p.target, p.vm, op, [cmd("Stop-VMFailover", VM=Var("vm"))])
         return result(p, op, True, S(st.state), "test VM deleted", t0)
@@ -904,9 +1094,11 @@ class HyperVFabric:
         # Shut the VM down only when the prepare can succeed; otherwise send the prepare alone and let
         # Hyper-V refuse it (InvalidState), so a wrong call never stops a production VM.
         ready = st.mode == "Primary" and st.state == S.Replicating.value
-        lines = [cmd("Stop-VM", VM=Var("vm"))] if st.power != "Off" and ready else []
-        lines.append(cmd("Start-VMFailover", VM=Var("vm"), Prepare=SWITCH, Confirm=NO_CONFIRM))
-        st = self._act(p.source, p.vm, op, lines)
+        if st.power != "Off" and ready:
+            # -Force: a guest with a locked console or unsaved work would otherwise prompt (and hang).
+            self._job(p.source, p.vm, op, [], cmd("Stop-VM", VM=Var("vm"), Force=SWITCH), "stop")
+        st = self._job(p.source, p.vm, op, [], cmd("Start-VMFailover", VM=Var("vm"), Prepare=SWITCH,
+                                                    Confirm=NO_CONFIRM), "prepare")
         return result(p, op, True, S(st.state), "primary shut down, pending changes sent", t0, host=p.source.name)
 
     def failover(self, p: Placement, point: PointChoice = LATEST) -> OpResult:
@@ -961,7 +1153,8 @@ class HyperVFabric:
         old = _server_name(p.source)
         if st.mode == "Primary" and st.simple and st.simple.replica.lower() == old.lower():
             if st.state == S.ReadyForInitialReplication.value:
-                st = self._act(p.target, p.vm, op, [cmd("Start-VMInitialReplication", VM=Var("vm"))])
+                st = self._act(p.target, p.vm, op, [cmd("Start-VMInitialReplication", VM=Var("vm"),
+                                                        UseBackup=SWITCH)])
                 return result(p, op, True, S(st.state), "reverse initial replication started", t0)
             return result(p, op, False, S(st.state), "replication already reversed", t0)
         if st.state not in (S.FailedOverWaitingCompletion.value, S.FailedOver.value):
@@ -979,9 +1172,10 @@ class HyperVFabric:
             off = [cmd("Stop-VM", VM=Var("vm"), TurnOff=SWITCH, Force=SWITCH)] if src.power != "Off" else []
             self._act(p.source, p.vm, op, [*off, cmd("Set-VMReplication", VM=Var("vm"), AsReplica=SWITCH,
                                                      AllowedPrimaryServer=_server_name(p.target))])
+        # -UseBackup: the old primary's disks are the starting point; only differing blocks cross the WAN.
         st = self._act(p.target, p.vm, op, [cmd("Set-VMReplication", VM=Var("vm"), Reverse=SWITCH,
                                                 ReplicaServerName=old),
-                                            cmd("Start-VMInitialReplication", VM=Var("vm"))])
+                                            cmd("Start-VMInitialReplication", VM=Var("vm"), UseBackup=SWITCH)])
         return result(p, op, True, S(st.state),
                       f"now replicating {p.target.name} -> {p.source.name} (block-compare resync)", t0)
 
@@ -991,9 +1185,9 @@ class HyperVFabric:
         name = p.vm
         if test:
             st = self.vm_state(host, p.vm, op)
-            if st.simple is None or not st.simple.test_vm:
+            if not st.test_vm:
                 raise self._invalid(p, host, op, st, "a test failover (no test VM exists)")
-            name = st.simple.test_vm
+            name = st.test_vm
         st = self.vm_state(host, name, op)
         if st.power == "Running":
             return result(p, op, False, S(st.state), f"{name!r} already running", t0, host=host.name)
@@ -1006,7 +1200,7 @@ class HyperVFabric:
         st = self.vm_state(host, p.vm, op)
         if st.power == "Off":
             return result(p, op, False, S(st.state), "already off", t0, host=host.name)
-        st = self._act(host, p.vm, op, [cmd("Stop-VM", VM=Var("vm"))])
+        st = self._job(host, p.vm, op, [], cmd("Stop-VM", VM=Var("vm"), Force=SWITCH), "stop")
         return result(p, op, True, S(st.state), "shut down", t0, host=host.name)
 
     def apply_network(self, p: Placement) -> OpResult:
@@ -1039,7 +1233,7 @@ class HyperVFabric:
                         IPv4PreferredDNSServer=dns[0] if dns else None,
                         IPv4AlternateDNSServer=dns[1] if len(dns) > 1 else None))
             if nic_lines:
-                lines += find(var, n.nic, "Get-VMNetworkAdapter -VM $vm", "network adapter") + nic_lines
+                lines += find(var, n.nic, "Get-VMNetworkAdapter -VM $vm") + nic_lines
         if not lines:
             return result(p, op, False, S(st.state), "network settings already applied", t0)
         st = self._act(p.target, p.vm, op, lines)
@@ -1086,6 +1280,9 @@ class HyperVFabric:
         st = self.vm_state(p.target, p.vm, op)
         if st.extended is None:
             return result(p, op, False, S(st.state), "no extended relationship", t0)
-        st = self._act(p.target, p.vm, op, [cmd("Remove-VMReplication", VM=Var("vm"),
-                                                ReplicationRelationshipType="Extended")])
+        # Remove-VMReplication takes -ReplicationRelationshipType only with -VMName (a wildcard): pass the
+        # extended relationship's object instead.
+        st = self._act(p.target, p.vm, op, [
+            f"$rep = {cmd('Get-VMReplication', VM=Var('vm'), ReplicationRelationshipType='Extended')}",
+            cmd("Remove-VMReplication", VMReplication=Var("rep"))])
         return result(p, op, True, S(st.state), "extended relationship removed", t0)

@@ -73,11 +73,20 @@ class ReplicationPolicy(Frozen):
         return self
 
 
+class ExtendedReplication(Frozen):
+    """hyperv: Hyper-V Replica's extended replication (A -> B -> C): each replica on the protecting side
+    replicates on to a third host, at 300 or 900 s, without application-consistent points."""
+
+    host: Name = Field(..., description="the third host (C): a replica server, named in the topology")
+    frequency_seconds: Literal[300, 900] = 300
+
+
 class Pairing(Frozen):
     name: Slug
     protected_cloud: Name
     protecting_cloud: Name
     policy: Name
+    extended: ExtendedReplication | None = Field(None, description="hyperv: extend each replica to a third host")
 
 
 class NetworkMapping(Frozen):

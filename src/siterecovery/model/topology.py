@@ -85,12 +85,21 @@ class Host(Frozen):
     replica_server: ReplicaServer | None = None
     max_active_transfers: int = Field(3, ge=1, le=64)
     broker: bool = Field(False, description="a Hyper-V Replica Broker client access point")
+    node_host_keys: tuple[str, ...] = Field((), description="broker: each cluster node's pinned SSH host key "
+                                                            "(the client access point moves between nodes)")
     root: str | None = Field(None, description="linux fabric: the site's state directory on this host")
     python: str | None = Field(None, description="linux fabric: a Python with siterecovery installed, for the "
                                                  "replication agent on this host (default: python3)")
     peer_ssh: PeerSSH | None = Field(None, description="linux fabric: this host sends cycles straight to remote "
                                                        "target hosts over its own ssh; without it the "
                                                        "orchestrator relays when both hosts are remote")
+
+    @field_validator("node_host_keys")
+    @classmethod
+    def _node_keys_shape(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for k in v:
+            cls._key_shape(k)
+        return v
 
     @field_validator("host_key")
     @classmethod
@@ -193,6 +202,8 @@ class Disk(Frozen):
     path: str = Field(..., min_length=1, max_length=1024)
     size_bytes: int | None = Field(None, ge=0)
     classification: Name | None = None
+    replicate: bool = Field(True, description="hyperv: false leaves this disk out of replication "
+                                               "(-ExcludedVhdPath), e.g. a page-file or scratch disk")
 
 
 class Compute(Frozen):

@@ -27,7 +27,12 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from ..fabric.hyperv import COMMAND_PREFIX, EPILOGUE, PROLOGUE
+from ..fabric.hyperv import BOOTSTRAP, EPILOGUE, PROLOGUE
+from .hyperv_syntax import COMMON, BindError, bind, load_table
+
+SYNTAX = load_table()
+# The Windows firewall rules seed 003 names for a replica server (HTTP for Kerberos, HTTPS for certificates).
+FIREWALL_RULES = ("Hyper-V Replica HTTP Listener (TCP-In)", "Hyper-V Replica HTTPS Listener (TCP-In)")
 
 HV = "Microsoft.HyperV.PowerShell.Commands."
 STATES = ["Disabled", "ReadyForInitialReplication", "InitialReplicationInProgress", "WaitingForInitialReplication",
@@ -42,7 +47,13 @@ RELS = ["Simple", "Extended"]
 AUTH = {"Kerberos": 1, "Certificate": 2, "CertificateAndKerberos": 3}
 SNAPTYPES = {"Standard": 0, "Recovery": 1, "Planned": 2, "Missing": 5, "Replica": 6, "AppConsistentReplica": 7,
              "SyncedReplica": 8}
-VMSTATES = {"Running": 2, "Off": 3, "Stopping": 4, "Saved": 6, "Paused": 9, "Starting": 10}
+VMSTATES = {"Other": 1, "Running": 2, "Off": 3, "Stopping": 4, "Saved": 6, "Paused": 9, "Starting": 10, "Reset": 11,
+            "Saving": 32773, "Pausing": 32776, "Resuming": 32777, "FastSaved": 32779, "FastSaving": 32780,
+            "ForceShutdown": 32781, "ForceReboot": 32782, "Hibernated": 32783, "ComponentServicing": 32784,
+            "RunningCritical": 32785, "OffCritical": 32786, "StoppingCritical": 32787, "SavedCritical": 32788,
+            "PausedCritical": 32789, "StartingCritical": 32790, "ResetCritical": 32791, "SavingCritical": 32792,
+            "PausingCritical": 32793, "ResumingCritical": 32794, "FastSavedCritical": 32795,
+            "FastSavingCritical": 32796}
 INVALID_STATE_TEXT = ("Could not change the replication state. Virtual machine is not in a valid replication "
                       "state to perform the operation.")
 
@@ -139,6 +150,9 @@ class SimVM:
     is_test: bool = False
     failover_point: str = ""
     last_test_failover: datetime | None = None
+    locked: bool = False  # a guest session is locked: Stop-VM without -Force prompts
+    disks: list[str] = field(default_factory=list)  # VHD paths
+    excluded: list[str] = field(default_factory=list)  # VHD paths not replicated (-ExcludedVhdPath)
 
     @property
     def mode(self) -> str:
@@ -157,12 +171,17 @@ class SimHost:
     vms: list[SimVM] = field(default_factory=list)
     switches: set[str] = field(default_factory=set)
     server: dict[str, Any] = field(default_factory=lambda: {
-        "RepEnabled": False, "AllowedAuthType": "Kerberos", "KerbAuthPort": 80, "CertAuthPort": 443,
-        "CertificateThumbprint": "", "AllowAnyServer": False, "DefaultStorageLocation": ""})
+        "ReplicationEnabled": False, "AllowedAuthenticationType": "Kerberos", "KerberosAuthenticationPort": 80,
+        "CertificateAuthenticationPort": 443, "CertificateThumbprint": "", "ReplicationAllowedFromAnyServer": False,
+        "DefaultStorageLocation": ""})
     entries: list[dict[str, str]] = field(default_factory=list)
     down: bool = False
     nodes: list[str] = field(default_factory=list)  # a Replica Broker's cluster nodes
+    shell: str = "cmd"  # the OpenSSH DefaultShell: "cmd" (Windows' default) or "powershell"
+    firewall: set[str] = field(default_factory=set)  # enabled inbound rules (display names)
+    files: set[str] = field(default_factory=set)  # virtual disk files on this host
     broker: str = ""  # the broker a node belongs to
+    owner: str = ""  # a broker: the node that owns its client access point now (default: the first)
 
 
 @dataclass(frozen=True)
@@ -201,7 +220,50 @@ def _show(v: Any) -> str:
 
 READ_ONLY = {"Get-VM", "Get-VMSnapshot", "Get-VMNetworkAdapter", "Get-VMReplication", "Measure-VMReplication",
              "Get-VMReplicationServer", "Get-VMReplicationAuthorizationEntry", "Where-Object", "Select-Object",
-             "Assert-SrOne", "Out-SrState", "Out-SrServer", "Out-SrOk", "ConvertTo-Json"}
+             "ConvertTo-Json", "Get-VMNetworkAdapterFailoverConfiguration", "Wait-Job", "Receive-Job"}
+
+
+class ShellError(Exception):
+    """The default shell refused the exec request before PowerShell ran: what it printed, its status."""
+
+    def __init__(self, output: str, status: int) -> None:
+        super().__init__(output)
+        self.output, self.status = output, status
+
+
+def _compare(left: Any, op: str, right: Any) -> bool:
+    """PowerShell's -eq/-ne/-gt/...: the right side converts to the left side's type; strings compare
+    case-insensitively unless the operator starts with c."""
+    if isinstance(left, list):  # a collection on the left filters
+        return any(_compare(x, op, right) for x in left) if op in ("eq", "ceq") else \
+            all(_compare(x, op, right) for x in left)
+    if isinstance(left, EnumVal):
+        left = left.name
+    if isinstance(right, EnumVal):
+        right = right.name
+    if isinstance(left, int) and not isinstance(left, bool) and isinstance(right, str):
+        try:
+            right = int(right)
+        except ValueError:
+            return op in ("ne", "cne")
+    if left is None or right is None:
+        eq = left is None and right is None
+    elif isinstance(left, str) or isinstance(right, str):
+        a, b = str(left), str(right)
+        if not op.startswith("c"):
+            a, b = a.lower(), b.lower()
+        eq = a == b
+        if op in ("gt", "lt", "ge", "le"):
+            return {"gt": a > b, "lt": a < b, "ge": a >= b, "le": a <= b}[op]
+    else:
+        eq = left == right
+        if op in ("gt", "lt", "ge", "le"):
+            return {"gt": left > right, "lt": left < right, "ge": left >= right, "le": left <= right}[op]
+    if op in ("gt", "lt"):
+        return False
+    if op in ("ge", "le"):
+        return eq
+    return eq if op in ("eq", "ceq") else not eq
 
 
 # ---- the script grammar ---------------------------------------------------------------------------
@@ -211,15 +273,17 @@ DASHES = "-\u2013\u2014\u2015"
 
 @dataclass(frozen=True)
 class Tok:
-    kind: str  # LIT VAR PARAM WORD INT PIPE EQ NL
+    kind: str  # LIT VAR PARAM WORD INT PIPE EQ NL COMMA LPAREN RPAREN LBRACE RBRACE ARRAY
     text: str
     colon: bool = False
+    member: str = ""  # $x.Count: the property read
 
 
 _PARAM_RE = re.compile(rf"[{DASHES}]([A-Za-z][A-Za-z0-9]*)(:?)")
-_VAR_RE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+_VAR_RE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z][A-Za-z0-9]*))?")
 _WORD_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z][A-Za-z0-9]*)*")
 _INT_RE = re.compile(r"\d+")
+_PUNCT = {",": "COMMA", "(": "LPAREN", ")": "RPAREN", "{": "LBRACE", "}": "RBRACE", "|": "PIPE", "=": "EQ"}
 
 
 def tokenize(body: str) -> list[Tok]:
@@ -255,19 +319,19 @@ def tokenize(body: str) -> list[Tok]:
             m = _VAR_RE.match(body, i)
             if not m:
                 raise GrammarError(f"bad variable at {body[i:i + 20]!r}")
-            toks.append(Tok("VAR", m.group(1)))
+            toks.append(Tok("VAR", m.group(1), member=m.group(2) or ""))
             i = m.end()
+        elif c == "@" and body[i + 1:i + 2] == "(":
+            toks.append(Tok("ARRAY", "@("))
+            i += 2
         elif c in DASHES:
             m = _PARAM_RE.match(body, i)
             if not m:
                 raise GrammarError(f"bad parameter at {body[i:i + 20]!r}")
             toks.append(Tok("PARAM", m.group(1), colon=bool(m.group(2))))
             i = m.end()
-        elif c == "|":
-            toks.append(Tok("PIPE", "|"))
-            i += 1
-        elif c == "=":
-            toks.append(Tok("EQ", "="))
+        elif c in _PUNCT:
+            toks.append(Tok(_PUNCT[c], c))
             i += 1
         elif c.isdigit():
             m = _INT_RE.match(body, i)
@@ -292,9 +356,19 @@ class Command:
 
 @dataclass
 class Statement:
+    """`[$x = ] [@(] pipeline [)]`, a bare literal (written out), or `if (a -op b) { throw 'text' }`."""
+
     target: str | None
     pipeline: list[Command]
     text: str
+    head: Tok | None = None  # a pipeline that starts with a variable: `$vm | Select-Object ...`
+    array: bool = False  # wrapped in @( ... )
+    literal: str | None = None
+    condition: tuple[Tok, str, Tok] | None = None
+    throw: str = ""
+
+
+COMPARE = ("eq", "ne", "gt", "lt", "ge", "le", "ceq", "cne")
 
 
 def parse_script(text: str) -> list[Statement]:
@@ -308,33 +382,108 @@ def parse_script(text: str) -> list[Statement]:
         if t.kind != "NL":
             cur.append(t)
             continue
-        if not cur:
-            continue
-        target = None
-        if len(cur) >= 2 and cur[0].kind == "VAR" and cur[1].kind == "EQ":
-            target, cur = cur[0].text, cur[2:]
-        pipeline: list[Command] = []
-        segment: list[Tok] = []
-        for u in [*cur, Tok("PIPE", "|")]:
-            if u.kind == "PIPE":
-                if not segment or segment[0].kind != "WORD" or "-" not in segment[0].text and not \
-                        segment[0].text.startswith("Out"):
-                    raise GrammarError(f"expected a cmdlet name, got {segment[0].text if segment else 'nothing'!r}")
-                if any(s.kind == "EQ" for s in segment):
-                    raise GrammarError("'=' outside an assignment")
-                pipeline.append(Command(segment[0].text, segment[1:]))
-                segment = []
-            else:
-                segment.append(u)
-        stmts.append(Statement(target, pipeline, " | ".join(c.name for c in pipeline)))
+        if cur:
+            stmts.append(_statement(cur))
         cur = []
     return stmts
+
+
+def _statement(cur: list[Tok]) -> Statement:
+    if len(cur) == 1 and cur[0].kind == "LIT":
+        return Statement(None, [], cur[0].text, literal=cur[0].text)
+    if cur[0].kind == "WORD" and cur[0].text.lower() == "if":
+        shape = [t.kind for t in cur]
+        if shape != ["WORD", "LPAREN", shape[2], "PARAM", shape[4], "RPAREN", "LBRACE", "WORD", "LIT", "RBRACE"] \
+                or cur[3].text.lower() not in COMPARE or cur[7].text.lower() != "throw":
+            raise GrammarError("if takes: if (<value> -op <value>) { throw '<text>' }")
+        return Statement(None, [], "if", condition=(cur[2], cur[3].text.lower(), cur[4]), throw=cur[8].text)
+    target = None
+    if len(cur) >= 2 and cur[0].kind == "VAR" and not cur[0].member and cur[1].kind == "EQ":
+        target, cur = cur[0].text, cur[2:]
+    array = bool(cur) and cur[0].kind == "ARRAY"
+    if array:
+        if cur[-1].kind != "RPAREN":
+            raise GrammarError("@( without its closing )")
+        cur = cur[1:-1]
+    head = None
+    if cur and cur[0].kind == "VAR":
+        head, cur = cur[0], cur[1:]
+        if cur and cur[0].kind != "PIPE":
+            raise GrammarError("a variable may only start a pipeline")
+        cur = cur[1:]
+    pipeline: list[Command] = []
+    segment: list[Tok] = []
+    for u in [*cur, Tok("PIPE", "|")] if cur else []:
+        if u.kind == "PIPE":
+            if not segment or segment[0].kind != "WORD" or "-" not in segment[0].text:
+                raise GrammarError(f"expected a cmdlet name, got {segment[0].text if segment else 'nothing'!r}")
+            if any(s.kind in ("EQ", "LPAREN", "RPAREN", "LBRACE", "RBRACE", "ARRAY") for s in segment):
+                raise GrammarError(f"unexpected punctuation in {segment[0].text}")
+            pipeline.append(Command(segment[0].text, segment[1:]))
+            segment = []
+        else:
+            segment.append(u)
+    if not pipeline and head is None:
+        raise GrammarError("empty statement")
+    return Statement(target, pipeline, " | ".join(c.name for c in pipeline), head=head, array=array)
+
+
+# ---- PowerShell values: enums, objects with documented properties ---------------------------------
+@dataclass(frozen=True)
+class EnumVal:
+    """An enum value: ConvertTo-Json writes its number; comparisons take its name."""
+
+    name: str
+    number: int
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass
+class Job:
+    """What -AsJob returns: State NotStarted/Running/Completed/Failed; the error a failed one holds."""
+
+    id: int
+    name: str
+    state: str = "Running"
+    error: PSError | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class ReplObj:
+    """A VMReplication object (Get-VMReplication): one relationship of one VM."""
+
+    vm: SimVM
+    rel: Rel
+
+
+@dataclass(frozen=True)
+class MeasureObj:
+    vm: SimVM
+    rel: Rel
+
+
+@dataclass(frozen=True)
+class FailoverCfg:
+    nic: Nic
+
+
+@dataclass(frozen=True)
+class ServerObj:
+    host: SimHost
+
+
+@dataclass(frozen=True)
+class EntryObj:
+    entry: dict[str, str]
 
 
 # ---- cmdlet signatures ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class P:
-    kind: str  # vm snapshot nic str int bool switch datetime enum any
+    kind: str  # vm snapshot nic repl job str int bool switch datetime enum any list
     lo: int | None = None
     hi: int | None = None
     values: tuple[str, ...] = ()
@@ -342,75 +491,66 @@ class P:
     pipeline: bool = False
 
 
-VMP = P("vm", pipeline=True)
-SIGS: dict[str, dict[str, P]] = {
-    "Get-VM": {"Name": P("str", position=0)},
+# Hyper-V cmdlets bind against the documented parameter sets (hyperv_syntax.json). These core
+# PowerShell cmdlets are outside that file; the simulator models the parts the driver uses.  # guess
+CORE: dict[str, dict[str, P]] = {
     "Where-Object": {"Property": P("str", position=0), "Value": P("any", position=1), "CEQ": P("switch"),
                      "EQ": P("switch"), "InputObject": P("any", pipeline=True)},
-    "Select-Object": {"Last": P("int", 0), "First": P("int", 0), "InputObject": P("any", pipeline=True)},
-    "Assert-SrOne": {"Found": P("any", position=0), "Name": P("str", position=1), "What": P("str", position=2)},
-    "Out-SrState": {"VM": P("vm", position=0)},
-    "Out-SrServer": {},
-    "Out-SrOk": {},
+    "Select-Object": {"Property": P("list", position=0), "Last": P("int", 0), "First": P("int", 0),
+                      "InputObject": P("any", pipeline=True)},
     "ConvertTo-Json": {"Depth": P("int", 0, 100), "Compress": P("switch"), "InputObject": P("any", pipeline=True)},
-    "Get-VMSnapshot": {"VM": VMP, "VMName": P("str"),
-                       "SnapshotType": P("enum", values=tuple(SNAPTYPES))},
-    "Get-VMNetworkAdapter": {"VM": VMP, "VMName": P("str"), "Name": P("str")},
-    "Set-VMNetworkAdapter": {"VMNetworkAdapter": P("nic", pipeline=True), "TestReplicaSwitchName": P("str")},
-    "Connect-VMNetworkAdapter": {"VMNetworkAdapter": P("nic", pipeline=True), "VMName": P("str"), "Name": P("str"),
-                                 "SwitchName": P("str")},
-    "Disconnect-VMNetworkAdapter": {"VMNetworkAdapter": P("nic", pipeline=True), "VMName": P("str"),
-                                    "Name": P("str")},
-    "Set-VMNetworkAdapterFailoverConfiguration": {
-        "VMNetworkAdapter": P("nic", pipeline=True), "VMName": P("str"), "VMNetworkAdapterName": P("str"),
-        "IPv4Address": P("str"), "IPv4SubnetMask": P("str"), "IPv4DefaultGateway": P("str"),
-        "IPv4PreferredDNSServer": P("str"), "IPv4AlternateDNSServer": P("str")},
-    "Get-VMNetworkAdapterFailoverConfiguration": {"VMNetworkAdapter": P("nic", pipeline=True)},
-    "Start-VM": {"VM": VMP, "Name": P("str")},
-    "Stop-VM": {"VM": VMP, "Name": P("str"), "Force": P("switch"), "TurnOff": P("switch")},
-    "Remove-VM": {"VM": VMP, "Name": P("str"), "Force": P("switch")},
-    "Enable-VMReplication": {
-        "VM": VMP, "VMName": P("str"), "ReplicaServerName": P("str"), "ReplicaServerPort": P("int", 1, 65535),
-        "AuthenticationType": P("enum", values=("Kerberos", "Certificate")), "CertificateThumbprint": P("str"),
-        "ReplicationFrequencySec": P("int"), "RecoveryHistory": P("int", 0, 24),
-        "VSSSnapshotFrequencyHour": P("int", 1, 12), "CompressionEnabled": P("bool"), "AsReplica": P("switch"),
-        "AllowedPrimaryServer": P("str")},
-    "Set-VMReplication": {
-        "VM": VMP, "VMName": P("str"), "Reverse": P("switch"), "AsReplica": P("switch"),
-        "ReplicaServerName": P("str"), "ReplicaServerPort": P("int", 1, 65535),
-        "AuthenticationType": P("enum", values=("Kerberos", "Certificate")), "CertificateThumbprint": P("str"),
-        "ReplicationFrequencySec": P("int"), "RecoveryHistory": P("int", 0, 24),
-        "VSSSnapshotFrequencyHour": P("int", 1, 12), "CompressionEnabled": P("bool"),
-        "AllowedPrimaryServer": P("str")},
-    "Start-VMInitialReplication": {"VM": VMP, "VMName": P("str"), "DestinationPath": P("str"),
-                                   "InitialReplicationStartTime": P("datetime"), "UseBackup": P("switch")},
-    "Import-VMInitialReplication": {"VM": VMP, "VMName": P("str"), "Path": P("str")},
-    "Suspend-VMReplication": {"VM": VMP, "VMName": P("str"),
-                              "ReplicationRelationshipType": P("enum", values=tuple(RELS))},
-    "Resume-VMReplication": {"VM": VMP, "VMName": P("str"), "Resynchronize": P("switch"),
-                             "ResynchronizeStartTime": P("datetime"), "Continue": P("switch"),
-                             "ReplicationRelationshipType": P("enum", values=tuple(RELS))},
-    "Stop-VMReplication": {"VM": VMP, "VMName": P("str"),
-                           "ReplicationRelationshipType": P("enum", values=tuple(RELS))},
-    "Remove-VMReplication": {"VM": VMP, "VMName": P("str"),
-                             "ReplicationRelationshipType": P("enum", values=tuple(RELS))},
-    "Get-VMReplication": {"VM": VMP, "VMName": P("str"), "ReplicationRelationshipType": P("enum", values=tuple(RELS))},
-    "Measure-VMReplication": {"VM": VMP, "VMName": P("str"),
-                              "ReplicationRelationshipType": P("enum", values=tuple(RELS))},
-    "Start-VMFailover": {"VM": P("vm"), "VMName": P("str"), "VMRecoverySnapshot": P("snapshot", pipeline=True),
-                         "Prepare": P("switch"), "AsTest": P("switch"), "Confirm": P("switch")},
-    "Stop-VMFailover": {"VM": VMP, "VMName": P("str")},
-    "Complete-VMFailover": {"VM": VMP, "VMName": P("str"), "Confirm": P("switch")},
-    "Set-VMReplicationServer": {
-        "ReplicationEnabled": P("bool"), "AllowedAuthenticationType": P("enum", values=tuple(AUTH)),
-        "KerberosAuthenticationPort": P("int", 1, 65535), "CertificateAuthenticationPort": P("int", 1, 65535),
-        "CertificateThumbprint": P("str"), "ReplicationAllowedFromAnyServer": P("bool"),
-        "DefaultStorageLocation": P("str"), "Force": P("switch")},
-    "Get-VMReplicationServer": {},
-    "New-VMReplicationAuthorizationEntry": {"AllowedPrimaryServer": P("str"), "ReplicaStorageLocation": P("str"),
-                                            "TrustGroup": P("str")},
-    "Get-VMReplicationAuthorizationEntry": {},
+    "Wait-Job": {"Job": P("job", position=0, pipeline=True), "Timeout": P("int", -1, 2**31 - 1)},
+    "Receive-Job": {"Job": P("job", position=0, pipeline=True)},
+    "Enable-NetFirewallRule": {"DisplayName": P("list")},
+    "Get-NetFirewallRule": {"DisplayName": P("list")},
+    "Get-VMHardDiskDrive": {"VM": P("vm")},
+    "Get-ClusterNode": {},
+    "Remove-Item": {"LiteralPath": P("list")},
 }
+COMMON_PARAMS = {"ErrorAction": P("enum", values=("Stop", "Continue", "SilentlyContinue", "Ignore"))}
+
+# Ranges the reference gives for Hyper-V parameters (the syntax file has names and types only).
+RANGES: dict[str, tuple[int, int]] = {"RecoveryHistory": (0, 24), "VSSSnapshotFrequencyHour": (1, 12),
+                                      "ReplicaServerPort": (1, 65535), "KerberosAuthenticationPort": (1, 65535),
+                                      "CertificateAuthenticationPort": (1, 65535)}
+ENUMS: dict[str, tuple[str, ...]] = {
+    "ReplicationAuthenticationType": ("Kerberos", "Certificate"),
+    "RecoveryAuthenticationType": ("Kerberos", "Certificate", "CertificateAndKerberos"),
+    "VMReplicationRelationshipType": tuple(RELS), "SnapshotType": tuple(SNAPTYPES),
+}
+
+
+def kind_of(doc_type: str) -> P:
+    """The simulator's converter for a documented parameter type."""
+    t = doc_type.removesuffix("[]")
+    if doc_type == "switch":
+        return P("switch")
+    if t in ("VirtualMachine", "VirtualMachineBase"):
+        return P("vm")
+    if t in ("VMNetworkAdapter", "VMNetworkAdapterBase"):
+        return P("nic")
+    if t == "VMSnapshot":
+        return P("snapshot")
+    if t == "VMReplication":
+        return P("repl")
+    if t in ("String",):
+        return P("list") if doc_type.endswith("[]") else P("str")
+    if t in ("Int32", "UInt32", "Int64"):
+        return P("int")
+    if t == "Boolean":
+        return P("bool")
+    if t == "DateTime":
+        return P("datetime")
+    if t in ENUMS:
+        return P("enum", values=ENUMS[t])
+    return P("any")
+
+
+_OBJ_KIND = {"vm": "SimVM", "nic": "Nic", "snapshot": "Snapshot", "repl": "ReplObj", "job": "Job"}
+
+
+def _object_kind(x: Any) -> str:
+    return {SimVM: "vm", Nic: "nic", Snapshot: "snapshot", ReplObj: "repl", Job: "job"}.get(type(x), "")
 
 
 def _wild(pattern: str, text: str) -> bool:
@@ -438,13 +578,16 @@ def _ipv4(cmdlet: str, name: str, value: str) -> str:
 class HyperVSimulator:
     """Simulated Hyper-V hosts served over SSH on 127.0.0.1 (user name = host name)."""
 
-    def __init__(self, enum_style: str = "number", date_style: str = "iso", unroll_single: bool = False) -> None:
+    def __init__(self, enum_style: str = "number", date_style: str = "iso", shell: str = "cmd") -> None:
         self.hosts: dict[str, SimHost] = {}  # lower-case name -> host (DNS names are case-insensitive)
         self.lock = threading.RLock()
         self.entries: list[LogEntry] = []
         self.delays: dict[str, float] = {}  # cmdlet (or "*") -> seconds slept before it runs
         self.faults: list[dict[str, Any]] = []
-        self.enum_style, self.date_style, self.unroll_single = enum_style, date_style, unroll_single
+        self.enum_style, self.date_style, self.shell = enum_style, date_style, shell
+        self.jobs: list[Job] = []
+        self.refused: list[tuple[str, str, str]] = []  # (host, call, FQID) PowerShell would not bind
+        self._job_ids = 0
         self.hold_resync = False  # keep a resynchronization running until finish_resync()
         self.clock_offset = timedelta(0)
         self.exports: dict[str, str] = {}  # export path -> VM id
@@ -467,9 +610,11 @@ class HyperVSimulator:
 
     def add_host(self, name: str, switches: tuple[str, ...] = ("LAN",), replica_server: bool = True,
                  any_server: bool = True, storage: str = "D:\\Replica") -> SimHost:
-        h = SimHost(name=name, switches=set(switches))
+        h = SimHost(name=name, switches=set(switches), shell=self.shell)
         if replica_server:
-            h.server.update(RepEnabled=True, AllowAnyServer=any_server, DefaultStorageLocation=storage)
+            h.server.update(ReplicationEnabled=True, ReplicationAllowedFromAnyServer=any_server,
+                            DefaultStorageLocation=storage)
+            h.firewall.update(FIREWALL_RULES)
         self.hosts[name.lower()] = h
         return h
 
@@ -482,10 +627,12 @@ class HyperVSimulator:
         return b
 
     def add_vm(self, host: str, name: str, nics: tuple[tuple[str, str], ...] = (("eth0", "LAN"),),
-               running: bool = True, vm_id: str | None = None) -> SimVM:
+               running: bool = True, vm_id: str | None = None, disks: tuple[str, ...] | None = None) -> SimVM:
         h = self.host(host)
         vm = SimVM(name=name, host=h.name, id=vm_id or str(uuid.uuid4()), power="Running" if running else "Off")
         vm.nics = [Nic(name=n, vm=vm, switch=s) for n, s in nics]
+        vm.disks = list(disks) if disks is not None else [f"C:\\VMs\\{name}\\{name}.vhdx"]
+        h.files.update(vm.disks)
         h.vms.append(vm)
         return vm
 
@@ -628,57 +775,157 @@ class HyperVSimulator:
                     self._resync_done(vm)
 
     # ---- script execution ------------------------------------------------------------------
-    def execute(self, host_name: str, command: str) -> tuple[str, int]:
-        """Run one SSH exec request for `host_name`; (stdout, exit status)."""
-        def error(fqid: str, category: str, message: str) -> tuple[str, int]:
-            return json.dumps({"ok": False, "id": fqid, "category": category, "message": message}), 1
+    def execute(self, host_name: str, command: str, stdin: str = "") -> tuple[bytes, int]:
+        """Run one SSH exec request for `host_name` as the host's default shell would; (stdout, status)."""
+        def error(fqid: str, category: str, message: str) -> tuple[bytes, int]:
+            return json.dumps({"ok": False, "id": fqid, "category": category, "message": message}).encode(), 1
 
-        if not command.startswith(COMMAND_PREFIX):
-            return error("CommandNotFoundException", "ObjectNotFound",
-                         "the simulator only runs 'powershell -NoProfile -NonInteractive -EncodedCommand <base64>'")
+        host = self.host(host_name)
         try:
-            text = base64.b64decode(command[len(COMMAND_PREFIX):], validate=True).decode("utf-16-le")
-        except (ValueError, UnicodeDecodeError) as exc:
-            return error("SimulatorParseError", "ParserError", f"cannot decode -EncodedCommand: {exc}")
+            text = self.shell_command(host, command, stdin)
+        except ShellError as exc:
+            return exc.output.encode("utf-8"), exc.status
         with self.lock:
             self.scripts.append((host_name, text))
         try:
             stmts = parse_script(text)
         except GrammarError as exc:
             return error("SimulatorParseError", "ParserError", str(exc))
-        host = self.host(host_name)
         variables: dict[str, Any] = {}
         out: list[str] = []
         try:
             for st in stmts:
-                value: list[Any] = []
-                for i, c in enumerate(st.pipeline):
-                    value = self._run(host, c, value if i else None, variables)
-                if st.target is not None:
-                    variables[st.target] = None if not value else value[0] if len(value) == 1 else value
+                if st.literal is not None:
+                    out.append(st.literal)
+                    continue
+                if st.condition is not None:
+                    left, op, right = st.condition
+                    if _compare(self._operand(left, variables), op, self._operand(right, variables)):
+                        # `throw 'text'`: a RuntimeException whose FullyQualifiedErrorId is the text itself.
+                        raise PSError(st.throw, None, "OperationStopped", st.throw)
+                    continue
+                value: list[Any] | None = None
+                if st.head is not None:
+                    v = self._operand(st.head, variables)
+                    # A variable holding an array enumerates into the pipeline; $null goes down as one item.
+                    value = list(v) if isinstance(v, list) else [v]
+                for c in st.pipeline:
+                    value = self._run(host, c, value, variables)
+                items = value or []
+                if st.array:
+                    result: Any = list(items)
                 else:
-                    out += [v if isinstance(v, str) else f"{type(v).__name__}" for v in value]
+                    result = None if not items else items[0] if len(items) == 1 else list(items)
+                if st.target is not None:
+                    if st.target.lower() != "null":
+                        variables[st.target] = result
+                else:
+                    out += [v if isinstance(v, str) else type(v).__name__ for v in items]
         except PSError as exc:
-            return error(exc.fqid, exc.category, exc.message)
+            return self._encode_out("\n".join(out) + "\n" + json.dumps(
+                {"ok": False, "id": exc.fqid, "category": exc.category, "message": exc.message}) + "\n", text), 1
         except GrammarError as exc:
             return error("SimulatorParseError", "ParserError", str(exc))
-        return "\n".join(out) + "\n", 0
+        return self._encode_out("\n".join(out) + "\n", text), 0
+
+    def _encode_out(self, out: str, script: str) -> bytes:
+        """Console output: UTF-8 only when the script set it, else the OEM code page (437 here)."""
+        if script.startswith(PROLOGUE) and "[Console]::OutputEncoding = [System.Text.Encoding]::UTF8" in PROLOGUE:
+            return out.encode("utf-8")
+        return out.encode("cp437", "replace")  # guess: the console code page of an en-US server
+
+    def shell_command(self, host: SimHost, command: str, stdin: str) -> str:
+        """What the default shell makes of an exec request: the script PowerShell is asked to run.
+
+        cmd.exe (Windows OpenSSH's default): `cmd.exe /c <command>`, at most 8,191 characters. PowerShell as
+        DefaultShell: `powershell.exe -c "<command>"`. Either way the command must start powershell.exe with
+        `-Command -` and the script arrives on stdin, ended by an empty line."""
+        mode = host.shell
+        if mode == "cmd" and len(command) > 8191:
+            raise ShellError("The command line is too long.\r\n", 1)
+        if mode == "cmd" and any(ch in command for ch in "&<>^%!") :
+            raise ShellError("cmd.exe would interpret a special character in the command\r\n", 1)  # guess
+        if mode == "powershell" and any(ch in command for ch in "$`\"'"):
+            raise ShellError("the outer powershell would expand or re-quote the command\r\n", 1)  # guess
+        words = command.split()
+        if not words or words[0].lower() not in ("powershell", "powershell.exe"):
+            first = words[0] if words else ""
+            raise ShellError(f"'{first}' is not recognized as an internal or external command,\r\noperable program "
+                             "or batch file.\r\n" if mode == "cmd" else
+                             f"The term '{first}' is not recognized as the name of a cmdlet\r\n", 1)
+        flags = [w.lower() for w in words[1:]]
+        if flags[-2:] not in (["-command", "-"], ["-c", "-"]):
+            raise ShellError("the simulator runs only `powershell.exe ... -Command -` (script on stdin)\r\n", 1)
+        if "-nonInteractive".lower() not in flags or "-noprofile" not in flags:
+            raise ShellError("the simulator expects -NoProfile -NonInteractive\r\n", 1)
+        # PowerShell reads -Command - line by line; a multi-line block runs once an empty line ends it.  # guess
+        text = stdin.replace("\r\n", "\n")
+        if not text.endswith("\n\n"):
+            raise ShellError("", 0)  # PowerShell is still waiting for the rest of the block: no output
+        head, _, tail = BOOTSTRAP.partition("{}")
+        if not (text.startswith(head) and text.endswith(tail)):
+            raise ShellError(json.dumps({"ok": False, "id": "SimulatorParseError", "category": "ParserError",
+                                         "message": "stdin is not the driver's one-line bootstrap"}) + "\n", 1)
+        try:
+            return base64.b64decode(text[len(head):len(text) - len(tail)], validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ShellError(json.dumps({"ok": False, "id": "SimulatorParseError", "category": "ParserError",
+                                         "message": f"cannot decode the script: {exc}"}) + "\n", 1) from None
+
+    def _operand(self, t: Tok, variables: dict[str, Any]) -> Any:
+        if t.kind == "INT":
+            return int(t.text)
+        if t.kind == "LIT":
+            return t.text
+        if t.kind != "VAR":
+            raise GrammarError(f"unexpected {t.text!r} in a condition")
+        low = t.text.lower()
+        if low in ("true", "false", "null"):
+            v: Any = {"true": True, "false": False, "null": None}[low]
+        elif t.text not in variables:
+            raise GrammarError(f"variable ${t.text} used before assignment")
+        else:
+            v = variables[t.text]
+        if not t.member:
+            return v
+        if t.member.lower() in ("count", "length") and not isinstance(v, str):
+            # PowerShell 3+: every object has .Count; $null's is 0, one object's is 1.
+            return 0 if v is None else len(v) if isinstance(v, list) else 1
+        if isinstance(v, list):  # member enumeration
+            return [self.props(x).get(t.member) for x in v]
+        return None if v is None else self.props(v).get(t.member)
 
     def _run(self, host: SimHost, c: Command, piped: list[Any] | None, variables: dict[str, Any]) -> list[Any]:
-        sig = SIGS.get(c.name)
-        if sig is None:
+        core = CORE.get(c.name)
+        if core is None and c.name not in SYNTAX:
             raise PSError("CommandNotFoundException", None, "ObjectNotFound",
                           f"The term '{c.name}' is not recognized as the name of a cmdlet, function, script file, "
                           "or operable program.")
-        args = self._bind(c, sig, piped, variables)
+        try:
+            args, kinds = self._bind(c, core, piped, variables)
+        except PSError as exc:
+            with self.lock:  # PowerShell refused the call itself: no cmdlet ran
+                self.refused.append((host.name, c.name + "".join(f" {t.text}" for t in c.args), exc.fqid))
+            raise
+        silent = str(args.pop("ErrorAction", "")).lower() in ("silentlycontinue", "ignore")
+        if args.get("AsJob") and c.name in SYNTAX:
+            return [self._start_job(host, c, args, kinds)]
         delay = self.delays.get(c.name, self.delays.get("*", 0.0))
         if delay:
             time.sleep(delay)
+        try:
+            return self._call(host, c, args, kinds)
+        except PSError:
+            if silent:
+                return []
+            raise
+
+    def _call(self, host: SimHost, c: Command, args: dict[str, Any], kinds: dict[str, P]) -> list[Any]:
         with self.lock:
             self._settle()
             # Values of [bool] parameters render as $true/$false so they read apart from switches.
-            entry_args = tuple((k, ("$true" if v else "$false") if sig[k].kind == "bool" else v)
-                               for k, v in args.items() if k != "InputObject")
+            entry_args = tuple((k, ("$true" if v else "$false") if kinds[k].kind == "bool" else v)
+                               for k, v in args.items() if k not in ("InputObject", "AsJob"))
             line = c.name + "".join(f" {t.text}" for t in c.args)
             for f in self.faults:
                 if f["times"] > 0 and f["host"] == host.name.lower() and f["cmdlet"] == c.name:
@@ -691,72 +938,191 @@ class HyperVSimulator:
                 self.entries.append(LogEntry(host.name, c.name, entry_args, line, ok=False))
                 raise
             self.entries.append(LogEntry(host.name, c.name, entry_args, line))
-            return result
+            return result  # type: ignore[no-any-return]
 
-    def _bind(self, c: Command, sig: dict[str, P], piped: list[Any] | None, variables: dict[str, Any]) -> dict[str, Any]:
-        args: dict[str, Any] = {}
+    def _start_job(self, host: SimHost, c: Command, args: dict[str, Any], kinds: dict[str, P]) -> Job:
+        """-AsJob: the cmdlet runs in the background (after its configured delay); the job reports it."""
+        with self.lock:
+            self._job_ids += 1
+            job = Job(id=self._job_ids, name=f"Job{self._job_ids}")
+            self.jobs.append(job)
+        delay = self.delays.get(c.name, self.delays.get("*", 0.0))
+
+        def work() -> None:
+            if delay:
+                self._stop.wait(delay)
+            try:
+                self._call(host, c, args, kinds)
+                job.state = "Completed"
+            except PSError as exc:
+                job.state, job.error = "Failed", exc
+            job.done.set()
+
+        threading.Thread(target=work, name=f"hyperv-sim-{job.name}", daemon=True).start()
+        return job
+
+    def _c_Wait_Job(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
+        jobs: list[Job] = a["Job"]
+        timeout = a.get("Timeout", -1)
+        deadline = time.monotonic() + (timeout if timeout >= 0 else 10**9)
+        self.lock.release()  # the jobs need the lock to finish
+        try:
+            for j in jobs:
+                j.done.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            self.lock.acquire()
+        # Wait-Job -Timeout: returns the jobs only when all finished; nothing on a timeout.
+        return list(jobs) if all(j.done.is_set() for j in jobs) else []
+
+    def _c_Receive_Job(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
+        for j in a["Job"]:
+            if j.state == "Failed" and j.error is not None:
+                raise j.error  # with -ErrorAction Stop in effect, a job's error is re-thrown  # guess: FQID kept
+        return []
+
+    def _c_Get_ClusterNode(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
+        cluster = self.host(host.broker) if host.broker else host
+        if not cluster.nodes:
+            raise PSError("ClusterServiceNotRunning,Microsoft.FailoverClusters.PowerShell.GetClusterNodeCommand",
+                          None, "ConnectionError", "The cluster service is not running.")  # guess: id and text
+        return [{"Name": n, "State": EnumVal("Up", 0)} for n in cluster.nodes]
+
+    def _c_Get_VMHardDiskDrive(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
+        return [{"VMName": vm.name, "Path": path} for vm in self._targets(host, "Get-VMHardDiskDrive", a)
+                for path in vm.disks]
+
+    def _c_Remove_Item(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
+        for path in a["LiteralPath"]:
+            node = next((h for h in [host, *(self.host(n) for n in host.nodes)] if path in h.files), None)
+            if node is None:
+                raise PSError("PathNotFound,Microsoft.PowerShell.Commands.RemoveItemCommand", None, "ObjectNotFound",
+                              f"Cannot find path '{path}' because it does not exist.")
+            node.files.discard(path)
+        return []
+
+    def _c_Get_NetFirewallRule(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
+        # Enabled is the GpoBoolean enum: True = 1, False = 2.  # guess: numbers as 5.1 writes them
+        return [{"DisplayName": n, "Enabled": EnumVal("True", 1) if n in host.firewall else EnumVal("False", 2)}
+                for n in a["DisplayName"] if n in FIREWALL_RULES]
+
+    def _c_Enable_NetFirewallRule(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
+        for name in a["DisplayName"]:
+            if name not in FIREWALL_RULES:
+                raise PSError("CmdletizationQuery_NotFound_DisplayName,Enable-NetFirewallRule", None,
+                              "ObjectNotFound", f'No MSFT_NetFirewallRule objects found with property '
+                              f"'DisplayName' equal to '{name}'.")
+            host.firewall.add(name)
+        return []
+
+    def _bind(self, c: Command, core: dict[str, P] | None, piped: list[Any] | None,
+              variables: dict[str, Any]) -> tuple[dict[str, Any], dict[str, P]]:
+        named: list[tuple[str, Any]] = []
         positional: list[Any] = []
         toks = list(c.args)
         i = 0
-        lower = {k.lower(): k for k in sig}
+        is_switch = self._switches(c.name, core)
 
-        def value_of(t: Tok) -> Any:
-            if t.kind == "LIT" or t.kind == "WORD":
-                return t.text
-            if t.kind == "INT":
-                return int(t.text)
-            if t.kind == "VAR":
-                low = t.text.lower()
-                if low in ("true", "false", "null"):
-                    return {"true": True, "false": False, "null": None}[low]
-                if t.text not in variables:
-                    raise GrammarError(f"variable ${t.text} used before assignment")
-                return variables[t.text]
-            raise GrammarError(f"unexpected {t.kind} {t.text!r}")
+        def value_at(j: int) -> tuple[Any, int]:
+            vals = [self._value(toks[j], variables)]
+            j += 1
+            while j + 1 < len(toks) and toks[j].kind == "COMMA":
+                vals.append(self._value(toks[j + 1], variables))
+                j += 2
+            return (vals if len(vals) > 1 else vals[0]), j
 
+        known = self._known(c.name, core)
         while i < len(toks):
             t = toks[i]
             if t.kind == "PARAM":
-                name = lower.get(t.text.lower())
-                if name is None:
+                if not known(t.text):
                     raise PSError("NamedParameterNotFound", c.name, "InvalidArgument",
                                   f"A parameter cannot be found that matches parameter name '{t.text}'.")
-                if name in args:
-                    raise PSError("ParameterAlreadyBound", c.name, "InvalidArgument",
-                                  f"Cannot bind parameter because parameter '{name}' is specified more than once.")
-                p = sig[name]
                 if t.colon:
                     if i + 1 >= len(toks):
                         raise GrammarError(f"-{t.text}: needs a value")
-                    args[name] = value_of(toks[i + 1])
-                    i += 2
-                elif p.kind == "switch":
-                    args[name] = True
+                    v, i = value_at(i + 1)
+                    named.append((t.text, v))
+                elif is_switch(t.text):
+                    named.append((t.text, True))
                     i += 1
                 else:
                     if i + 1 >= len(toks) or toks[i + 1].kind == "PARAM":
                         raise PSError("MissingArgument", c.name, "InvalidArgument",
-                                      f"Missing an argument for parameter '{name}'.")
-                    args[name] = value_of(toks[i + 1])
-                    i += 2
+                                      f"Missing an argument for parameter '{t.text}'. Specify a parameter of type "
+                                      "'System.String' and try again.")
+                    v, i = value_at(i + 1)
+                    named.append((t.text, v))
+            elif t.kind == "COMMA":
+                raise GrammarError("a comma outside an argument list")
             else:
-                positional.append(value_of(t))
-                i += 1
-        by_pos = sorted((p.position, k) for k, p in sig.items() if p.position is not None)
-        if len(positional) > len(by_pos):
-            raise PSError("PositionalParameterNotFound", c.name, "InvalidArgument",
-                          f"A positional parameter cannot be found that accepts argument '{positional[len(by_pos)]}'.")
-        for (_, k), v in zip(by_pos, positional, strict=False):
-            args[k] = v
-        if piped is not None:
-            target = next((k for k, p in sig.items() if p.pipeline and k not in args), None)
-            if target is None:
-                raise PSError("InputObjectNotBound", c.name, "InvalidArgument",
-                              "The input object cannot be bound to any parameters for the command.")
-            args[target] = piped
+                v, i = value_at(i)
+                positional.append(v)
+        if core is None:
+            try:
+                b = bind(SYNTAX, c.name, named, positional, piped is not None,
+                         lambda ty: bool(piped) and all(_object_kind(x) == kind_of(ty).kind for x in piped or []))
+            except BindError as exc:
+                raise PSError(exc.error_id, c.name, exc.category, exc.message) from None
+            kinds = {k: kind_of(t) for k, t in b.types.items()}
+            args = dict(b.named)
+            if b.pipeline_param:
+                args[b.pipeline_param] = piped
+            for k, v in named:
+                if k.lower() == "erroraction":
+                    args["ErrorAction"], kinds["ErrorAction"] = v, COMMON_PARAMS["ErrorAction"]
+        else:
+            kinds = dict(core)
+            kinds.update(COMMON_PARAMS)
+            lower = {k.lower(): k for k in kinds}
+            args = {}
+            for k, v in named:
+                name = lower.get(k.lower())
+                if name is None:
+                    raise PSError("NamedParameterNotFound", c.name, "InvalidArgument",
+                                  f"A parameter cannot be found that matches parameter name '{k}'.")
+                args[name] = v
+            by_pos = sorted((p.position, k) for k, p in core.items() if p.position is not None and k not in args)
+            if len(positional) > len(by_pos):
+                raise PSError("PositionalParameterNotFound", c.name, "InvalidArgument",
+                              f"A positional parameter cannot be found that accepts argument "
+                              f"'{positional[len(by_pos)]}'.")
+            for (_, k), v in zip(by_pos, positional, strict=False):
+                args[k] = v
+            if piped is not None:
+                target = next((k for k, p in core.items() if p.pipeline and k not in args), None)
+                if target is None:
+                    raise PSError("InputObjectNotBound", c.name, "InvalidArgument",
+                                  "The input object cannot be bound to any parameters for the command.")
+                args[target] = piped
         for k, v in list(args.items()):
-            args[k] = self._convert(c.name, k, sig[k], v)
-        return args
+            p = kinds[k]
+            if k in RANGES and p.kind == "int":
+                p = P("int", *RANGES[k])
+            args[k] = self._convert(c.name, k, p, v)
+        return args, kinds
+
+    def _known(self, cmdlet: str, core: dict[str, P] | None) -> Any:
+        """Whether a written parameter name (or a unique prefix of one) exists for the cmdlet at all."""
+        names = {k.lower() for k in (core or {})} | {k.lower() for k in COMMON_PARAMS}
+        if core is None:
+            names |= {p["name"].lower() for ps in SYNTAX[cmdlet]["sets"].values() for p in ps}
+            names |= {k.lower() for k in COMMON}
+        return lambda name: any(n.startswith(name.lower()) for n in names)
+
+    def _switches(self, cmdlet: str, core: dict[str, P] | None) -> Any:
+        if core is not None:
+            return lambda name: any(k.lower() == name.lower() and p.kind == "switch" for k, p in core.items())
+        names = {p["name"].lower() for ps in SYNTAX[cmdlet]["sets"].values() for p in ps if p["type"] == "switch"}
+        return lambda name: name.lower() in names
+
+    def _value(self, t: Tok, variables: dict[str, Any]) -> Any:
+        if t.kind in ("LIT", "WORD"):
+            return t.text
+        if t.kind == "INT":
+            return int(t.text)
+        if t.kind == "VAR":
+            return self._operand(t, variables)
+        raise GrammarError(f"unexpected {t.kind} {t.text!r}")
 
     def _convert(self, cmdlet: str, name: str, p: P, v: Any) -> Any:
         def fail(msg: str) -> PSError:
@@ -764,13 +1130,16 @@ class HyperVSimulator:
                            f"Cannot validate argument on parameter '{name}'. {msg}")
         if p.kind == "any":
             return v
-        if p.kind in ("vm", "nic", "snapshot"):
-            cls = {"vm": SimVM, "nic": Nic, "snapshot": Snapshot}[p.kind]
+        if p.kind == "list":
             items = v if isinstance(v, list) else [v]
-            if v is None or not items:
+            return [str(x) for x in items]
+        if p.kind in _OBJ_KIND:
+            items = v if isinstance(v, list) else [v]
+            if v is None or not items or any(x is None for x in items):
                 raise PSError("ParameterArgumentValidationErrorNullNotAllowed", cmdlet, "InvalidData",
-                              f"Cannot validate argument on parameter '{name}'. The argument is null or empty.")
-            if not all(isinstance(x, cls) for x in items):
+                              f"Cannot validate argument on parameter '{name}'. The argument is null or empty. "
+                              "Provide an argument that is not null or empty, and then try the command again.")
+            if not all(_object_kind(x) == p.kind for x in items):
                 raise PSError("CannotConvertArgumentNoMessage", cmdlet, "InvalidArgument",
                               f"Cannot convert the argument of '{name}' to the type it needs.")
             return items
@@ -781,7 +1150,9 @@ class HyperVSimulator:
         if p.kind == "bool":
             if not isinstance(v, bool):
                 raise PSError("ParameterArgumentTransformationError", cmdlet, "InvalidData",
-                              f"Cannot process argument transformation on parameter '{name}': use $true or $false.")
+                              f"Cannot process argument transformation on parameter '{name}'. Cannot convert "
+                              "value \"System.String\" to type \"System.Boolean\". Boolean parameters accept only "
+                              "Boolean values and numbers, such as $True, $False, 1 or 0.")
             return v
         if p.kind == "int":
             try:
@@ -792,22 +1163,28 @@ class HyperVSimulator:
                 raise PSError("ParameterArgumentTransformationError", cmdlet, "InvalidData",
                               f"Cannot process argument transformation on parameter '{name}'.")
             if (p.lo is not None and n < p.lo) or (p.hi is not None and n > p.hi):
-                raise fail(f"The {n} argument is outside the range {p.lo}-{p.hi}.")
+                raise fail(f"The {n} argument is less than the minimum allowed range of {p.lo}." if
+                           p.lo is not None and n < p.lo else
+                           f"The {n} argument is greater than the maximum allowed range of {p.hi}.")
             return n
+        if isinstance(v, list):
+            raise PSError("CannotConvertArgument", cmdlet, "InvalidArgument",
+                          f"Cannot convert 'System.Object[]' to the type 'System.String' required by parameter "
+                          f"'{name}'. Specified method is not supported.")
         if v is None or not isinstance(v, str | int):
-            raise fail("The argument is null or not text.")
+            raise fail("The argument is null or empty.")
         s = str(v)
         if p.kind == "enum":
             for val in p.values:
                 if val.lower() == s.lower():
                     return val
-            raise fail(f"The argument '{s}' does not belong to the set {','.join(p.values)}.")
+            raise fail(f"The argument \"{s}\" does not belong to the set \"{','.join(p.values)}\".")
         if p.kind == "datetime":
             try:
                 return _parse_dt(s)
             except ValueError:
                 raise PSError("ParameterArgumentTransformationError", cmdlet, "InvalidData",
-                              f"Cannot convert value '{s}' to type System.DateTime.") from None
+                              f"Cannot convert value \"{s}\" to type \"System.DateTime\".") from None
         return s
 
     # ---- VM resolution as the cmdlets do it ------------------------------------------------
@@ -826,7 +1203,8 @@ class HyperVSimulator:
                     raise PSError("InvalidParameter", cmdlet, "InvalidArgument",
                                   f'Hyper-V was unable to find a virtual machine with name "{v.name}".')
             return vms
-        found = [v for v in self.vms_on(host) if _wild(a[name_param], v.name)]
+        patterns = a[name_param] if isinstance(a[name_param], list) else [a[name_param]]
+        found = [v for v in self.vms_on(host) if any(_wild(pat, v.name) for pat in patterns)]
         if not found:
             raise PSError("InvalidParameter", cmdlet, "InvalidArgument",
                           f'Hyper-V was unable to find a virtual machine with name "{a[name_param]}".')
@@ -881,17 +1259,23 @@ class HyperVSimulator:
 
     def _check_server(self, cmdlet: str, target: SimHost, source: SimHost, a: dict[str, Any]) -> None:
         s = target.server
-        if not s["RepEnabled"]:
+        if not s["ReplicationEnabled"]:
             raise PSError("VMReplication_ReplicaServerNotEnabled", cmdlet, "InvalidOperation",  # guess
                           f"The server '{target.name}' is not enabled as a replica server.")
         auth = a.get("AuthenticationType", "Kerberos")
         port = a.get("ReplicaServerPort", 80 if auth == "Kerberos" else 443)
-        want_port = s["KerbAuthPort"] if auth == "Kerberos" else s["CertAuthPort"]
-        if auth not in (s["AllowedAuthType"], "") and s["AllowedAuthType"] != "CertificateAndKerberos" \
+        want_port = s["KerberosAuthenticationPort"] if auth == "Kerberos" else s["CertificateAuthenticationPort"]
+        rule = FIREWALL_RULES[0] if auth == "Kerberos" else FIREWALL_RULES[1]
+        if rule not in target.firewall:
+            raise PSError("VMReplication_ReplicaServerUnreachable", cmdlet, "ConnectionError",  # guess: id
+                          f"Hyper-V cannot connect to the replica server '{target.name}' on port {port}: "
+                          f"the firewall rule '{rule}' is not enabled.")
+        if auth not in (s["AllowedAuthenticationType"], "") and s["AllowedAuthenticationType"] != \
+                "CertificateAndKerberos" \
                 or port != want_port:
             raise PSError("VMReplication_ReplicaServerUnreachable", cmdlet, "ConnectionError",  # guess
                           f"The replica server '{target.name}' does not accept {auth} on port {port}.")
-        if not s["AllowAnyServer"] and not any(_wild(e["AllowedPrimaryServer"], source.name) for e in target.entries):
+        if not s["ReplicationAllowedFromAnyServer"] and not any(_wild(e["AllowedPrimaryServer"], source.name) for e in target.entries):
             raise PSError("VMReplication_AuthorizationEntryNotFound", cmdlet, "PermissionDenied",
                           f"The replica server '{target.name}' has no authorization entry for '{source.name}'.")
 
@@ -905,54 +1289,140 @@ class HyperVSimulator:
         node = self._place(target)
         vm = SimVM(name=src.name, host=node.name, id=src.id)
         vm.nics = [Nic(name=n.name, vm=vm) for n in src.nics]  # guess: replica NICs start disconnected
+        storage = target.server["DefaultStorageLocation"] or "D:\\Replica"
+        # guess: a replica's disks land under the storage location, in a folder named after the VM
+        vm.disks = [f"{storage}\\{src.name}\\{d.rsplit(chr(92), 1)[-1]}" for d in src.disks if d not in src.excluded]
+        node.files.update(vm.disks)
         vm.rel = rel
         node.vms.append(vm)
         return vm
 
     # ---- cmdlets: plumbing and reads -------------------------------------------------------
+    def props(self, x: Any) -> dict[str, Any]:
+        """The documented properties of a simulated object; anything else reads as $null."""
+        if isinstance(x, dict):
+            return x
+        if isinstance(x, SimVM):
+            return {"Name": x.name, "VMName": x.name, "Id": x.id, "VMId": x.id, "ComputerName": x.host,
+                    "State": EnumVal(x.power, VMSTATES[x.power])}
+        if isinstance(x, Snapshot):
+            vm = next((v for h in self.hosts.values() for v in h.vms if v.id == x.vm_id and not v.is_test), None)
+            return {"VMName": vm.name if vm else "", "Name": x.name, "Id": x.id,
+                    "SnapshotType": EnumVal(x.type, SNAPTYPES[x.type]), "CreationTime": x.created}
+        if isinstance(x, Nic):
+            return {"Name": x.name, "VMName": x.vm.name, "SwitchName": x.switch or None,
+                    "TestReplicaSwitchName": x.test_switch or None}  # guess: TestReplicaSwitchName is a property
+        if isinstance(x, FailoverCfg):  # guess: the failover setting's property names mirror the Set parameters
+            n = x.nic
+            return {"VMName": n.vm.name, "VMNetworkAdapterName": n.name, "IPv4Address": n.ip or None,
+                    "IPv4SubnetMask": n.mask or None, "IPv4DefaultGateway": n.gateway or None,
+                    "IPv4PreferredDNSServer": n.dns1 or None, "IPv4AlternateDNSServer": n.dns2 or None}
+        if isinstance(x, ReplObj | MeasureObj):
+            r, vm = x.rel, x.vm
+            base = {"VMName": vm.name, "ReplicationState": EnumVal(r.state, STATES.index(r.state)),
+                    "ReplicationHealth": EnumVal(r.health, HEALTH.index(r.health)),
+                    "ReplicationMode": EnumVal(r.mode, MODES.index(r.mode)),
+                    "ReplicationRelationshipType": EnumVal(r.rtype, RELS.index(r.rtype))}
+            if isinstance(x, MeasureObj):
+                return {**base, "PendingReplicationSize": 0, "AverageReplicationSize": 0, "MaximumReplicationSize": 0,
+                        "AverageReplicationLatency": None, "MaximumReplicationLatency": None,
+                        "SuccessfulReplicationCount": r.successful, "MissedReplicationCount": r.missed,
+                        "ReplicationErrors": r.errors,
+                        "ReplicationHealthDetails": [{"Message": d} for d in r.details],  # guess: objects w/ Message
+                        "LastTestFailoverInitiatedTime": vm.last_test_failover, "LastVSSSnapshotTime": None}
+            return {**base, "PrimaryServerName": r.primary, "ReplicaServerName": r.replica,
+                    "ReplicaServerPort": r.port,
+                    "AuthenticationType": EnumVal(r.auth, {"Kerberos": 1, "Certificate": 2}[r.auth]),
+                    "ReplicationFrequencySec": r.frequency, "RecoveryHistory": r.history,
+                    "VSSSnapshotFrequencyHour": r.vss, "CompressionEnabled": r.compression,
+                    "LastReplicationTime": r.last_replication}
+        if isinstance(x, ServerObj):
+            s = x.host.server
+            auth = EnumVal(s["AllowedAuthenticationType"], AUTH[s["AllowedAuthenticationType"]])
+            short = {"Kerberos": "Kerb", "Certificate": "Cert", "CertificateAndKerberos": "CertAndKerb"}  # guess
+            return {"ComputerName": x.host.name, "ReplicationEnabled": s["ReplicationEnabled"],
+                    "ReplicationAllowedFromAnyServer": s["ReplicationAllowedFromAnyServer"],
+                    "AllowedAuthenticationType": auth, "CertificateThumbprint": s["CertificateThumbprint"] or None,
+                    "KerberosAuthenticationPort": s["KerberosAuthenticationPort"],
+                    "CertificateAuthenticationPort": s["CertificateAuthenticationPort"],
+                    "KerberosAuthenticationPortMapping": None, "CertificateAuthenticationPortMapping": None,
+                    "DefaultStorageLocation": s["DefaultStorageLocation"] or None,
+                    "AuthorizationEntries": [dict(e) for e in x.host.entries],
+                    "RepEnabled": s["ReplicationEnabled"], "KerbAuthPort": s["KerberosAuthenticationPort"],
+                    "CertAuthPort": s["CertificateAuthenticationPort"],
+                    "AllowAnyServer": s["ReplicationAllowedFromAnyServer"],
+                    "AuthType": short[s["AllowedAuthenticationType"]]}
+        if isinstance(x, EntryObj):
+            return dict(x.entry)
+        if isinstance(x, Job):
+            return {"Id": x.id, "Name": x.name, "State": x.state}
+        return {}
+
     def _c_Get_VM(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
-        vms = self.vms_on(host)
+        # A session on a Replica Broker's client access point runs on the node that owns the CAP now:
+        # Get-VM lists that node's VMs, or those of the nodes named by -ComputerName.
+        if "ComputerName" in a:
+            vms = [v for n in a["ComputerName"] for v in self.host(n).vms]
+        elif host.nodes:
+            vms = list(self.host(host.owner or host.nodes[0]).vms)
+        else:
+            vms = self.vms_on(host)
         if "Name" in a:
-            vms = [v for v in vms if _wild(a["Name"], v.name)]
-            if not vms and not any(ch in a["Name"] for ch in "*?["):
-                raise PSError("InvalidParameter", "Get-VM", "InvalidArgument",
-                              f'Hyper-V was unable to find a virtual machine with name "{a["Name"]}".')
+            out = []
+            for pattern in a["Name"]:
+                found = [v for v in vms if _wild(pattern, v.name)]
+                if not found and not any(ch in pattern for ch in "*?["):
+                    raise PSError("InvalidParameter", "Get-VM", "InvalidArgument",
+                                  f'Hyper-V was unable to find a virtual machine with name "{pattern}".')
+                out += found
+            return out
         return list(vms)
 
     def _c_Where_Object(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
         if a.get("CEQ") == a.get("EQ") or "Property" not in a or "Value" not in a:
             raise GrammarError("Where-Object takes: <Property> -ceq|-eq <value>")
         prop, want = a["Property"], a["Value"]
-        out = []
-        for x in a.get("InputObject") or []:
-            have = getattr(x, prop.lower(), None)
-            if have is None:
-                continue
-            if a.get("CEQ") and str(have) == str(want) or a.get("EQ") and str(have).lower() == str(want).lower():
-                out.append(x)
-        return out
+        op = "ceq" if a.get("CEQ") else "eq"
+        return [x for x in a.get("InputObject") or [] if _compare(self.props(x).get(prop), op, want)]
 
     def _c_Select_Object(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
+        names = a.get("Property") or []
         items = list(a.get("InputObject") or [])
         if "Last" in a:
             items = items[-a["Last"]:] if a["Last"] else []
         if "First" in a:
             items = items[:a["First"]]
-        return items
+        if not names:
+            return items
+        out = []
+        for x in items:
+            if x is None:
+                continue
+            p = self.props(x)
+            # A property the object does not have comes out as $null, without an error (as PowerShell does).
+            out.append({n: p.get(n) for n in names})
+        return out
 
-    def _c_Assert_SrOne(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
-        found = a.get("Found")
-        n = 0 if found is None else len(found) if isinstance(found, list) else 1
-        if n == 1:
+    def _json(self, v: Any, depth: int) -> Any:
+        if isinstance(v, EnumVal):
+            return v.number if self.enum_style == "number" else v.name
+        if isinstance(v, datetime):
+            return self._date(v)
+        if v is None or isinstance(v, bool | int | float | str):
+            return v
+        if depth < 0:
+            return str(v)  # beyond -Depth ConvertTo-Json writes the object's ToString()
+        if isinstance(v, list):
+            return [self._json(x, depth - 1) for x in v]
+        return {k: self._json(x, depth - 1) for k, x in self.props(v).items()}
+
+    def _c_ConvertTo_Json(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
+        items = a.get("InputObject") or []
+        if not items:
             return []
-        fqid, cat = ("ObjectNotFound,SiteRecovery.Resolve", "ObjectNotFound") if n == 0 else \
-            ("AmbiguousName,SiteRecovery.Resolve", "InvalidArgument")
-        raise PSError(fqid, None, cat, f"found {n} {a.get('What')} named {a.get('Name')}, expected exactly one")
-
-    def _enum(self, value: str, names: list[str] | dict[str, int]) -> Any:
-        if self.enum_style == "name":
-            return value
-        return names.index(value) if isinstance(names, list) else names[value]
+        depth = a.get("Depth", 2)
+        obj = self._json(items[0], depth) if len(items) == 1 else [self._json(x, depth - 1) for x in items]
+        return [json.dumps(obj, ensure_ascii=False, separators=(",", ":") if a.get("Compress") else (", ", ": "))]
 
     def _date(self, d: datetime | None) -> Any:
         if d is None:
@@ -960,65 +1430,6 @@ class HyperVSimulator:
         if self.date_style == "msdate":
             return f"/Date({int(d.timestamp() * 1000)})/"
         return d.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z"
-
-    def _arr(self, items: list[Any]) -> Any:
-        return items[0] if self.unroll_single and len(items) == 1 else items
-
-    def _repl_objects(self, vm: SimVM) -> list[dict[str, Any]]:
-        out = []
-        for r in (vm.rel, vm.ext):
-            if r is None:
-                continue
-            out.append({"VMName": vm.name, "ReplicationState": self._enum(r.state, STATES),
-                        "ReplicationHealth": self._enum(r.health, HEALTH),
-                        "ReplicationMode": self._enum(r.mode, MODES),
-                        "ReplicationRelationshipType": self._enum(r.rtype, RELS),
-                        "PrimaryServerName": r.primary, "ReplicaServerName": r.replica, "ReplicaServerPort": r.port,
-                        "AuthenticationType": self._enum(r.auth, {"Kerberos": 1, "Certificate": 2}),
-                        "ReplicationFrequencySec": r.frequency, "RecoveryHistory": r.history,
-                        "VSSSnapshotFrequencyHour": r.vss, "CompressionEnabled": r.compression,
-                        "LastReplicationTime": self._date(r.last_replication),
-                        "TestVirtualMachine": vm.test_vm if r.rtype == "Simple" else ""})
-        return out
-
-    def _c_Out_SrState(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
-        vm: SimVM = a["VM"][0]
-        measures = []
-        for r in (vm.rel, vm.ext):
-            if r is None:
-                continue
-            measures.append({"ReplicationRelationshipType": self._enum(r.rtype, RELS), "PendingReplicationSize": 0,
-                             "AverageReplicationLatency": 1.5, "SuccessfulReplicationCount": r.successful,
-                             "MissedReplicationCount": r.missed, "ReplicationErrors": r.errors,
-                             "ReplicationHealthDetails": self._arr(list(r.details)),
-                             "LastTestFailoverInitiatedTime": self._date(vm.last_test_failover),
-                             "LastVSSSnapshotTime": None})
-        points = [{"Id": s.id, "Name": s.name, "SnapshotType": self._enum(s.type, SNAPTYPES),
-                   "CreationTime": self._date(s.created)} for s in vm.points]
-        nics = [{"Name": n.name, "SwitchName": n.switch or None, "TestReplicaSwitchName": n.test_switch or None,
-                 "FailoverIPv4Address": n.ip, "FailoverIPv4SubnetMask": n.mask,
-                 "FailoverIPv4DefaultGateway": n.gateway, "FailoverIPv4PreferredDNSServer": n.dns1,
-                 "FailoverIPv4AlternateDNSServer": n.dns2} for n in vm.nics]
-        return [{"ok": True, "vm": {"Name": vm.name, "Id": vm.id, "State": self._enum(vm.power, VMSTATES)},
-                 "repl": self._arr(self._repl_objects(vm)), "measure": self._arr(measures),
-                 "points": self._arr(points), "nics": self._arr(nics)}]
-
-    def _c_Out_SrServer(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
-        s = host.server
-        return [{"ok": True, "server": {
-            "ReplicationEnabled": s["RepEnabled"], "AllowedAuthenticationType": self._enum(s["AllowedAuthType"], AUTH),
-            "KerberosAuthenticationPort": s["KerbAuthPort"], "CertificateAuthenticationPort": s["CertAuthPort"],
-            "CertificateThumbprint": s["CertificateThumbprint"], "ReplicationAllowedFromAnyServer": s["AllowAnyServer"],
-            "DefaultStorageLocation": s["DefaultStorageLocation"]},
-            "entries": self._arr([dict(e) for e in host.entries])}]
-
-    def _c_Out_SrOk(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
-        return [{"ok": True}]
-
-    def _c_ConvertTo_Json(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
-        items = a.get("InputObject") or []
-        obj = items[0] if len(items) == 1 else items
-        return [json.dumps(obj, separators=(",", ":") if a.get("Compress") else (", ", ": "))]
 
     def _c_Get_VMSnapshot(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
         out = []
@@ -1033,41 +1444,40 @@ class HyperVSimulator:
         return out
 
     def _c_Get_VMNetworkAdapterFailoverConfiguration(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
-        return list(a.get("VMNetworkAdapter") or [])
+        if "VMNetworkAdapter" in a:
+            return [FailoverCfg(n) for n in a["VMNetworkAdapter"]]
+        return [FailoverCfg(n) for vm in self._targets(host, "Get-VMNetworkAdapterFailoverConfiguration", a)
+                for n in vm.nics if "VMNetworkAdapterName" not in a or n.name == a["VMNetworkAdapterName"]]
 
     def _c_Get_VMReplication(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
-        out = []
+        out: list[Any] = []
         for vm in self._targets(host, "Get-VMReplication", a):
             if vm.rel is None:
                 raise PSError("VMReplication_NotEnabled", "Get-VMReplication", "InvalidOperation",  # guess
                               f"Replication is not enabled for virtual machine '{vm.name}'.")
-            out += self._repl_objects(vm)
+            out += [ReplObj(vm, r) for r in (vm.rel, vm.ext) if r is not None
+                    and a.get("ReplicationRelationshipType") in (None, r.rtype)]
         return out
 
     def _c_Measure_VMReplication(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
-        return self._c_Get_VMReplication(host, a)
+        return [MeasureObj(x.vm, x.rel) for x in self._c_Get_VMReplication(host, a)]
 
     def _c_Get_VMReplicationServer(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
-        return [dict(host.server)]
+        return [ServerObj(host)]
 
     def _c_Get_VMReplicationAuthorizationEntry(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
-        return [dict(e) for e in host.entries]
+        return [EntryObj(dict(e)) for e in host.entries]
 
     # ---- cmdlets: replica server -----------------------------------------------------------
     def _c_Set_VMReplicationServer(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
         s = dict(host.server)
-        for param, keyname in (("ReplicationEnabled", "RepEnabled"), ("AllowedAuthenticationType", "AllowedAuthType"),
-                               ("KerberosAuthenticationPort", "KerbAuthPort"),
-                               ("CertificateAuthenticationPort", "CertAuthPort"),
-                               ("CertificateThumbprint", "CertificateThumbprint"),
-                               ("ReplicationAllowedFromAnyServer", "AllowAnyServer"),
-                               ("DefaultStorageLocation", "DefaultStorageLocation")):
+        for param in s:
             if param in a:
-                s[keyname] = a[param]
-        if s["AllowedAuthType"] in ("Certificate", "CertificateAndKerberos") and not s["CertificateThumbprint"]:
+                s[param] = a[param]
+        if s["AllowedAuthenticationType"] in ("Certificate", "CertificateAndKerberos") and not s["CertificateThumbprint"]:
             raise PSError("ParameterNotProvided", "Set-VMReplicationServer", "InvalidArgument",
                           "Certificate authentication needs the CertificateThumbprint parameter.")
-        if s["AllowAnyServer"] and not s["DefaultStorageLocation"]:
+        if s["ReplicationAllowedFromAnyServer"] and not s["DefaultStorageLocation"]:
             raise PSError("ParameterNotProvided", "Set-VMReplicationServer", "InvalidArgument",  # guess
                           "Replication from any server needs DefaultStorageLocation.")
         host.server = s
@@ -1100,6 +1510,12 @@ class HyperVSimulator:
 
     def _c_Stop_VM(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
         for vm in self._targets(host, "Stop-VM", a, "Name"):
+            if vm.locked and not a.get("Force") and not a.get("TurnOff"):
+                # The Stop-VM reference: without -Force a locked guest or unsaved work makes it ask first;
+                # under -NonInteractive that prompt fails.  # guess: the id and text
+                raise PSError("NonInteractivePrompt", "Stop-VM", "InvalidOperation",
+                              f"The virtual machine '{vm.name}' is locked. PowerShell is in NonInteractive mode. "
+                              "Read and Prompt functionality is not available.")
             vm.power = "Off"  # guess: stopping a VM that is off is a no-op
         return []
 
@@ -1169,9 +1585,9 @@ class HyperVSimulator:
                                   f"Replication is already enabled for virtual machine '{vm.name}'.")
                 allowed = a.get("AllowedPrimaryServer", "")
                 s = host.server
-                ok = s["RepEnabled"] and (s["AllowAnyServer"] or any(
+                ok = s["ReplicationEnabled"] and (s["ReplicationAllowedFromAnyServer"] or any(
                     _wild(e["AllowedPrimaryServer"], allowed) if allowed else True for e in host.entries))
-                if not ok or (not s["AllowAnyServer"] and not host.entries):
+                if not ok or (not s["ReplicationAllowedFromAnyServer"] and not host.entries):
                     raise PSError("VMReplication_AuthorizationEntryNotFound", c, "PermissionDenied",
                                   f"No authorization entry matches primary server '{allowed}'.")
                 vm.power = "Off"
@@ -1189,6 +1605,11 @@ class HyperVSimulator:
             self._validate_settings(c, a, extended, vm.rel.frequency if extended and vm.rel else 30)
             target = self._server_host(c, a["ReplicaServerName"])
             self._check_server(c, target, host if not host.broker else self.host(host.broker), a)
+            unknown = [x for x in a.get("ExcludedVhdPath", []) if x not in vm.disks]
+            if unknown:
+                raise PSError("InvalidParameter", c, "InvalidArgument",  # guess: id and text
+                              f"'{unknown[0]}' is not a virtual hard disk of '{vm.name}'.")
+            vm.excluded = list(a.get("ExcludedVhdPath", []))
             existing = self.by_id(target.name, vm.id)
             rel = Rel(mode="Primary", state="ReadyForInitialReplication", primary=host.broker or host.name,
                       replica=target.name, rtype="Extended" if extended else "Simple",
@@ -1239,8 +1660,10 @@ class HyperVSimulator:
                                   "The start time cannot be more than 7 days in the future.")
                 rel.state, rel.scheduled_at = "InitialReplicationInProgress", at  # guess: state while scheduled
             elif "DestinationPath" in a:
-                rel.state, rel.export_path = "InitialReplicationInProgress", a["DestinationPath"]
-                self.exports[a["DestinationPath"]] = vm.id
+                # guess: the export lands in a folder named after the VM under the destination path
+                folder = a["DestinationPath"].rstrip("\\/") + "\\" + vm.name
+                rel.state, rel.export_path = "InitialReplicationInProgress", folder
+                self.exports[folder] = vm.id
                 replica.rel.health = "Warning"
             else:
                 self._complete_initial(vm, rel, replica)
@@ -1339,6 +1762,13 @@ class HyperVSimulator:
 
     def _c_Remove_VMReplication(self, host: SimHost, a: dict[str, Any]) -> list[Any]:
         c = "Remove-VMReplication"
+        if "VMReplication" in a:
+            for r in a["VMReplication"]:
+                if r.rel.rtype == "Extended":
+                    r.vm.ext = None  # the extended replica's VM is orphaned, as the reference says
+                else:
+                    r.vm.rel, r.vm.ext, r.vm.points = None, None, []
+            return []
         for vm in self._targets(host, c, a):
             if a.get("ReplicationRelationshipType") == "Extended":
                 if vm.ext is None:
@@ -1567,11 +1997,20 @@ class HyperVSimulator:
         transport.wait_replied(chan.remote_chanid)
         try:
             try:
-                out, status = self.execute(user, command)
+                # The script arrives on stdin; the client closes its side when it has sent it all.
+                chan.settimeout(30.0)
+                data = bytearray()
+                while True:
+                    chunk = chan.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                # PowerShell decodes stdin with the console's input code page (OEM 437 on an en-US server).
+                out, status = self.execute(user, command, data.decode("cp437"))  # guess: the code page
             except Exception as exc:  # a simulator bug must not hang the client: answer it as an error
                 out, status = json.dumps({"ok": False, "id": "SimulatorInternalError", "category": "NotSpecified",
-                                          "message": f"{type(exc).__name__}: {exc}"}), 1
-            chan.sendall(out.encode("utf-8"))
+                                          "message": f"{type(exc).__name__}: {exc}"}).encode(), 1
+            chan.sendall(out)
             chan.send_exit_status(status)
             chan.close()
         except (OSError, EOFError, paramiko.SSHException):
