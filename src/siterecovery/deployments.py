@@ -78,9 +78,9 @@ class ProtectionSettings(Frozen):
     replicate: bool = Field(True, description="schedule a replication cycle per pairing at its copy frequency "
                                               "(not for Hyper-V pairings: Hyper-V Replica replicates by itself)")
     health_interval_seconds: int = Field(600, ge=10)
-    scrub: Schedule | None = Field(Schedule(cron="0 3 * * 0"),
+    scrub: Schedule | None = Field(Schedule(cron="0 4 * * 0"),
                                    description="re-hash the replicas against their manifests (bit rot changes no "
-                                               "timestamp: only a scrub finds it); default weekly, Sundays 03:00; "
+                                               "timestamp: only a scrub finds it); default weekly, Sundays 04:00; "
                                                "null: no schedule")
     scrub_rate_mb_per_second: float = Field(50.0, ge=0, description="MB/s read per replica host (0: unlimited)")
     scrub_points: bool = Field(True, description="also verify the recovery points' undo logs")
