@@ -449,7 +449,8 @@ def scrub(pairing: str, project: str = "plans", vms: list[str] | None = None, fa
                                           note=f"the {driver.kind} fabric keeps its own replica files: nothing to scrub")
                 continue
             prev = last_on_host.get(p.target.name)
-            futs[vm] = scrub_vm.submit(driver, p, rate, points, wait_for=[prev] if prev else None)
+            futs[vm] = scrub_vm.submit(driver, p, rate, points, return_state=False,
+                                       wait_for=[prev] if prev else None)
             last_on_host[p.target.name] = futs[vm]
         errors: dict[str, BaseException] = {}
         corrupt: dict[str, OpResult] = {}
@@ -481,8 +482,8 @@ def scrub(pairing: str, project: str = "plans", vms: list[str] | None = None, fa
             if repair:
                 ensure_host_limits([sc.placements[vm] for vm in corrupt])
                 fixes = {vm: resync_vm.submit(sc.driver(sc.placements[vm]), sc.placements[vm]) for vm in corrupt}
-                for vm, fut in fixes.items():
-                    step, exc = outcome(fut)
+                for vm, fix in fixes.items():
+                    step, exc = outcome(fix)
                     r = reports[vm]
                     if exc is not None:
                         errors[vm] = exc

@@ -14,8 +14,8 @@ from test_validation import PLAN, PROTECTION, TOPOLOGY, write
 
 from siterecovery.compile import compile_plan
 from siterecovery.errors import PlanError
-from siterecovery.paths import UnsafeName, child, is_ident
 from siterecovery.model import FailoverType
+from siterecovery.paths import UnsafeName, child, is_ident
 from siterecovery.project import load_project
 from siterecovery.render import PlanTemplateError, render_args
 

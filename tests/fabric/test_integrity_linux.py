@@ -7,17 +7,27 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 from alerts import observe_alerts, server_events
-from test_protection_linux import PAIRING, Estate, health, make_estate  # noqa: F401 - make_estate: a fixture
+from test_protection_linux import (
+    PAIRING,
+    Estate,
+    health,
+    make_estate,  # noqa: F401 - a fixture, found by name
+)
 
 from siterecovery.replica.engine import BLOCK
 from siterecovery.testing.disks import rot
 
 pytestmark = [pytest.mark.sshd, pytest.mark.prefect_server]
+
+
+@pytest.fixture
+def estate(make_estate: Any) -> Any:  # noqa: F811 - the imported fixture
+    """test_protection_linux's estate of two linux hosts on the suite's sshd, under a Prefect server."""
+    return make_estate
 
 
 def driver_and_placements(e: Estate) -> tuple[Any, dict[str, Any]]:
@@ -30,10 +40,10 @@ def driver_and_placements(e: Estate) -> tuple[Any, dict[str, Any]]:
     return open_fabric("linux", state_dir()), pairing_placements(project, project.protection.pairing(PAIRING))
 
 
-def test_replica_written_with_mtime_set_back_is_critical_refused_and_resynchronized(make_estate: Any) -> None:
+def test_replica_written_with_mtime_set_back_is_critical_refused_and_resynchronized(estate: Any) -> None:
     from siterecovery.errors import InvalidStateError
 
-    e = make_estate({"web-01": ["os"]})
+    e = estate({"web-01": ["os"]})
     e.run("enable-protection")
     replica = e.replica("web-01", "os")
     mtime = replica.stat().st_mtime_ns
@@ -75,10 +85,10 @@ def trust_current_stat(e: Estate, vm: str, disk: str) -> None:
     state.write_text(json.dumps(st))
 
 
-def test_scrub_finds_rot_no_timestamp_shows_alerts_and_repairs(make_estate: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scrub_finds_rot_no_timestamp_shows_alerts_and_repairs(estate: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from siterecovery.errors import InvalidStateError
 
-    e = make_estate({"web-01": ["os"], "db-01": ["os", "data"]})
+    e = estate({"web-01": ["os"], "db-01": ["os", "data"]})
     e.run("enable-protection")
     rot(e.replica("db-01", "data"), 6 * BLOCK + 9)
     trust_current_stat(e, "db-01", "data")

@@ -620,7 +620,9 @@ class LinuxFabric:
             snapshot = _VM(**json.loads(json.dumps(asdict(vm))))
         # The long read runs without the VM's record lock: health, cycles and drills go on meanwhile.
         dst = self._ep(p.target)
-        read, found, undo, sizes = 0, {}, {}, 0
+        read, sizes = 0, 0
+        found: dict[str, int] = {}
+        undo: dict[str, list[int]] = {}
         with self._errors(p, op, p.target):
             for d in self._disks(snapshot):
                 nxt: int | None = 0
