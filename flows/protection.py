@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,12 +28,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from siterecovery import protection as core
 from siterecovery.errors import ConfigurationError, ExecutionError
 from siterecovery.estate import open_estate
-from siterecovery.fabric import Fabric, Placement, ReplicationState
+from siterecovery.fabric import Fabric, OpResult, Placement, ReplicationState
 from siterecovery.model import Direction, Pairing
 from siterecovery.model.common import Frozen
 from siterecovery.placement import pairing_placements
 from siterecovery.project import Project, load_project
-from siterecovery.protection import HealthRow, PairingState
+from siterecovery.protection import EVENT_CORRUPT, Alert, HealthRow, PairingState
 from tasks.protection import (
     Readiness,
     Step,
@@ -48,7 +49,9 @@ from tasks.protection import (
     read_health,
     replicate_vm,
     resync_vm,
+    scrub_vm,
     supports_bandwidth,
+    supports_scrub,
 )
 from tasks.protection_fabric import get_fabric
 
@@ -422,6 +425,93 @@ def resynchronize(pairing: str, project: str = "plans", vms: list[str] | None = 
         return report
 
 
+# ---- scrub --------------------------------------------------------------------------------------
+
+class ScrubReport(Frozen):
+    vm: str
+    outcome: Literal["intact", "corrupt", "repaired", "skipped", "failed"]
+    replica_host: str = ""
+    bytes_read: int = 0
+    seconds: float = 0
+    mb_per_second: float = 0
+    corrupt_blocks: int = 0
+    corrupt_undo_logs: int = 0
+    note: str = ""
+
+
+@flow(name="scrub", task_runner=runner())
+def scrub(pairing: str, project: str = "plans", vms: list[str] | None = None, fabric: str | None = None,
+          rate_mb_per_second: float = 50.0, points: bool = False, repair: bool = True) -> list[ScrubReport]:
+    """Re-hash every replica disk of the pairing against its manifest (`points`: every undo log too),
+    at most `rate_mb_per_second` MB/s per replica host (its VMs are scrubbed one after the other), so
+    production I/O is not starved. Bit rot changes no timestamp: only this finds it.
+
+    A corrupt replica is reported Critical (its health stays so until repaired), emits one
+    `siterecovery.replication.corrupt` event, and with `repair` is resynchronized at once: the block
+    compare with the source ships exactly the blocks that differ.
+    """
+    log = get_run_logger()
+    rate = int(rate_mb_per_second * 1_000_000) if rate_mb_per_second and rate_mb_per_second > 0 else None
+    with scope(pairing, project, vms, fabric) as sc:
+        reports: dict[str, ScrubReport] = {}
+        futs: dict[str, PrefectFuture[OpResult]] = {}
+        last_on_host: dict[str, PrefectFuture[OpResult]] = {}
+        for vm, p in sc.placements.items():
+            driver = sc.driver(p)
+            if not supports_scrub(driver):
+                reports[vm] = ScrubReport(vm=vm, outcome="skipped", replica_host=p.target.name,
+                                          note=f"the {driver.kind} fabric keeps its own replica files: nothing to scrub")
+                continue
+            prev = last_on_host.get(p.target.name)
+            futs[vm] = scrub_vm.submit(driver, p, rate, points, return_state=False,
+                                       wait_for=[prev] if prev else None)
+            last_on_host[p.target.name] = futs[vm]
+        errors: dict[str, BaseException] = {}
+        corrupt: dict[str, OpResult] = {}
+        for vm, fut in futs.items():
+            res, exc = outcome(fut)
+            p = sc.placements[vm]
+            if exc is not None:
+                errors[vm] = exc
+                reports[vm] = ScrubReport(vm=vm, outcome="failed", replica_host=p.target.name, note=str(exc))
+                continue
+            d = res.details
+            reports[vm] = ScrubReport(vm=vm, outcome="corrupt" if res.changed else "intact", replica_host=p.target.name,
+                                      bytes_read=int(d.get("bytes_read") or 0), seconds=float(d.get("seconds") or 0),
+                                      mb_per_second=float(d.get("mb_per_second") or 0),
+                                      corrupt_blocks=int(d.get("corrupt_blocks") or 0),
+                                      corrupt_undo_logs=int(d.get("corrupt_undo_logs") or 0), note=res.message)
+            if res.changed:
+                corrupt[vm] = res
+        if corrupt:
+            rows = {vm: read_health.submit(sc.driver(sc.placements[vm]), sc.placements[vm]) for vm in corrupt}
+            now = datetime.now(UTC)
+            with core.pairing_state(sc.state, pairing) as ps:
+                for vm, res in corrupt.items():
+                    log.error("%s", res.message)
+                    ps.outbox.append(Alert(id=str(uuid.uuid4()), event=EVENT_CORRUPT, pairing=pairing, vm=vm,
+                                           occurred=now, reasons=(res.message,), breach_started=now,
+                                           row=rows[vm].result()))
+                drain_outbox(ps)
+            if repair:
+                ensure_host_limits([sc.placements[vm] for vm in corrupt])
+                fixes = {vm: resync_vm.submit(sc.driver(sc.placements[vm]), sc.placements[vm]) for vm in corrupt}
+                for vm, fix in fixes.items():
+                    step, exc = outcome(fix)
+                    r = reports[vm]
+                    if exc is not None:
+                        errors[vm] = exc
+                        reports[vm] = r.model_copy(update={"note": f"{r.note}; repair failed: {exc}"})
+                    else:
+                        reports[vm] = r.model_copy(update={"outcome": "repaired", "note": f"{r.note}; {step.message}"})
+        ordered = [reports[vm] for vm in sc.placements]
+        create_table_artifact(key=f"scrub-{pairing}", table=[r.model_dump(mode="json") for r in ordered],
+                              description=f"Scrub of the replicas of pairing {pairing}")
+        log.info("scrub %s: %s", pairing, ", ".join(f"{r.vm} {r.outcome}" for r in ordered))
+        fail_if(errors, len(sc.placements), "scrub")
+        return ordered
+
+
 # ---- disable-protection -------------------------------------------------------------------------
 
 class VMDisable(Frozen):
@@ -461,7 +551,7 @@ def disable_protection(pairing: str, project: str = "plans", vms: list[str] | No
 
 FLOWS: dict[str, Any] = {"enable-protection": enable_protection, "replicate": replicate,
                          "replication-health": replication_health, "resynchronize": resynchronize,
-                         "disable-protection": disable_protection}
+                         "disable-protection": disable_protection, "scrub": scrub}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -474,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--on-demand", action="store_true", help="resynchronize: ignore the resync window")
     ap.add_argument("--defer", action="store_true", help="resynchronize: outside the window return at once")
     ap.add_argument("--bandwidth-mbps", type=float, default=None, help="replicate: cap per source host")
+    ap.add_argument("--rate-mb", type=float, default=50.0, help="scrub: MB/s per replica host (0: unlimited)")
+    ap.add_argument("--points", action="store_true", help="scrub: also verify the recovery points' undo logs")
+    ap.add_argument("--no-repair", action="store_true", help="scrub: report corruption, do not resynchronize")
     args = ap.parse_args(argv)
     kw: dict[str, Any] = {"pairing": args.pairing, "project": args.project, "vms": args.vms or None,
                           "fabric": args.fabric}
@@ -481,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         kw.update(on_demand=args.on_demand, outside_window="defer" if args.defer else "wait")
     if args.flow == "replicate":
         kw.update(bandwidth_mbps=args.bandwidth_mbps)
+    if args.flow == "scrub":
+        kw.update(rate_mb_per_second=args.rate_mb, points=args.points, repair=not args.no_repair)
     state = FLOWS[args.flow](**kw, return_state=True)
     value = state.result(raise_on_failure=False)
     if isinstance(value, BaseException):

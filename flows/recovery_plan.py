@@ -34,6 +34,7 @@ from siterecovery.estate import open_estate
 from siterecovery.fabric import PointChoice
 from siterecovery.intent import Intent, IntentJournal, RunLock, StepJournal, intent_key, os_user
 from siterecovery.model import Direction, FailoverType, FailurePolicy, ManualAction, ScriptAction
+from siterecovery.paths import child
 from siterecovery.placement import plan_placements
 from siterecovery.project import PlanSource, Project, load_project
 from siterecovery.report import (
@@ -400,7 +401,7 @@ def _close_abandoned(earlier: list[str], intent: str, flow_run: str | None,
 
 
 def _write_report(report: RunReport, state: Path) -> Path:
-    out = state / "reports" / report_filename(report)
+    out = child(state, "reports", report_filename(report))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(report), encoding="utf-8")
     out.with_suffix(".json").write_text(report.model_dump_json(indent=1), encoding="utf-8")

@@ -45,6 +45,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from siterecovery.paths import child
+
 DEFAULT_HOST_LIMIT = 4   # concurrent VM operations per Hyper-V / linux host (VMMS serialises more anyway)
 DEFAULT_SITE_LIMIT = 16  # concurrent VM operations per site (storage and network of a recovery site)
 ACQUIRE_TIMEOUT = 3600.0  # a batch waiting longer than this for another run's slots fails
@@ -124,10 +126,11 @@ class _LedgerEntry:
 
     def __init__(self, ledger: Path, lease_id: str, names: list[str], occupy: int, key: str) -> None:
         ledger.mkdir(parents=True, exist_ok=True)
-        self.path = ledger / f"{lease_id}.json"
+        # The id comes from the server: still one file name inside the ledger, whatever it holds.
+        self.path = child(ledger, lease_id, suffix=".json")
         # Locked and written under a temporary name, then renamed: a reclaimer never sees it unlocked
         # or half written (the lock belongs to the inode and survives the rename).
-        tmp = ledger / f".{lease_id}.tmp"
+        tmp = child(ledger, f".{lease_id}", suffix=".tmp")
         self._f: Any = open(tmp, "w")  # noqa: SIM115 - held until close()
         fcntl.flock(self._f, fcntl.LOCK_EX)
         json.dump({"lease_id": lease_id, "names": names, "occupy": occupy, "holder": key, "pid": os.getpid(),

@@ -230,6 +230,17 @@ def resync_vm(driver: Fabric, p: Placement) -> Step:
             return Step.of(driver.resynchronize(p, progress=progress))
 
 
+def supports_scrub(driver: Fabric) -> bool:
+    """Drivers whose replicas we hold (linux) can be scrubbed; Hyper-V Replica keeps its own files."""
+    return callable(getattr(driver, "scrub", None))
+
+
+@task(name="scrub", task_run_name="scrub {p.vm}", **RETRY)
+def scrub_vm(driver: Fabric, p: Placement, rate_bytes_per_second: int | None, points: bool) -> OpResult:
+    """Re-hash the VM's replica disks against their manifests (and undo logs with `points`)."""
+    return driver.scrub(p, rate_bytes_per_second=rate_bytes_per_second, points=points)  # type: ignore[attr-defined,no-any-return]
+
+
 @task(name="disable replication", task_run_name="disable replication {p.vm}", **RETRY)
 def disable_vm(driver: Fabric, p: Placement, delete_replica: bool) -> Step:
     return Step.of(driver.disable_replication(p, delete_replica=delete_replica))

@@ -87,6 +87,22 @@ def test_protection_jobs_follow_the_policy() -> None:
     assert not _by(no_repl, ":replicate")
 
 
+def test_replicas_we_hold_are_scrubbed_weekly_at_a_capped_rate() -> None:
+    # Hyper-V keeps its own replica files: nothing to scrub there
+    assert _by(render(load_project(ROOT / "plans")), ":scrub") == {}
+    demo = load_project(ROOT / "plans" / "demo")
+    (name, d), = _by(render(demo), ":scrub").items()
+    assert d["schedules"] == [{"cron": "0 4 * * 0", "timezone": "UTC", "active": True}]
+    assert d["parameters"] == {"pairing": name, "project": "plans", "rate_mb_per_second": 50.0, "points": True}
+    assert d["concurrency_limit"] == 1
+    tuned = render(demo, Settings.model_validate({"protection": {"scrub": {"cron": "0 1 * * 3"},
+                                                                 "scrub_rate_mb_per_second": 10}}))
+    (_, d), = _by(tuned, ":scrub").items()
+    assert d["schedules"][0]["cron"] == "0 1 * * 3" and d["parameters"]["rate_mb_per_second"] == 10
+    (_, d), = _by(render(demo, Settings.model_validate({"protection": {"scrub": None}})), ":scrub").items()
+    assert d["schedules"] == []  # kept on demand, no schedule
+
+
 def test_settings_override_and_validation(tmp_path: Path) -> None:
     project = load_project(ROOT / "plans")
     s = Settings.model_validate({"work_pool": "dr", "fabric": "memory", "drills": {

@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import ConfigurationError
 from .model.common import Frozen
+from .paths import INTENT_MAX, check_ident, child
 
 # Closed intents kept for the record (and to refuse re-using an explicit one); older ones are dropped.
 HISTORY = 500
@@ -68,6 +69,9 @@ class IntentJournal:
         nothing to resume).
         """
         now = datetime.now(UTC).isoformat(timespec="seconds")
+        if explicit:
+            # Settable from the UI and it names a directory under the state directory: an identifier.
+            check_ident(explicit, "intent", INTENT_MAX)
         with self._locked() as data:
             if explicit:
                 if any(c["id"] == explicit for c in data["closed"]):
@@ -115,7 +119,7 @@ class StepJournal:
     intent show as cached."""
 
     def __init__(self, state_dir: Path, intent_id: str) -> None:
-        self.path = Path(state_dir) / "runs" / intent_id / "steps.jsonl"
+        self.path = child(state_dir, "runs", intent_id, "steps.jsonl")
         self._cache: dict[str, dict[str, Any]] | None = None
 
     def add(self, kind: str, step_id: str, flow_run: str | None, record: dict[str, Any]) -> None:
@@ -166,7 +170,7 @@ class RunLock:
     earlier runs that died without telling the server and close them."""
 
     def __init__(self, state_dir: Path, intent_id: str) -> None:
-        self.dir = Path(state_dir) / "runs" / intent_id
+        self.dir = child(state_dir, "runs", intent_id)
         self.path = self.dir / "run.lock"
         self._file: Any = None
 

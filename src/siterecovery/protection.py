@@ -21,6 +21,7 @@ from pydantic import Field
 from .fabric import Fabric, FabricContext, driver_for
 from .fabric.base import Health, Placement, ReplicationHealth, ReplicationState
 from .model.common import Frozen
+from .paths import child
 
 # Fabrics whose driver moves the data itself; Hyper-V Replica ships its own cycles on its own timer.
 DATA_PATH_KINDS = frozenset({"linux", "memory"})
@@ -32,6 +33,8 @@ RESYNC_STATES = frozenset({ReplicationState.WaitingForStartResynchronize, Replic
 
 EVENT_BREACHED = "siterecovery.replication.breached"
 EVENT_RECOVERED = "siterecovery.replication.recovered"
+# A scrub found a replica's bytes differ from what was replicated (bit rot, a write behind our back).
+EVENT_CORRUPT = "siterecovery.replication.corrupt"
 
 
 # ---- which driver serves a VM (the state directory comes from siterecovery.estate) ------------------------------------------------------------------------
@@ -201,8 +204,8 @@ def pairing_state(state: Path, pairing: str) -> Iterator[PairingState]:
     at once therefore cannot both open the same breach."""
     folder = state / "protection"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{pairing}.json"
-    with open(folder / f"{pairing}.lock", "a+") as lockf:
+    path = child(folder, pairing, suffix=".json")
+    with open(child(folder, pairing, suffix=".lock"), "a+") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)
         try:
             data = json.loads(path.read_text()) if path.exists() else {}
@@ -218,7 +221,7 @@ def pairing_state(state: Path, pairing: str) -> Iterator[PairingState]:
 
 
 def read_pairing_state(state: Path, pairing: str) -> PairingState:
-    path = state / "protection" / f"{pairing}.json"
+    path = child(state, "protection", pairing, suffix=".json")
     return PairingState.from_json(pairing, json.loads(path.read_text()) if path.exists() else {})
 
 

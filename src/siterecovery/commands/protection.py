@@ -164,3 +164,34 @@ def resync(
         table.add_row(vm, reason, "yes" if s and s.changed else "no",
                       f"{s.bytes_sent / 2**20:.1f} MiB" if s else "-", s.message if s else "")
     out.print(table)
+
+
+@app.command()
+def scrub(
+    pairing: Annotated[str, typer.Argument(help="pairing name")],
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs (default: every VM of the pairing)")] = None,
+    project_dir: ProjectOpt = Path("plans"),
+    fabric: FabricOpt = None,
+    rate_mb: Annotated[float, typer.Option("--rate-mb", help="MB/s read per replica host (0: unlimited)")] = 50.0,
+    points: Annotated[bool, typer.Option("--points", help="also verify the recovery points' undo logs")] = False,
+    repair: Annotated[bool, typer.Option("--repair/--no-repair", help="resynchronize a corrupt replica at once")] = True,
+) -> None:
+    """Re-hash the replicas against their manifests; report (Critical, an event) and repair corruption."""
+    flows = _import_flows()
+    state = flows.scrub(pairing=pairing, project=str(project_dir), vms=vms or None, fabric=fabric,
+                        rate_mb_per_second=rate_mb, points=points, repair=repair, return_state=True)
+    value = state.result(raise_on_failure=False)
+    if isinstance(value, BaseException):
+        err.print(f"[red]scrub failed:[/] {escape(str(value))}", highlight=False)
+        raise typer.Exit(1)
+    table = Table(title=f"Scrub of {pairing}")
+    for col in ("VM", "Replica host", "Outcome", "Read", "MB/s", "Corrupt blocks", "Note"):
+        table.add_column(col)
+    colour = {"intact": "green", "repaired": "yellow", "corrupt": "bold red", "skipped": "dim"}
+    for r in value:
+        table.add_row(r.vm, r.replica_host, f"[{colour.get(r.outcome, 'red')}]{r.outcome}[/]",
+                      f"{r.bytes_read / 2**20:.1f} MiB", f"{r.mb_per_second:.1f}",
+                      str(r.corrupt_blocks + r.corrupt_undo_logs), escape(r.note))
+    out.print(table)
+    if any(r.outcome == "corrupt" for r in value):
+        raise typer.Exit(1)

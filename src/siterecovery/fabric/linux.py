@@ -37,6 +37,7 @@ from ..errors import (
     TransientFabricError,
 )
 from ..model import Host
+from ..paths import child
 from ..progress import DiskTotals
 from ..render import render_args
 from ..replica.engine import ReplicaError
@@ -68,6 +69,9 @@ _CODES: dict[str, type[ExecutionError]] = {
     "CorruptTransfer": TransientFabricError, "Busy": TransientFabricError,
     "PeerHostKey": HostKeyError, "PeerLinkLost": TransientFabricError,
 }
+# Scrub slices: one agent call reads for at most this long (well inside the channel's timeout), then
+# the fabric calls again from where it stopped.
+SCRUB_SLICE_SECONDS = 60.0
 _HINTS = {
     "ManifestMismatch": "resynchronize the VM (siterecovery resync); only differing blocks travel",
     "NoReplica": "run the initial replication first",
@@ -130,7 +134,7 @@ class LinuxFabric:
         return host.address == "local" or host.name in set(self.opts.get("local_hosts", ()))
 
     def host_root(self, host: Host) -> str:
-        return host.root or str((self.root / "sites" / host.site).absolute())
+        return host.root or str(child(self.root, "sites", host.site).absolute())
 
     def _python(self, host: Host) -> str:
         # The caller's option wins (tests, the demo), then the topology's, then the host's python3.
@@ -180,7 +184,7 @@ class LinuxFabric:
 
     # ---- VM state ----------------------------------------------------------------------------
     def _state_path(self, vm: str) -> Path:
-        return self.root / "vms" / f"{vm}.json"
+        return child(self.root, "vms", vm, suffix=".json")
 
     @contextlib.contextmanager
     def _vm(self, p: Placement) -> Iterator[list[_VM | None]]:
@@ -224,22 +228,24 @@ class LinuxFabric:
         return vm
 
     # ---- paths on hosts ----------------------------------------------------------------------
+    # Every path below is built from names through paths.child: a VM or disk name that bypassed
+    # validation still cannot leave the host root (or the storage location).
     def _vm_dir(self, host: Host, vm: str) -> str:
-        return os.path.join(self.host_root(host), vm)
+        return str(child(self.host_root(host), vm))
 
     def _meta(self, host: Host, vm: str, disk: str) -> str:
-        return os.path.join(self._vm_dir(host, vm), "meta", disk)
+        return str(child(self.host_root(host), vm, "meta", disk))
 
     def _src_state(self, host: Host, vm: str, disk: str) -> str:
-        return os.path.join(self._vm_dir(host, vm), "source", disk)
+        return str(child(self.host_root(host), vm, "source", disk))
 
     def _test_image(self, host: Host, vm: str, disk: str) -> str:
-        return os.path.join(self._vm_dir(host, vm), "test", f"{disk}.img")
+        return str(child(self.host_root(host), vm, "test", disk, suffix=".img"))
 
     def _replica_image(self, p: Placement, disk: str, location: str | None) -> str:
         if location:
-            return os.path.join(location, p.vm, f"{disk}.img")
-        return os.path.join(self._vm_dir(p.target, p.vm), "replica", f"{disk}.img")
+            return str(child(location, p.vm, disk, suffix=".img"))
+        return str(child(self.host_root(p.target), p.vm, "replica", disk, suffix=".img"))
 
     def _rep_args(self, vm: _VM, p: Placement, disk: str, host: Host) -> list[str]:
         return ["--replica", vm.paths[disk][host.name], "--meta", self._meta(host, p.vm, disk)]
@@ -374,7 +380,7 @@ class LinuxFabric:
         return [note]
 
     def _inflight_path(self, vm: str) -> Path:
-        return self.root / "vms" / f"{vm}.cycle"
+        return child(self.root, "vms", vm, suffix=".cycle")
 
     def _interrupted(self, vm: str) -> dict[str, Any] | None:
         """The cycle an orchestrator process died in (read under the VM's lock, so none is running)."""
@@ -474,13 +480,13 @@ class LinuxFabric:
             for d in p.disks:
                 out = src.call(["send", "--disk", vm.paths[d.disk][p.source.name],
                                 "--state", self._src_state(p.source, p.vm, d.disk), "--mode", "full",
-                                "--output", os.path.join(ir.export_path, p.vm, f"{d.disk}.srstream"),
+                                "--output", str(child(ir.export_path, p.vm, d.disk, suffix=".srstream")),
                                 *self._view_args(p, "crash", vm, d.disk)])
                 gens[d.disk] = out["gen"]
             vm.state = S.InitialReplicationInProgress.value
             vm.paths["_offline"] = {"point": json.dumps(point), **gens}
         missing = [d.disk for d in p.disks
-                   if not dst.call(["exists", "--path", os.path.join(ir.import_path, p.vm, f"{d.disk}.srstream")])["exists"]]
+                   if not dst.call(["exists", "--path", str(child(ir.import_path, p.vm, d.disk, suffix=".srstream"))])["exists"]]
         if missing:
             return result(p, "start_initial_replication", bool(not exported), S.InitialReplicationInProgress,
                           f"exported to {ir.export_path}; copy it to {ir.import_path} at the target site and run "
@@ -488,7 +494,7 @@ class LinuxFabric:
         point = json.loads(vm.paths["_offline"]["point"])
         for d in p.disks:
             dst.call(["receive", *self._rep_args(vm, p, d.disk, p.target), "--point", json.dumps(point),
-                      *self._retention(p), "--input", os.path.join(ir.import_path, p.vm, f"{d.disk}.srstream")])
+                      *self._retention(p), "--input", str(child(ir.import_path, p.vm, d.disk, suffix=".srstream"))])
             src.call(["source-commit", "--state", self._src_state(p.source, p.vm, d.disk),
                       "--gen", vm.paths["_offline"][d.disk]])
         del vm.paths["_offline"]
@@ -589,6 +595,75 @@ class LinuxFabric:
                        {"tracked": False, "pending_bytes": None, "how": "no replica"})
         return out
 
+    def _mismatches(self, vm: _VM, p: Placement, statuses: list[dict[str, Any]]) -> list[str]:
+        """Per replica disk that fails the quick check (or a scrub): host, VM, disk and what differs."""
+        return [f"replica of {p.vm} disk {d} on {p.target.name} ({vm.paths[d][p.target.name]}) does not match its "
+                f"last commit: {', '.join(st.get('differs') or ['manifest'])}"
+                for d, st in zip(self._disks(vm), statuses, strict=True) if not st["disk_matches"]]
+
+    def _refuse_mismatched(self, vm: _VM, p: Placement, operation: str) -> None:
+        """Failover and drills deliver the replica's bytes: never from a replica that fails its quick
+        check (written behind replication's back, or rot a scrub found)."""
+        bad = self._mismatches(vm, p, self._disk_status(vm, p))
+        if bad:
+            raise InvalidStateError("; ".join(bad), vm=p.vm, host=p.target.name, operation=operation,
+                                    error_id="ReplicaMismatch",
+                                    hint="resynchronize (siterecovery resync PAIRING VM: block compare with the "
+                                         "source repairs the replica), then retry; nothing was started")
+
+    def scrub(self, p: Placement, rate_bytes_per_second: int | None = None, points: bool = False) -> OpResult:
+        """Re-hash every replica disk against its manifest (and with `points` every undo log), reading at
+        most `rate_bytes_per_second`. Corruption is recorded at the replica (health Critical from then on)
+        and marks the VM for resynchronization, which repairs it from the source by block compare."""
+        t0 = utcnow()
+        op = "scrub"
+        with self._vm(p) as box:
+            vm = self._need(box[0], p, op)
+            if vm.state not in (S.Replicating.value, S.Suspended.value) or vm.primary != p.source.name:
+                return result(p, op, False, S(vm.state), f"not scrubbed: state {vm.state} has no replica to check", t0)
+            snapshot = _VM(**json.loads(json.dumps(asdict(vm))))
+        # The long read runs without the VM's record lock: health, cycles and drills go on meanwhile.
+        dst = self._ep(p.target)
+        read, sizes = 0, 0
+        found: dict[str, int] = {}
+        undo: dict[str, list[int]] = {}
+        with self._errors(p, op, p.target):
+            for d in self._disks(snapshot):
+                nxt: int | None = 0
+                while nxt is not None:
+                    argv = ["scrub", *self._rep_args(snapshot, p, d, p.target), "--start", str(nxt),
+                            "--max-seconds", str(self.opts.get("scrub_slice_seconds", SCRUB_SLICE_SECONDS))]
+                    if rate_bytes_per_second:
+                        argv += ["--rate", str(int(rate_bytes_per_second))]
+                    if points:
+                        argv.append("--points")
+                    out = dst.call(argv)
+                    read += int(out["bytes_read"])
+                    if out["corrupt_blocks"]:
+                        found[d] = found.get(d, 0) + len(out["corrupt_blocks"])
+                    if out["corrupt_undo"]:
+                        undo[d] = list(out["corrupt_undo"])
+                    nxt = out["next"]
+                sizes += int(out.get("size") or 0)
+        seconds = max((utcnow() - t0).total_seconds(), 1e-6)
+        details: dict[str, str | int | float | bool | None] = {
+            "bytes_read": read, "disk_bytes": sizes, "seconds": round(seconds, 3),
+            "mb_per_second": round(read / seconds / 1e6, 1), "corrupt_blocks": sum(found.values()),
+            "corrupt_undo_logs": sum(len(v) for v in undo.values())}
+        if not found and not undo:
+            return result(p, op, False, S(snapshot.state),
+                          f"replica intact: {read / 2**20:.1f} MiB re-hashed in {seconds:.1f} s", t0, details=details)
+        what = [f"disk {d}: {n} corrupt block(s)" for d, n in sorted(found.items())] + [
+            f"disk {d}: corrupt undo log(s) of point seq {', '.join(map(str, seqs))}" for d, seqs in sorted(undo.items())]
+        with self._vm(p) as box:
+            cur = box[0]
+            if cur is not None:
+                cur.resync_required = True
+        msg = (f"replica of {p.vm} on {p.target.name} is corrupt ({'; '.join(what)}); marked for resynchronization, "
+               "which repairs it from the source by block compare")
+        log.warning("%s", msg)
+        return result(p, op, True, S(snapshot.state), msg, t0, details=details)
+
     @staticmethod
     def _disks(vm: _VM) -> list[str]:
         return [d for d in vm.paths if not d.startswith("_")]
@@ -611,7 +686,7 @@ class LinuxFabric:
                 try:
                     statuses = self._disk_status(vm, p)
                     if not all(s["disk_matches"] for s in statuses):
-                        resync, details = True, "a replica disk does not match its manifest"
+                        resync, details = True, "; ".join(self._mismatches(vm, p, statuses))
                 except ExecutionError as exc:
                     details = f"replica unreachable: {exc.message}"
                 if statuses is not None:
@@ -693,6 +768,7 @@ class LinuxFabric:
             if vm.test_active:
                 return result(p, "test_failover", False, S(vm.state), "test failover already running", t0)
             self._need(vm, p, "test_failover", S.Replicating, S.Suspended)
+            self._refuse_mismatched(vm, p, "test_failover")
             rp, seqs, _ = self._pick(vm, p, point, "test_failover")
             dst = self._ep(p.target)
             copies = []
@@ -752,6 +828,7 @@ class LinuxFabric:
             if vm.test_active:
                 raise InvalidStateError("a test failover is running", vm=p.vm, host=p.target.name, operation="failover",
                                         hint="clean up the test failover first", error_id="InvalidState")
+            self._refuse_mismatched(vm, p, "failover")
             rp, seqs, newest = self._pick(vm, p, point, "failover")
             if not newest:
                 # The replica itself goes back to the chosen point (newer points are dropped).

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConnectionFailed, FabricError, InvalidStateError, NotFoundError, TransientFabricError
+from ..paths import check_ident
 from . import FabricContext
 from .base import (
     LATEST,
@@ -177,6 +178,9 @@ class MemoryFabric:
                     cls = TransientFabricError if fault[1] == "transient" else FabricError
                     raise cls(fault[2] or f"injected failure of {operation}", vm=p.vm, host=host, operation=operation,
                               hint="this failure was injected by a test", error_id="Injected")
+            # Records are keyed by name, not by path, but the rule is the same on every fabric: a
+            # name the linux fabric would refuse (`./web-01`, `../x`) is refused here too.
+            check_ident(p.vm, "VM name")
             raw = st["vms"].get(p.vm)
             vm = _VM(**copy.deepcopy(raw)) if raw else None
             yield st, vm

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from .common import Direction, FailoverType, FailurePolicy, Frozen, Name, Slug
+from .common import Direction, FailoverType, FailurePolicy, Frozen, Ident, Name, Slug
 
 
 class Scope(Frozen):
@@ -29,7 +29,7 @@ class ScriptAction(Frozen):
     type: Literal["script"]
     name: Name
     path: str = Field(..., min_length=1, description="script file, relative to the plan's directory")
-    host: Name | None = Field(None, description="run over SSH on this host; default: on the orchestrator")
+    host: Ident | None = Field(None, description="run over SSH on this host; default: on the orchestrator")
     args: tuple[str, ...] = Field((), description="jinja2 templates rendered in a sandbox")
     timeout_seconds: int = Field(300, ge=1, le=86_400)
     when: Scope = Scope()
@@ -50,8 +50,8 @@ Action = Annotated[ScriptAction | ManualAction, Field(discriminator="type")]
 
 
 class GroupVM(Frozen):
-    name: Name
-    depends_on: tuple[Name, ...] = Field((), description="VMs of the same group that must be up first")
+    name: Ident
+    depends_on: tuple[Ident, ...] = Field((), description="VMs of the same group that must be up first")
 
 
 class VMGroup(Frozen):

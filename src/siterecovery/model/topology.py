@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .common import FabricKind, Frozen, Name
+from .common import FabricKind, Frozen, Ident, Name
 
 
 class Credential(Frozen):
@@ -37,7 +37,7 @@ class ReplicaServer(Frozen):
     port: int = Field(80, ge=1, le=65535)
     authentication: Literal["kerberos", "certificate"] = "kerberos"
     certificate_thumbprint: str | None = None
-    allowed_primaries: tuple[Name, ...] = Field((), description="hosts allowed to replicate here; empty: any")
+    allowed_primaries: tuple[Ident, ...] = Field((), description="hosts allowed to replicate here; empty: any")
     storage_location: str | None = None
 
     @model_validator(mode="after")
@@ -72,8 +72,8 @@ class PeerSSH(Frozen):
 
 
 class Host(Frozen):
-    name: Name
-    site: Name
+    name: Ident
+    site: Ident
     fabric: FabricKind
     address: str = Field(..., min_length=1, max_length=255)
     port: int = Field(22, ge=1, le=65535)
@@ -120,12 +120,12 @@ class CapacityProfile(Frozen):
 
 class HostGroup(Frozen):
     name: Name
-    hosts: tuple[Name, ...] = Field(..., min_length=1)
+    hosts: tuple[Ident, ...] = Field(..., min_length=1)
 
 
 class Cloud(Frozen):
     name: Name
-    site: Name
+    site: Ident
     host_groups: tuple[HostGroup, ...] = Field(..., min_length=1)
     capacity: CapacityProfile = CapacityProfile()
 
@@ -163,7 +163,7 @@ class Subnet(Frozen):
 
 class VMNetwork(Frozen):
     name: Name
-    site: Name
+    site: Ident
     subnets: tuple[Subnet, ...] = Field(..., min_length=1)
     isolated: bool = Field(False, description="an isolated network for test failovers")
     switch: str | None = Field(None, description="Hyper-V virtual switch (or linux bridge) backing it")
@@ -174,9 +174,9 @@ class VMNetwork(Frozen):
 
 class StorageClassification(Frozen):
     name: Name
-    site: Name
+    site: Ident
     locations: tuple[str, ...] = Field(..., min_length=1, description="SMB shares, CSVs or directories")
-    hosts: tuple[Name, ...] = Field((), description="hosts that reach these locations; empty: every host of the site")
+    hosts: tuple[Ident, ...] = Field((), description="hosts that reach these locations; empty: every host of the site")
 
 
 class FailoverIP(Frozen):
@@ -198,7 +198,7 @@ class NIC(Frozen):
 
 
 class Disk(Frozen):
-    name: Name
+    name: Ident
     path: str = Field(..., min_length=1, max_length=1024)
     size_bytes: int | None = Field(None, ge=0)
     classification: Name | None = None
@@ -218,12 +218,12 @@ class Compute(Frozen):
 
 
 class VM(Frozen):
-    name: Name
-    host: Name
+    name: Ident
+    host: Ident
     cloud: Name
     disks: tuple[Disk, ...] = ()
     nics: tuple[NIC, ...] = ()
-    replica_host: Name | None = Field(None, description="pin the replica's host; default: chosen by storage mapping")
+    replica_host: Ident | None = Field(None, description="pin the replica's host; default: chosen by storage mapping")
     compute: Compute | None = None
     quiesce: tuple[str, ...] = Field((), description="argv run before an app-consistent point")
     memory_mb: int | None = Field(None, ge=0)
@@ -231,7 +231,7 @@ class VM(Frozen):
 
 
 class Site(Frozen):
-    name: Name
+    name: Ident
     description: str = ""
 
 

@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     s = rep("prune")
     s.add_argument("--hours", type=float, required=True)
     rep("drop")
+    s = rep("scrub")
+    s.add_argument("--start", type=int, default=0, help="block to start from (where the last slice stopped)")
+    s.add_argument("--max-seconds", type=float, default=60.0, help="stop after this long and answer `next`")
+    s.add_argument("--rate", type=float, default=0, help="read at most this many bytes/s (0: unlimited)")
+    s.add_argument("--points", action="store_true", help="also verify the undo logs (the recovery points)")
     # send's options, shared with send-to
     send = argparse.ArgumentParser(add_help=False)
     s = send
@@ -238,6 +243,11 @@ def _run(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Pro
     if cmd == "alive":
         return {"pid": alive(a.pidfile)}
     r = Replica(a.replica, a.meta)
+    if cmd == "scrub":
+        # Not under the replica's lock for its long read pass (cycles go on); it takes the lock to
+        # confirm what it found and to record it (Replica.scrub).
+        return r.scrub(lambda: _exclusive(a.meta, "the replica"), start=a.start, max_seconds=a.max_seconds,
+                       rate=a.rate or None, points=a.points)
     if cmd == "status":
         return r.status()
     if cmd == "receive":

@@ -59,3 +59,18 @@ def scribble(path: Path, n: int = 8, length: int = 5000) -> None:
             os.pwrite(fd, os.urandom(length), int.from_bytes(os.urandom(4), "little") % (size - length))
     finally:
         os.close(fd)
+
+
+def rot(path: Path, offset: int, length: int = 16) -> None:
+    """Flip every bit of `length` bytes at `offset`, then set atime and mtime back to what they were:
+    what a user (or a bug) can do behind replication's back. The kernel still moves ctime; no user-space
+    write can keep it, which is why a scrub, not the quick check, is what finds real bit rot."""
+    st = os.stat(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        data = os.pread(fd, length, offset)
+        os.pwrite(fd, bytes(b ^ 0xFF for b in data), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
