@@ -46,7 +46,8 @@ def linux_project(root: Path) -> Path:
                    {"name": "c-chi", "site": "chi", "host_groups": [{"name": "g-chi", "hosts": ["chi-h1"]}]}],
         "vms": [{"name": "web-01", "host": "ny-h1", "cloud": "c-ny",
                  "disks": [{"name": n, "path": str(disks / f"{n}.img")} for n in SIZES],
-                 "compute": {"backend": "process", "command": [sys.executable, "-c", "import time; time.sleep(600)"]}}],
+                 "compute": {"backend": "process", "command": [sys.executable, "-c", "import time; time.sleep(600)"],
+                             "consistency": "none"}}],  # it never writes its disks
     }
     protection = {"kind": "Protection",
                   "policies": [{"name": "p30", "copy_frequency_seconds": 30, "recovery_history_hours": 1,

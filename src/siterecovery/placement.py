@@ -63,7 +63,7 @@ def pairing_placements(project: Project, pairing: Pairing, direction: Direction 
         out[vm.name] = Placement(
             vm=vm.name, pairing=pairing.name, direction=direction, source=source, target=target, policy=policy,
             disks=place_disks(vm, t, pr, replica.name), nics=nics, compute=vm.compute, quiesce=vm.quiesce,
-            test_network=isolated_network(project, target.site),
+            test_network=isolated_network(project, target.site), memory_mb=vm.memory_mb, vcpus=vm.vcpus,
         )
     return out
 

@@ -117,6 +117,8 @@ class Placement(Frozen):
     compute: Compute | None = None
     quiesce: tuple[str, ...] = ()
     test_network: str | None = Field(None, description="switch/bridge of the isolated test network at the target")
+    memory_mb: int | None = None
+    vcpus: int | None = None
 
 
 class OpResult(Frozen):
