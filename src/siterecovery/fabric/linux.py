@@ -970,7 +970,7 @@ class LinuxFabric:
                "network": network or "", "test": test, "host": host.name, "ip": self._address(p, host, test)}
         names = self._disks(vm)
         spec = {"memory_mb": p.memory_mb or 256, "vcpus": p.vcpus or 1,
-                "kernel": c.kernel, "initrd": c.initrd, "append": c.append,
+                "kernel": c.kernel, "initrd": c.initrd, "append": render_args((c.append,), ctx)[0] if c.append else "",
                 "accel": "" if c.accel == "auto" else c.accel, "args": render_args(c.args, ctx),
                 # Test copies and replicas are raw; the primary's disks have the topology's format.
                 "disks": [{"path": path, "format": "raw" if test else self._format(vm, d, host)}

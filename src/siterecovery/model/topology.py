@@ -211,7 +211,7 @@ class Compute(Frozen):
     # backend qemu
     kernel: str | None = Field(None, description="qemu: -kernel (path on the host)")
     initrd: str | None = Field(None, description="qemu: -initrd (path on the host)")
-    append: str = Field("", description="qemu: kernel command line")
+    append: str = Field("", description="qemu: kernel command line; the placeholders of command")
     accel: Literal["auto", "kvm", "tcg"] = Field("auto", description="qemu: auto is KVM when /dev/kvm works, else TCG")
     args: tuple[str, ...] = Field((), description="qemu: more arguments (NICs...); the placeholders of command")
     formats: dict[str, Literal["raw", "qcow2"]] = Field(

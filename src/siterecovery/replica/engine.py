@@ -398,13 +398,26 @@ def scan(fd: int, size: int) -> Iterator[tuple[int, memoryview | None, list[byte
         unmap()
 
 
-def _extents(client: Any, context: str, want: int) -> list[tuple[int, int]]:
-    """Ranges of a meta context whose flags have bit `want` set, in whole BLOCKs, merged."""
-    out: list[tuple[int, int]] = []
+def _extents(client: Any, context: str, want: int, outward: bool) -> list[tuple[int, int]]:
+    """Ranges of a meta context whose flags have bit `want` set, merged, then widened to whole BLOCKs
+    (outward: a dirty range marks every block it touches) or narrowed (a zero range covers only the
+    blocks it holds whole)."""
+    merged: list[tuple[int, int]] = []
     for off, ln, fl in client.extents(context):
         if not fl & want:
             continue
-        start, end = off - off % BLOCK, -(-(off + ln) // BLOCK) * BLOCK
+        if merged and merged[-1][1] == off:
+            merged[-1] = (merged[-1][0], off + ln)
+        else:
+            merged.append((off, off + ln))
+    out: list[tuple[int, int]] = []
+    for start, end in merged:
+        if outward:
+            start, end = start - start % BLOCK, -(-end // BLOCK) * BLOCK
+        else:
+            start, end = -(-start // BLOCK) * BLOCK, end if end == client.size else end - end % BLOCK
+        if end <= start:
+            continue
         if out and out[-1][1] >= start:
             out[-1] = (out[-1][0], max(out[-1][1], end))
         else:
@@ -421,8 +434,8 @@ def scan_nbd(client: Any, size: int, base: ManifestReader | None = None,
     cycle sees them unchanged and its cost follows the change, not the disk. Blocks the server reports
     as zero (base:allocation) are not read either. Reads go through client.read_into: 64 KiB each.
     """
-    zeros = _extents(client, "base:allocation", 2) if "base:allocation" in client.contexts else []
-    dirty = _extents(client, bitmap, 1) if bitmap else None
+    zeros = _extents(client, "base:allocation", 2, False) if "base:allocation" in client.contexts else []
+    dirty = _extents(client, bitmap, 1, True) if bitmap else None
     buf = memoryview(bytearray(CHUNK))
     zi = di = 0
     off = 0
