@@ -16,6 +16,7 @@ KERNEL=$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1)
 [ -n "$KERNEL" ] || { echo "no /boot/vmlinuz-*: install linux-image-amd64" >&2; exit 2; }
 BUSYBOX=/bin/busybox
 [ -x "$BUSYBOX" ] || { echo "no $BUSYBOX: install busybox-static" >&2; exit 2; }
+if ldd "$BUSYBOX" >/dev/null 2>&1; then echo "$BUSYBOX is dynamically linked: install busybox-static" >&2; exit 2; fi
 VER=${KERNEL#/boot/vmlinuz-}
 MODS=/lib/modules/$VER
 STAMP="$VER $(stat -c %Y "$BUSYBOX") v3"
