@@ -88,7 +88,7 @@ def test_view_shows_the_point_not_later_writes_and_delta_reads_only_dirty_blocks
     # Second view: the bitmap started at view 1 holds exactly the blocks written since.
     disks = [{**d, "prev": v1["disks"][i]["new_bitmap"]} for i, d in enumerate(disks)]
     v2 = qemu.capture(run, "vm", disks, "t2")
-    assert all(d["bitmap"] == f"sr-t1" for d in v2["disks"])
+    assert all(d["bitmap"] == "sr-t1" for d in v2["disks"])
     asked.clear()
     dirty_blocks = {b for off, ln, _ in WRITES for b in range(off // BLOCK, (off + ln - 1) // BLOCK + 1)}
     for i, pair in enumerate(pairs):
