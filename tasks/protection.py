@@ -230,7 +230,7 @@ def power_vm(driver: Fabric, p: Placement, action: str) -> Step:
     if h.primary_host == p.target.name and h.replica_host == p.source.name:
         p = p.model_copy(update={"source": p.target, "target": p.source})  # replication runs reversed
     failed_over = h.state.value in ("FailedOverWaitingCompletion", "FailedOver")
-    side = "target" if failed_over else "source"
+    side: Literal["source", "target"] = "target" if failed_over else "source"
     if action == "start":
         return Step.of(driver.start_vm(p, side=side))
     return Step.of(driver.stop_vm(p, side=side))
