@@ -448,6 +448,10 @@ def scan_nbd(client: Any, size: int, base: ManifestReader | None = None,
             # Clean blocks keep the base's digest (a disk that grew past the base is read).
             while di < len(dirty) and dirty[di][1] <= off:
                 di += 1
+            if (di == len(dirty) or dirty[di][0] >= off + n) and len(old) == count * DIG:
+                yield first, None, [old[j * DIG:(j + 1) * DIG] for j in range(count)]  # a clean chunk
+                off += n
+                continue
             for j in range(count):
                 b0 = off + j * BLOCK
                 k = di
