@@ -124,11 +124,13 @@ def run_trial(tmp_path: Path, cycles: int, seed: int, restart: bool = False) -> 
         f.close()
 
 
+@pytest.mark.timeout(900)  # two boots under TCG: ~2.5 min on the loaded CI box, more under heavier load
 def test_points_are_clean_prefixes_through_kill9_and_the_replica_boots(tmp_path: Path) -> None:
     run_trial(tmp_path, cycles=4, seed=int(time.time()))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("trial", range(5))
 def test_points_are_clean_prefixes_many_trials(tmp_path: Path, trial: int) -> None:
     run_trial(tmp_path, cycles=15, seed=trial, restart=True)

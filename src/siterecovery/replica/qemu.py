@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -29,6 +30,11 @@ from .engine import ReplicaError
 T = TypeVar("T")
 QMP_TIMEOUT = 30.0
 BITMAP_PREFIX = "sr-"
+
+
+# qemu.qmp logs a refused connection (QEMU still starting, or gone) at ERROR with a traceback; every
+# failure reaches the caller as a QemuError naming the socket, so its own log stays quiet.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 class QemuError(ReplicaError):
