@@ -5,7 +5,9 @@ bitmap reads only the blocks written between two views and lands the replica on 
 
 This is the guard for QEMU 7.2's snapshot-access bug (reads spanning more than one 64 KiB cluster return
 data written after the view): the engine must see the old bytes, and must never ask for more than 64 KiB
-in one request.
+in one request. (Here, raw files without O_DIRECT and writes from qemu-io, a 4 MiB read of the view did
+not return the new data; qemu.md's reproduction did. So the request-size assertion is what fails if the
+reader is widened, and the old-data assertions catch a wrong view whatever the reason.)
 """
 
 from __future__ import annotations
