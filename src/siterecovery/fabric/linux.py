@@ -916,6 +916,8 @@ class LinuxFabric:
             self._ep(new_dst).call(["remove", os.path.join(self._vm_dir(new_dst, p.vm), "meta")])
             vm.primary, vm.replica = new_src.name, new_dst.name
             vm.failover_point = None
+            for fm in vm.formats.values():
+                fm[new_dst.name] = "raw"  # the old primary's disk now receives the guest's bytes: a raw replica
             point, sent, _ = self._cycle(vm, rp, "crash", None, "resync", op)
             self._ep(new_src).call(["remove", old_meta])
             self._ep(new_dst).call(["remove", old_state])
