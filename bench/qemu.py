@@ -94,10 +94,13 @@ class Target:
         return sent
 
 
-def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool) -> dict[str, Any]:
+def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool, with_rsync: bool = True) -> dict[str, Any]:
     disk = work / "disk.img"
-    log(f"{size / GiB:g} GiB: writing the image")
-    image(disk, size)
+    if disk.exists() and disk.stat().st_size == size:
+        log(f"{size / GiB:g} GiB: reusing the image left in {work}")
+    else:
+        log(f"{size / GiB:g} GiB: writing the image")
+        image(disk, size)
     run = str(work / "run")
     qemu.start(run, "vm", {"accel": "tcg", "memory_mb": 64, "disks": [{"path": str(disk), "format": "raw"}]})
     try:
@@ -109,14 +112,15 @@ def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool) 
         prev = v["disks"][0]["new_bitmap"]
         scan.cycle(disk, "full")
         rs = work / "rsync-copy.img"
-        shutil.copyfile(disk, rs)
+        if with_rsync:
+            shutil.copyfile(disk, rs)
         rnd = random.Random(size)
         nblocks = size // BLOCK
         runs = []
         for r in range(rounds):
             blocks = rnd.sample(range(nblocks), max(1, int(nblocks * fraction)))
             guest_writes(run, blocks)
-            for path in (disk, rs):
+            for path in (disk, rs) if with_rsync else (disk,):
                 warm(path)
 
             def by_cbt(prev: str = prev, r: int = r) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -134,14 +138,17 @@ def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool) 
             warm(disk)
             t_scan, s_scan = timed(lambda: scan.cycle(disk, "delta"))
             assert s_cbt["blocks"] == s_scan["blocks"] <= len(blocks), (s_cbt, s_scan)  # the same changes
-            warm(disk)
-            t_rs, st = rsync_run([str(disk), str(rs)])
+            t_rs, st = 0.0, {}
+            if with_rsync:
+                warm(disk)
+                t_rs, st = rsync_run([str(disk), str(rs)])
             runs.append({"cbt_s": round(t_cbt, 3), "scan_s": round(t_scan, 3), "rsync_s": round(t_rs, 3),
-                         "scan_over_cbt": round(t_scan / t_cbt, 1), "rsync_over_cbt": round(t_rs / t_cbt, 1),
+                         "scan_over_cbt": round(t_scan / t_cbt, 1),
+                         "rsync_over_cbt": round(t_rs / t_cbt, 1) if with_rsync else None,
                          "pause_s": view["window_seconds"], "changed_bytes": len(blocks) * BLOCK,
                          "cbt_bytes": s_cbt["bytes"], "scan_bytes": s_scan["bytes"], "rsync_sent": st.get("sent")})
             log(f"{size / GiB:g} GiB round {r}", runs[-1])
-        same = file_digest(str(disk)) == file_digest(str(rs))
+        same = file_digest(str(disk)) == file_digest(str(rs)) if with_rsync else True
         if cbt.rep is not None and scan.rep is not None:
             same = same and file_digest(cbt.rep.path) == file_digest(scan.rep.path) == file_digest(str(disk))
         assert same, "the replicas differ"
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fraction", type=float, default=0.01)
     ap.add_argument("--send-only-above", type=float, default=8,
                     help="GiB: larger disks measure the senders only (no replicas: disk space)")
+    ap.add_argument("--rsync-max", type=float, default=1e9, help="GiB: skip rsync for larger disks (its copy's space and time)")
     ap.add_argument("--dir", default=None, help="scratch directory (needs 3x the largest size free)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "qemu.json"))
     a = ap.parse_args(argv)
@@ -174,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for s in a.sizes.split(","):
             res["sizes"].append(bench_size(work, int(float(s) * GiB), a.rounds, a.fraction,
-                                           keep=float(s) <= a.send_only_above))
+                                           keep=float(s) <= a.send_only_above, with_rsync=float(s) <= a.rsync_max))
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     finally:
