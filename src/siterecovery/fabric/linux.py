@@ -1106,6 +1106,18 @@ class LinuxFabric:
             vm.running = [h for h in vm.running if h != host.name]
             return result(p, "stop_vm", changed, S(vm.state), "stopped" if changed else "already off", t0, host=host.name)
 
+    def vm_control(self, p: Placement, action: str, side: Side = "source") -> dict[str, Any]:
+        """A QEMU VM's run state ('status'), or pause it ('pause': QMP stop) / continue it ('cont')."""
+        host = p.target if side == "target" else p.source
+        if p.compute is None or p.compute.backend != "qemu" or action not in ("status", "pause", "cont"):
+            raise InvalidStateError(f"{action} needs a VM with compute backend qemu", vm=p.vm, host=host.name,
+                                    operation="vm_control", hint="pause and continue are for QEMU VMs")
+        run = ["--run", self._run_dir(host, p.vm), "--name", "vm"]
+        with self._errors(p, "vm_control", host):
+            if action == "status":
+                return self._ep(host).call(["qemu-status", *run])
+            return self._ep(host).call(["qemu-control", *run, "--action", action])
+
     def apply_network(self, p: Placement) -> OpResult:
         t0 = utcnow()
         with self._vm(p) as box:
