@@ -46,6 +46,7 @@ from tasks.protection import (
     host_limit_name,
     initial_due,
     initial_replication_vm,
+    power_vm,
     read_health,
     replicate_vm,
     resync_vm,
@@ -545,6 +546,26 @@ def disable_protection(pairing: str, project: str = "plans", vms: list[str] | No
             drain_outbox(ps)
         fail_if(errors, len(sc.placements), "disable-protection")
         return reports
+
+
+# ---- vm start / stop ------------------------------------------------------------------------------
+
+@flow(name="vm-power", task_runner=runner())
+def vm_power(pairing: str, action: Literal["start", "stop"], project: str = "plans", vms: list[str] | None = None,
+             fabric: str | None = None) -> list[Step]:
+    """Start or stop protected VMs where they run now (the primary, or the replica site once failed
+    over): for the qemu backend an ACPI power-off with a deadline, then kill."""
+    with scope(pairing, project, vms, fabric) as sc:
+        futs = {vm: power_vm.submit(sc.driver(p), p, action) for vm, p in sc.placements.items()}
+        steps, errors = [], {}
+        for vm, fut in futs.items():
+            step, exc = outcome(fut)
+            if exc is not None:
+                errors[vm] = exc
+            else:
+                steps.append(step)
+        fail_if(errors, len(sc.placements), f"vm {action}")
+        return steps
 
 
 # ---- running from a shell -----------------------------------------------------------------------

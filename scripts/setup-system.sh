@@ -11,6 +11,11 @@ if [ "${1:-}" != "--ssh-only" ]; then
   command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
   [ -x /usr/bin/chromium ] || need+=(chromium)
   [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+  # the qemu backend's tests: QEMU (TCG), qemu-img/qemu-nbd, and the tiny guest's kernel and busybox
+  command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+  command -v qemu-nbd >/dev/null 2>&1 || need+=(qemu-utils)
+  dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" || need+=(busybox-static)
+  ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -244,3 +244,16 @@ def scrub_vm(driver: Fabric, p: Placement, rate_bytes_per_second: int | None, po
 @task(name="disable replication", task_run_name="disable replication {p.vm}", **RETRY)
 def disable_vm(driver: Fabric, p: Placement, delete_replica: bool) -> Step:
     return Step.of(driver.disable_replication(p, delete_replica=delete_replica))
+
+
+@task(name="power vm", task_run_name="{action} {p.vm}", **RETRY)
+def power_vm(driver: Fabric, p: Placement, action: str) -> Step:
+    """Start or stop a protected VM where it runs now: its primary, or the replica site once failed over."""
+    h = driver.replication_health(p)
+    if h.primary_host == p.target.name and h.replica_host == p.source.name:
+        p = p.model_copy(update={"source": p.target, "target": p.source})  # replication runs reversed
+    failed_over = h.state.value in ("FailedOverWaitingCompletion", "FailedOver")
+    side: Literal["source", "target"] = "target" if failed_over else "source"
+    if action == "start":
+        return Step.of(driver.start_vm(p, side=side))
+    return Step.of(driver.stop_vm(p, side=side))

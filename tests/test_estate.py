@@ -100,7 +100,8 @@ def _lab(base: Path) -> Path:
                    {"name": "c-chi", "site": "chi", "host_groups": [{"name": "g-chi", "hosts": ["chi-h1"]}]}],
         "vms": [{"name": "web-01", "host": "ny-h1", "cloud": "c-ny",
                  "disks": [{"name": "os", "path": str(disks / "os.img")}],
-                 "compute": {"backend": "process", "command": [sys.executable, "-c", "import time; time.sleep(600)"]}}],
+                 "compute": {"backend": "process", "command": [sys.executable, "-c", "import time; time.sleep(600)"],
+                             "consistency": "none"}}],  # the test writes the disk itself, between cycles
     }
     protection = {"kind": "Protection",
                   "policies": [{"name": "p30", "copy_frequency_seconds": 30, "recovery_history_hours": 1}],

@@ -46,7 +46,8 @@ def linux_project(root: Path) -> Path:
                    {"name": "c-chi", "site": "chi", "host_groups": [{"name": "g-chi", "hosts": ["chi-h1"]}]}],
         "vms": [{"name": "web-01", "host": "ny-h1", "cloud": "c-ny",
                  "disks": [{"name": n, "path": str(disks / f"{n}.img")} for n in SIZES],
-                 "compute": {"backend": "process", "command": [sys.executable, "-c", "import time; time.sleep(600)"]}}],
+                 "compute": {"backend": "process", "command": [sys.executable, "-c", "import time; time.sleep(600)"],
+                             "consistency": "none"}}],  # it never writes its disks
     }
     protection = {"kind": "Protection",
                   "policies": [{"name": "p30", "copy_frequency_seconds": 30, "recovery_history_hours": 1,
@@ -155,3 +156,17 @@ def test_cli_without_a_terminal_prints_progress_lines_and_the_table(lab: Path) -
     assert "(100.0%)" in lines[-1]
     assert "Resynchronization of lab" in r.stdout, r.stdout
     assert re.search(r"web-01\s*│\s*resync required[^│]*│\s*yes\s*│", r.stdout), r.stdout
+
+    # `vm start|stop` run the VM at its current site (the primary here) through the vm-power flow.
+    from siterecovery.replica.agent import alive
+
+    pidfile = lab.parent / "ra" / "web-01" / "run" / "vm.pid"
+    r = subprocess.run([*cli, "vm", "start", "lab", "--project", str(lab)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
+    assert r.returncode == 0 and "web-01: started" in r.stdout, r.stdout + r.stderr
+    assert alive(str(pidfile))
+    for expect in ("web-01: stopped", "web-01: already off (nothing to do)"):
+        r = subprocess.run([*cli, "vm", "stop", "lab", "web-01", "--project", str(lab)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
+        assert r.returncode == 0 and expect in r.stdout, r.stdout + r.stderr
+    assert not alive(str(pidfile))

@@ -205,7 +205,7 @@ def test_hyperv_copy_frequency_must_be_30_300_or_900(tmp_path: Path) -> None:
 
 def test_linux_copy_frequency_floor(tmp_path: Path) -> None:
     topo = TOPOLOGY.replace("fabric: memory", "fabric: linux")
-    topo = topo.replace("    cloud: c-east\n", "    cloud: c-east\n    compute: {command: [sleep, '1000']}\n")
+    topo = topo.replace("    cloud: c-east\n", "    cloud: c-east\n    compute: {command: [sleep, '1000'], consistency: none}\n")
     prot = edit(PROTECTION, "copy_frequency_seconds: 300", "copy_frequency_seconds: 2")
     write(tmp_path, topology=topo, protection=prot)
     expect(tmp_path, "protection.yaml", prot, "copy_frequency_seconds: 2", "policies[0].copy_frequency_seconds",
@@ -218,6 +218,21 @@ def test_linux_vm_needs_compute(tmp_path: Path) -> None:
     found = problems(tmp_path)
     assert any(p.path == "vms[0]" and "needs 'compute'" in p.message and p.line == line_of(topo, "name: v1")
                for p in found), found
+
+
+def test_linux_vm_without_consistent_capture_is_refused(tmp_path: Path) -> None:
+    """A process VM without a freeze command would get recovery points read over time (torn): refused,
+    with the file and line of its compute, unless it says consistency: none."""
+    topo = TOPOLOGY.replace("fabric: memory", "fabric: linux")
+    bare = topo.replace("    cloud: c-east\n", "    cloud: c-east\n    compute: {command: [sleep, '1000']}\n", 1)
+    write(tmp_path, topology=bare)
+    found = [p for p in problems(tmp_path) if p.path == "vms[0].compute"]
+    assert len(found) == 1 and "no consistent way to capture" in found[0].message, found
+    assert found[0].line == line_of(bare, "compute: {command") and found[0].file.endswith("topology.yaml")
+    for ok in ("{command: [sleep, '1000'], consistency: none}", "{command: [sleep, '1000'], freeze: ['true'], thaw: ['true']}",
+               "{backend: qemu, kernel: /boot/vmlinuz}"):
+        write(tmp_path, topology=topo.replace("    cloud: c-east\n", f"    cloud: c-east\n    compute: {ok}\n", 1))
+        assert not [p for p in problems(tmp_path) if p.path.startswith("vms[0].compute")], ok
 
 
 def test_app_consistent_frequency_below_retention(tmp_path: Path) -> None:

@@ -78,6 +78,7 @@ def pairing_placements(project: Project, pairing: Pairing, direction: Direction 
             test_network=isolated_network(project, target.site),
             extended=extended_host(project, pairing) if direction == Direction.forward else None,
             extended_frequency_seconds=pairing.extended.frequency_seconds if pairing.extended else 300,
+            memory_mb=vm.memory_mb, vcpus=vm.vcpus,
         )
     return out
 

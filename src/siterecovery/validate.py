@@ -130,7 +130,19 @@ def check_topology(p: Project) -> list[Problem]:
                                                            f"'{sub.name}' ({sub.cidr})"))
         if host is not None and host.fabric == FabricKind.linux and vm.compute is None:
             out.append(src.problem(("vms", i), f"VM '{vm.name}' is on linux host '{vm.host}' and needs 'compute' "
-                                               "(how to start it: backend process or libvirt)"))
+                                               "(how to start it: backend qemu, process or libvirt)"))
+        comp = vm.compute
+        if (host is not None and host.fabric == FabricKind.linux and comp is not None and comp.backend != "qemu"
+                and not comp.freeze and comp.consistency != "none"):
+            out.append(src.problem(("vms", i, "compute"), f"VM '{vm.name}' has no consistent way to capture a recovery "
+                                   f"point: backend {comp.backend} without a freeze command reads its disks over time, so a "
+                                   "point can be torn; use backend qemu, give compute.freeze/thaw, or say "
+                                   "'consistency: none' to accept torn points (unsafe)"))
+        if comp is not None and comp.formats:
+            names = {d.name for d in vm.disks}
+            for dn in comp.formats:
+                if dn not in names:
+                    out.append(src.problem(("vms", i, "compute", "formats"), _unknown("disk", dn, names)))
     return out
 
 

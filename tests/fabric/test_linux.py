@@ -292,3 +292,61 @@ def test_libvirt_backend(tmp_path: Path) -> None:
     with pytest.raises(FabricError, match="virsh start no-such-domain failed"):
         f.start_vm(bad, "target")
     f.close()
+
+
+def test_freeze_runs_only_while_the_vm_runs_and_its_failure_names_the_source(tmp_path: Path) -> None:
+    """A freeze hook is for a running VM: once siterecovery stopped the VM (its pid file is gone) the hook
+    is skipped, so protecting or finally replicating a VM that is off works; while it runs, a failing hook
+    fails the cycle and the error names the source host, where the hook ran (not the replica's)."""
+    import sys
+
+    from siterecovery.errors import ExecutionError
+    from siterecovery.model import Compute
+
+    disk = tmp_path / "disk.img"
+    make_disk(disk, 4 * MiB)
+    a, b = local_host("ny-h1", "ny", tmp_path / "ra"), local_host("chi-h1", "chi", tmp_path / "rb")
+    failing = (sys.executable, "-c", "import sys; sys.exit('cannot freeze: no such VM')")
+    compute = Compute(backend="process", command=(sys.executable, "-c", "import time; time.sleep(600)"),
+                      freeze=failing, thaw=(sys.executable, "-c", "pass"))
+    f = fabric(tmp_path / "state")
+    p = placement(a, b, disk, compute=compute)
+    try:
+        f.enable_replication(p)
+        assert f.start_vm(p, side="source").changed
+        with pytest.raises(ExecutionError) as ei:
+            f.start_initial_replication(p)
+        assert ei.value.host == "ny-h1" and "cannot freeze" in ei.value.message
+        assert f.stop_vm(p, side="source").changed
+        assert f.start_initial_replication(p).state == S.Replicating  # off: nothing to freeze
+        f.replicate(p)
+    finally:
+        f.stop_vm(p, side="source")
+        f.close()
+
+
+def test_qemu_vm_starts_pauses_continues_and_stops(tmp_path: Path) -> None:
+    """The qemu backend through the fabric (no guest kernel: the firmware runs): start, status, pause,
+    continue, stop (ACPI power-off unanswered by the firmware within the grace, then kill), idempotently."""
+    from siterecovery.model import Compute
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("QEMU is not installed (scripts/setup-system.sh installs qemu-system-x86)")
+    disk = tmp_path / "disk.img"
+    make_disk(disk, 4 * MiB)
+    a, b = local_host("ny-h1", "ny", tmp_path / "ra"), local_host("chi-h1", "chi", tmp_path / "rb")
+    f = fabric(tmp_path / "state", stop_grace=1)
+    p = placement(a, b, disk, compute=Compute(backend="qemu", accel="tcg"))
+    try:
+        f.enable_replication(p)
+        assert f.start_vm(p, side="source").changed
+        assert not f.start_vm(p, side="source").changed
+        assert f.vm_control(p, "status")["status"] == "running"
+        assert f.vm_control(p, "pause")["status"] == "paused"
+        assert f.vm_control(p, "cont")["status"] == "running"
+        assert f.stop_vm(p, side="source").changed
+        assert f.vm_control(p, "status") == {"running": False, "status": "off", "pid": None}
+        assert not f.stop_vm(p, side="source").changed
+    finally:
+        f.stop_vm(p, side="source")
+        f.close()

@@ -195,3 +195,41 @@ def scrub(
     out.print(table)
     if any(r.outcome == "corrupt" for r in value):
         raise typer.Exit(1)
+
+
+vm_app = typer.Typer(no_args_is_help=True, help="Start and stop protected VMs where they run now.")
+app.add_typer(vm_app, name="vm")
+
+
+def _power(action: str, pairing: str, vms: list[str] | None, project_dir: Path, fabric: str | None) -> None:
+    flows = _import_flows()
+    state = flows.vm_power(pairing=pairing, action=action, project=str(project_dir), vms=vms or None, fabric=fabric,
+                           return_state=True)
+    value = state.result(raise_on_failure=False)
+    if isinstance(value, BaseException):
+        err.print(f"[red]vm {action} failed:[/] {escape(str(value))}", highlight=False)
+        raise typer.Exit(1)
+    for step in value:
+        out.print(f"{step.vm}: {step.message}" + ("" if step.changed else " (nothing to do)"), highlight=False)
+
+
+@vm_app.command("start")
+def vm_start(
+    pairing: Annotated[str, typer.Argument(help="pairing name")],
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs (default: every VM of the pairing)")] = None,
+    project_dir: ProjectOpt = Path("plans"),
+    fabric: FabricOpt = None,
+) -> None:
+    """Start protected VMs at their current site."""
+    _power("start", pairing, vms, project_dir, fabric)
+
+
+@vm_app.command("stop")
+def vm_stop(
+    pairing: Annotated[str, typer.Argument(help="pairing name")],
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs (default: every VM of the pairing)")] = None,
+    project_dir: ProjectOpt = Path("plans"),
+    fabric: FabricOpt = None,
+) -> None:
+    """Stop protected VMs at their current site (qemu: ACPI power-off, then kill after the deadline)."""
+    _power("stop", pairing, vms, project_dir, fabric)

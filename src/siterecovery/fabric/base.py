@@ -119,6 +119,8 @@ class Placement(Frozen):
     test_network: str | None = Field(None, description="switch/bridge of the isolated test network at the target")
     extended: Host | None = Field(None, description="hyperv: the third host the replica extends to (A -> B -> C)")
     extended_frequency_seconds: int = 300
+    memory_mb: int | None = None
+    vcpus: int | None = None
 
 
 class OpResult(Frozen):

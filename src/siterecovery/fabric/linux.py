@@ -17,6 +17,7 @@ import os
 import subprocess
 import threading
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -90,7 +91,16 @@ _HINTS = {
     "PeerAuth": "authorize the source host's peer_ssh.identity_file public key for that user on the target host",
     "PeerConfig": "fix the source host's peer_ssh in the topology, or the files it names on that host",
     "PeerLinkLost": "the host-to-host ssh link dropped; nothing torn was applied; the next cycle carries on",
+    "ViewFailed": "the point-in-time view could not be read; the replica holds its last point; retry the cycle",
+    "QmpUnreachable": "QEMU's QMP socket (run/vm.qmp under the VM's directory) did not answer: is the VM's QEMU alive?",
+    "QmpFailed": "QEMU refused a command; read the message and the VM's log (run/vm.log)",
+    "CaptureFailed": "the point-in-time view could not be made; the guest was resumed; retry the cycle",
 }
+
+
+# Failures that happen at the source host whatever host the operation is attributed to.
+_SOURCE_CODES = frozenset({"freezeFailed", "thawFailed", "quiesceFailed", "ViewFailed", "QemuError", "QmpFailed",
+                           "QmpUnreachable", "CaptureFailed", "QemuNoDisk"})
 
 
 @dataclass
@@ -114,6 +124,9 @@ class _VM:
     sizes: dict[str, int] = field(default_factory=dict)  # disk -> bytes at the last look (progress totals)
     seq: int = 0
     last_error: str = ""
+    formats: dict[str, dict[str, str]] = field(default_factory=dict)  # disk -> host -> qemu format (raw if absent)
+    cbt: dict[str, dict[str, Any]] = field(default_factory=dict)  # disk -> {bitmap, since: [gens it covers]}
+    view_seconds: float | None = None  # the guest's pause in the last point-in-time capture
 
 
 class LinuxFabric:
@@ -176,6 +189,8 @@ class LinuxFabric:
             raise
         except ReplicaError as exc:
             cls = _CODES.get(exc.code, FabricError)
+            if exc.code in _SOURCE_CODES:
+                host = p.source  # the freeze, the view and QEMU live where the VM runs
             raise cls(str(exc), vm=p.vm, host=host.name, operation=operation, error_id=exc.code,
                       hint=_HINTS.get(exc.code, "read the message; fix the cause and re-run the operation")) from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
@@ -271,8 +286,10 @@ class LinuxFabric:
                     sizes[d.disk] = found["size"]
             paths = {d.disk: {p.source.name: d.source_path, p.target.name: self._replica_image(p, d.disk, d.target_location)}
                      for d in p.disks}
+            fmts = p.compute.formats if p.compute is not None else {}
+            formats = {d.disk: {p.source.name: str(fmts.get(d.disk, "raw")), p.target.name: "raw"} for d in p.disks}
             box[0] = _VM(primary=p.source.name, replica=p.target.name, paths=paths, running=[p.source.name],
-                         sizes=sizes)
+                         sizes=sizes, formats=formats)
             return result(p, "enable_replication", True, S.ReadyForInitialReplication, "replication enabled", t0,
                           host=p.source.name)
 
@@ -292,7 +309,9 @@ class LinuxFabric:
         def argv(a: tuple[str, ...]) -> str:
             return json.dumps(render_args(a, ctx))
 
-        args = ["--freeze", argv(c.freeze if c else ()), "--thaw", argv(c.thaw if c else ())]
+        # A VM that is off needs no freeze (its disks are still), and its freeze command would fail.
+        frozen = c is not None and bool(c.freeze) and (vm is None or self._capture_kind(vm, p) != "off")
+        args = ["--freeze", argv(c.freeze if frozen and c else ()), "--thaw", argv(c.thaw if frozen and c else ())]
         if consistency == "app":
             args += ["--quiesce", argv(p.quiesce)]
         if not p.policy.compression:
@@ -303,13 +322,19 @@ class LinuxFabric:
         return ["--retention-hours", str(p.policy.recovery_history_hours)]
 
     def _ship(self, vm: _VM, p: Placement, disk: str, point: dict[str, Any], consistency: str,
-              progress: Progress | None, mode: str) -> dict[str, Any]:
-        """One disk's cycle: 'full' copy, 'delta', or 'resync' (block compare against the replica's disk)."""
+              progress: Progress | None, mode: str, cap: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One disk's cycle: 'full' copy, 'delta', or 'resync' (block compare against the replica's disk).
+        cap: the cycle's capture (_capture): a QEMU view of every disk, or a QEMU VM that is off."""
         src, dst = self._ep(p.source), self._ep(p.target)
         rep = self._rep_args(vm, p, disk, p.target)
         state = self._src_state(p.source, p.vm, disk)
         send = ["send", "--disk", vm.paths[disk][p.source.name], "--state", state,
                 *self._view_args(p, consistency, vm, disk)]
+        dview = (cap or {}).get("disks", {}).get(disk)
+        if cap is not None and cap["kind"] == "off":
+            send += ["--offline-format", self._format(vm, disk, p.source)]
+        elif cap is not None and dview is not None:
+            send += ["--nbd", json.dumps({"socket": cap["socket"], "export": dview["export"]})]
         recv = ["receive", *rep, "--point", json.dumps(point), *self._retention(p)]
         prefix = b""
         info: dict[str, Any] = {}
@@ -322,8 +347,18 @@ class LinuxFabric:
                 if not st["initialized"]:
                     raise ReplicaError("there is no replica to apply a delta to", code="NoReplica")
                 gen = st["gen"]
+            dsend = [*send, "--mode", "delta", "--expect-gen", gen]
+            cbt = vm.cbt.get(disk) or {}
+            if dview is not None and dview.get("bitmap") and dview["bitmap"] == cbt.get("bitmap") \
+                    and gen in cbt.get("since", ()):
+                # Changed-block tracking: the bitmap holds every block written since the point the replica
+                # holds, so only those are read.
+                assert cap is not None
+                dsend[dsend.index("--nbd") + 1] = json.dumps({"socket": cap["socket"],
+                                                              "export": dview["export"],
+                                                              "bitmap": f"qemu:dirty-bitmap:{dview['bitmap']}"})
             try:
-                sent, got = self._transfer(p, src, [*send, "--mode", "delta", "--expect-gen", gen], dst, recv, progress)
+                sent, got = self._transfer(p, src, dsend, dst, recv, progress)
                 vm.gens[disk] = got["point"]["gen"]
                 return {**sent, **got, "mode": "delta"}
             except ReplicaError as exc:
@@ -408,16 +443,26 @@ class LinuxFabric:
                                    "started_at": t0.isoformat(), "pid": os.getpid()}))
         tmp.replace(marker)
         total, notes = 0, self._path_notes(p)
+        shipped: list[dict[str, Any]] = []
         try:
             # One count over the VM's disks, so a caller sees one total and done never going back.
             totals = DiskTotals(progress, self._sizes(vm, p)) if progress is not None else None
-            for i, d in enumerate(p.disks):
-                out = self._ship(vm, p, d.disk, point, consistency, totals.disk(i) if totals else None, mode)
+            cap = self._capture(vm, p, point)
+            ok = False
+            try:
+                for i, d in enumerate(p.disks):
+                    out = self._ship(vm, p, d.disk, point, consistency, totals.disk(i) if totals else None, mode, cap)
+                    shipped.append(out)
+                    if totals:
+                        size = out.get("size")
+                        totals.finished(i, size if isinstance(size, int) else None)
+                ok = True
+            finally:
+                self._release(vm, p, cap, ok)
+            for d, out in zip(p.disks, shipped, strict=True):
                 size = out.get("size")
                 if isinstance(size, int):
                     vm.sizes[d.disk] = size
-                if totals:
-                    totals.finished(i, size if isinstance(size, int) else None)
                 total += int(out.get("bytes", 0))
                 if out.get("resync_reason"):
                     notes.append(f"{d.disk}: resynchronized ({out['resync_reason']})")
@@ -438,6 +483,70 @@ class LinuxFabric:
         if consistency == "app":
             vm.last_app_point = point["created_at"]
         return point, total, notes
+
+    # ---- point-in-time capture (qemu) --------------------------------------------------------------
+    def _format(self, vm: _VM, disk: str, host: Host) -> str:
+        return vm.formats.get(disk, {}).get(host.name, "raw")
+
+    def _capture_kind(self, vm: _VM, p: Placement) -> str:
+        """How this cycle reads the source: 'view' (a running QEMU VM: point-in-time views), 'off' (the VM is
+        off: its disks are still), 'freeze' (the freeze hook), or 'live' (consistency: none)."""
+        c = p.compute
+        if c is None:
+            return "live"
+        if c.backend == "qemu":
+            st = self._ep(p.source).call(["qemu-status", "--run", self._run_dir(p.source, p.vm), "--name", "vm"])
+            return "view" if st.get("pid") else "off"
+        if c.backend == "libvirt":
+            running = self._domstate(p.source, self._domain(p, False)) not in ("shut off", "absent")
+        else:
+            pidfile = os.path.join(self._run_dir(p.source, p.vm), "vm.pid")
+            ep = self._ep(p.source)
+            running = (bool(ep.call(["alive", "--pidfile", pidfile])["pid"]) if ep.call(["exists", "--path", pidfile])["exists"]
+                       else p.source.name in vm.running)
+        if not running:
+            return "off"
+        return "freeze" if c.freeze else "live"
+
+    def _capture(self, vm: _VM, p: Placement, point: dict[str, Any]) -> dict[str, Any] | None:
+        """A QEMU VM's point-in-time view of all its disks at one instant (None for other backends)."""
+        if p.compute is None or p.compute.backend != "qemu":
+            return None
+        kind = self._capture_kind(vm, p)
+        if kind == "off":
+            return {"kind": "off"}
+        disks = self._disks(vm)
+        spec = [{"node": f"d{i}", "format": self._format(vm, d, p.source), "prev": (vm.cbt.get(d) or {}).get("bitmap")}
+                for i, d in enumerate(disks)]
+        tag = f"{point['id'].rsplit('@', 1)[-1]}-{uuid.uuid4().hex[:6]}"
+        view = self._ep(p.source).call(["qemu-capture", "--run", self._run_dir(p.source, p.vm), "--name", "vm",
+                                        "--disks", json.dumps(spec), "--tag", tag])
+        vm.view_seconds = view.get("window_seconds")
+        by_disk = {d: v for d, v in zip(disks, view["disks"], strict=True)}
+        return {"kind": "view", "socket": view["socket"], "disks": by_disk, "raw": view}
+
+    def _release(self, vm: _VM, p: Placement, cap: dict[str, Any] | None, ok: bool) -> None:
+        """Tear the views down; move each disk's changed-block tracking to the bitmap this capture started."""
+        if cap is None or cap["kind"] != "view":
+            return
+        argv = ["qemu-release", "--run", self._run_dir(p.source, p.vm), "--name", "vm", "--view", json.dumps(cap["raw"])]
+        try:
+            self._ep(p.source).call(argv if ok else [*argv, "--failed"])
+        except (ReplicaError, OSError, paramiko.SSHException, EOFError) as exc:
+            # A view left behind costs scratch space, not correctness; the next capture removes stale
+            # bitmaps. Tracking restarts from a full read.
+            log.warning("%s: releasing the point-in-time view at %s failed: %s", p.vm, p.source.name, exc)
+            vm.cbt.clear()
+            return
+        for d, dv in cap["disks"].items():
+            old = vm.cbt.get(d) or {}
+            if ok and d in vm.gens:
+                vm.cbt[d] = {"bitmap": dv["new_bitmap"], "since": [vm.gens[d]]}
+            elif dv.get("bitmap") and dv["bitmap"] == old.get("bitmap"):
+                # Merged into the new bitmap: it still covers every change since the old points.
+                vm.cbt[d] = {"bitmap": dv["new_bitmap"], "since": list(old.get("since", []))}
+            else:
+                vm.cbt[d] = {"bitmap": dv["new_bitmap"], "since": []}
 
     def _sizes(self, vm: _VM, p: Placement) -> list[int]:
         """Each disk's size for progress totals: as last seen, else asked of the source host."""
@@ -888,6 +997,8 @@ class LinuxFabric:
             self._ep(new_dst).call(["remove", os.path.join(self._vm_dir(new_dst, p.vm), "meta")])
             vm.primary, vm.replica = new_src.name, new_dst.name
             vm.failover_point = None
+            for fm in vm.formats.values():
+                fm[new_dst.name] = "raw"  # the old primary's disk now receives the guest's bytes: a raw replica
             point, sent, _ = self._cycle(vm, rp, "crash", None, "resync", op)
             self._ep(new_src).call(["remove", old_meta])
             self._ep(new_dst).call(["remove", old_state])
@@ -921,6 +1032,8 @@ class LinuxFabric:
                  else [vm.paths[d][host.name] for d in self._disks(vm)])
         if c.backend == "libvirt":
             return self._virsh_start(p, host, test, disks, network)
+        if c.backend == "qemu":
+            return self._qemu_start(vm, p, host, test, disks, network)
         if not c.command:
             raise InvalidStateError("the VM's compute has no command", vm=p.vm, host=host.name, operation="start_vm",
                                     hint="give compute.command in the topology")
@@ -932,6 +1045,26 @@ class LinuxFabric:
         out = self._ep(host).call(["spawn", "--pidfile", os.path.join(run, f"{name}.pid"),
                                    "--log", os.path.join(run, f"{name}.log"), "--", *argv])
         return bool(out["started"])
+
+    def _qemu_start(self, vm: _VM, p: Placement, host: Host, test: bool, disks: list[str], network: str | None) -> bool:
+        c = p.compute
+        assert c is not None
+        ctx = {"disks": disks, "disk": disks[0] if disks else "", "vm": p.vm, "site": host.site,
+               "network": network or "", "test": test, "host": host.name, "ip": self._address(p, host, test)}
+        names = self._disks(vm)
+        spec = {"memory_mb": p.memory_mb or 256, "vcpus": p.vcpus or 1,
+                "kernel": c.kernel, "initrd": c.initrd, "append": render_args((c.append,), ctx)[0] if c.append else "",
+                "accel": "" if c.accel == "auto" else c.accel, "args": render_args(c.args, ctx),
+                # Test copies and replicas are raw; the primary's disks have the topology's format.
+                "disks": [{"path": path, "format": "raw" if test else self._format(vm, d, host)}
+                          for d, path in zip(names, disks, strict=True)]}
+        out = self._ep(host).call(["qemu-start", "--run", self._run_dir(host, p.vm), "--name", "test" if test else "vm",
+                                   "--spec", json.dumps(spec)])
+        if out.get("started") and not test:
+            # A new QEMU has no bitmaps of the old one (raw disks), or only inconsistent ones after a
+            # crash: the capture finds out and the next cycle reads everything once.
+            log.info("%s: QEMU started at %s (%s)", p.vm, host.name, out.get("accel"))
+        return bool(out.get("started"))
 
     @staticmethod
     def _address(p: Placement, host: Host, test: bool) -> str:
@@ -1011,6 +1144,11 @@ class LinuxFabric:
                                   operation="stop_vm", hint="stop the domain by hand (virsh destroy)")
             return True
         name = "test" if test else "vm"
+        if c.backend == "qemu":
+            # A test copy is thrown away: no need to wait for the guest's shutdown.
+            out = self._ep(host).call(["qemu-stop", "--run", self._run_dir(host, p.vm), "--name", name,
+                                       "--grace", "0" if test else str(float(self.opts.get("stop_grace", 30)))])
+            return bool(out["stopped"])
         out = self._ep(host).call(["kill", "--pidfile", os.path.join(self._run_dir(host, p.vm), f"{name}.pid"),
                                    "--grace", str(grace)])
         return bool(out["stopped"])
@@ -1048,6 +1186,18 @@ class LinuxFabric:
                 changed = self._stop(vm, p, host, test=False)
             vm.running = [h for h in vm.running if h != host.name]
             return result(p, "stop_vm", changed, S(vm.state), "stopped" if changed else "already off", t0, host=host.name)
+
+    def vm_control(self, p: Placement, action: str, side: Side = "source") -> dict[str, Any]:
+        """A QEMU VM's run state ('status'), or pause it ('pause': QMP stop) / continue it ('cont')."""
+        host = p.target if side == "target" else p.source
+        if p.compute is None or p.compute.backend != "qemu" or action not in ("status", "pause", "cont"):
+            raise InvalidStateError(f"{action} needs a VM with compute backend qemu", vm=p.vm, host=host.name,
+                                    operation="vm_control", hint="pause and continue are for QEMU VMs")
+        run = ["--run", self._run_dir(host, p.vm), "--name", "vm"]
+        with self._errors(p, "vm_control", host):
+            if action == "status":
+                return self._ep(host).call(["qemu-status", *run])
+            return self._ep(host).call(["qemu-control", *run, "--action", action])
 
     def apply_network(self, p: Placement) -> OpResult:
         t0 = utcnow()

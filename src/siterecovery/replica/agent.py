@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--thaw", default="[]")
     s.add_argument("--quiesce", default="[]")
     s.add_argument("--seq", type=int, default=0)
+    s.add_argument("--nbd", default=None, help="JSON {socket, export, bitmap}: read this point-in-time view over NBD")
+    s.add_argument("--offline-format", default=None, choices=["raw", "qcow2"],
+                   help="the disk of a QEMU VM that is off: read its guest-visible bytes through qemu-nbd")
     sub.add_parser("send", parents=[send]).add_argument("--output", help="write the stream to this file (offline export)")
     s = sub.add_parser("send-to", parents=[send], add_help=False,
                        help="send, piped into `receive` on another host over this host's own ssh")
@@ -110,6 +113,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pidfile", required=True)
     s = sub.add_parser("exists")
     s.add_argument("--path", required=True)
+    for name in ("qemu-start", "qemu-stop", "qemu-status", "qemu-control", "qemu-capture", "qemu-release"):
+        s = sub.add_parser(name)
+        s.add_argument("--run", required=True, help="the VM's run directory on this host")
+        s.add_argument("--name", required=True, help="vm or test")
+        if name == "qemu-start":
+            s.add_argument("--spec", required=True, help="JSON: memory_mb, vcpus, kernel, initrd, append, disks, args")
+        elif name == "qemu-stop":
+            s.add_argument("--grace", type=float, default=30)
+        elif name == "qemu-control":
+            s.add_argument("--action", required=True, choices=["pause", "cont"])
+        elif name == "qemu-capture":
+            s.add_argument("--disks", required=True, help="JSON: [{node, format, prev}]")
+            s.add_argument("--tag", required=True)
+        elif name == "qemu-release":
+            s.add_argument("--view", required=True, help="JSON: what qemu-capture answered")
+            s.add_argument("--failed", action="store_true", help="the cycle failed: keep the bitmap chain")
     return p
 
 
@@ -186,11 +205,18 @@ def _read_base(a: argparse.Namespace, stdin: BinaryIO) -> str | None:
 
 
 def _send(a: argparse.Namespace, base: str | None, out: BinaryIO, progress: Progress | None) -> dict[str, Any]:
-    return engine.send(a.disk, a.state, out, mode=a.mode,
-                       expect_gen=bytes.fromhex(a.expect_gen) if a.expect_gen else None,
-                       base_manifest=base, compress=not a.no_compress, progress=progress,
-                       freeze=json.loads(a.freeze), thaw=json.loads(a.thaw), quiesce=json.loads(a.quiesce),
-                       seq=a.seq)
+    def go(nbd: dict[str, Any] | None) -> dict[str, Any]:
+        return engine.send(a.disk, a.state, out, mode=a.mode,
+                           expect_gen=bytes.fromhex(a.expect_gen) if a.expect_gen else None,
+                           base_manifest=base, compress=not a.no_compress, progress=progress,
+                           freeze=json.loads(a.freeze), thaw=json.loads(a.thaw), quiesce=json.loads(a.quiesce),
+                           seq=a.seq, nbd=nbd)
+    if a.offline_format:
+        from .qemu import offline_export
+        os.makedirs(a.state, exist_ok=True)
+        with offline_export(a.disk, a.offline_format, os.path.join(a.state, "offline.nbd")) as view:
+            return go({**view, "view": "qemu-off"})
+    return go(json.loads(a.nbd) if a.nbd else None)
 
 
 def _run(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None) -> dict[str, Any]:
@@ -242,6 +268,20 @@ def _run(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Pro
         return kill(a.pidfile, a.grace)
     if cmd == "alive":
         return {"pid": alive(a.pidfile)}
+    if cmd.startswith("qemu-"):
+        from . import qemu
+        if cmd == "qemu-start":
+            return qemu.start(a.run, a.name, json.loads(a.spec))
+        if cmd == "qemu-stop":
+            return qemu.stop(a.run, a.name, a.grace)
+        if cmd == "qemu-status":
+            return qemu.status(a.run, a.name)
+        if cmd == "qemu-control":
+            return qemu.control(a.run, a.name, a.action)
+        if cmd == "qemu-capture":
+            return qemu.capture(a.run, a.name, json.loads(a.disks), a.tag)
+        if cmd == "qemu-release":
+            return qemu.release(a.run, a.name, json.loads(a.view), ok=not a.failed)
     r = Replica(a.replica, a.meta)
     if cmd == "scrub":
         # Not under the replica's lock for its long read pass (cycles go on); it takes the lock to

@@ -399,6 +399,103 @@ def scan(fd: int, size: int, start: int = 0) -> Iterator[tuple[int, memoryview |
         unmap()
 
 
+def _extents(client: Any, context: str, want: int, outward: bool) -> list[tuple[int, int]]:
+    """Ranges of a meta context whose flags have bit `want` set, merged, then widened to whole BLOCKs
+    (outward: a dirty range marks every block it touches) or narrowed (a zero range covers only the
+    blocks it holds whole)."""
+    merged: list[tuple[int, int]] = []
+    for off, ln, fl in client.extents(context):
+        if not fl & want:
+            continue
+        if merged and merged[-1][1] == off:
+            merged[-1] = (merged[-1][0], off + ln)
+        else:
+            merged.append((off, off + ln))
+    out: list[tuple[int, int]] = []
+    for start, end in merged:
+        if outward:
+            start, end = start - start % BLOCK, -(-end // BLOCK) * BLOCK
+        else:
+            start, end = -(-start // BLOCK) * BLOCK, end if end == client.size else end - end % BLOCK
+        if end <= start:
+            continue
+        if out and out[-1][1] >= start:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def scan_nbd(client: Any, size: int, base: ManifestReader | None = None,
+             bitmap: str | None = None) -> Iterator[tuple[int, memoryview | None, list[bytes]]]:
+    """scan() over an NBD export (a point-in-time view of a running VM's disk).
+
+    With `bitmap` (a qemu:dirty-bitmap context holding every block written since the point the base
+    manifest describes), only dirty blocks are read: the others take their digest from `base`, so the
+    cycle sees them unchanged and its cost follows the change, not the disk. Blocks the server reports
+    as zero (base:allocation) are not read either. Reads go through client.read_into: 64 KiB each.
+    """
+    zeros = _extents(client, "base:allocation", 2, False) if "base:allocation" in client.contexts else []
+    dirty = _extents(client, bitmap, 1, True) if bitmap else None
+    buf = memoryview(bytearray(CHUNK))
+    zi = di = 0
+    off = 0
+    while off < size:
+        n = min(CHUNK, size - off)
+        first, count = off // BLOCK, -(-n // BLOCK)
+        old = base.range(first, count) if (base is not None and dirty is not None) else b""
+        digs: list[bytes | None] = [None] * count
+        if dirty is not None:
+            # Clean blocks keep the base's digest (a disk that grew past the base is read).
+            while di < len(dirty) and dirty[di][1] <= off:
+                di += 1
+            if (di == len(dirty) or dirty[di][0] >= off + n) and len(old) == count * DIG:
+                yield first, None, [old[j * DIG:(j + 1) * DIG] for j in range(count)]  # a clean chunk
+                off += n
+                continue
+            for j in range(count):
+                b0 = off + j * BLOCK
+                k = di
+                hit = False
+                while k < len(dirty) and dirty[k][0] < b0 + BLOCK:
+                    if dirty[k][1] > b0:
+                        hit = True
+                        break
+                    k += 1
+                if not hit and len(old) >= (j + 1) * DIG:
+                    digs[j] = old[j * DIG:(j + 1) * DIG]
+        while zi < len(zeros) and zeros[zi][1] <= off:
+            zi += 1
+        for j in range(count):
+            if digs[j] is not None:
+                continue
+            b0 = off + j * BLOCK
+            k = zi
+            while k < len(zeros) and zeros[k][0] <= b0:
+                if zeros[k][1] >= min(b0 + BLOCK, size):
+                    digs[j] = zero_digest(block_len(first + j, size))
+                    break
+                k += 1
+        # Read the runs of blocks still unknown, then hash them.
+        j = 0
+        read_any = False
+        while j < count:
+            if digs[j] is not None:
+                j += 1
+                continue
+            k = j
+            while k < count and digs[k] is None:
+                k += 1
+            a, b = j * BLOCK, min(k * BLOCK, n)
+            client.read_into(buf[a:b], off + a)
+            for x in range(j, k):
+                digs[x] = digest(buf[x * BLOCK:min((x + 1) * BLOCK, n)])
+            read_any = True
+            j = k
+        yield first, (buf[:n] if read_any else None), [d for d in digs if d is not None]
+        off += n
+
+
 # ---- views of a live disk -------------------------------------------------------------------------
 
 
@@ -499,11 +596,51 @@ class SourceState:
         return False
 
 
+@contextlib.contextmanager
+def _source(disk: str, state_dir: str, freeze: list[str], thaw: list[str], quiesce: list[str],
+            nbd: dict[str, Any] | None) -> Iterator[tuple[int, Callable[[ManifestReader | None], Iterator[Any]], dict[str, Any]]]:
+    """(size, chunks(base), view info) of what a cycle reads: the file (through disk_view) or an NBD view."""
+    if nbd is None:
+        with disk_view(disk, state_dir, freeze, thaw, quiesce) as (path, view):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                yield size, lambda _base: scan(fd, size), view
+            finally:
+                os.close(fd)
+        return
+    from .nbd import NBDClient, NBDError
+    bitmap = nbd.get("bitmap")
+    try:
+        client = NBDClient(nbd["socket"], nbd["export"], contexts=(bitmap,) if bitmap else (),
+                           optional=("base:allocation",))
+    except (OSError, NBDError) as exc:
+        raise ReplicaError(f"the point-in-time view of {disk} is not readable over NBD: {exc}", code="ViewFailed") from None
+    info: dict[str, Any] = {"view": nbd.get("view", "qemu-fleece"), "cbt": False}
+
+    def chunks(base: ManifestReader | None) -> Iterator[Any]:
+        use = bitmap if base is not None else None
+        info["cbt"] = bool(use)
+        try:
+            yield from scan_nbd(client, client.size, base, use)
+        except (OSError, NBDError) as exc:
+            raise ReplicaError(f"reading the point-in-time view of {disk} failed: {exc}", code="ViewFailed") from None
+
+    try:
+        yield client.size, chunks, info
+    finally:
+        client.close()
+
+
 def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expect_gen: bytes | None = None,
          base_manifest: str | None = None, compress: bool = True, progress: Progress | None = None,
          freeze: list[str] | None = None, thaw: list[str] | None = None, quiesce: list[str] | None = None,
-         seq: int = 0) -> dict[str, Any]:
+         seq: int = 0, nbd: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the stream of one cycle to `out`.
+
+    nbd: read a point-in-time view over NBD instead of the file ({socket, export, bitmap: the dirty
+    bitmap exported with it or None}); the bitmap is used only in 'delta' mode, where the base is the
+    point the bitmap starts from (the caller's guarantee).
 
     mode 'full': every non-zero block (initial copy, export); 'delta': blocks whose digest differs from
     the acknowledged manifest of generation `expect_gen`; 'base': against `base_manifest`, the digests a
@@ -527,60 +664,55 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
     # Taken before the view, so a write racing the read changes the file's times after this record:
     # source_status then rescans instead of reporting nothing pending.
     read_stat = _disk_stat(disk)
-    with disk_view(disk, state_dir, freeze or [], thaw or [], quiesce or []) as (path, view):
-        fd = os.open(path, os.O_RDONLY)
+    with _source(disk, state_dir, freeze or [], thaw or [], quiesce or [], nbd) as (size, chunks, view):
+        header = {"v": 1, "size": size, "block": BLOCK, "mode": mode, "gen": new_gen.hex(),
+                  "base_gen": bh.gen.hex() if bh else None, "source": os.path.basename(disk)}
+        w = StreamWriter(out, header)
+        enc = Encoder(compress)
+        base = ManifestReader(base_path, bh)
         try:
-            size = os.fstat(fd).st_size
-            header = {"v": 1, "size": size, "block": BLOCK, "mode": mode, "gen": new_gen.hex(),
-                      "base_gen": bh.gen.hex() if bh else None, "source": os.path.basename(disk)}
-            w = StreamWriter(out, header)
-            enc = Encoder(compress)
-            base = ManifestReader(base_path, bh)
-            try:
-                tmp = src.pending + ".tmp"
-                changed = zeros = 0
-                with open(tmp, "wb") as mf:
-                    mf.write(ManifestHeader(size=size, seq=seq, gen=new_gen).pack())
-                    next_report = PROGRESS_EVERY
-                    for first, data, digs in scan(fd, size):
-                        # Everything before this chunk is done (unchanged chunks included).
-                        if progress and first * BLOCK >= next_report:
-                            progress(first * BLOCK, size)
-                            next_report = first * BLOCK + PROGRESS_EVERY
-                        new = b"".join(digs)
-                        old = base.range(first, len(digs)) if base_path else b""
-                        if old == new:
-                            mf.write(new)
+            tmp = src.pending + ".tmp"
+            changed = zeros = 0
+            with open(tmp, "wb") as mf:
+                mf.write(ManifestHeader(size=size, seq=seq, gen=new_gen).pack())
+                next_report = PROGRESS_EVERY
+                for first, data, digs in chunks(base if (mode == "delta" and base_path) else None):
+                    # Everything before this chunk is done (unchanged chunks included).
+                    if progress and first * BLOCK >= next_report:
+                        progress(first * BLOCK, size)
+                        next_report = first * BLOCK + PROGRESS_EVERY
+                    new = b"".join(digs)
+                    old = base.range(first, len(digs)) if base_path else b""
+                    if old == new:
+                        mf.write(new)
+                        continue
+                    for j, d in enumerate(digs):
+                        if old[j * DIG:(j + 1) * DIG] == d:
                             continue
-                        for j, d in enumerate(digs):
-                            if old[j * DIG:(j + 1) * DIG] == d:
-                                continue
-                            i = first + j
-                            n = block_len(i, size)
-                            if d == zero_digest(n):
-                                if base_path is None:
-                                    continue  # a full copy lands in a sparse file: zeros need not travel
-                                w.record(i, F_ZERO, b"", d)
-                                zeros += 1
-                                continue
-                            assert data is not None
-                            # A live disk may change between hashing and shipping: ship a private
-                            # copy under its own digest, and record that digest in the manifest.
-                            blk = bytes(data[j * BLOCK:j * BLOCK + n])
-                            d2 = digest(blk)
-                            if d2 != d:
-                                digs[j] = d2
-                            flag, payload = enc.encode(blk)
-                            w.record(i, flag, payload, d2)
-                            changed += 1
-                        mf.write(b"".join(digs))
-                    mf.flush()
-                    os.fsync(mf.fileno())
-            finally:
-                base.close()
-            w.close()
+                        i = first + j
+                        n = block_len(i, size)
+                        if d == zero_digest(n):
+                            if base_path is None:
+                                continue  # a full copy lands in a sparse file: zeros need not travel
+                            w.record(i, F_ZERO, b"", d)
+                            zeros += 1
+                            continue
+                        assert data is not None
+                        # A live disk may change between hashing and shipping: ship a private
+                        # copy under its own digest, and record that digest in the manifest.
+                        blk = bytes(data[j * BLOCK:j * BLOCK + n])
+                        d2 = digest(blk)
+                        if d2 != d:
+                            digs[j] = d2
+                        flag, payload = enc.encode(blk)
+                        w.record(i, flag, payload, d2)
+                        changed += 1
+                    mf.write(b"".join(digs))
+                mf.flush()
+                os.fsync(mf.fileno())
         finally:
-            os.close(fd)
+            base.close()
+        w.close()
     os.replace(tmp, src.pending)
     _record_read(state_dir, new_gen, read_stat)
     if progress:

@@ -1,0 +1,198 @@
+"""Changed-block tracking against the full-scan engine and rsync, on a disk of a running QEMU, in one run.
+
+    python -m bench.qemu [--sizes 1,4,16] [--rounds 2] [--fraction 0.01] [--dir DIR] [--out FILE]
+
+Per size: a random raw image attached to a running QEMU (TCG, no guest kernel: the firmware idles, so the
+machine runs and the capture's stop/cont window is real); an initial copy; then per round 1% of its 64 KiB
+blocks rewritten through the VM's device (HMP qemu-io, where a guest's writes go), and three ways to bring
+a replica up to date, each with its own replica:
+  cbt   a point-in-time view of the running VM and a delta that reads only the dirty bitmap's blocks
+        (what the qemu backend does each cycle, capture and teardown included);
+  scan  the full-scan engine over the image file (what the process backend does: reads and hashes it all);
+  rsync rsync --inplace --no-whole-file of the image file.
+Also the guest's pause per capture (the stop/cont window). Page cache warmed alike before each tool.
+Writes results/qemu.json; docs/BENCHMARKS.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.replica import machine, rsync_run, timed, warm
+from siterecovery.replica import qemu
+from siterecovery.replica.engine import BLOCK, Replica, SourceState, file_digest, now_iso, send
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB, GiB = 1 << 20, 1 << 30
+
+
+def log(*a: object) -> None:
+    print("#", *a, file=sys.stderr, flush=True)
+
+
+def image(path: Path, size: int) -> None:
+    """Random-looking, incompressible, every 64 KiB block distinct; fast (one random buffer, varied)."""
+    base = bytearray(os.urandom(16 * MiB))
+    with open(path, "wb") as f:
+        for i in range(0, size, 16 * MiB):
+            base[:8] = i.to_bytes(8, "little")
+            for j in range(0, 16 * MiB, BLOCK):
+                base[j:j + 8] = (i + j).to_bytes(8, "little")
+            f.write(base[:min(16 * MiB, size - i)])
+
+
+def guest_writes(run: str, blocks: list[int]) -> None:
+    """Rewrite these blocks through the VM's device, as a guest would (one QMP session)."""
+    from qemu.qmp import QMPClient
+
+    async def go() -> None:
+        c = QMPClient("bench")
+        await c.connect(qemu.paths(run, "vm")["qmp"])
+        try:
+            for b in blocks:
+                out = await c.execute("human-monitor-command", {
+                    "command-line": f'qemu-io -d /machine/peripheral/vd0/virtio-backend "write -P {b % 251 + 1} {b * BLOCK} 64k"'})
+                assert out == "", out
+        finally:
+            await c.disconnect()
+    asyncio.run(go())
+
+
+class Target:
+    """A replica fed in-process (engine.send -> a stream file -> Replica.receive), with its own source
+    state; with keep=False only the sender runs (the stream goes to /dev/null): the source's cost, for
+    disks too large to hold three copies of here."""
+
+    def __init__(self, work: Path, name: str, keep: bool = True) -> None:
+        self.state = str(work / f"{name}-state")
+        self.rep = Replica(str(work / f"{name}-replica.img"), str(work / f"{name}-meta")) if keep else None
+        self.stream = work / f"{name}.stream"
+        self.gen: bytes | None = None
+        self.n = 0
+
+    def cycle(self, disk: Path, mode: str, **kw: Any) -> dict[str, Any]:
+        gen = self.gen if mode == "delta" else None
+        with open(self.stream if self.rep else os.devnull, "wb") as out:
+            sent = send(str(disk), self.state, out, mode=mode, expect_gen=gen, **kw)
+        self.n += 1
+        if self.rep is not None:
+            with open(self.stream, "rb") as inp:
+                self.rep.receive(inp, {"id": f"b@{self.n}", "created_at": now_iso(), "consistency": "crash"}, 0)
+            self.stream.unlink()
+        self.gen = bytes.fromhex(sent["gen"])
+        SourceState(self.state).commit(self.gen)
+        return sent
+
+
+def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool, with_rsync: bool = True) -> dict[str, Any]:
+    disk = work / "disk.img"
+    if disk.exists() and disk.stat().st_size == size:
+        log(f"{size / GiB:g} GiB: reusing the image left in {work}")
+    else:
+        log(f"{size / GiB:g} GiB: writing the image")
+        image(disk, size)
+    run = str(work / "run")
+    qemu.start(run, "vm", {"accel": "tcg", "memory_mb": 64, "disks": [{"path": str(disk), "format": "raw"}]})
+    try:
+        cbt, scan = Target(work, "cbt", keep), Target(work, "scan", keep)
+        log("initial copies")
+        v = qemu.capture(run, "vm", [{"node": "d0", "format": "raw", "prev": None}], "i")
+        t_init, _ = timed(lambda: cbt.cycle(disk, "full", nbd={"socket": v["socket"], "export": v["disks"][0]["export"]}))
+        qemu.release(run, "vm", v, ok=True)
+        prev = v["disks"][0]["new_bitmap"]
+        scan.cycle(disk, "full")
+        rs = work / "rsync-copy.img"
+        if with_rsync:
+            shutil.copyfile(disk, rs)
+        rnd = random.Random(size)
+        nblocks = size // BLOCK
+        runs = []
+        for r in range(rounds):
+            blocks = rnd.sample(range(nblocks), max(1, int(nblocks * fraction)))
+            guest_writes(run, blocks)
+            for path in (disk, rs) if with_rsync else (disk,):
+                warm(path)
+
+            def by_cbt(prev: str = prev, r: int = r) -> tuple[dict[str, Any], dict[str, Any]]:
+                view = qemu.capture(run, "vm", [{"node": "d0", "format": "raw", "prev": prev}], f"r{r}")
+                d = view["disks"][0]
+                try:
+                    sent = cbt.cycle(disk, "delta", nbd={"socket": view["socket"], "export": d["export"],
+                                                         "bitmap": f"qemu:dirty-bitmap:{d['bitmap']}"})
+                finally:
+                    qemu.release(run, "vm", view, ok=True)
+                return sent, view
+            t_cbt, (s_cbt, view) = timed(by_cbt)
+            prev = view["disks"][0]["new_bitmap"]
+            assert s_cbt["cbt"], s_cbt
+            warm(disk)
+            t_scan, s_scan = timed(lambda: scan.cycle(disk, "delta"))
+            assert s_cbt["blocks"] == s_scan["blocks"] <= len(blocks), (s_cbt, s_scan)  # the same changes
+            t_rs, st = 0.0, {}
+            if with_rsync:
+                warm(disk)
+                t_rs, st = rsync_run([str(disk), str(rs)])
+            runs.append({"cbt_s": round(t_cbt, 3), "scan_s": round(t_scan, 3), "rsync_s": round(t_rs, 3),
+                         "scan_over_cbt": round(t_scan / t_cbt, 1),
+                         "rsync_over_cbt": round(t_rs / t_cbt, 1) if with_rsync else None,
+                         "pause_s": view["window_seconds"], "changed_bytes": len(blocks) * BLOCK,
+                         "cbt_bytes": s_cbt["bytes"], "scan_bytes": s_scan["bytes"], "rsync_sent": st.get("sent")})
+            log(f"{size / GiB:g} GiB round {r}", runs[-1])
+        same = file_digest(str(disk)) == file_digest(str(rs)) if with_rsync else True
+        if cbt.rep is not None and scan.rep is not None:
+            same = same and file_digest(cbt.rep.path) == file_digest(scan.rep.path) == file_digest(str(disk))
+        assert same, "the replicas differ"
+        return {"size": size, "replicas": keep, "initial_cbt_s": round(t_init, 2), "initial_MBps": round(size / t_init / 1e6, 1),
+                "runs": runs, "replicas_identical": same}
+    finally:
+        qemu.stop(run, "vm", 0)
+        for p in list(work.iterdir()):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.qemu")
+    ap.add_argument("--sizes", default="1,4,16", help="GiB, comma-separated")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--fraction", type=float, default=0.01)
+    ap.add_argument("--send-only-above", type=float, default=8,
+                    help="GiB: larger disks measure the senders only (no replicas: disk space)")
+    ap.add_argument("--rsync-max", type=float, default=1e9, help="GiB: skip rsync for larger disks (its copy's space and time)")
+    ap.add_argument("--dir", default=None, help="scratch directory (needs 3x the largest size free)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "qemu.json"))
+    a = ap.parse_args(argv)
+    work = Path(a.dir or tempfile.mkdtemp(prefix="sr-bench-qemu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"machine": machine(), "command": "python -m bench.qemu " + " ".join(argv or sys.argv[1:]),
+                           "sizes": []}
+    t0 = time.time()
+    try:
+        for s in a.sizes.split(","):
+            res["sizes"].append(bench_size(work, int(float(s) * GiB), a.rounds, a.fraction,
+                                           keep=float(s) <= a.send_only_above, with_rsync=float(s) <= a.rsync_max))
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    finally:
+        if not a.dir:
+            shutil.rmtree(work, ignore_errors=True)
+    res["wall_s"] = round(time.time() - t0, 1)
+    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
