@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from siterecovery.errors import (
     ApprovalRejected,
     ApprovalTimedOut,
     ConfigurationError,
+    NotFoundError,
     SiteRecoveryError,
 )
 from siterecovery.fabric import PointChoice
@@ -36,18 +38,23 @@ from siterecovery.model import Direction, FailoverType, FailurePolicy, ManualAct
 from siterecovery.placement import plan_placements
 from siterecovery.project import PlanSource, Project, load_project
 from siterecovery.report import (
+    POINT_OPERATIONS,
     READ_OPERATIONS,
     ApprovalRecord,
     AuditRecord,
     RunReport,
     ScriptRecord,
     StepRecord,
+    positions,
     render_html,
     render_markdown,
     report_filename,
+    same_cause,
+    stop_line,
+    way_back,
 )
 from tasks.fabric import result_storage, state_dir
-from tasks.limits import Reservation, ensure_limits, limit_name, reclaim_abandoned
+from tasks.limits import Reservation, ensure_limits, limit_name, live_run, reclaim_abandoned
 from tasks.script import ScriptJob, run_script, script_cache_key
 from tasks.vm import VMJob, job_cache_key, run_vm_steps
 
@@ -62,6 +69,23 @@ PointKind = Literal["latest", "latest_processed", "latest_app_consistent", "poin
 
 class ConfirmationRequired(ConfigurationError):
     """A planned or unplanned failover was started without `confirm` naming the plan."""
+
+
+class _ExpectedErrors(logging.Filter):
+    """Prefect logs the exception that ends a flow run with its traceback. An error this project raises
+    on purpose (a refusal, a guard, a plan that stopped or failed with its report written) already says
+    what happened and what to do: log it as one line. Tracebacks stay for everything else (bugs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, SiteRecoveryError):
+            kind = "refused" if isinstance(exc, ConfigurationError) else "stopped"
+            record.msg, record.args = "%s: %s", (kind, str(exc))
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("prefect.flow_runs").addFilter(_ExpectedErrors())
 
 
 class PlanFailed(SiteRecoveryError):
@@ -114,7 +138,12 @@ class _Run:
     log: logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
     slots: Reservation
     failed_vms: set[str] = field(default_factory=set)
+    # VMs whose failover never started because their replication is not enabled: nothing to clean up.
+    unprotected: set[str] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)
+    # Failed VMs as (vm, step label, reason), for the report's one line per cause across batches.
+    vm_failures: list[tuple[str, str, str]] = field(default_factory=list)
+    vm_lines: set[str] = field(default_factory=set)
     approvals: list[ApprovalRecord] = field(default_factory=list)
     stopped: str | None = None
     dry_run: bool = False
@@ -129,6 +158,19 @@ class _Run:
         if vm:
             self.failed_vms.add(vm)
         self.log.error("%s", what)
+
+    def fail_vms(self, failed: list[tuple[str, str, str]]) -> None:
+        """VMs of one batch failed: one error line per cause (not one per VM)."""
+        for what, vms in same_cause(failed):
+            self.fail(what, vms[0])
+            self.failed_vms.update(vms)
+            self.vm_lines.add(what)
+        self.vm_failures += failed
+
+    def reported_failures(self) -> list[str]:
+        """What the report lists: a cause shared by VMs of several batches is still one line."""
+        return [what for what, _ in same_cause(self.vm_failures)] + [
+            f for f in self.failures if f not in self.vm_lines]
 
 
 def _settle(futures: Iterable[PrefectFuture[Any]]) -> None:
@@ -191,8 +233,9 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
     wanted: dict[str, int] = {}
     todo: dict[str, list[Step]] = {}
     for vm, steps in jobs.items():
-        # A VM that failed earlier is not taken further (continue policy); cleanup always runs.
-        if vm in run.failed_vms and not cleanup:
+        # A VM that failed earlier is not taken further (continue policy); cleanup always runs, except
+        # where the failover never began (replication not enabled: the same error again, per VM).
+        if (vm in run.failed_vms and not cleanup) or (cleanup and vm in run.unprotected):
             continue
         todo[vm] = steps
         for name in (limit_name("host", steps[0].host or ""), limit_name("site", steps[0].site or "")):
@@ -224,17 +267,27 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
     _settle(futures.values())
     run.log.info("%s: done in %.2f s", batch.name, time.monotonic() - t0)
     best_effort = all(s.best_effort for s in batch.steps)
+    failed: list[tuple[str, str, str]] = []
     for vm, fut in futures.items():
         status, exc = _outcome(fut)
         if status == "failed":
-            if best_effort:
+            if isinstance(exc, NotFoundError) and getattr(exc, "operation", None) in POINT_OPERATIONS:
+                run.unprotected.add(vm)
+            if cleanup and isinstance(exc, NotFoundError):
+                # Cleaning up what does not exist is done: not a second error for the one cause.
+                run.log.info("%s: nothing to clean up (%s)", todo[vm][0].label, _reason(exc))
+            elif best_effort:
                 run.log.warning("%s failed (best effort, going on): %s", todo[vm][0].label, _reason(exc))
             else:
-                run.fail(f"{todo[vm][0].label}: {_reason(exc)}", vm)
+                failed.append((vm, todo[vm][0].label, _reason(exc)))
         elif status == "skipped" and not best_effort:
-            run.fail(f"{todo[vm][0].label}: not run (a VM it boots after failed)", vm)
+            # A consequence of the failure that is reported: the report lists the VM as skipped.
+            run.failed_vms.add(vm)
+            run.log.warning("%s: not run (a VM it boots after failed)", todo[vm][0].label)
+    run.fail_vms(failed)
     for vm in todo.keys() - futures.keys():
-        run.fail(f"{todo[vm][0].label}: not run (a VM it boots after did not go ahead)", vm)
+        run.failed_vms.add(vm)
+        run.log.warning("%s: not run (a VM it boots after did not go ahead)", todo[vm][0].label)
 
 
 def _script_context(run: _Run, step: Step) -> dict[str, Any]:
@@ -445,9 +498,17 @@ def execute_plan(
     journal_ = IntentJournal(state)
     # A test failover always cleans up after itself: nothing to resume, each drill starts afresh.
     the_intent = journal_.begin(key, prefix=f"{rp.name}-{failover_type.value}", explicit=intent,
-                                fresh=failover_type == FailoverType.test and not intent)
+                                fresh=failover_type == FailoverType.test and not intent,
+                                params={"plan": rp.name, "failover_type": failover_type.value,
+                                        "direction": direction.value, "recovery_point": recovery_point,
+                                        "point_in_time": point_in_time.isoformat() if point_in_time else None,
+                                        "options": options.model_dump(mode="json"), "fabric": fabric,
+                                        "failure_policy": failure_policy.value if failure_policy else None,
+                                        "fabric_options": fabric_options, "host_limit": host_limit,
+                                        "site_limit": site_limit})
     lock = RunLock(state, the_intent.id)
     earlier = lock.acquire(flow_run)
+    owned = ExitStack()
     try:
         closed = _close_abandoned(earlier, the_intent.id, flow_run, log)
         for gone in reclaim_abandoned(state / "leases"):
@@ -455,6 +516,9 @@ def execute_plan(
                         "lease to expire", gone.get("occupy"), ", ".join(gone.get("names", [])), gone.get("holder"),
                         gone.get("pid"))
         steps = compiled.steps()
+        # One live run per plan, one owner per VM: refused here, before any fabric call.
+        owned.enter_context(live_run(state, rp.name, sorted({s.vm for s in steps if s.vm}), flow_run,
+                                     f"{failover_type.value} failover"))
         names: dict[str, int | None] = {}
         for s in steps:
             if s.kind == "vm":
@@ -508,6 +572,8 @@ def execute_plan(
             # A person said no (or nobody answered): the plan stopped as designed, it did not fail.
             rejected = any(a.decision in ("rejected", "timed_out") for a in run.approvals)
             status = "stopped" if rejected and unexpected is None else "failed"
+        where = positions(step_recs) if status != "succeeded" and failover_type != FailoverType.test else []
+        choices = way_back(rp.name, where) if where else []
         report = RunReport(plan=rp.name, plan_version=rp.version, failover_type=failover_type.value,
                            direction=direction.value, recovery_point=recovery_point + (
                                f" at {point_in_time.isoformat()}" if point_in_time else ""),
@@ -515,17 +581,23 @@ def execute_plan(
                            flow_run_id=flow_run, fabric=fabric or ", ".join(sorted({run.kind(s.host) for s in steps
                                                                                    if s.kind == "vm"})),
                            started_at=started, finished_at=datetime.now(UTC), status=status, steps=tuple(step_recs),
-                           approvals=tuple(approvals), scripts=tuple(script_recs), failures=tuple(run.failures),
-                           operator=os_user(), audit=tuple(_audit(run, step_recs, closed)), superseded=tuple(closed))
+                           approvals=tuple(approvals), scripts=tuple(script_recs), failures=tuple(run.reported_failures()),
+                           operator=os_user(), audit=tuple(_audit(run, step_recs, closed)), superseded=tuple(closed),
+                           positions=tuple(where), choices=tuple(choices))
         path = _write_report(report, state)
         if status == "succeeded" or failover_type == FailoverType.test:
             journal_.complete(the_intent, status)
         summary = report.summary() | {"report": str(path)}
         log.info("%s: %s in %.1f s; report %s", rp.name, status, report.seconds, path)
         if status != "succeeded":
-            raise PlanFailed(f"{rp.name}: {status}: " + "; ".join(run.failures[:5]), summary=summary, report=str(path))
+            msg = f"{rp.name}: {status}: " + "; ".join(report.failures[:5])
+            if where:
+                # The run's last line: where every VM is and the ways on (also in the report).
+                msg += ". " + stop_line(where, choices)
+            raise PlanFailed(msg, summary=summary, report=str(path))
         return summary
     finally:
+        owned.close()
         lock.release()
 
 

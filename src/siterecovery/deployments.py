@@ -1,5 +1,5 @@
-"""Generate deployments/prefect.yaml from a project: a scheduled `dr-drill/<plan>` and an on-demand
-`failover/<plan>` per plan, and the protection lifecycle per pairing (replication cycles at the
+"""Generate deployments/prefect.yaml from a project: a scheduled `dr-drill/<plan>`, an on-demand
+`failover/<plan>` and `recover/<plan>` (resume, commit or cancel a stopped failover) per plan, and the protection lifecycle per pairing (replication cycles at the
 policy's copy frequency, health checks, enabling protection on demand).
 
 Schedules live in a small settings file beside the output (deployments/settings.yaml), not in the
@@ -26,6 +26,7 @@ from .yamlload import load_documents
 # the worker's flow runs start in (prefect deploy records it as the pull step's working directory).
 DRILL_ENTRYPOINT = "flows/drill.py:dr_drill"
 FAILOVER_ENTRYPOINT = "deployments/failover.py:failover"
+RECOVER_ENTRYPOINT = "flows/recover.py:recover"
 PROTECTION_ENTRYPOINTS = {
     "enable-protection": "flows/protection.py:enable_protection",
     "replicate": "flows/protection.py:replicate",
@@ -179,6 +180,21 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
             # Nothing dangerous is pre-filled: the form opens on a test failover and an empty confirm.
             "parameters": _with_fabric({"plan": name, "project": settings.project,
                                         "failover_type": FailoverType.test.value, "confirm": ""}, settings),
+            "enforce_parameter_schema": True,
+            "work_pool": _pool(settings),
+            "schedules": [],
+        })
+        deployments.append({
+            "name": name,
+            "description": (f"The way on from a stopped planned or unplanned failover of {what}: resume it "
+                            f"(completed steps are not repeated), commit it, or cancel-failover (every VM back to "
+                            f"before the failover; the next failover may choose another recovery point). Choose "
+                            f"the action; 'confirm' must be the plan's name ('{name}'). CLI: siterecovery failover "
+                            f"cancel|commit|resume {name}. Report: artifact failover-{name}."),
+            "entrypoint": RECOVER_ENTRYPOINT,
+            "tags": ["siterecovery", "recover", f"plan-{name}"],
+            # No action pre-filled: the operator picks one.
+            "parameters": _with_fabric({"plan": name, "project": settings.project, "confirm": ""}, settings),
             "enforce_parameter_schema": True,
             "work_pool": _pool(settings),
             "schedules": [],

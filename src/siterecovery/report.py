@@ -99,6 +99,14 @@ class AuditRecord(Frozen):
 READ_OPERATIONS = frozenset({"replication_health", "recovery_points", "vm_state"})
 
 
+class VMPosition(Frozen):
+    """Where a VM was left when a run stopped, from the steps that completed."""
+
+    vm: str
+    state: str
+    pending: bool = Field(False, description="a failover is under way (not committed): commit or cancel it")
+
+
 class RunReport(Frozen):
     plan: str
     plan_version: str
@@ -120,6 +128,8 @@ class RunReport(Frozen):
     operator: str = Field("", description="OS user who ran this flow run")
     audit: tuple[AuditRecord, ...] = ()
     superseded: tuple[str, ...] = Field((), description="earlier runs of the intent found dead and marked Crashed")
+    positions: tuple[VMPosition, ...] = Field((), description="where each VM was left, when a failover stopped")
+    choices: tuple[str, ...] = Field((), description="the ways on from a stopped failover")
 
     # ---- derived figures ------------------------------------------------------------------
     @property
@@ -247,6 +257,10 @@ def render_markdown(report: RunReport) -> str:
            f"failure policy: {r.failure_policy}; fabric: {r.fabric}", ""]
     if r.failures:
         out += ["## Failures", ""] + [f"- {_md(f)}" for f in r.failures] + [""]
+    if r.positions or r.choices:
+        out += ["## Where it stopped", "", "| VM | state |", "|---|---|"]
+        out += [f"| {_md(p.vm)} | {_md(p.state)} |" for p in r.positions]
+        out += ["", "### Choices", ""] + [f"- {_md(c)}" for c in r.choices] + [""]
     out += ["## Groups", "", "| group | stage | VMs | start | end | failed | skipped |", "|---|---|---|---|---|---|---|"]
     for g in r.groups():
         out.append(f"| {_md(g['name'])} | {g['stage']} | {g['vms']} | {_time(g['start'])} | {_time(g['end'])} "  # type: ignore[arg-type]
@@ -318,3 +332,84 @@ def render_html(report: RunReport) -> str:
     source = resources.files("siterecovery").joinpath("templates/report.html.j2").read_text(encoding="utf-8")
     return _ENV.from_string(source).render(r=report, lanes=timeline(report), rpo=report.vm_rpo(),
                                             groups=report.groups())
+
+
+def same_cause(failed: list[tuple[str, str, str]]) -> list[tuple[str, list[str]]]:
+    """(vm, step label, reason) per failed VM -> one failure line per distinct reason, with its VMs.
+
+    One missing precondition (replication not enabled, a host down) fails every VM of a batch the same
+    way: the operator reads one line naming the cause and the VMs, not the same error once per VM."""
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    for vm, label, reason in failed:
+        # The cause without its per-VM context ("[vm=.., host=.., operation=..]"): the same for every VM.
+        cause = re.sub(r" \[[^\]]*\]", "", reason)
+        groups.setdefault(cause.replace(vm, "{vm}") if vm else cause, []).append((vm, label, reason))
+    out: list[tuple[str, list[str]]] = []
+    for cause, members in groups.items():
+        vms = [m[0] for m in members]
+        if len(members) == 1:
+            out.append((f"{members[0][1]}: {members[0][2]}", vms))
+        else:
+            out.append((f"{len(members)} VMs failed the same way ({', '.join(m[1] for m in members)}): {cause}",
+                        vms))
+    return out
+
+
+def positions(steps: list[StepRecord] | tuple[StepRecord, ...]) -> list[VMPosition]:
+    """Each VM's position after a (stopped) planned or unplanned failover, from its completed steps."""
+    done: dict[str, set[str]] = {}
+    order: list[str] = []
+    for s in steps:
+        if not s.vm:
+            continue
+        if s.vm not in done:
+            done[s.vm] = set()
+            order.append(s.vm)
+        if s.status in ("completed", "cached"):
+            done[s.vm].add(s.operation)
+    out = []
+    for vm in order:
+        ops = done[vm]
+        if "reverse_replication" in ops:
+            out.append(VMPosition(vm=vm, state="failed over, committed, replicating back"))
+        elif "commit_failover" in ops:
+            out.append(VMPosition(vm=vm, state="failed over and committed (FailedOver)"))
+        elif "failover" in ops:
+            up = ", running on the target" if "start_vm" in ops else ", not started"
+            out.append(VMPosition(vm=vm, state=f"failed over, not committed (FailedOverWaitingCompletion){up}",
+                                  pending=True))
+        elif "prepare_planned_failover" in ops:
+            out.append(VMPosition(vm=vm, state="source shut down and prepared for failover; not failed over",
+                                  pending=True))
+        elif "stop_vm" in ops:
+            out.append(VMPosition(vm=vm, state="source stopped; not failed over (still replicating)"))
+        else:
+            out.append(VMPosition(vm=vm, state="untouched (replicating as before)"))
+    return out
+
+
+def way_back(plan: str, where: list[VMPosition]) -> list[str]:
+    """What an operator can do about a stopped failover, in the words of the deployments and the CLI."""
+    pending = [p for p in where if p.pending]
+    resume = (f"resume: run recover/{plan} with action=resume (or re-run the same failover): completed steps "
+              "are not repeated")
+    if not pending:
+        if any("committed" in p.state for p in where):
+            return [resume]
+        return [f"nothing was failed over: fix the cause and run failover/{plan} again when ready"]
+    out = [resume]
+    if any("FailedOverWaitingCompletion" in p.state for p in pending):
+        out.append(f"commit: run recover/{plan} with action=commit (keep the failed-over VMs: no way back after it)")
+    out.append(f"cancel-failover: run recover/{plan} with action=cancel-failover, or `siterecovery failover cancel "
+               f"{plan} --confirm {plan}` (every VM back to before the failover; the next run may choose another "
+               "recovery point)")
+    return out
+
+
+def stop_line(where: list[VMPosition], choices: list[str]) -> str:
+    """One line for the log: each VM's state and the choices."""
+    states: dict[str, list[str]] = {}
+    for p in where:
+        states.setdefault(p.state, []).append(p.vm)
+    vms = "; ".join(f"{', '.join(v)}: {st}" for st, v in states.items())
+    return f"VMs now: {vms}. Choices: " + " | ".join(choices)
