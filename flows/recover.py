@@ -33,6 +33,7 @@ from tasks.fabric import state_dir
 from tasks.limits import RunRefused, live_run
 from tasks.vm import vm_operation
 
+from .forms import RecoverAdvanced, fabric_of, requester
 from .recovery_plan import (
     MAX_WORKERS,
     ConfirmationRequired,
@@ -53,17 +54,18 @@ def stopped_failover(state: Any, plan: str) -> dict[str, Any] | None:
     return found[-1] if found else None
 
 
-def _resume(plan: str, project: str, entry: dict[str, Any]) -> dict[str, Any]:
+def _resume(plan: str, project: str, entry: dict[str, Any], requested_by: str) -> dict[str, Any]:
     p = dict(entry["params"])
     return execute_plan(plan, FailoverType(p["failover_type"]), Direction(p["direction"]), p["recovery_point"],
                         datetime.fromisoformat(p["point_in_time"]) if p.get("point_in_time") else None,
                         RunOptions.model_validate(p["options"]), project, p.get("fabric"), plan, entry["id"],
-                        p.get("failure_policy"), p.get("fabric_options"), p.get("host_limit"), p.get("site_limit"))
+                        p.get("failure_policy"), p.get("fabric_options"), p.get("host_limit"), p.get("site_limit"),
+                        requested_by)
 
 
 def execute_recover(plan: str, action: Action, confirm: str = "", project: str = "plans",
                     fabric: str | None = None, fabric_options: dict[str, Any] | None = None,
-                    direction: Direction | None = None) -> dict[str, Any]:
+                    direction: Direction | None = None, requested_by: str = "") -> dict[str, Any]:
     log = get_run_logger()
     proj, source = load_plan(plan, project)
     rp = source.plan
@@ -78,7 +80,7 @@ def execute_recover(plan: str, action: Action, confirm: str = "", project: str =
                              "or was cancelled); start a new one from failover/" + rp.name)
         log.info("resuming intent %s (%s failover started %s)", entry["id"], entry["params"]["failover_type"],
                  entry.get("created"))
-        return _resume(rp.name, project, entry)
+        return _resume(rp.name, project, entry, requested_by)
     params = (entry or {}).get("params") or {}
     fabric = fabric or params.get("fabric")
     fabric_options = fabric_options if fabric_options is not None else params.get("fabric_options")
@@ -119,7 +121,8 @@ def execute_recover(plan: str, action: Action, confirm: str = "", project: str =
                        intent=entry["id"] if entry else "(none open)", flow_run_id=flow_run,
                        fabric=fabric or ", ".join(sorted({p.target.fabric.value for p in placements.values()})),
                        started_at=started, finished_at=datetime.now(UTC), status=status, steps=tuple(records),
-                       failures=tuple(failures), operator=os_user(), choices=tuple(retry))
+                       failures=tuple(failures), operator=os_user(), choices=tuple(retry),
+                       requested_by=requested_by or f"{os_user()} (OS user of a command-line run)")
     path = _write_report(report, state)
     changed = [r.vm for r in records if r.changed]
     summary = report.summary() | {"report": str(path), "changed": changed}
@@ -131,17 +134,18 @@ def execute_recover(plan: str, action: Action, confirm: str = "", project: str =
 
 
 @flow(name="recover", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))  # type: ignore[arg-type]
-def recover(plan: str, action: Action, confirm: str = "", project: str = "plans", fabric: str | None = None,
-            fabric_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def recover(confirm: str, action: Action, requested_by: str, plan: str,
+            advanced: RecoverAdvanced = RecoverAdvanced()) -> dict[str, Any]:  # noqa: B008 - frozen model
     """The way on from a stopped planned or unplanned failover: resume it, commit it, or cancel it.
 
     Args:
-        plan: a plan name in `project`, or a path to a plan file.
+        confirm: type the plan's name to go ahead: every action changes production.
         action: resume (run the stopped failover on), commit (keep the failed-over VMs), or cancel-failover
-            (every VM back to before the failover).
-        confirm: type the plan's name: every action changes production.
-        project: the project directory holding the topology, protection and plans.
-        fabric: run every host on this fabric kind instead (default: the stopped failover's).
-        fabric_options: driver options (default: the stopped failover's).
+            (every VM back to before the failover, its source VM started again).
+        requested_by: who asks for this (name, team or ticket). The UI has no login: the report shows what
+            is typed here as the requester.
+        plan: the recovery plan (its name in the project).
+        advanced: project directory and fabric (default: the stopped failover's).
     """
-    return execute_recover(plan, action, confirm, project, fabric, fabric_options)
+    return execute_recover(plan, action, confirm, advanced.project, fabric_of(advanced.fabric),
+                           requested_by=requester(requested_by))

@@ -476,8 +476,10 @@ def execute_plan(
     fabric_options: dict[str, Any] | None = None,
     host_limit: int | None = None,
     site_limit: int | None = None,
+    requested_by: str = "",
 ) -> dict[str, Any]:
     """Run a plan inside the current flow run; the summary (a report is written either way).
+    `requested_by`: who asked (a UI form's required field); empty: the OS user (a CLI run).
     Raises PlanFailed (with the summary) when the run did not complete."""
     log = get_run_logger()
     started = datetime.now(UTC)
@@ -583,7 +585,8 @@ def execute_plan(
                            started_at=started, finished_at=datetime.now(UTC), status=status, steps=tuple(step_recs),
                            approvals=tuple(approvals), scripts=tuple(script_recs), failures=tuple(run.reported_failures()),
                            operator=os_user(), audit=tuple(_audit(run, step_recs, closed)), superseded=tuple(closed),
-                           positions=tuple(where), choices=tuple(choices))
+                           positions=tuple(where), choices=tuple(choices),
+                           requested_by=requested_by or f"{os_user()} (OS user of a command-line run)")
         path = _write_report(report, state)
         if status == "succeeded" or failover_type == FailoverType.test:
             journal_.complete(the_intent, status)
@@ -617,6 +620,7 @@ def recovery_plan(
     fabric_options: dict[str, Any] | None = None,
     host_limit: int | None = None,
     site_limit: int | None = None,
+    requested_by: str = "",
 ) -> dict[str, Any]:
     """Run a recovery plan: a test failover (drill), a planned or an unplanned failover, forward or back.
 
@@ -635,6 +639,7 @@ def recovery_plan(
         fabric_options: driver options (memory fabric: latency, state_file).
         host_limit: set the Prefect concurrency limit of each host touched (default: keep the server's; 4 when missing).
         site_limit: set the Prefect concurrency limit of each site touched (default: keep the server's; 16 when missing).
+        requested_by: who asks for this run; empty: the OS user running it.
     """
     return execute_plan(plan, failover_type, direction, recovery_point, point_in_time, options, project, fabric,
-                        confirm, intent, failure_policy, fabric_options, host_limit, site_limit)
+                        confirm, intent, failure_policy, fabric_options, host_limit, site_limit, requested_by)

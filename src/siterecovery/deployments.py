@@ -17,7 +17,6 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from .errors import PlanError, Problem
-from .model import FailoverType
 from .model.common import Frozen, Slug
 from .project import Project, scan_secrets, validation_problems
 from .yamlload import load_documents
@@ -141,6 +140,14 @@ def _with_fabric(params: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return params
 
 
+def _advanced(settings: Settings) -> dict[str, Any]:
+    """The `advanced` object of the plan forms (flows/forms.py): project, and the fabric override."""
+    out: dict[str, Any] = {"project": settings.project}
+    if settings.fabric:
+        out["fabric"] = settings.fabric
+    return out
+
+
 def render(project: Project, settings: Settings | None = None) -> dict[str, Any]:
     """The prefect.yaml document (without its header comment) for every plan and pairing."""
     settings = settings or Settings()
@@ -162,24 +169,25 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
                             f"drill-{name})."),
             "entrypoint": DRILL_ENTRYPOINT,
             "tags": ["siterecovery", "drill", f"plan-{name}"],
-            "parameters": _with_fabric({"plan": name, "project": settings.project,
-                                        "cleanup": ps.cleanup or settings.drills.cleanup}, settings),
+            # `requested_by` is left for the person filling the form; the schedule names itself.
+            "parameters": {"plan": name, "cleanup": ps.cleanup or settings.drills.cleanup,
+                           "advanced": _advanced(settings)},
             "enforce_parameter_schema": True,
             "work_pool": _pool(settings),
-            "schedules": [_schedule(ps.drill or settings.drills.schedule, settings.timezone)],
+            "schedules": [_schedule(ps.drill or settings.drills.schedule, settings.timezone)
+                          | {"parameters": {"requested_by": f"schedule of dr-drill/{name}"}}],
         })
         deployments.append({
             "name": name,
-            "description": (f"Fail over {what} ({vms}) from {plan.source} to {plan.target}, or fail back. "
-                            f"Choose the failover type, direction, recovery point and options in the form. "
-                            f"A planned or unplanned failover runs only when 'confirm' is the plan's name "
-                            f"('{name}'); a test failover needs no confirmation. Report: artifact "
+            "description": (f"Planned or unplanned failover of {what} ({vms}) from {plan.source} to "
+                            f"{plan.target}, or failback. Type the plan's name ('{name}') in 'confirm', choose the "
+                            f"type and say who asks; the rest has defaults (expert settings under 'advanced'). "
+                            f"Drills: dr-drill/{name}. A failover that stops: recover/{name}. Report: artifact "
                             f"failover-{name}."),
             "entrypoint": FAILOVER_ENTRYPOINT,
             "tags": ["siterecovery", "failover", f"plan-{name}"],
-            # Nothing dangerous is pre-filled: the form opens on a test failover and an empty confirm.
-            "parameters": _with_fabric({"plan": name, "project": settings.project,
-                                        "failover_type": FailoverType.test.value, "confirm": ""}, settings),
+            # Nothing dangerous is pre-filled: confirm, the failover type and the requester are the person's.
+            "parameters": {"plan": name, "advanced": _advanced(settings)},
             "enforce_parameter_schema": True,
             "work_pool": _pool(settings),
             "schedules": [],
@@ -193,8 +201,8 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
                             f"cancel|commit|resume {name}. Report: artifact failover-{name}."),
             "entrypoint": RECOVER_ENTRYPOINT,
             "tags": ["siterecovery", "recover", f"plan-{name}"],
-            # No action pre-filled: the operator picks one.
-            "parameters": _with_fabric({"plan": name, "project": settings.project, "confirm": ""}, settings),
+            # No action pre-filled: the operator picks one, confirms and names themself.
+            "parameters": {"plan": name, "advanced": _advanced(settings)},
             "enforce_parameter_schema": True,
             "work_pool": _pool(settings),
             "schedules": [],

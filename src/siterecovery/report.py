@@ -130,6 +130,8 @@ class RunReport(Frozen):
     superseded: tuple[str, ...] = Field((), description="earlier runs of the intent found dead and marked Crashed")
     positions: tuple[VMPosition, ...] = Field((), description="where each VM was left, when a failover stopped")
     choices: tuple[str, ...] = Field((), description="the ways on from a stopped failover")
+    requested_by: str = Field("", description="who asked for the run: typed in the UI form (Prefect has no "
+                                              "login) or the OS user of a command-line run")
 
     # ---- derived figures ------------------------------------------------------------------
     @property
@@ -280,9 +282,10 @@ def render_markdown(report: RunReport) -> str:
                        f"| {_secs(a.seconds)} | {_md(a.comment)} | {_md(a.ticket)} |")
     if r.superseded:
         out += ["", "## Earlier runs taken over", ""] + [f"- {_md(x)} was marked Crashed" for x in r.superseded]
-    if r.audit:
-        out += ["", "## Audit", "", f"Run by OS user `{_md(r.operator)}` as flow run `{r.flow_run_id}`.", "",
-                "| when | who | flow run | kind | action | target | outcome |", "|---|---|---|---|---|---|---|"]
+    if r.audit or r.requested_by:
+        out += ["", "## Audit", "", f"Run by OS user `{_md(r.operator)}` as flow run `{r.flow_run_id}`.", ""]
+        out += [requester_line(r.requested_by), ""] if r.requested_by else []
+        out += ["| when | who | flow run | kind | action | target | outcome |", "|---|---|---|---|---|---|---|"]
         for x in r.audit:
             out.append(f"| {_time(x.at)} | {_md(x.who)} | {_md(x.flow_run or '')} | {x.kind} | {_md(x.action)} "
                        f"| {_md(x.target)} | {_md(x.outcome)} |")
@@ -413,3 +416,10 @@ def stop_line(where: list[VMPosition], choices: list[str]) -> str:
         states.setdefault(p.state, []).append(p.vm)
     vms = "; ".join(f"{', '.join(v)}: {st}" for st, v in states.items())
     return f"VMs now: {vms}. Choices: " + " | ".join(choices)
+
+
+def requester_line(requested_by: str) -> str:
+    """Who asked for the run, and how far that can be trusted."""
+    return (f"Requested by **{_md(requested_by)}**. Open-source Prefect has no login: a name typed in the UI "
+            "form is what the requester said, not an authenticated identity (put the UI behind an "
+            "authenticating proxy: docs/UI.md).")

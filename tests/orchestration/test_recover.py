@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from flows.forms import RecoverAdvanced
 from flows.recover import recover
 from flows.recovery_plan import ConfirmationRequired, PlanFailed, recovery_plan
 from siterecovery.compile import RunOptions
@@ -23,6 +24,12 @@ GATED = {"name": "gated", "version": "3", "groups": [
     {"name": "db", "vms": ["db-1"]},
     {"name": "web", "vms": ["web-1", "web-2"], "before": [{
         "type": "manual", "name": "go-web", "instructions": "Check the db tier.", "timeout_seconds": 2}]}]}
+
+
+def way_on(e: Any, plan: str, action: str, confirm: str | None = None) -> dict[str, Any]:
+    """recover/<plan> as the UI form sends it."""
+    return recover(plan=plan, action=action, confirm=plan if confirm is None else confirm,  # type: ignore[no-any-return]
+                   requested_by="oncall@example.test", advanced=RecoverAdvanced(project=str(e.root)))
 
 
 def report_json(summary: dict[str, Any]) -> dict[str, Any]:
@@ -49,19 +56,20 @@ def test_a_timed_out_approval_says_where_each_vm_is_then_cancel_reverts_it(estat
 
     # A drill now would fail on the stuck VMs; the way back is cancel-failover (confirm required).
     with pytest.raises(ConfirmationRequired):
-        recover(plan="gated", action="cancel-failover", project=str(e.root))
-    done = recover(plan="gated", action="cancel-failover", confirm="gated", project=str(e.root))
+        way_on(e, "gated", "cancel-failover", confirm="")
+    done = way_on(e, "gated", "cancel-failover")
     assert done["status"] == "succeeded" and sorted(done["changed"]) == ["db-1", "web-1", "web-2"]
+    assert report_json(done)["requested_by"] == "oncall@example.test"
     for vm in ("db-1", "web-1", "web-2"):
         st = e.vm(vm)
         assert st["state"] == "Replicating", st
         assert any(h.startswith("src-") for h in st["running"]), st  # the service runs where it ran
         assert not any(h.startswith("dst-") for h in st["running"]), st
     # Idempotent: again, nothing to do; the stopped failover's intent is closed, so resume has nothing.
-    again = recover(plan="gated", action="cancel-failover", confirm="gated", project=str(e.root))
+    again = way_on(e, "gated", "cancel-failover")
     assert again["changed"] == []
     with pytest.raises(RunRefused, match="no stopped failover to resume"):
-        recover(plan="gated", action="resume", confirm="gated", project=str(e.root))
+        way_on(e, "gated", "resume")
     # The next failover starts afresh (a new intent, not a replay) and may choose another point.
     with pytest.raises(PlanFailed) as exc2:
         recovery_plan(plan="gated", project=str(e.root), failover_type=FailoverType.unplanned, confirm="gated",
@@ -76,15 +84,15 @@ def test_a_failed_failover_resumes_through_recover(estate) -> None:  # type: ign
         recovery_plan(plan="app", project=str(e.root), failover_type=FailoverType.unplanned, confirm="app",
                       options=RunOptions(commit=False))
     assert "resume: run recover/app" in str(exc.value)
-    resumed = recover(plan="app", action="resume", confirm="app", project=str(e.root))
+    resumed = way_on(e, "app", "resume")
     assert resumed["status"] == "succeeded" and resumed["resumed"]
     assert resumed["intent"] == exc.value.summary["intent"]
     # Without commit (--no-commit): every VM failed over and waits; commit keeps them.
     assert e.vm("web-2")["state"] == "FailedOverWaitingCompletion"
-    committed = recover(plan="app", action="commit", confirm="app", project=str(e.root))
+    committed = way_on(e, "app", "commit")
     assert committed["status"] == "succeeded" and len(committed["changed"]) == 5
     assert all(e.vm(v)["state"] == "FailedOver" for v in ("db-1", "db-2", "web-1", "web-2", "web-3"))
     # A committed failover cannot be cancelled: each VM says so, and the report offers the retry.
     with pytest.raises(PlanFailed) as exc3:
-        recover(plan="app", action="cancel-failover", confirm="app", project=str(e.root))
+        way_on(e, "app", "cancel-failover")
     assert "does not allow cancel_failover" in str(exc3.value)

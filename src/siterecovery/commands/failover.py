@@ -41,8 +41,13 @@ def _recover(plan: str, action: str, confirm: str, project: Path, fabric: str | 
     from ..errors import ConfigurationError
 
     try:
-        summary: dict[str, Any] = recover(plan=plan, action=action, confirm=confirm,  # type: ignore[call-overload]
-                                          project=str(project), fabric=fabric)
+        from flows.forms import RecoverAdvanced
+
+        from ..intent import os_user
+
+        summary: dict[str, Any] = recover(  # type: ignore[call-overload]
+            plan=plan, action=action, confirm=confirm, requested_by=f"{os_user()} (OS user of a command-line run)",
+            advanced=RecoverAdvanced(project=str(project), fabric=fabric or "topology"))
         code = 0
     except ConfigurationError as exc:
         err.print(f"[red]{exc}[/]", highlight=False, markup=False)
