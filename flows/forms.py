@@ -24,15 +24,26 @@ class _Form(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _project() -> Any:
+    return Field("plans", description="the project directory holding the topology, protection and plans "
+                                      "(relative to the repository root)")
+
+
+def _fabric() -> Any:
+    return Field("topology", description="run every host on this fabric kind instead of the topology's "
+                                         "(memory: a dry run that touches no host)")
+
+
+def _fabric_options() -> Any:
+    return Field(default_factory=dict, description="driver options (memory fabric: latency, state_file)")
+
+
 class DrillAdvanced(_Form):
-    project: str = Field("plans", description="the project directory holding the topology, protection and plans "
-                                              "(relative to the repository root)")
-    fabric: FabricChoice = Field("topology", description="run every host on this fabric kind instead of the "
-                                                         "topology's (memory: a dry run that touches no host)")
+    project: str = _project()
+    fabric: FabricChoice = _fabric()
     test_network: str = Field("", description="the isolated network (switch) for the test VMs; empty: each "
                                               "VM's mapping")
-    fabric_options: dict[str, Any] = Field(default_factory=dict, description="driver options (memory fabric: "
-                                                                            "latency, state_file)")
+    fabric_options: dict[str, Any] = _fabric_options()
 
 
 class FailoverOptions(_Form):
@@ -43,8 +54,8 @@ class FailoverOptions(_Form):
 
 
 class FailoverAdvanced(_Form):
-    project: str = DrillAdvanced.model_fields["project"]
-    fabric: FabricChoice = DrillAdvanced.model_fields["fabric"]
+    project: str = _project()
+    fabric: FabricChoice = _fabric()
     point_in_time: str = Field("", description="with recovery point 'point_in_time': an ISO 8601 time "
                                                "(2026-11-30T02:00:00Z); the newest point at or before it is used")
     failure_policy: Literal["plan", "stop", "continue"] = Field(
@@ -55,11 +66,11 @@ class FailoverAdvanced(_Form):
                                                  "server's limit (4 when missing)")
     site_limit: int = Field(0, ge=0, description="concurrent VM operations per site touched; 0: keep the "
                                                  "server's limit (16 when missing)")
-    fabric_options: dict[str, Any] = DrillAdvanced.model_fields["fabric_options"]
+    fabric_options: dict[str, Any] = _fabric_options()
 
 
 class RecoverAdvanced(_Form):
-    project: str = DrillAdvanced.model_fields["project"]
+    project: str = _project()
     fabric: FabricChoice = Field("topology", description="run every host on this fabric kind; topology: the "
                                                          "stopped failover's (else the topology's)")
 

@@ -8,6 +8,7 @@ run. A test failover is always cleaned up, also after a failure. Every run ends 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -45,12 +46,17 @@ from siterecovery.report import (
     RunReport,
     ScriptRecord,
     StepRecord,
+    TrendPoint,
     positions,
     render_html,
     render_markdown,
     report_filename,
     same_cause,
     stop_line,
+    trend_point,
+    trend_svg,
+    trends_key,
+    trends_markdown,
     way_back,
 )
 from tasks.fabric import result_storage, state_dir
@@ -144,6 +150,7 @@ class _Run:
     # Failed VMs as (vm, step label, reason), for the report's one line per cause across batches.
     vm_failures: list[tuple[str, str, str]] = field(default_factory=list)
     vm_lines: set[str] = field(default_factory=set)
+    not_run: list[str] = field(default_factory=list)  # step labels skipped because a VM they boot after failed
     approvals: list[ApprovalRecord] = field(default_factory=list)
     stopped: str | None = None
     dry_run: bool = False
@@ -168,9 +175,13 @@ class _Run:
         self.vm_failures += failed
 
     def reported_failures(self) -> list[str]:
-        """What the report lists: a cause shared by VMs of several batches is still one line."""
-        return [what for what, _ in same_cause(self.vm_failures)] + [
-            f for f in self.failures if f not in self.vm_lines]
+        """What the report lists: a cause shared by VMs of several batches is still one line, and the VMs
+        not run because of a failure ride on the first cause's line."""
+        lines = [what for what, _ in same_cause(self.vm_failures)]
+        if self.not_run:
+            skipped = f"not run (they boot after a VM that failed): {', '.join(self.not_run)}"
+            lines = [f"{lines[0]}; {skipped}", *lines[1:]] if lines else [skipped]
+        return lines + [f for f in self.failures if f not in self.vm_lines]
 
 
 def _settle(futures: Iterable[PrefectFuture[Any]]) -> None:
@@ -283,10 +294,12 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
         elif status == "skipped" and not best_effort:
             # A consequence of the failure that is reported: the report lists the VM as skipped.
             run.failed_vms.add(vm)
+            run.not_run.append(todo[vm][0].label)
             run.log.warning("%s: not run (a VM it boots after failed)", todo[vm][0].label)
     run.fail_vms(failed)
     for vm in todo.keys() - futures.keys():
         run.failed_vms.add(vm)
+        run.not_run.append(todo[vm][0].label)
         run.log.warning("%s: not run (a VM it boots after did not go ahead)", todo[vm][0].label)
 
 
@@ -461,6 +474,28 @@ def _write_report(report: RunReport, state: Path) -> Path:
     return out
 
 
+TREND_DRILLS = 30  # drills a plan's trend keeps
+
+
+def _update_trends(report: RunReport, state: Path, rpo: float | None, rto: float | None) -> None:
+    """Add this drill to the plan's trend (<state>/trends/<plan>.json) and publish the drill-trends-<plan>
+    artifact: a chart of achieved RTO and RPO per drill against the objectives, and the table."""
+    import base64
+
+    store = state / "trends" / f"{report.plan}.json"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    points = [TrendPoint.model_validate(x) for x in json.loads(store.read_text())] if store.exists() else []
+    points = [*points, trend_point(report)][-TREND_DRILLS:]
+    store.write_text(json.dumps([p.model_dump(mode="json") for p in points], indent=1))
+    svg = trend_svg(points, rto)
+    (state / "reports").mkdir(parents=True, exist_ok=True)
+    (state / "reports" / f"{report.plan}-drill-trends.svg").write_text(svg, encoding="utf-8")
+    chart = ("![achieved RTO and RPO per drill](data:image/svg+xml;base64,"
+             + base64.b64encode(svg.encode()).decode() + ")")
+    create_markdown_artifact(key=trends_key(report.plan), markdown=trends_markdown(report.plan, points, rpo, rto, chart),
+                             description=f"{report.plan}: achieved RTO and RPO of the last {len(points)} drill(s)")
+
+
 def execute_plan(
     plan: str,
     failover_type: FailoverType = FailoverType.test,
@@ -586,8 +621,12 @@ def execute_plan(
                            approvals=tuple(approvals), scripts=tuple(script_recs), failures=tuple(run.reported_failures()),
                            operator=os_user(), audit=tuple(_audit(run, step_recs, closed)), superseded=tuple(closed),
                            positions=tuple(where), choices=tuple(choices),
-                           requested_by=requested_by or f"{os_user()} (OS user of a command-line run)")
+                           requested_by=requested_by or f"{os_user()} (OS user of a command-line run)",
+                           rpo_objective_seconds=rp.objectives.rpo_seconds,
+                           rto_objective_seconds=rp.objectives.rto_seconds)
         path = _write_report(report, state)
+        if failover_type == FailoverType.test:
+            _update_trends(report, state, rp.objectives.rpo_seconds, rp.objectives.rto_seconds)
         if status == "succeeded" or failover_type == FailoverType.test:
             journal_.complete(the_intent, status)
         summary = report.summary() | {"report": str(path)}

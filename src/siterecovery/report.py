@@ -132,6 +132,8 @@ class RunReport(Frozen):
     choices: tuple[str, ...] = Field((), description="the ways on from a stopped failover")
     requested_by: str = Field("", description="who asked for the run: typed in the UI form (Prefect has no "
                                               "login) or the OS user of a command-line run")
+    rpo_objective_seconds: float | None = None
+    rto_objective_seconds: float | None = None
 
     # ---- derived figures ------------------------------------------------------------------
     @property
@@ -252,8 +254,10 @@ def render_markdown(report: RunReport) -> str:
     r = report
     out = [f"# {r.plan} v{r.plan_version}: {r.failover_type} failover, {r.direction} - **{r.status}**", "",
            f"- Started {_time(r.started_at)}, finished {_time(r.finished_at)} ({_secs(r.seconds)})",
-           f"- Recovery point: {r.recovery_point}; achieved RPO (oldest point used): {_secs(r.achieved_rpo_seconds)}",
-           f"- Achieved RTO (start to last VM started): {_secs(r.achieved_rto_seconds)}",
+           f"- Recovery point: {r.recovery_point}; achieved RPO (oldest point used): {_secs(r.achieved_rpo_seconds)}"
+           + against(r.achieved_rpo_seconds, r.rpo_objective_seconds),
+           f"- Achieved RTO (start to last VM started): {_secs(r.achieved_rto_seconds)}"
+           + against(r.achieved_rto_seconds, r.rto_objective_seconds),
            f"- Waiting on people: {_secs(r.people_seconds)}; fabric busy: {_secs(r.fabric_seconds)}",
            f"- Intent `{r.intent}`{' (resumed: completed steps were not repeated)' if r.resumed else ''}; "
            f"failure policy: {r.failure_policy}; fabric: {r.fabric}", ""]
@@ -423,3 +427,94 @@ def requester_line(requested_by: str) -> str:
     return (f"Requested by **{_md(requested_by)}**. Open-source Prefect has no login: a name typed in the UI "
             "form is what the requester said, not an authenticated identity (put the UI behind an "
             "authenticating proxy: docs/UI.md).")
+
+
+def met(achieved: float | None, objective: float | None) -> str | None:
+    """"met" / "missed" against an objective; None when either is unknown."""
+    if achieved is None or objective is None:
+        return None
+    return "met" if achieved <= objective else "missed"
+
+
+def against(achieved: float | None, objective: float | None) -> str:
+    """The report's words for an achieved figure against its objective (empty without an objective)."""
+    if objective is None:
+        return ""
+    verdict = met(achieved, objective)
+    return f" against objective {_secs(objective)}: **{verdict or 'not measured'}**"
+
+
+class TrendPoint(Frozen):
+    """One drill in a plan's trend: when, how it ended, achieved RTO and RPO."""
+
+    at: datetime
+    status: str
+    flow_run: str | None = None
+    rto_seconds: float | None = None
+    rpo_seconds: float | None = None
+
+
+def trend_point(report: RunReport) -> TrendPoint:
+    return TrendPoint(at=report.started_at, status=report.status, flow_run=report.flow_run_id,
+                      rto_seconds=report.achieved_rto_seconds, rpo_seconds=report.achieved_rpo_seconds)
+
+
+def trend_svg(points: list[TrendPoint], rto_objective: float | None = None, width: int = 640,
+              height: int = 220) -> str:
+    """A line chart of achieved RTO (and RPO) per drill, oldest left, with the RTO objective as a line."""
+    pad, n = 40, len(points)
+    values = [v for p in points for v in (p.rto_seconds, p.rpo_seconds) if v is not None]
+    top = max([*values, rto_objective or 0.0, 1.0]) * 1.1
+
+    def xy(i: int, v: float) -> str:
+        x = pad + (i * (width - 2 * pad) / max(1, n - 1))
+        y = height - pad - v / top * (height - 2 * pad)
+        return f"{x:.1f},{y:.1f}"
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>',
+           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#888"/>',
+           f'<text x="4" y="{pad - 8}">{_secs(top)}</text>', f'<text x="4" y="{height - pad}">0</text>']
+    if rto_objective:
+        y = height - pad - rto_objective / top * (height - 2 * pad)
+        out.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{width - pad}" y2="{y:.1f}" stroke="#c00" '
+                   f'stroke-dasharray="4 3"/><text x="{width - pad - 90}" y="{y - 4:.1f}" fill="#c00">RTO objective</text>')
+    for field, colour, label in (("rto_seconds", "#1f6feb", "RTO"), ("rpo_seconds", "#2da44e", "RPO")):
+        pts = [(i, getattr(p, field)) for i, p in enumerate(points) if getattr(p, field) is not None]
+        if pts:
+            out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" '
+                       f'points="{" ".join(xy(i, v) for i, v in pts)}"/>')
+            out += [f'<circle cx="{xy(i, v).split(",")[0]}" cy="{xy(i, v).split(",")[1]}" r="3" fill="{colour}"/>'
+                    for i, v in pts]
+            out.append(f'<text x="{width - pad + 4}" y="{xy(*pts[-1]).split(",")[1]}" fill="{colour}">{label}</text>')
+    out.append(f'<text x="{pad}" y="{height - 10}">{n} drill(s), oldest left</text></svg>')
+    return "".join(out)
+
+
+def trends_markdown(plan: str, points: list[TrendPoint], rpo_objective: float | None = None,
+                    rto_objective: float | None = None, chart: str = "") -> str:
+    """The drill-trends artifact: the chart (an image reference) and one row per drill, newest first, with
+    the change in RTO against the drill before (a slower drill reads as a regression)."""
+    out = [f"# Drill trends: {plan}", "",
+           f"RTO objective: {_secs(rto_objective)}; RPO objective: {_secs(rpo_objective)}.", ""]
+    if chart:
+        out += [chart, ""]
+    out += ["| drill started | status | RTO | vs previous | RTO objective | RPO | RPO objective | flow run |",
+            "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for i, p in enumerate(points):
+        prev = points[i - 1].rto_seconds if i > 0 else None
+        delta = ""
+        if prev is not None and p.rto_seconds is not None:
+            d = p.rto_seconds - prev
+            delta = f"{'+' if d >= 0 else '-'}{_secs(abs(d))}" + (" (slower)" if d > 0.1 * prev else "")
+        rows.append(f"| {_time(p.at)} | {p.status} | {_secs(p.rto_seconds)} | {delta} "
+                    f"| {met(p.rto_seconds, rto_objective) or ''} | {_secs(p.rpo_seconds)} "
+                    f"| {met(p.rpo_seconds, rpo_objective) or ''} | {_md(p.flow_run or '')} |")
+    return "\n".join(out + rows[::-1]) + "\n"
+
+
+def trends_key(plan: str) -> str:
+    return artifact_key(plan, "test").replace("drill-", "drill-trends-", 1)

@@ -115,6 +115,7 @@ def test_one_missing_precondition_is_one_error(estate) -> None:  # type: ignore[
     failures = exc.value.summary["failures"]
     assert len(failures) == 1, failures
     assert "replication is not enabled" in failures[0] and failures[0].startswith("4 VMs failed the same way (test failover db-1, "), failures
+    assert failures[0].endswith("not run (they boot after a VM that failed): test failover db-2"), failures
     # db-1 and (the continue policy going on) the three web VMs: one cause, one line; db-2 boots after
     # db-1, so it was skipped, not failed.
     # No cleanup error for VMs whose failover never began.
