@@ -77,6 +77,8 @@ class ProtectionSettings(Frozen):
     replicate: bool = Field(True, description="schedule a replication cycle per pairing at its copy frequency "
                                               "(not for Hyper-V pairings: Hyper-V Replica replicates by itself)")
     health_interval_seconds: int = Field(600, ge=10)
+    paused_reason: str = Field("", description="non-empty: the protection schedules are created paused, and "
+                                               "the deployments' descriptions say why (the UI shows it)")
 
 
 class Settings(Frozen):
@@ -271,6 +273,14 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
             "concurrency_limit": 1,
             "schedules": [_schedule(Schedule(cron=_daily(window[0])), settings.timezone)] if window else [],
         })
+    reason = settings.protection.paused_reason.strip()
+    if reason:
+        # A dashboard that is red before anyone acted teaches people to ignore red: schedules that cannot
+        # work here are created paused, saying why, for a person to resume.
+        for d in deployments:
+            if "protection" in d["tags"] and d["schedules"]:
+                d["schedules"] = [{**sch, "active": False} for sch in d["schedules"]]
+                d["description"] += f" Schedule created PAUSED: {reason}"
     # No build/push: deployments run from this checkout. No pull section either: `prefect deploy`
     # then records the directory it ran in (the repository root) as the runs' working directory,
     # which keeps machine paths out of this file.

@@ -253,7 +253,8 @@ def _md(text: object) -> str:
 def render_markdown(report: RunReport) -> str:
     r = report
     out = [f"# {r.plan} v{r.plan_version}: {r.failover_type} failover, {r.direction} - **{r.status}**", "",
-           f"- Started {_time(r.started_at)}, finished {_time(r.finished_at)} ({_secs(r.seconds)})",
+           f"- Started {_time(r.started_at)}, finished {_time(r.finished_at)} ({_secs(r.seconds)})"
+           + paused_note(r.people_seconds),
            f"- Recovery point: {r.recovery_point}; achieved RPO (oldest point used): {_secs(r.achieved_rpo_seconds)}"
            + against(r.achieved_rpo_seconds, r.rpo_objective_seconds),
            f"- Achieved RTO (start to last VM started): {_secs(r.achieved_rto_seconds)}"
@@ -518,3 +519,11 @@ def trends_markdown(plan: str, points: list[TrendPoint], rpo_objective: float | 
 
 def trends_key(plan: str) -> str:
     return artifact_key(plan, "test").replace("drill-", "drill-trends-", 1)
+
+
+def paused_note(people_seconds: float) -> str:
+    """Why Prefect's run duration is shorter than the report's: it leaves out the time a run is Paused."""
+    if people_seconds < 0.5:
+        return ""
+    return (f"; Prefect's duration of the flow run leaves out the {_secs(people_seconds)} it was paused waiting "
+            "for approvals")

@@ -120,3 +120,43 @@ def test_one_missing_precondition_is_one_error(estate) -> None:  # type: ignore[
     # db-1, so it was skipped, not failed.
     # No cleanup error for VMs whose failover never began.
     assert not any("cleanup" in f for f in failures)
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from tasks.limits import live_run
+with live_run(Path(sys.argv[1]), "app", ["db-1"], "99999999-8888-7777-6666-555555555555", "test failover"):
+    print("HELD", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_holder_does_not_block_the_next_run(estate) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL (a dead worker and flow process): its record's lock and its ledger entry die with it, so the
+    next run of the plan goes ahead at once instead of waiting for the lease to expire (5 min)."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.fabric import state_dir
+
+    e = estate()
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(state_dir(e.root))], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "HELD"
+        with pytest.raises(RunRefused, match="99999999-8888-7777-6666-555555555555"):
+            recovery_plan(plan="app", project=str(e.root))
+    finally:
+        holder.kill()
+        holder.wait(30)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    t0 = time.monotonic()
+    assert recovery_plan(plan="app", project=str(e.root))["status"] == "succeeded"
+    assert time.monotonic() - t0 < 120  # not the 300 s lease
