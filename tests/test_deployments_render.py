@@ -212,3 +212,14 @@ def test_forms_everyday_fields_first_help_on_every_field_no_none_types() -> None
             # Optional types render as "Property is type None" in the UI.
             text = json.dumps(spec)
             assert '"null"' not in text and "anyOf" not in text, f"{name}: {field} is optional: {text}"
+
+
+def test_the_worked_example_starts_green_its_protection_schedules_paused_with_a_reason() -> None:
+    doc = render(load_project(ROOT / "plans"), load_settings(ROOT / "deployments" / "settings.yaml"))
+    scheduled = [d for d in doc["deployments"] if "protection" in d["tags"] and d["schedules"]]
+    assert scheduled, "the worked example has scheduled protection jobs"
+    for d in scheduled:
+        assert all(sch["active"] is False for sch in d["schedules"]), d["name"]
+        assert "Schedule created PAUSED: the worked example's Hyper-V hosts" in d["description"]
+    # Drills stay scheduled (weekly): they are what a person resumes protection for.
+    assert all(sch["active"] for d in _by(doc, ":dr_drill").values() for sch in d["schedules"])

@@ -351,13 +351,15 @@ def same_cause(failed: list[tuple[str, str, str]]) -> list[tuple[str, list[str]]
     for vm, label, reason in failed:
         # The cause without its per-VM context ("[vm=.., host=.., operation=..]"): the same for every VM.
         cause = re.sub(r" \[[^\]]*\]", "", reason)
-        groups.setdefault(cause.replace(vm, "{vm}") if vm else cause, []).append((vm, label, reason))
+        key = re.sub(rf"(?<![\w-]){re.escape(vm)}(?![\w-])", "{vm}", cause) if vm else cause  # the name only
+        groups.setdefault(key, []).append((vm, label, reason))
     out: list[tuple[str, list[str]]] = []
-    for cause, members in groups.items():
+    for members in groups.values():
         vms = [m[0] for m in members]
         if len(members) == 1:
             out.append((f"{members[0][1]}: {members[0][2]}", vms))
         else:
+            cause = re.sub(r" \[[^\]]*\]", "", members[0][2])
             out.append((f"{len(members)} VMs failed the same way ({', '.join(m[1] for m in members)}): {cause}",
                         vms))
     return out
