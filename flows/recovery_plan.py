@@ -571,6 +571,7 @@ def execute_plan(
                  failover_type.value, direction.value, len(steps), len(compiled.batches), the_intent.id,
                  " (resuming)" if the_intent.resumed else "")
         unexpected: BaseException | None = None
+        interrupted: BaseException | None = None
         try:
             for i, batch in enumerate(compiled.batches):
                 log.info("batch %d/%d: %s", i + 1, len(compiled.batches), batch.name)
@@ -592,6 +593,9 @@ def execute_plan(
         except Exception as exc:  # a bug or an unreachable API: still clean up and report
             run.fail(f"run aborted: {type(exc).__name__}: {exc}")
             unexpected = exc
+        except BaseException as exc:  # cancelled (the worker's SIGTERM) or interrupted: clean up, report, go
+            run.fail(f"run cancelled ({type(exc).__name__}) during the plan; cleaned up and reported before stopping")
+            interrupted = exc
         finally:
             try:
                 for j, batch in enumerate(compiled.cleanup):
@@ -604,8 +608,10 @@ def execute_plan(
                 run.slots.release()
 
         step_recs, script_recs, approvals = _records(run, started)
-        status: Literal["succeeded", "failed", "stopped"] = "succeeded"
-        if run.failures:
+        status: Literal["succeeded", "failed", "stopped", "cancelled"] = "succeeded"
+        if interrupted is not None:
+            status = "cancelled"
+        elif run.failures:
             # A person said no (or nobody answered): the plan stopped as designed, it did not fail.
             rejected = any(a.decision in ("rejected", "timed_out") for a in run.approvals)
             status = "stopped" if rejected and unexpected is None else "failed"
@@ -631,6 +637,9 @@ def execute_plan(
             journal_.complete(the_intent, status)
         summary = report.summary() | {"report": str(path)}
         log.info("%s: %s in %.1f s; report %s", rp.name, status, report.seconds, path)
+        if interrupted is not None:
+            log.warning("%s: cancelled; report %s%s", rp.name, path, (". " + stop_line(where, choices)) if where else "")
+            raise interrupted
         if status != "succeeded":
             msg = f"{rp.name}: {status}: " + "; ".join(report.failures[:5])
             if where:

@@ -120,7 +120,7 @@ class RunReport(Frozen):
     fabric: str = ""
     started_at: datetime
     finished_at: datetime
-    status: Literal["succeeded", "failed", "stopped"]
+    status: Literal["succeeded", "failed", "stopped", "cancelled"]
     steps: tuple[StepRecord, ...] = ()
     approvals: tuple[ApprovalRecord, ...] = ()
     scripts: tuple[ScriptRecord, ...] = ()

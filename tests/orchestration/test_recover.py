@@ -96,3 +96,4 @@ def test_a_failed_failover_resumes_through_recover(estate) -> None:  # type: ign
     with pytest.raises(PlanFailed) as exc3:
         way_on(e, "app", "cancel-failover")
     assert "does not allow cancel_failover" in str(exc3.value)
+
