@@ -63,3 +63,9 @@ def test_show_table_and_plan_file() -> None:
 def test_show_unknown_plan_is_a_usage_error() -> None:
     r = cli("show", "nope")
     assert r.returncode == 2 and "unknown plan 'nope'" in (r.stdout + r.stderr)
+
+
+def test_failover_cancel_needs_the_plan_name() -> None:
+    r = cli("failover", "cancel", "three-tier")
+    assert r.returncode == 2 and "cancel-failover of 'three-tier' changes production" in r.stderr
+    assert "--confirm three-tier" in r.stderr
