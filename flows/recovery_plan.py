@@ -8,9 +8,11 @@ run. A test failover is always cleaned up, also after a failure. Every run ends 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +30,7 @@ from siterecovery.errors import (
     ApprovalRejected,
     ApprovalTimedOut,
     ConfigurationError,
+    NotFoundError,
     SiteRecoveryError,
 )
 from siterecovery.estate import open_estate
@@ -38,18 +41,28 @@ from siterecovery.paths import child
 from siterecovery.placement import plan_placements
 from siterecovery.project import PlanSource, Project, load_project
 from siterecovery.report import (
+    POINT_OPERATIONS,
     READ_OPERATIONS,
     ApprovalRecord,
     AuditRecord,
     RunReport,
     ScriptRecord,
     StepRecord,
+    TrendPoint,
+    positions,
     render_html,
     render_markdown,
     report_filename,
+    same_cause,
+    stop_line,
+    trend_point,
+    trend_svg,
+    trends_key,
+    trends_markdown,
+    way_back,
 )
 from tasks.fabric import result_storage
-from tasks.limits import Reservation, ensure_limits, limit_name, reclaim_abandoned
+from tasks.limits import Reservation, ensure_limits, limit_name, live_run, reclaim_abandoned
 from tasks.script import ScriptJob, run_script, script_cache_key
 from tasks.vm import VMJob, job_cache_key, run_vm_steps
 
@@ -64,6 +77,23 @@ PointKind = Literal["latest", "latest_processed", "latest_app_consistent", "poin
 
 class ConfirmationRequired(ConfigurationError):
     """A planned or unplanned failover was started without `confirm` naming the plan."""
+
+
+class _ExpectedErrors(logging.Filter):
+    """Prefect logs the exception that ends a flow run with its traceback. An error this project raises
+    on purpose (a refusal, a guard, a plan that stopped or failed with its report written) already says
+    what happened and what to do: log it as one line. Tracebacks stay for everything else (bugs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, SiteRecoveryError):
+            kind = "refused" if isinstance(exc, ConfigurationError) else "stopped"
+            record.msg, record.args = "%s: %s", (kind, str(exc))
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("prefect.flow_runs").addFilter(_ExpectedErrors())
 
 
 class PlanFailed(SiteRecoveryError):
@@ -116,7 +146,13 @@ class _Run:
     log: logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
     slots: Reservation
     failed_vms: set[str] = field(default_factory=set)
+    # VMs whose failover never started because their replication is not enabled: nothing to clean up.
+    unprotected: set[str] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)
+    # Failed VMs as (vm, step label, reason), for the report's one line per cause across batches.
+    vm_failures: list[tuple[str, str, str]] = field(default_factory=list)
+    vm_lines: set[str] = field(default_factory=set)
+    not_run: list[str] = field(default_factory=list)  # step labels skipped because a VM they boot after failed
     approvals: list[ApprovalRecord] = field(default_factory=list)
     stopped: str | None = None
     dry_run: bool = False
@@ -131,6 +167,23 @@ class _Run:
         if vm:
             self.failed_vms.add(vm)
         self.log.error("%s", what)
+
+    def fail_vms(self, failed: list[tuple[str, str, str]]) -> None:
+        """VMs of one batch failed: one error line per cause (not one per VM)."""
+        for what, vms in same_cause(failed):
+            self.fail(what, vms[0])
+            self.failed_vms.update(vms)
+            self.vm_lines.add(what)
+        self.vm_failures += failed
+
+    def reported_failures(self) -> list[str]:
+        """What the report lists: a cause shared by VMs of several batches is still one line, and the VMs
+        not run because of a failure ride on the first cause's line."""
+        lines = [what for what, _ in same_cause(self.vm_failures)]
+        if self.not_run:
+            skipped = f"not run (they boot after a VM that failed): {', '.join(self.not_run)}"
+            lines = [f"{lines[0]}; {skipped}", *lines[1:]] if lines else [skipped]
+        return lines + [f for f in self.failures if f not in self.vm_lines]
 
 
 def _settle(futures: Iterable[PrefectFuture[Any]]) -> None:
@@ -193,8 +246,9 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
     wanted: dict[str, int] = {}
     todo: dict[str, list[Step]] = {}
     for vm, steps in jobs.items():
-        # A VM that failed earlier is not taken further (continue policy); cleanup always runs.
-        if vm in run.failed_vms and not cleanup:
+        # A VM that failed earlier is not taken further (continue policy); cleanup always runs, except
+        # where the failover never began (replication not enabled: the same error again, per VM).
+        if (vm in run.failed_vms and not cleanup) or (cleanup and vm in run.unprotected):
             continue
         todo[vm] = steps
         for name in (limit_name("host", steps[0].host or ""), limit_name("site", steps[0].site or "")):
@@ -226,17 +280,29 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
     _settle(futures.values())
     run.log.info("%s: done in %.2f s", batch.name, time.monotonic() - t0)
     best_effort = all(s.best_effort for s in batch.steps)
+    failed: list[tuple[str, str, str]] = []
     for vm, fut in futures.items():
         status, exc = _outcome(fut)
         if status == "failed":
-            if best_effort:
+            if isinstance(exc, NotFoundError) and getattr(exc, "operation", None) in POINT_OPERATIONS:
+                run.unprotected.add(vm)
+            if cleanup and isinstance(exc, NotFoundError):
+                # Cleaning up what does not exist is done: not a second error for the one cause.
+                run.log.info("%s: nothing to clean up (%s)", todo[vm][0].label, _reason(exc))
+            elif best_effort:
                 run.log.warning("%s failed (best effort, going on): %s", todo[vm][0].label, _reason(exc))
             else:
-                run.fail(f"{todo[vm][0].label}: {_reason(exc)}", vm)
+                failed.append((vm, todo[vm][0].label, _reason(exc)))
         elif status == "skipped" and not best_effort:
-            run.fail(f"{todo[vm][0].label}: not run (a VM it boots after failed)", vm)
+            # A consequence of the failure that is reported: the report lists the VM as skipped.
+            run.failed_vms.add(vm)
+            run.not_run.append(todo[vm][0].label)
+            run.log.warning("%s: not run (a VM it boots after failed)", todo[vm][0].label)
+    run.fail_vms(failed)
     for vm in todo.keys() - futures.keys():
-        run.fail(f"{todo[vm][0].label}: not run (a VM it boots after did not go ahead)", vm)
+        run.failed_vms.add(vm)
+        run.not_run.append(todo[vm][0].label)
+        run.log.warning("%s: not run (a VM it boots after did not go ahead)", todo[vm][0].label)
 
 
 def _script_context(run: _Run, step: Step) -> dict[str, Any]:
@@ -410,6 +476,28 @@ def _write_report(report: RunReport, state: Path) -> Path:
     return out
 
 
+TREND_DRILLS = 30  # drills a plan's trend keeps
+
+
+def _update_trends(report: RunReport, state: Path, rpo: float | None, rto: float | None) -> None:
+    """Add this drill to the plan's trend (<state>/trends/<plan>.json) and publish the drill-trends-<plan>
+    artifact: a chart of achieved RTO and RPO per drill against the objectives, and the table."""
+    import base64
+
+    store = state / "trends" / f"{report.plan}.json"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    points = [TrendPoint.model_validate(x) for x in json.loads(store.read_text())] if store.exists() else []
+    points = [*points, trend_point(report)][-TREND_DRILLS:]
+    store.write_text(json.dumps([p.model_dump(mode="json") for p in points], indent=1))
+    svg = trend_svg(points, rto)
+    (state / "reports").mkdir(parents=True, exist_ok=True)
+    (state / "reports" / f"{report.plan}-drill-trends.svg").write_text(svg, encoding="utf-8")
+    chart = ("![achieved RTO and RPO per drill](data:image/svg+xml;base64,"
+             + base64.b64encode(svg.encode()).decode() + ")")
+    create_markdown_artifact(key=trends_key(report.plan), markdown=trends_markdown(report.plan, points, rpo, rto, chart),
+                             description=f"{report.plan}: achieved RTO and RPO of the last {len(points)} drill(s)")
+
+
 def execute_plan(
     plan: str,
     failover_type: FailoverType = FailoverType.test,
@@ -425,8 +513,10 @@ def execute_plan(
     fabric_options: dict[str, Any] | None = None,
     host_limit: int | None = None,
     site_limit: int | None = None,
+    requested_by: str = "",
 ) -> dict[str, Any]:
     """Run a plan inside the current flow run; the summary (a report is written either way).
+    `requested_by`: who asked (a UI form's required field); empty: the OS user (a CLI run).
     Raises PlanFailed (with the summary) when the run did not complete."""
     log = get_run_logger()
     started = datetime.now(UTC)
@@ -447,9 +537,17 @@ def execute_plan(
     journal_ = IntentJournal(state)
     # A test failover always cleans up after itself: nothing to resume, each drill starts afresh.
     the_intent = journal_.begin(key, prefix=f"{rp.name}-{failover_type.value}", explicit=intent,
-                                fresh=failover_type == FailoverType.test and not intent)
+                                fresh=failover_type == FailoverType.test and not intent,
+                                params={"plan": rp.name, "failover_type": failover_type.value,
+                                        "direction": direction.value, "recovery_point": recovery_point,
+                                        "point_in_time": point_in_time.isoformat() if point_in_time else None,
+                                        "options": options.model_dump(mode="json"), "fabric": fabric,
+                                        "failure_policy": failure_policy.value if failure_policy else None,
+                                        "fabric_options": fabric_options, "host_limit": host_limit,
+                                        "site_limit": site_limit})
     lock = RunLock(state, the_intent.id)
     earlier = lock.acquire(flow_run)
+    owned = ExitStack()
     try:
         closed = _close_abandoned(earlier, the_intent.id, flow_run, log)
         for gone in reclaim_abandoned(state / "leases"):
@@ -457,6 +555,9 @@ def execute_plan(
                         "lease to expire", gone.get("occupy"), ", ".join(gone.get("names", [])), gone.get("holder"),
                         gone.get("pid"))
         steps = compiled.steps()
+        # One live run per plan, one owner per VM: refused here, before any fabric call.
+        owned.enter_context(live_run(state, rp.name, sorted({s.vm for s in steps if s.vm}), flow_run,
+                                     f"{failover_type.value} failover"))
         names: dict[str, int | None] = {}
         for s in steps:
             if s.kind == "vm":
@@ -472,6 +573,7 @@ def execute_plan(
                  failover_type.value, direction.value, len(steps), len(compiled.batches), the_intent.id,
                  " (resuming)" if the_intent.resumed else "")
         unexpected: BaseException | None = None
+        interrupted: BaseException | None = None
         try:
             for i, batch in enumerate(compiled.batches):
                 log.info("batch %d/%d: %s", i + 1, len(compiled.batches), batch.name)
@@ -493,6 +595,9 @@ def execute_plan(
         except Exception as exc:  # a bug or an unreachable API: still clean up and report
             run.fail(f"run aborted: {type(exc).__name__}: {exc}")
             unexpected = exc
+        except BaseException as exc:  # cancelled (the worker's SIGTERM) or interrupted: clean up, report, go
+            run.fail(f"run cancelled ({type(exc).__name__}) during the plan; cleaned up and reported before stopping")
+            interrupted = exc
         finally:
             try:
                 for j, batch in enumerate(compiled.cleanup):
@@ -505,11 +610,15 @@ def execute_plan(
                 run.slots.release()
 
         step_recs, script_recs, approvals = _records(run, started)
-        status: Literal["succeeded", "failed", "stopped"] = "succeeded"
-        if run.failures:
+        status: Literal["succeeded", "failed", "stopped", "cancelled"] = "succeeded"
+        if interrupted is not None:
+            status = "cancelled"
+        elif run.failures:
             # A person said no (or nobody answered): the plan stopped as designed, it did not fail.
             rejected = any(a.decision in ("rejected", "timed_out") for a in run.approvals)
             status = "stopped" if rejected and unexpected is None else "failed"
+        where = positions(step_recs) if status != "succeeded" and failover_type != FailoverType.test else []
+        choices = way_back(rp.name, where) if where else []
         report = RunReport(plan=rp.name, plan_version=rp.version, failover_type=failover_type.value,
                            direction=direction.value, recovery_point=recovery_point + (
                                f" at {point_in_time.isoformat()}" if point_in_time else ""),
@@ -517,17 +626,31 @@ def execute_plan(
                            flow_run_id=flow_run, fabric=fabric or ", ".join(sorted({run.kind(s.host) for s in steps
                                                                                    if s.kind == "vm"})),
                            started_at=started, finished_at=datetime.now(UTC), status=status, steps=tuple(step_recs),
-                           approvals=tuple(approvals), scripts=tuple(script_recs), failures=tuple(run.failures),
-                           operator=os_user(), audit=tuple(_audit(run, step_recs, closed)), superseded=tuple(closed))
+                           approvals=tuple(approvals), scripts=tuple(script_recs), failures=tuple(run.reported_failures()),
+                           operator=os_user(), audit=tuple(_audit(run, step_recs, closed)), superseded=tuple(closed),
+                           positions=tuple(where), choices=tuple(choices),
+                           requested_by=requested_by or f"{os_user()} (OS user of a command-line run)",
+                           rpo_objective_seconds=rp.objectives.rpo_seconds,
+                           rto_objective_seconds=rp.objectives.rto_seconds)
         path = _write_report(report, state)
+        if failover_type == FailoverType.test:
+            _update_trends(report, state, rp.objectives.rpo_seconds, rp.objectives.rto_seconds)
         if status == "succeeded" or failover_type == FailoverType.test:
             journal_.complete(the_intent, status)
         summary = report.summary() | {"report": str(path)}
         log.info("%s: %s in %.1f s; report %s", rp.name, status, report.seconds, path)
+        if interrupted is not None:
+            log.warning("%s: cancelled; report %s%s", rp.name, path, (". " + stop_line(where, choices)) if where else "")
+            raise interrupted
         if status != "succeeded":
-            raise PlanFailed(f"{rp.name}: {status}: " + "; ".join(run.failures[:5]), summary=summary, report=str(path))
+            msg = f"{rp.name}: {status}: " + "; ".join(report.failures[:5])
+            if where:
+                # The run's last line: where every VM is and the ways on (also in the report).
+                msg += ". " + stop_line(where, choices)
+            raise PlanFailed(msg, summary=summary, report=str(path))
         return summary
     finally:
+        owned.close()
         lock.release()
 
 
@@ -547,6 +670,7 @@ def recovery_plan(
     fabric_options: dict[str, Any] | None = None,
     host_limit: int | None = None,
     site_limit: int | None = None,
+    requested_by: str = "",
 ) -> dict[str, Any]:
     """Run a recovery plan: a test failover (drill), a planned or an unplanned failover, forward or back.
 
@@ -565,6 +689,7 @@ def recovery_plan(
         fabric_options: driver options (memory fabric: latency, state_file).
         host_limit: set the Prefect concurrency limit of each host touched (default: keep the server's; 4 when missing).
         site_limit: set the Prefect concurrency limit of each site touched (default: keep the server's; 16 when missing).
+        requested_by: who asks for this run; empty: the OS user running it.
     """
     return execute_plan(plan, failover_type, direction, recovery_point, point_in_time, options, project, fabric,
-                        confirm, intent, failure_policy, fabric_options, host_limit, site_limit)
+                        confirm, intent, failure_policy, fabric_options, host_limit, site_limit, requested_by)

@@ -45,6 +45,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from siterecovery.errors import ConfigurationError
 from siterecovery.paths import child
 
 DEFAULT_HOST_LIMIT = 4   # concurrent VM operations per Hyper-V / linux host (VMMS serialises more anyway)
@@ -146,7 +147,8 @@ class _LedgerEntry:
 
 
 @contextmanager
-def _leased(names: list[str], occupy: int, ledger: Path | None, key: str) -> Iterator[None]:
+def _leased(names: list[str], occupy: int, ledger: Path | None, key: str, timeout: float = ACQUIRE_TIMEOUT,
+            holder: Any = None, max_retries: int | None = None) -> Iterator[None]:
     """Prefect's `concurrency()` (acquire with a lease, renew it in the background, release), plus the
     ledger entry. Uses prefect.concurrency's lease helpers directly, because `concurrency()` does not
     tell its caller the lease id (prefect pinned to 3.8.x; tests/orchestration/test_limits_leases.py
@@ -157,8 +159,8 @@ def _leased(names: list[str], occupy: int, ledger: Path | None, key: str) -> Ite
         release_concurrency_slots_with_lease,
     )
 
-    got = acquire_concurrency_slots_with_lease(names, occupy, timeout_seconds=ACQUIRE_TIMEOUT, strict=True,
-                                               lease_duration=LEASE_SECONDS)
+    got = acquire_concurrency_slots_with_lease(names, occupy, timeout_seconds=timeout, strict=True,
+                                               lease_duration=LEASE_SECONDS, holder=holder, max_retries=max_retries)
     entry = _LedgerEntry(ledger, str(got.lease_id), names, occupy, key) if ledger is not None else None
     try:
         with maintain_concurrency_lease(got.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=True):
@@ -316,3 +318,97 @@ def wait_released(timeout: float | None = None) -> bool:
     with _REG_LOCK:
         _RELEASING[:] = [t for t in _RELEASING if t.is_alive()]
         return not _RELEASING
+
+
+# ---- one live run per plan, one owner per VM -------------------------------------------------------
+
+# A plan's slot is free or held: a start never queues behind another run. The first answer (423 Locked,
+# or the slot) decides; the timeout only bounds a server that does not answer (seconds under load here).
+PLAN_ACQUIRE_SECONDS = 60.0
+
+
+class RunRefused(ConfigurationError):
+    """A run was refused at its start because another live run holds its plan or some of its VMs."""
+
+
+def plan_limit(plan: str) -> str:
+    return limit_name("plan", plan)
+
+
+def _live_records(live: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The records of runs whose process still holds them (flock); records of dead runs are removed."""
+    out = []
+    for path in sorted(live.glob("*.json")):
+        try:
+            f = open(path)  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            continue
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its holder is alive: read what it wrote
+                try:
+                    out.append((path, json.loads(f.read() or "{}")))
+                except ValueError:
+                    pass
+                continue
+            path.unlink(missing_ok=True)  # its process died: nobody owns these VMs any more
+    return out
+
+
+def _holder(rec: dict[str, Any]) -> str:
+    run = rec.get("flow_run") or f"pid {rec.get('pid')}"
+    return f"flow run {run} ({rec.get('kind', 'run')} of plan '{rec.get('plan')}', started {rec.get('started', '?')})"
+
+
+@contextmanager
+def live_run(state: Path, plan: str, vms: list[str], flow_run: str | None, kind: str) -> Iterator[None]:
+    """Hold plan `plan` and its `vms` for the block, or raise RunRefused naming the run that holds them.
+
+    The plan is a Prefect global concurrency limit of 1 (`siterecovery-plan-<plan>`, strict), taken
+    without waiting, with its lease in the ledger (a killed holder's slot is reclaimed by the next run,
+    not after the lease expires). The VMs are owned through a record in `<state>/live/`, flock-ed by the
+    run's process for as long as it runs, so a run of another plan sharing a VM is refused too."""
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+
+    live = state / "live"
+    live.mkdir(parents=True, exist_ok=True)
+    name = plan_limit(plan)
+    ensure_limits({name: 1})
+    me = {"plan": plan, "kind": kind, "flow_run": flow_run, "pid": os.getpid(), "vms": sorted(vms),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    record: Any = None
+    with open(live / ".lock", "a") as guard:
+        # One starting run at a time checks and claims: two runs started together cannot both pass.
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        for _, rec in _live_records(live):
+            if rec.get("plan") == plan:
+                raise RunRefused(f"plan '{plan}' already has a live run: {_holder(rec)}; wait for it to finish "
+                                 "or cancel it, then start again")
+            shared = sorted(set(vms) & set(rec.get("vms", [])))
+            if shared:
+                raise RunRefused(f"VM(s) {', '.join(shared)} of plan '{plan}' belong to a live run of another plan: "
+                                 f"{_holder(rec)}; wait for it to finish or cancel it, then start again")
+        holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run) if flow_run else None
+        stack = ExitStack()
+        try:
+            stack.enter_context(_leased([name], 1, state / "leases", f"{flow_run}:plan", timeout=PLAN_ACQUIRE_SECONDS,
+                                        holder=holder, max_retries=0))
+        except ConcurrencySlotAcquisitionError as exc:
+            if getattr(getattr(exc.__cause__, "response", None), "status_code", None) != 423:  # not "held"
+                raise
+            raise RunRefused(f"plan '{plan}' already has a live run (Prefect concurrency limit {name} is held, by a "
+                             "run on another machine or state directory); wait for it to finish or cancel it, then "
+                             "start again") from None
+        path = live / f"{plan}-{os.getpid()}-{threading.get_ident()}.json"
+        record = open(path, "w")  # noqa: SIM115 - held for the run
+        fcntl.flock(record, fcntl.LOCK_EX)
+        json.dump(me, record)
+        record.flush()
+    try:
+        with stack:
+            yield
+    finally:
+        Path(record.name).unlink(missing_ok=True)
+        record.close()

@@ -140,3 +140,29 @@ def _record(step: Step, status: str, start: datetime, end: datetime, res: OpResu
         point_created_at=res.point.created_at if res and res.point else None, error=error,
         slot_wait_seconds=round(waited, 4),
     ).model_dump(mode="json")
+
+
+@task(name="vm-operation", task_run_name="{label}", retries=RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS,
+      retry_condition_fn=only_transient)
+def vm_operation(label: str, operation: str, placement: Placement, fabric: str, state_dir: str,
+                 fabric_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One idempotent fabric operation on one VM outside a compiled plan (recover/<plan>: commit or cancel
+    a failover); returns its StepRecord (as a dict). A VM with nothing to do answers changed=False."""
+    if operation not in ("commit_failover", "cancel_failover"):
+        raise ValueError(f"vm_operation does not run {operation}")
+    driver = get_fabric(fabric, Path(state_dir), fabric_options)
+    t0 = _now()
+    res: OpResult = getattr(driver, operation)(placement)
+    message = f"{res.message} ({res.state.value})"
+    if operation == "cancel_failover":
+        # Back to before the failover means the service runs where it ran: start the source VM (a planned
+        # failover shut it down). Best effort: after a site loss the source host may still be gone.
+        try:
+            up = driver.start_vm(placement, side="source")
+            message += f"; source VM on {placement.source.name}: {up.message}"
+        except SiteRecoveryError as exc:
+            message += f"; source VM not started ({exc}): start it once its host is back"
+    return StepRecord(id=f"recover/{operation}/{placement.vm}", label=label, stage="recover", operation=operation,
+                      vm=placement.vm, host=res.host or placement.target.name, status="completed",
+                      started_at=res.started_at or t0, finished_at=_now(), changed=res.changed,
+                      message=message).model_dump(mode="json")

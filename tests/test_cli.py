@@ -82,3 +82,9 @@ def test_run_of_an_invalid_plan_prints_its_problems(tmp_path: Path) -> None:
     r = cli("run", str(tmp_path / "bad.yaml"))
     text = r.stdout + r.stderr
     assert r.returncode == 1 and f"{tmp_path / 'bad.yaml'}:" in text and "Traceback" not in text
+
+
+def test_failover_cancel_needs_the_plan_name() -> None:
+    r = cli("failover", "cancel", "three-tier")
+    assert r.returncode == 2 and "cancel-failover of 'three-tier' changes production" in r.stderr
+    assert "--confirm three-tier" in r.stderr

@@ -4,9 +4,11 @@ matches the renderer, schedules come from the settings, and nothing secret or ma
 from __future__ import annotations
 
 import ast
+import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -52,17 +54,19 @@ def test_every_plan_gets_a_weekly_drill_and_an_on_demand_failover() -> None:
     drills, failovers = _by(doc, ":dr_drill"), _by(doc, ":failover")
     assert set(drills) == set(failovers) == set(project.plans) == {"three-tier", "web-only"}
     # web-only keeps the default weekly cron; three-tier has its own from the settings file.
-    assert drills["web-only"]["schedules"] == [{"cron": "0 2 * * 6", "timezone": "UTC", "active": True}]
+    assert drills["web-only"]["schedules"] == [{"cron": "0 2 * * 6", "timezone": "UTC", "active": True,
+                                                "parameters": {"requested_by": "schedule of dr-drill/web-only"}}]
     assert drills["three-tier"]["schedules"][0]["cron"] == "0 3 * * 0"
     for name, d in drills.items():
-        assert d["parameters"] == {"plan": name, "project": "plans", "cleanup": "immediate"}
+        # requested_by is the person's to fill in (the form requires it); the schedule names itself.
+        assert d["parameters"] == {"plan": name, "cleanup": "immediate", "advanced": {"project": "plans"}}
         assert d["work_pool"]["name"] == "siterecovery"
     for name, f in failovers.items():
         assert f["schedules"] == []
         assert f["enforce_parameter_schema"] is True
-        # The guard is not pre-filled: the form opens on a test failover with an empty confirmation.
-        assert f["parameters"] == {"plan": name, "project": "plans", "failover_type": "test", "confirm": ""}
-        assert f"'confirm' is the plan's name ('{name}')" in f["description"]
+        # The guard is not pre-filled: confirm, the type and the requester are the person's to give.
+        assert f["parameters"] == {"plan": name, "advanced": {"project": "plans"}}
+        assert f"Type the plan's name ('{name}') in 'confirm'" in f["description"]
 
 
 def test_protection_jobs_follow_the_policy() -> None:
@@ -109,10 +113,11 @@ def test_settings_override_and_validation(tmp_path: Path) -> None:
         "schedule": {"interval_seconds": 3600},
         "plans": {"web-only": {"drill": {"cron": "30 1 * * *", "active": False}, "cleanup": "after_approval"}}}})
     drills = _by(render(project, s), ":dr_drill")
-    assert drills["web-only"]["schedules"] == [{"cron": "30 1 * * *", "timezone": "UTC", "active": False}]
+    assert drills["web-only"]["schedules"] == [{"cron": "30 1 * * *", "timezone": "UTC", "active": False,
+                                                "parameters": {"requested_by": "schedule of dr-drill/web-only"}}]
     assert drills["web-only"]["parameters"]["cleanup"] == "after_approval"
     assert drills["three-tier"]["schedules"][0]["interval"] == 3600
-    assert drills["three-tier"]["parameters"]["fabric"] == "memory"
+    assert drills["three-tier"]["parameters"]["advanced"]["fabric"] == "memory"
     assert drills["three-tier"]["work_pool"]["name"] == "dr"
 
     with pytest.raises(PlanError, match="unknown plan 'nope'"):
@@ -149,7 +154,7 @@ def _functions(path: Path) -> dict[str, list[str]]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["drill", "failover", "protection"])
+@pytest.mark.parametrize("kind", ["drill", "failover", "recover", "protection"])
 def test_entrypoints_exist_and_take_the_parameters(kind: str) -> None:
     doc = render(load_project(ROOT / "plans"), Settings(fabric="memory"))
     checked = 0
@@ -158,10 +163,6 @@ def test_entrypoints_exist_and_take_the_parameters(kind: str) -> None:
         if kind not in d["tags"]:
             continue
         path = ROOT / file
-        if kind == "failover":
-            # deployments/failover.py renames the recovery-plan flow; its parameters are that flow's.
-            assert func in _functions(path)
-            path, func = ROOT / "flows" / "recovery_plan.py", "recovery_plan"
         if not path.exists():
             pytest.skip(f"{path.relative_to(ROOT)} is not on this branch yet")
         params = _functions(path).get(func)
@@ -177,3 +178,64 @@ def test_core_import_leaves_prefect_out() -> None:
 
     code = "import sys, siterecovery.deployments, siterecovery.ui; assert 'prefect' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _schemas() -> dict[str, dict[str, Any]]:
+    """The parameter schemas `prefect deploy` derives from the flows (what the UI renders as forms)."""
+    pytest.importorskip("prefect")
+    from prefect.utilities.callables import parameter_schema
+
+    sys.path.insert(0, str(ROOT))
+    from deployments.failover import failover
+    from flows.drill import dr_drill
+    from flows.recover import recover
+
+    return {name: parameter_schema(f).model_dump() for name, f in
+            (("dr-drill", dr_drill), ("failover", failover), ("recover", recover))}
+
+
+def _props(schema: dict[str, Any], obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Properties of `obj`, with $refs to definitions resolved."""
+    if "$ref" in obj:
+        obj = schema["definitions"][obj["$ref"].rsplit("/", 1)[1]]
+    if "allOf" in obj:
+        return _props(schema, obj["allOf"][0])
+    return obj.get("properties", {})
+
+
+def test_forms_everyday_fields_first_help_on_every_field_no_none_types() -> None:
+    schemas = _schemas()
+    failover = schemas["failover"]
+    # confirm first and required; the type a choice of planned/unplanned; the requester required.
+    assert list(failover["properties"])[:3] == ["confirm", "failover_type", "requested_by"]
+    assert {"confirm", "failover_type", "requested_by", "plan"} <= set(failover["required"])
+    assert failover["properties"]["failover_type"]["enum"] == ["planned", "unplanned"]
+    assert list(schemas["dr-drill"]["properties"]) == ["plan", "requested_by", "cleanup", "advanced"]
+    assert list(schemas["recover"]["properties"])[:3] == ["confirm", "action", "requested_by"]
+    assert schemas["recover"]["properties"]["action"]["enum"] == ["resume", "commit", "cancel-failover"]
+    for name, schema in schemas.items():
+        top = schema["properties"]
+        assert list(top)[-1] == "advanced", name  # expert fields under one object, last
+        # The fabric is a choice, not free text.
+        fabric = _props(schema, top["advanced"])["fabric"]
+        assert fabric.get("enum") == ["topology", "memory", "linux", "hyperv"], (name, fabric)
+        fields = dict(top)
+        for key in ("advanced", "options"):
+            if key in top:
+                fields.update({f"{key}.{k}": v for k, v in _props(schema, top[key]).items()})
+        for field, spec in fields.items():
+            assert spec.get("description"), f"{name}: {field} has no help text"
+            # Optional types render as "Property is type None" in the UI.
+            text = json.dumps(spec)
+            assert '"null"' not in text and "anyOf" not in text, f"{name}: {field} is optional: {text}"
+
+
+def test_the_worked_example_starts_green_its_protection_schedules_paused_with_a_reason() -> None:
+    doc = render(load_project(ROOT / "plans"), load_settings(ROOT / "deployments" / "settings.yaml"))
+    scheduled = [d for d in doc["deployments"] if "protection" in d["tags"] and d["schedules"]]
+    assert scheduled, "the worked example has scheduled protection jobs"
+    for d in scheduled:
+        assert all(sch["active"] is False for sch in d["schedules"]), d["name"]
+        assert "Schedule created PAUSED: the worked example's Hyper-V hosts" in d["description"]
+    # Drills stay scheduled (weekly): they are what a person resumes protection for.
+    assert all(sch["active"] for d in _by(doc, ":dr_drill").values() for sch in d["schedules"])

@@ -87,3 +87,29 @@ def test_step_journal_keeps_the_latest_entry(tmp_path: Path) -> None:
     sj.add("step", "s1", "run-2", {"status": "completed"})
     entry = sj.completed("s1")
     assert entry is not None and entry["flow_run"] == "run-2"
+
+
+def test_one_cause_one_line_and_the_way_back_from_a_stop() -> None:
+    from siterecovery.report import paused_note, positions, same_cause, stop_line, way_back
+
+    failed = [(vm, f"test failover {vm}", f"replication is not enabled for this VM [vm={vm}, host=h{i}]")
+              for i, vm in enumerate(("a", "b", "c"))] + [("d", "test failover d", "host is unreachable")]
+    lines = same_cause(failed)
+    assert [vms for _, vms in lines] == [["a", "b", "c"], ["d"]]
+    assert lines[0][0] == ("3 VMs failed the same way (test failover a, test failover b, test failover c): "
+                           "replication is not enabled for this VM")
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    steps = [StepRecord(id=f"{vm}/{op}", label=f"{op} {vm}", stage="group", operation=op, vm=vm, status=st,
+                        started_at=t, finished_at=t)
+             for vm, op, st in (("db", "prepare_planned_failover", "completed"), ("db", "failover", "completed"),
+                                ("web", "prepare_planned_failover", "completed"), ("web", "failover", "skipped"),
+                                ("app", "failover", "failed"))]
+    where = positions(steps)
+    assert [(p.vm, p.pending) for p in where] == [("db", True), ("web", True), ("app", False)]
+    choices = way_back("shop", where)
+    assert [c.split(":")[0] for c in choices] == ["resume", "commit", "cancel-failover"]
+    assert "siterecovery failover cancel shop --confirm shop" in choices[2]
+    line = stop_line(where, choices)
+    assert "db: failed over, not committed" in line and "app: untouched" in line
+    assert way_back("shop", [p for p in where if p.vm == "app"])[0].startswith("nothing was failed over")
+    assert paused_note(0.1) == "" and "leaves out the 75.0 s it was paused" in paused_note(75)

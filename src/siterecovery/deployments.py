@@ -1,5 +1,5 @@
-"""Generate deployments/prefect.yaml from a project: a scheduled `dr-drill/<plan>` and an on-demand
-`failover/<plan>` per plan, and the protection lifecycle per pairing (replication cycles at the
+"""Generate deployments/prefect.yaml from a project: a scheduled `dr-drill/<plan>`, an on-demand
+`failover/<plan>` and `recover/<plan>` (resume, commit or cancel a stopped failover) per plan, and the protection lifecycle per pairing (replication cycles at the
 policy's copy frequency, health checks, enabling protection on demand).
 
 Schedules live in a small settings file beside the output (deployments/settings.yaml), not in the
@@ -17,7 +17,6 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from .errors import PlanError, Problem
-from .model import FailoverType
 from .model.common import Frozen, Slug
 from .project import Project, scan_secrets, validation_problems
 from .yamlload import load_documents
@@ -26,6 +25,7 @@ from .yamlload import load_documents
 # the worker's flow runs start in (prefect deploy records it as the pull step's working directory).
 DRILL_ENTRYPOINT = "flows/drill.py:dr_drill"
 FAILOVER_ENTRYPOINT = "deployments/failover.py:failover"
+RECOVER_ENTRYPOINT = "flows/recover.py:recover"
 PROTECTION_ENTRYPOINTS = {
     "enable-protection": "flows/protection.py:enable_protection",
     "replicate": "flows/protection.py:replicate",
@@ -84,6 +84,8 @@ class ProtectionSettings(Frozen):
                                                "null: no schedule")
     scrub_rate_mb_per_second: float = Field(50.0, ge=0, description="MB/s read per replica host (0: unlimited)")
     scrub_points: bool = Field(True, description="also verify the recovery points' undo logs")
+    paused_reason: str = Field("", description="non-empty: the protection schedules are created paused, and "
+                                               "the deployments' descriptions say why (the UI shows it)")
 
 
 class Settings(Frozen):
@@ -147,6 +149,14 @@ def _with_fabric(params: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return params
 
 
+def _advanced(settings: Settings) -> dict[str, Any]:
+    """The `advanced` object of the plan forms (flows/forms.py): project, and the fabric override."""
+    out: dict[str, Any] = {"project": settings.project}
+    if settings.fabric:
+        out["fabric"] = settings.fabric
+    return out
+
+
 def render(project: Project, settings: Settings | None = None) -> dict[str, Any]:
     """The prefect.yaml document (without its header comment) for every plan and pairing."""
     settings = settings or Settings()
@@ -168,24 +178,40 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
                             f"drill-{name})."),
             "entrypoint": DRILL_ENTRYPOINT,
             "tags": ["siterecovery", "drill", f"plan-{name}"],
-            "parameters": _with_fabric({"plan": name, "project": settings.project,
-                                        "cleanup": ps.cleanup or settings.drills.cleanup}, settings),
+            # `requested_by` is left for the person filling the form; the schedule names itself.
+            "parameters": {"plan": name, "cleanup": ps.cleanup or settings.drills.cleanup,
+                           "advanced": _advanced(settings)},
             "enforce_parameter_schema": True,
             "work_pool": _pool(settings),
-            "schedules": [_schedule(ps.drill or settings.drills.schedule, settings.timezone)],
+            "schedules": [_schedule(ps.drill or settings.drills.schedule, settings.timezone)
+                          | {"parameters": {"requested_by": f"schedule of dr-drill/{name}"}}],
         })
         deployments.append({
             "name": name,
-            "description": (f"Fail over {what} ({vms}) from {plan.source} to {plan.target}, or fail back. "
-                            f"Choose the failover type, direction, recovery point and options in the form. "
-                            f"A planned or unplanned failover runs only when 'confirm' is the plan's name "
-                            f"('{name}'); a test failover needs no confirmation. Report: artifact "
+            "description": (f"Planned or unplanned failover of {what} ({vms}) from {plan.source} to "
+                            f"{plan.target}, or failback. Type the plan's name ('{name}') in 'confirm', choose the "
+                            f"type and say who asks; the rest has defaults (expert settings under 'advanced'). "
+                            f"Drills: dr-drill/{name}. A failover that stops: recover/{name}. Report: artifact "
                             f"failover-{name}."),
             "entrypoint": FAILOVER_ENTRYPOINT,
             "tags": ["siterecovery", "failover", f"plan-{name}"],
-            # Nothing dangerous is pre-filled: the form opens on a test failover and an empty confirm.
-            "parameters": _with_fabric({"plan": name, "project": settings.project,
-                                        "failover_type": FailoverType.test.value, "confirm": ""}, settings),
+            # Nothing dangerous is pre-filled: confirm, the failover type and the requester are the person's.
+            "parameters": {"plan": name, "advanced": _advanced(settings)},
+            "enforce_parameter_schema": True,
+            "work_pool": _pool(settings),
+            "schedules": [],
+        })
+        deployments.append({
+            "name": name,
+            "description": (f"The way on from a stopped planned or unplanned failover of {what}: resume it "
+                            f"(completed steps are not repeated), commit it, or cancel-failover (every VM back to "
+                            f"before the failover; the next failover may choose another recovery point). Choose "
+                            f"the action; 'confirm' must be the plan's name ('{name}'). CLI: siterecovery failover "
+                            f"cancel|commit|resume {name}. Report: artifact failover-{name}."),
+            "entrypoint": RECOVER_ENTRYPOINT,
+            "tags": ["siterecovery", "recover", f"plan-{name}"],
+            # No action pre-filled: the operator picks one, confirms and names themself.
+            "parameters": {"plan": name, "advanced": _advanced(settings)},
             "enforce_parameter_schema": True,
             "work_pool": _pool(settings),
             "schedules": [],
@@ -272,6 +298,14 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
             "concurrency_limit": 1,
             "schedules": [_schedule(Schedule(cron=_daily(window[0])), settings.timezone)] if window else [],
         })
+    reason = settings.protection.paused_reason.strip()
+    if reason:
+        # A dashboard that is red before anyone acted teaches people to ignore red: schedules that cannot
+        # work here are created paused, saying why, for a person to resume.
+        for d in deployments:
+            if "protection" in d["tags"] and d["schedules"]:
+                d["schedules"] = [{**sch, "active": False} for sch in d["schedules"]]
+                d["description"] += f" Schedule created PAUSED: {reason}"
     # No build/push: deployments run from this checkout. No pull section either: `prefect deploy`
     # then records the directory it ran in (the repository root) as the runs' working directory,
     # which keeps machine paths out of this file.

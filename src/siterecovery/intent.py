@@ -61,12 +61,14 @@ class IntentJournal:
             finally:
                 fcntl.flock(lockf, fcntl.LOCK_UN)
 
-    def begin(self, key: str, prefix: str, explicit: str | None = None, fresh: bool = False) -> Intent:
+    def begin(self, key: str, prefix: str, explicit: str | None = None, fresh: bool = False,
+              params: dict[str, Any] | None = None) -> Intent:
         """The intent a run with parameters `key` uses: the open one for `key` (a resume), else a new one.
 
         `explicit` names the intent outright (refused when a run with it already completed);
         `fresh` always starts a new one (test failovers: their cleanup resets the estate, so there is
-        nothing to resume).
+        nothing to resume). `params` (JSON) are kept with an open intent, so that it can be resumed by
+        name (`recover/<plan>` action=resume) without the operator repeating them.
         """
         now = datetime.now(UTC).isoformat(timespec="seconds")
         if explicit:
@@ -78,7 +80,7 @@ class IntentJournal:
                     raise ConfigurationError(f"intent '{explicit}' already completed; a run with it would do "
                                              "nothing. Leave intent empty, or give a new one")
                 resumed = explicit in {v["id"] for v in data["open"].values()}
-                data["open"][f"explicit:{explicit}"] = {"id": explicit, "key": key, "created": now}
+                data["open"][f"explicit:{explicit}"] = {"id": explicit, "key": key, "created": now, "params": params}
                 return Intent(id=explicit, key=key, resumed=resumed, explicit=True)
             current = data["open"].get(key)
             if current and not fresh:
@@ -87,7 +89,7 @@ class IntentJournal:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
             new_id = f"{prefix}-{stamp}-{secrets.token_hex(3)}"
             if not fresh:
-                data["open"][key] = {"id": new_id, "key": key, "created": now, "runs": 1}
+                data["open"][key] = {"id": new_id, "key": key, "created": now, "runs": 1, "params": params}
             return Intent(id=new_id, key=key)
 
     def complete(self, intent: Intent, status: str = "completed") -> None:
@@ -103,6 +105,11 @@ class IntentJournal:
     def open_intents(self) -> dict[str, str]:
         with self._locked() as data:
             return {k: v["id"] for k, v in data["open"].items()}
+
+    def open_entries(self) -> list[dict[str, Any]]:
+        """The open intents with what was kept of them (id, key, created, params), oldest first."""
+        with self._locked() as data:
+            return sorted((dict(v) for v in data["open"].values()), key=lambda v: str(v.get("created")))
 
 
 def os_user() -> str:

@@ -99,6 +99,14 @@ class AuditRecord(Frozen):
 READ_OPERATIONS = frozenset({"replication_health", "recovery_points", "vm_state"})
 
 
+class VMPosition(Frozen):
+    """Where a VM was left when a run stopped, from the steps that completed."""
+
+    vm: str
+    state: str
+    pending: bool = Field(False, description="a failover is under way (not committed): commit or cancel it")
+
+
 class RunReport(Frozen):
     plan: str
     plan_version: str
@@ -112,7 +120,7 @@ class RunReport(Frozen):
     fabric: str = ""
     started_at: datetime
     finished_at: datetime
-    status: Literal["succeeded", "failed", "stopped"]
+    status: Literal["succeeded", "failed", "stopped", "cancelled"]
     steps: tuple[StepRecord, ...] = ()
     approvals: tuple[ApprovalRecord, ...] = ()
     scripts: tuple[ScriptRecord, ...] = ()
@@ -120,6 +128,12 @@ class RunReport(Frozen):
     operator: str = Field("", description="OS user who ran this flow run")
     audit: tuple[AuditRecord, ...] = ()
     superseded: tuple[str, ...] = Field((), description="earlier runs of the intent found dead and marked Crashed")
+    positions: tuple[VMPosition, ...] = Field((), description="where each VM was left, when a failover stopped")
+    choices: tuple[str, ...] = Field((), description="the ways on from a stopped failover")
+    requested_by: str = Field("", description="who asked for the run: typed in the UI form (Prefect has no "
+                                              "login) or the OS user of a command-line run")
+    rpo_objective_seconds: float | None = None
+    rto_objective_seconds: float | None = None
 
     # ---- derived figures ------------------------------------------------------------------
     @property
@@ -239,14 +253,21 @@ def _md(text: object) -> str:
 def render_markdown(report: RunReport) -> str:
     r = report
     out = [f"# {r.plan} v{r.plan_version}: {r.failover_type} failover, {r.direction} - **{r.status}**", "",
-           f"- Started {_time(r.started_at)}, finished {_time(r.finished_at)} ({_secs(r.seconds)})",
-           f"- Recovery point: {r.recovery_point}; achieved RPO (oldest point used): {_secs(r.achieved_rpo_seconds)}",
-           f"- Achieved RTO (start to last VM started): {_secs(r.achieved_rto_seconds)}",
+           f"- Started {_time(r.started_at)}, finished {_time(r.finished_at)} ({_secs(r.seconds)})"
+           + paused_note(r.people_seconds),
+           f"- Recovery point: {r.recovery_point}; achieved RPO (oldest point used): {_secs(r.achieved_rpo_seconds)}"
+           + against(r.achieved_rpo_seconds, r.rpo_objective_seconds),
+           f"- Achieved RTO (start to last VM started): {_secs(r.achieved_rto_seconds)}"
+           + against(r.achieved_rto_seconds, r.rto_objective_seconds),
            f"- Waiting on people: {_secs(r.people_seconds)}; fabric busy: {_secs(r.fabric_seconds)}",
            f"- Intent `{r.intent}`{' (resumed: completed steps were not repeated)' if r.resumed else ''}; "
            f"failure policy: {r.failure_policy}; fabric: {r.fabric}", ""]
     if r.failures:
         out += ["## Failures", ""] + [f"- {_md(f)}" for f in r.failures] + [""]
+    if r.positions or r.choices:
+        out += ["## Where it stopped", "", "| VM | state |", "|---|---|"]
+        out += [f"| {_md(p.vm)} | {_md(p.state)} |" for p in r.positions]
+        out += ["", "### Choices", ""] + [f"- {_md(c)}" for c in r.choices] + [""]
     out += ["## Groups", "", "| group | stage | VMs | start | end | failed | skipped |", "|---|---|---|---|---|---|---|"]
     for g in r.groups():
         out.append(f"| {_md(g['name'])} | {g['stage']} | {g['vms']} | {_time(g['start'])} | {_time(g['end'])} "  # type: ignore[arg-type]
@@ -266,9 +287,10 @@ def render_markdown(report: RunReport) -> str:
                        f"| {_secs(a.seconds)} | {_md(a.comment)} | {_md(a.ticket)} |")
     if r.superseded:
         out += ["", "## Earlier runs taken over", ""] + [f"- {_md(x)} was marked Crashed" for x in r.superseded]
-    if r.audit:
-        out += ["", "## Audit", "", f"Run by OS user `{_md(r.operator)}` as flow run `{r.flow_run_id}`.", "",
-                "| when | who | flow run | kind | action | target | outcome |", "|---|---|---|---|---|---|---|"]
+    if r.audit or r.requested_by:
+        out += ["", "## Audit", "", f"Run by OS user `{_md(r.operator)}` as flow run `{r.flow_run_id}`.", ""]
+        out += [requester_line(r.requested_by), ""] if r.requested_by else []
+        out += ["| when | who | flow run | kind | action | target | outcome |", "|---|---|---|---|---|---|---|"]
         for x in r.audit:
             out.append(f"| {_time(x.at)} | {_md(x.who)} | {_md(x.flow_run or '')} | {x.kind} | {_md(x.action)} "
                        f"| {_md(x.target)} | {_md(x.outcome)} |")
@@ -318,3 +340,192 @@ def render_html(report: RunReport) -> str:
     source = resources.files("siterecovery").joinpath("templates/report.html.j2").read_text(encoding="utf-8")
     return _ENV.from_string(source).render(r=report, lanes=timeline(report), rpo=report.vm_rpo(),
                                             groups=report.groups())
+
+
+def same_cause(failed: list[tuple[str, str, str]]) -> list[tuple[str, list[str]]]:
+    """(vm, step label, reason) per failed VM -> one failure line per distinct reason, with its VMs.
+
+    One missing precondition (replication not enabled, a host down) fails every VM of a batch the same
+    way: the operator reads one line naming the cause and the VMs, not the same error once per VM."""
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    for vm, label, reason in failed:
+        # The cause without its per-VM context ("[vm=.., host=.., operation=..]"): the same for every VM.
+        cause = re.sub(r" \[[^\]]*\]", "", reason)
+        key = re.sub(rf"(?<![\w-]){re.escape(vm)}(?![\w-])", "{vm}", cause) if vm else cause  # the name only
+        groups.setdefault(key, []).append((vm, label, reason))
+    out: list[tuple[str, list[str]]] = []
+    for members in groups.values():
+        vms = [m[0] for m in members]
+        if len(members) == 1:
+            out.append((f"{members[0][1]}: {members[0][2]}", vms))
+        else:
+            cause = re.sub(r" \[[^\]]*\]", "", members[0][2])
+            out.append((f"{len(members)} VMs failed the same way ({', '.join(m[1] for m in members)}): {cause}",
+                        vms))
+    return out
+
+
+def positions(steps: list[StepRecord] | tuple[StepRecord, ...]) -> list[VMPosition]:
+    """Each VM's position after a (stopped) planned or unplanned failover, from its completed steps."""
+    done: dict[str, set[str]] = {}
+    order: list[str] = []
+    for s in steps:
+        if not s.vm:
+            continue
+        if s.vm not in done:
+            done[s.vm] = set()
+            order.append(s.vm)
+        if s.status in ("completed", "cached"):
+            done[s.vm].add(s.operation)
+    out = []
+    for vm in order:
+        ops = done[vm]
+        if "reverse_replication" in ops:
+            out.append(VMPosition(vm=vm, state="failed over, committed, replicating back"))
+        elif "commit_failover" in ops:
+            out.append(VMPosition(vm=vm, state="failed over and committed (FailedOver)"))
+        elif "failover" in ops:
+            up = ", running on the target" if "start_vm" in ops else ", not started"
+            out.append(VMPosition(vm=vm, state=f"failed over, not committed (FailedOverWaitingCompletion){up}",
+                                  pending=True))
+        elif "prepare_planned_failover" in ops:
+            out.append(VMPosition(vm=vm, state="source shut down and prepared for failover; not failed over",
+                                  pending=True))
+        elif "stop_vm" in ops:
+            out.append(VMPosition(vm=vm, state="source stopped; not failed over (still replicating)"))
+        else:
+            out.append(VMPosition(vm=vm, state="untouched (replicating as before)"))
+    return out
+
+
+def way_back(plan: str, where: list[VMPosition]) -> list[str]:
+    """What an operator can do about a stopped failover, in the words of the deployments and the CLI."""
+    pending = [p for p in where if p.pending]
+    resume = (f"resume: run recover/{plan} with action=resume (or re-run the same failover): completed steps "
+              "are not repeated")
+    if not pending:
+        if any("committed" in p.state for p in where):
+            return [resume]
+        return [f"nothing was failed over: fix the cause and run failover/{plan} again when ready"]
+    out = [resume]
+    if any("FailedOverWaitingCompletion" in p.state for p in pending):
+        out.append(f"commit: run recover/{plan} with action=commit (keep the failed-over VMs: no way back after it)")
+    out.append(f"cancel-failover: run recover/{plan} with action=cancel-failover, or `siterecovery failover cancel "
+               f"{plan} --confirm {plan}` (every VM back to before the failover; the next run may choose another "
+               "recovery point)")
+    return out
+
+
+def stop_line(where: list[VMPosition], choices: list[str]) -> str:
+    """One line for the log: each VM's state and the choices."""
+    states: dict[str, list[str]] = {}
+    for p in where:
+        states.setdefault(p.state, []).append(p.vm)
+    vms = "; ".join(f"{', '.join(v)}: {st}" for st, v in states.items())
+    return f"VMs now: {vms}. Choices: " + " | ".join(choices)
+
+
+def requester_line(requested_by: str) -> str:
+    """Who asked for the run, and how far that can be trusted."""
+    return (f"Requested by **{_md(requested_by)}**. Open-source Prefect has no login: a name typed in the UI "
+            "form is what the requester said, not an authenticated identity (put the UI behind an "
+            "authenticating proxy: docs/UI.md).")
+
+
+def met(achieved: float | None, objective: float | None) -> str | None:
+    """"met" / "missed" against an objective; None when either is unknown."""
+    if achieved is None or objective is None:
+        return None
+    return "met" if achieved <= objective else "missed"
+
+
+def against(achieved: float | None, objective: float | None) -> str:
+    """The report's words for an achieved figure against its objective (empty without an objective)."""
+    if objective is None:
+        return ""
+    verdict = met(achieved, objective)
+    return f" against objective {_secs(objective)}: **{verdict or 'not measured'}**"
+
+
+class TrendPoint(Frozen):
+    """One drill in a plan's trend: when, how it ended, achieved RTO and RPO."""
+
+    at: datetime
+    status: str
+    flow_run: str | None = None
+    rto_seconds: float | None = None
+    rpo_seconds: float | None = None
+
+
+def trend_point(report: RunReport) -> TrendPoint:
+    return TrendPoint(at=report.started_at, status=report.status, flow_run=report.flow_run_id,
+                      rto_seconds=report.achieved_rto_seconds, rpo_seconds=report.achieved_rpo_seconds)
+
+
+def trend_svg(points: list[TrendPoint], rto_objective: float | None = None, width: int = 640,
+              height: int = 220) -> str:
+    """A line chart of achieved RTO (and RPO) per drill, oldest left, with the RTO objective as a line."""
+    pad, n = 40, len(points)
+    values = [v for p in points for v in (p.rto_seconds, p.rpo_seconds) if v is not None]
+    top = max([*values, rto_objective or 0.0, 1.0]) * 1.1
+
+    def xy(i: int, v: float) -> str:
+        x = pad + (i * (width - 2 * pad) / max(1, n - 1))
+        y = height - pad - v / top * (height - 2 * pad)
+        return f"{x:.1f},{y:.1f}"
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>',
+           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#888"/>',
+           f'<text x="4" y="{pad - 8}">{_secs(top)}</text>', f'<text x="4" y="{height - pad}">0</text>']
+    if rto_objective:
+        y = height - pad - rto_objective / top * (height - 2 * pad)
+        out.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{width - pad}" y2="{y:.1f}" stroke="#c00" '
+                   f'stroke-dasharray="4 3"/><text x="{width - pad - 90}" y="{y - 4:.1f}" fill="#c00">RTO objective</text>')
+    for field, colour, label in (("rto_seconds", "#1f6feb", "RTO"), ("rpo_seconds", "#2da44e", "RPO")):
+        pts = [(i, getattr(p, field)) for i, p in enumerate(points) if getattr(p, field) is not None]
+        if pts:
+            out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" '
+                       f'points="{" ".join(xy(i, v) for i, v in pts)}"/>')
+            out += [f'<circle cx="{xy(i, v).split(",")[0]}" cy="{xy(i, v).split(",")[1]}" r="3" fill="{colour}"/>'
+                    for i, v in pts]
+            out.append(f'<text x="{width - pad + 4}" y="{xy(*pts[-1]).split(",")[1]}" fill="{colour}">{label}</text>')
+    out.append(f'<text x="{pad}" y="{height - 10}">{n} drill(s), oldest left</text></svg>')
+    return "".join(out)
+
+
+def trends_markdown(plan: str, points: list[TrendPoint], rpo_objective: float | None = None,
+                    rto_objective: float | None = None, chart: str = "") -> str:
+    """The drill-trends artifact: the chart (an image reference) and one row per drill, newest first, with
+    the change in RTO against the drill before (a slower drill reads as a regression)."""
+    out = [f"# Drill trends: {plan}", "",
+           f"RTO objective: {_secs(rto_objective)}; RPO objective: {_secs(rpo_objective)}.", ""]
+    if chart:
+        out += [chart, ""]
+    out += ["| drill started | status | RTO | vs previous | RTO objective | RPO | RPO objective | flow run |",
+            "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for i, p in enumerate(points):
+        prev = points[i - 1].rto_seconds if i > 0 else None
+        delta = ""
+        if prev is not None and p.rto_seconds is not None:
+            d = p.rto_seconds - prev
+            delta = f"{'+' if d >= 0 else '-'}{_secs(abs(d))}" + (" (slower)" if d > 0.1 * prev else "")
+        rows.append(f"| {_time(p.at)} | {p.status} | {_secs(p.rto_seconds)} | {delta} "
+                    f"| {met(p.rto_seconds, rto_objective) or ''} | {_secs(p.rpo_seconds)} "
+                    f"| {met(p.rpo_seconds, rpo_objective) or ''} | {_md(p.flow_run or '')} |")
+    return "\n".join(out + rows[::-1]) + "\n"
+
+
+def trends_key(plan: str) -> str:
+    return artifact_key(plan, "test").replace("drill-", "drill-trends-", 1)
+
+
+def paused_note(people_seconds: float) -> str:
+    """Why Prefect's run duration is shorter than the report's: it leaves out the time a run is Paused."""
+    if people_seconds < 0.5:
+        return ""
+    return (f"; Prefect's duration of the flow run leaves out the {_secs(people_seconds)} it was paused waiting "
+            "for approvals")

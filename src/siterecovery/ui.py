@@ -21,6 +21,10 @@ from .errors import ConfigurationError
 from .testing.prefect_server import PrefectServer, server_env
 
 DEFAULT_PORT = 4200
+# Flow processes send a heartbeat this often (Prefect's minimum is 30 s); the zombie-run automation marks
+# a run Crashed after 90 s without one.
+HEARTBEAT_SECONDS = 30
+ZOMBIE_AUTOMATION = Path(__file__).parent / "templates" / "zombie-runs.automation.yaml"
 # Processes this process started and that outlive `up`: kept so they are not garbage-collected while
 # running (Popen warns), and so `down` in the same process (tests) can reap them instead of leaving
 # zombies.
@@ -157,7 +161,10 @@ def up(
     # The flows keep their own state (memory fabric, reports) in the same state directory.
     env["SITERECOVERY_STATE"] = str(lay.state)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root.resolve()), env.get("PYTHONPATH", "")) if p)
+    env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_SECONDS)
     exe = prefect_exe()
+    if recorded(lay.pidfile("worker")) is None:  # a running worker means an earlier `up` created it
+        ensure_zombie_automation(env, root, say)
     say(f"work pool {pool} (process)")
     _run([exe, "--no-prompt", "work-pool", "create", pool, "--type", "process", "--overwrite"], env, root,
          "creating the work pool")
@@ -174,6 +181,19 @@ def up(
         record(lay.pidfile("worker"), worker.pid)
         say(f"worker started (log: {lay.log('worker')})")
     return server.url
+
+
+def ensure_zombie_automation(env: dict[str, str], root: Path, say: Callable[[str], None] = print) -> None:
+    """Create the dead-run automation (zombie-runs.automation.yaml) unless the server has it already."""
+    exe = prefect_exe()
+    # A wide table: rich wraps long names at the default 80 columns.
+    listed = subprocess.run([exe, "--no-prompt", "automation", "ls"], env={**env, "COLUMNS": "400"}, cwd=root,
+                            capture_output=True, text=True, timeout=120)
+    if "siterecovery-zombie-runs" in listed.stdout:
+        return
+    say("automation siterecovery-zombie-runs (a run without heartbeats for 90 s is marked Crashed)")
+    _run([exe, "--no-prompt", "automation", "create", "--from-file", str(ZOMBIE_AUTOMATION)], env, root,
+         "creating the zombie-run automation")
 
 
 def down(state: Path, say: Callable[[str], None] = print) -> None:

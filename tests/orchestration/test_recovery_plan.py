@@ -230,14 +230,17 @@ def test_failing_script_stops_the_plan(estate, tmp_path: Path) -> None:  # type:
 
 def test_dr_drill_and_the_worked_example_dry_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.drill import dr_drill
+    from flows.forms import DrillAdvanced
     from siterecovery.testing.projects import copy_project, seed_memory
 
     plans = copy_project(Path(__file__).resolve().parents[2] / "plans", tmp_path / "checkout")
     monkeypatch.setenv("SITERECOVERY_STATE", str(tmp_path))
     seed_memory(plans, "three-tier", tmp_path / "memory-fabric.json")
-    summary = dr_drill(plan="three-tier", project=str(plans), fabric="memory")
+    summary = dr_drill(plan="three-tier", requested_by="ops-test",
+                       advanced=DrillAdvanced(project=str(plans), fabric="memory"))
     assert summary["status"] == "succeeded" and summary["plan_version"] == "3"
     rep = report_of(summary)
+    assert rep["requested_by"] == "ops-test"
     # the plan's check scripts ran on the orchestrator, in dry-run mode
     assert {s["action"] for s in rep["scripts"]} == {"check-sql", "warm-caches", "check-web"}
     assert all(s["status"] == "completed" for s in rep["scripts"])

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from flows.drill import dr_drill
+from flows.forms import DrillAdvanced
 from flows.recovery_plan import recovery_plan
 from siterecovery.model import FailoverType
 from tasks.fabric import resolve_secret
@@ -54,7 +55,7 @@ def test_no_canary_in_anything_a_run_produces(estate, tmp_path: Path, monkeypatc
     creds = {h.credential for h in load_project(e.root).topology.hosts if h.credential}
     assert {resolve_secret(c) for c in creds} == {env_canary, block_canary}
 
-    produced: list[Any] = [dr_drill(plan="app", project=str(e.root))]
+    produced: list[Any] = [dr_drill(plan="app", requested_by="secrets-test", advanced=DrillAdvanced(project=str(e.root)))]
     produced.append(recovery_plan(plan="app", project=str(e.root), failover_type=FailoverType.planned, confirm="app"))
     assert [p["status"] for p in produced] == ["succeeded", "succeeded"]
 

@@ -183,19 +183,23 @@ def test_drill_from_the_ui(stack: Stack, request: pytest.FixtureRequest) -> None
             expect(page.locator(".p-bread-crumbs")).to_contain_text("shop")
             shot("deployment")
 
-            # 2. Run > Quick run: the parameter form, pre-filled from the deployment, then Run.
+            # 2. Run > Custom run: the parameter form, pre-filled from the deployment; `requested_by` is
+            # required (the UI has no login: the report shows who the person says they are).
             page.get_by_role("button", name="Run", exact=True).click()
-            page.get_by_text("Quick run", exact=True).click()
-            dialog = page.get_by_role("dialog")
-            expect(dialog).to_contain_text("plan")
+            page.get_by_text("Custom run", exact=True).click()
+            requested = page.locator(".schema-form-property").filter(
+                has=page.locator(".schema-form-property__label", has_text=re.compile("^requested_by")))
+            requested.locator("textarea, input").first.fill("carol (drill owner)")
             shot("run-form")
-            dialog.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_role("button", name="Submit").click()
             toast = page.locator(".toast-flow-run-create__message--emphasized").first
             run_name = toast.inner_text().strip()
-            assert re.fullmatch(r"[a-z]+-[a-z]+", run_name), run_name
+            assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)+", run_name), run_name
 
             # 3. The run pauses at the manual action (check-db, after the database group).
-            page.get_by_role("link", name=run_name, exact=True).first.click()
+            # The custom run's toast offers "View run" (the quick run's names the run as a link).
+            page.get_by_role("link", name=run_name, exact=True).or_(
+                page.get_by_role("button", name="View run")).or_(page.get_by_role("link", name="View run")).first.click()
             page.wait_for_url("**/runs/flow-run/**")
             page.locator(".page-heading-flow-run__meta .state-badge.state--paused").wait_for()
             shot("paused")
@@ -247,7 +251,8 @@ def test_drill_from_the_ui(stack: Stack, request: pytest.FixtureRequest) -> None
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_text("Custom run", exact=True).click()
             form = page.locator("form, [role=dialog]").filter(has_text="confirm").first
-            for text in ("failover_type", "direction", "recovery_point", "options", "confirm"):
+            for text in ("confirm", "failover_type", "requested_by", "recovery_point", "direction", "options",
+                         "advanced"):
                 expect(form).to_contain_text(text)
             shot("failover-form")
             # Further down: the options and the guard, an empty `confirm` a person must fill in.
@@ -275,7 +280,12 @@ def test_failover_deployment_needs_the_plan_name_to_fail_over(stack: Stack) -> N
 
     before = {vm: stack.calls(vm) for vm in ("shop-db-01", "shop-web-01")}
     with temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api"}):
-        run = run_deployment("failover/shop", parameters={"failover_type": "planned"}, timeout=120, poll_interval=1)
+        # Without confirm the server does not even create the run (the form requires the field).
+        with pytest.raises(Exception, match="confirm"):
+            run_deployment("failover/shop", parameters={"failover_type": "planned", "requested_by": "dave"},
+                           timeout=0)
+        run = run_deployment("failover/shop", parameters={"failover_type": "planned", "requested_by": "dave",
+                                                          "confirm": "shop please"}, timeout=120, poll_interval=1)
     assert run.state is not None and run.state.is_failed(), run.state
     assert "confirm" in (run.state.message or ""), run.state.message
     assert {vm: stack.calls(vm) for vm in before} == before  # not one fabric call
@@ -306,12 +316,17 @@ def test_deployed_as_rendered(stack: Stack) -> None:
     assert {"dr-drill/shop", "dr-drill/web-drill", "enable-protection/east-west", "replicate/east-west",
             "replication-health/east-west", "resynchronize/east-west"} <= set(deployed)
     drill = deployed["dr-drill/shop"]
-    assert drill.parameters == {"plan": "shop", "project": PROJECT_PARAM, "cleanup": "immediate"}
+    assert drill.parameters == {"plan": "shop", "cleanup": "immediate", "advanced": {"project": PROJECT_PARAM}}
+    assert [sch.parameters for sch in drill.schedules] == [{"requested_by": "schedule of dr-drill/shop"}]
     assert drill.work_pool_name == POOL and drill.enforce_parameter_schema
     assert [sch.schedule.cron for sch in drill.schedules] == ["0 2 * * 6"]  # type: ignore[union-attr]
     repl = deployed["replicate/east-west"]
     assert [sch.schedule.interval.total_seconds() for sch in repl.schedules] == [30]  # type: ignore[union-attr]
     assert repl.global_concurrency_limit is not None and repl.global_concurrency_limit.limit == 1
+    # `ui up` created the dead-run automation (once, however often it ran).
+    with _client(stack) as client:
+        zombies = [a for a in client.read_automations() if a.name == "siterecovery-zombie-runs"]
+    assert len(zombies) == 1 and zombies[0].trigger.within.total_seconds() == 90  # type: ignore[union-attr]
     # The parameter form validates against the flow's schema: cleanup is a choice, not free text.
     cleanup_schema = drill.parameter_openapi_schema["properties"]["cleanup"]
     assert "immediate" in json.dumps(cleanup_schema) and "after_approval" in json.dumps(cleanup_schema)
@@ -346,4 +361,43 @@ def test_a_near_schedule_runs_a_drill_by_itself(stack: Stack, tmp_path: Path) ->
     # It failed over for test and cleaned up: no test failover remains in the estate.
     calls = stack.calls("shop-web-01")
     assert calls.count("cleanup_test_failover") > before, calls
+    assert not any(vm["test_active"] for vm in stack.vms().values()), stack.vms()
+
+
+def _wait_state(stack: Stack, run_id: Any, types: set[str], seconds: float = 180) -> Any:
+    deadline = time.monotonic() + seconds
+    with _client(stack) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.type.value in types:
+                return run
+            time.sleep(1)
+    raise AssertionError(f"flow run {run_id} never reached {types}\n{stack.logs()}")
+
+
+def test_two_drills_at_once_through_the_api_the_second_is_refused(stack: Stack) -> None:
+    """Both submitted together: one runs (and waits at the plan's approval), the other is refused at its
+    start naming the first; nothing of the estate is shared between them."""
+    from prefect.flow_runs import resume_flow_run
+
+    with _client(stack) as client:
+        dep = client.read_deployment_by_name("dr-drill/shop")
+        runs = [client.create_flow_run_from_deployment(dep.id, parameters={"requested_by": f"api-{i}"})
+                for i in (1, 2)]
+    ends = {}
+    for r in runs:
+        ends[r.id] = _wait_state(stack, r.id, {"PAUSED", "FAILED", "COMPLETED", "CRASHED"})
+    paused = [r for r in ends.values() if r.state.type.value == "PAUSED"]
+    refused = [r for r in ends.values() if r.state.type.value == "FAILED"]
+    assert len(paused) == 1 and len(refused) == 1, {str(k): v.state for k, v in ends.items()}
+    msg = refused[0].state.message or ""
+    assert f"plan 'shop' already has a live run: flow run {paused[0].id}" in msg, msg
+    # The one that runs goes on to its end; its approver says no: it stops and cleans up.
+    with _client(stack):
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api"}):
+            resume_flow_run(paused[0].id, run_input={"approved": False, "approver": "erin", "comment": "test over"})
+    done = _wait_state(stack, paused[0].id, {"FAILED", "COMPLETED", "CRASHED"})
+    assert done.state.type.value == "FAILED" and "rejected by erin" in (done.state.message or "")
     assert not any(vm["test_active"] for vm in stack.vms().values()), stack.vms()

@@ -73,6 +73,14 @@ class VMGroup(Frozen):
         return tuple(v.name for v in self.vms)
 
 
+class Objectives(Frozen):
+    """What the business asks of this plan: every report says whether a run met it."""
+
+    rpo_seconds: float | None = Field(None, gt=0, description="most data (age of the recovery point) one may lose")
+    rto_seconds: float | None = Field(None, gt=0, description="longest time from the start of a run to the "
+                                                              "last VM started")
+
+
 class RecoveryPlan(Frozen):
     kind: Literal["RecoveryPlan"] = "RecoveryPlan"
     name: Slug
@@ -82,6 +90,7 @@ class RecoveryPlan(Frozen):
     target: Name = Field(..., description="the protecting cloud")
     failure_policy: FailurePolicy = FailurePolicy.stop
     groups: tuple[VMGroup, ...] = Field(..., min_length=1)
+    objectives: Objectives = Field(default_factory=Objectives, description="RPO and RTO objectives")
 
     @property
     def vm_names(self) -> tuple[str, ...]:
