@@ -10,11 +10,13 @@ Compute backends: `process` (a detached command with a pid file and log) and `li
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -33,12 +35,13 @@ from ..errors import (
     HostKeyError,
     InvalidStateError,
     NotFoundError,
+    StorageError,
     TransientFabricError,
 )
 from ..model import Host
 from ..progress import DiskTotals
 from ..render import render_args
-from ..replica.engine import ReplicaError
+from ..replica.engine import STORAGE_CODES, ReplicaError, storage_error
 from ..replica.peer import send_to_args, transfer_direct
 from ..replica.transport import Endpoint, LocalEndpoint, SSHEndpoint, transfer
 from . import FabricContext
@@ -79,6 +82,9 @@ _HINTS = {
               "nothing half-applied stays: the replica holds its last recovery point and the next cycle "
               "ships only what changed",
     "Busy": "an agent left by a dropped connection still holds the replica; retry, or stop that pid on the host",
+    "EDQUOT": "raise the quota or free space for that user on that host; nothing half-applied stays",
+    "EROFS": "that filesystem is mounted read-only: remount it read-write (check its health first); cycles "
+             "cannot land until then, drills and failover still work from the replica as it is",
     "EACCES": "check the permissions of the host's root directory for the SSH user",
     "PeerHostKey": "verify the target host's key out of band, then add it to the source host's peer_ssh.known_hosts "
                    "file (ssh-keyscan output is not verification); nothing was applied",
@@ -86,6 +92,17 @@ _HINTS = {
     "PeerConfig": "fix the source host's peer_ssh in the topology, or the files it names on that host",
     "PeerLinkLost": "the host-to-host ssh link dropped; nothing torn was applied; the next cycle carries on",
 }
+
+
+def _error_id(exc: BaseException) -> str:
+    """The id a failure is known by (engine code, errno name, or the project error's id)."""
+    if isinstance(exc, ReplicaError):
+        return exc.code
+    if isinstance(exc, ExecutionError):
+        return exc.error_id or ""
+    if isinstance(exc, OSError):
+        return errno.errorcode.get(exc.errno or 0, "")
+    return ""
 
 
 @dataclass
@@ -109,6 +126,8 @@ class _VM:
     sizes: dict[str, int] = field(default_factory=dict)  # disk -> bytes at the last look (progress totals)
     seq: int = 0
     last_error: str = ""
+    last_error_id: str = ""  # ENOSPC / EDQUOT / EROFS make health Critical: no cycle lands until fixed
+    test_dir: str | None = None  # where the running drill's copies are, when not under the host root
 
 
 class LinuxFabric:
@@ -134,19 +153,30 @@ class LinuxFabric:
         py = self.opts.get("python", default)
         return str(py.get(host.name, default) if isinstance(py, dict) else py)
 
+    @property
+    def dead_link(self) -> float:
+        """Seconds of silence after which a network path counts as dead (option `dead_link_seconds`)."""
+        return ssh.dead_link_seconds(self.opts.get("dead_link_seconds"))
+
     def _client(self, host: Host) -> paramiko.SSHClient:
         with self._lock:
             c = self._clients.get(host.name)
-            t = c.get_transport() if c else None
-            if c is None or t is None or not t.is_active():
-                c = ssh.connect(host, self.context.secrets, timeout=float(self.opts.get("ssh_timeout", 15)))
+            # A cached connection is checked first: one whose path died while it sat idle would
+            # otherwise cost the next operation its whole channel timeout.
+            if c is None or not ssh.usable(c, self.dead_link):
+                if c is not None:
+                    c.close()
+                c = ssh.connect(host, self.context.secrets, timeout=float(self.opts.get("ssh_timeout", 15)),
+                                dead_after=self.dead_link)
                 self._clients[host.name] = c
             return c
 
     def _ep(self, host: Host) -> Endpoint:
         if self._is_local(host):
             return LocalEndpoint(name=host.name)
-        return SSHEndpoint(name=host.name, client=self._client(host), python=self._python(host))
+        # The agent gets the same deadline: it gives up on a stream that went silent (agent.py).
+        return SSHEndpoint(name=host.name, client=self._client(host), python=self._python(host),
+                           env={ssh.DEAD_LINK_ENV: f"{self.dead_link:g}"})
 
     def _sh(self, host: Host, argv: list[str], stdin: bytes | None = None, timeout: float = 120) -> tuple[int, str, str]:
         """Run argv at a host (no shell locally; quoted through sh_join remotely)."""
@@ -166,11 +196,21 @@ class LinuxFabric:
             yield
         except ExecutionError:
             raise
-        except ReplicaError as exc:
-            cls = _CODES.get(exc.code, FabricError)
-            raise cls(str(exc), vm=p.vm, host=host.name, operation=operation, error_id=exc.code,
-                      hint=_HINTS.get(exc.code, "read the message; fix the cause and re-run the operation")) from None
-        except (paramiko.SSHException, EOFError, OSError) as exc:
+        except (ReplicaError, paramiko.SSHException, EOFError, OSError) as exc:
+            # A connection closed as dead explains whatever failed on top of it (a torn stream, a
+            # channel without exit status): the error names the network, not the consequence.
+            for h in (p.source, p.target):
+                ssh.check_link(self._clients.get(h.name), h.name)
+            if isinstance(exc, OSError):
+                exc = storage_error(exc) or exc
+            if isinstance(exc, ReplicaError) and exc.code in STORAGE_CODES:
+                where = exc.host or host.name
+                raise StorageError(str(exc), path=exc.path, vm=p.vm, host=where, operation=operation,
+                                   error_id=exc.code, hint=_HINTS[exc.code]) from None
+            if isinstance(exc, ReplicaError):
+                cls = _CODES.get(exc.code, FabricError)
+                raise cls(str(exc), vm=p.vm, host=exc.host or host.name, operation=operation, error_id=exc.code,
+                          hint=_HINTS.get(exc.code, "read the message; fix the cause and re-run the operation")) from None
             raise TransientFabricError(f"{type(exc).__name__}: {exc}", vm=p.vm, host=host.name, operation=operation,
                                        hint="the connection or a file operation failed; retry") from None
 
@@ -180,27 +220,99 @@ class LinuxFabric:
 
     @contextlib.contextmanager
     def _vm(self, p: Placement) -> Iterator[list[_VM | None]]:
-        """The VM's record under an exclusive lock; whatever the block leaves in box[0] is saved."""
+        """The VM's record under an exclusive lock; whatever the block leaves in box[0] is saved.
+
+        A wait for the lock says what it waits for (the holder's pid and operation, from the lock
+        file) and gives up after the option `vm_lock_wait` (300 s) with a Busy error naming them."""
         path = self._state_path(p.vm)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock, open(path.with_suffix(".lock"), "a+") as lf:
-            fcntl.flock(lf, fcntl.LOCK_EX)
+        op = sys._getframe(2).f_code.co_name  # the driver operation that asked (a with-statement's caller)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lf = open(path.with_suffix(".lock"), "a+")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise self._state_error(exc, p, op) from None
+        with lf:
+            self._lock_vm(lf, p, op)
             try:
+                with contextlib.suppress(OSError):
+                    lf.truncate(0)
+                    lf.write(json.dumps({"pid": os.getpid(), "operation": op, "since": utcnow().isoformat()}))
+                    lf.flush()
                 raw = json.loads(path.read_text()) if path.exists() else None
                 box: list[_VM | None] = [_VM(**raw) if raw else None]
                 try:
                     yield box
                 finally:
-                    vm = box[0]
-                    if vm is None:
-                        with contextlib.suppress(FileNotFoundError):
-                            path.unlink()
-                    else:
-                        tmp = path.with_suffix(".tmp")
-                        tmp.write_text(json.dumps(asdict(vm)))
-                        tmp.replace(path)
+                    self._save(path, box[0], p, op)
             finally:
                 fcntl.flock(lf, fcntl.LOCK_UN)
+                self._lock.release()
+
+    def _lock_vm(self, lf: Any, p: Placement, op: str) -> None:
+        wait = float(self.opts.get("vm_lock_wait", 300))
+        t0 = time.monotonic()
+        told = False
+        if not self._lock.acquire(timeout=wait):
+            raise TransientFabricError(f"another operation of this process has held VM {p.vm}'s record for over "
+                                       f"{wait:g} s", vm=p.vm, operation=op, error_id="Busy",
+                                       hint="wait for it to finish, or raise the fabric option vm_lock_wait")
+        try:
+            while True:
+                try:
+                    fcntl.flock(lf, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    lf.seek(0)
+                    holder = lf.read(300).strip() or "unknown"
+                    waited = time.monotonic() - t0
+                    if not told and waited > 1:
+                        log.info("%s: %s waits for the VM record lock, held by %s", p.vm, op, holder)
+                        told = True
+                    if waited > wait:
+                        raise TransientFabricError(
+                            f"VM {p.vm}'s record has been locked for over {wait:g} s by {holder} (lock file "
+                            f"{lf.name})", vm=p.vm, operation=op, error_id="Busy",
+                            hint="that operation is still running or stuck; wait for it, or stop that process")
+                    time.sleep(0.05)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _state_error(self, exc: OSError, p: Placement, op: str) -> ExecutionError:
+        err = storage_error(exc, str(self.root))
+        if err is None:
+            return TransientFabricError(f"the orchestrator's state directory failed: {exc}", vm=p.vm, operation=op,
+                                        host="orchestrator", hint="check the state directory")
+        return StorageError(f"orchestrator state directory: {err}", path=err.path, vm=p.vm, host="orchestrator",
+                            operation=op, error_id=err.code,
+                            hint=f"free space in (or remount read-write) the state directory {self.root}")
+
+    def _save(self, path: Path, vm: _VM | None, p: Placement, op: str) -> None:
+        if vm is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return
+        data = json.dumps(asdict(vm))
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(data)
+            tmp.replace(path)
+            return
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
+                raise self._state_error(exc, p, op) from None
+        # A full state directory: the record is rewritten in place, in the blocks it already has, so
+        # a failed cycle is still counted and health can say why (not atomic; only this fallback).
+        try:
+            with open(path, "r+") as f:
+                f.write(data)
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise self._state_error(exc, p, op) from None
 
     def _need(self, vm: _VM | None, p: Placement, operation: str, *allowed: S) -> _VM:
         if vm is None:
@@ -299,7 +411,7 @@ class LinuxFabric:
         rep = self._rep_args(vm, p, disk, p.target)
         state = self._src_state(p.source, p.vm, disk)
         send = ["send", "--disk", vm.paths[disk][p.source.name], "--state", state,
-                *self._view_args(p, consistency, vm, disk)]
+                "--keepalive", f"{self.dead_link / 3:g}", *self._view_args(p, consistency, vm, disk)]
         recv = ["receive", *rep, "--point", json.dumps(point), *self._retention(p)]
         prefix = b""
         info: dict[str, Any] = {}
@@ -393,12 +505,17 @@ class LinuxFabric:
             vm.gens.clear()
             vm.seq = max(vm.seq, int(dead.get("seq", 0)))
         point = self._new_point(vm, p, consistency, t0)
-        tmp = marker.with_suffix(".cycle.tmp")
-        tmp.write_text(json.dumps({"point": point["id"], "seq": vm.seq, "operation": operation,
-                                   "started_at": t0.isoformat(), "pid": os.getpid()}))
-        tmp.replace(marker)
         total, notes = 0, self._path_notes(p)
         try:
+            tmp = marker.with_suffix(".cycle.tmp")
+            try:
+                tmp.write_text(json.dumps({"point": point["id"], "seq": vm.seq, "operation": operation,
+                                           "started_at": t0.isoformat(), "pid": os.getpid()}))
+                tmp.replace(marker)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise self._state_error(exc, p, operation) from None
             # One count over the VM's disks, so a caller sees one total and done never going back.
             totals = DiskTotals(progress, self._sizes(vm, p)) if progress is not None else None
             for i, d in enumerate(p.disks):
@@ -415,7 +532,11 @@ class LinuxFabric:
             vm.cycles_missed += 1
             # Health reports the failure until a cycle succeeds; whatever the replica holds now (the
             # transfer may have committed after the connection dropped) is asked again next time.
-            vm.last_error = f"{operation} failed: {exc}"[:300] if str(exc) else f"{operation} failed: {type(exc).__name__}"
+            said = str(exc) or type(exc).__name__
+            if isinstance(exc, ReplicaError) and exc.host and not said.startswith(exc.host):
+                said = f"{exc.host}: {said}"  # the host whose filesystem or agent failed
+            vm.last_error = f"{operation} failed: {said}"[:300]
+            vm.last_error_id = _error_id(exc)
             vm.gens.clear()
             raise
         finally:
@@ -423,7 +544,7 @@ class LinuxFabric:
                 marker.unlink()
         vm.cycles_ok += 1
         vm.resync_required = False
-        vm.last_error = ""
+        vm.last_error = vm.last_error_id = ""
         vm.last_replication = point["created_at"]
         if consistency == "app":
             vm.last_app_point = point["created_at"]
@@ -633,6 +754,8 @@ class LinuxFabric:
                     f"the {dead.get('operation', 'replication')} cycle started at {dead.get('started_at')} was "
                     "interrupted (the orchestrator stopped mid-cycle); the replica holds a recovery point "
                     "and the next cycle carries on from it")
+            elif vm.last_error_id in STORAGE_CODES and vm.state == S.Replicating.value:
+                health, details = Health.Critical, f"the last cycle failed, the replica holds the previous point: {vm.last_error}"
             elif vm.last_error and vm.state == S.Replicating.value:
                 health, details = Health.Warning, f"the last cycle failed, the replica holds the previous point: {vm.last_error}"
             elif rpo is not None and rpo > p.policy.rpo_threshold:
