@@ -197,10 +197,7 @@ class LinuxFabric:
         except ExecutionError:
             raise
         except (ReplicaError, paramiko.SSHException, EOFError, OSError) as exc:
-            # A connection closed as dead explains whatever failed on top of it (a torn stream, a
-            # channel without exit status): the error names the network, not the consequence.
-            for h in (p.source, p.target):
-                ssh.check_link(self._clients.get(h.name), h.name)
+            self._check_links(p)
             if isinstance(exc, OSError):
                 exc = storage_error(exc) or exc
             if isinstance(exc, ReplicaError) and exc.code in STORAGE_CODES:
@@ -213,6 +210,20 @@ class LinuxFabric:
                           hint=_HINTS.get(exc.code, "read the message; fix the cause and re-run the operation")) from None
             raise TransientFabricError(f"{type(exc).__name__}: {exc}", vm=p.vm, host=host.name, operation=operation,
                                        hint="the connection or a file operation failed; retry") from None
+
+    def _check_links(self, p: Placement) -> None:
+        """A connection closed as dead explains whatever failed on top of it (a torn stream, a channel
+        without exit status): raise LinkDown, naming the network rather than the consequence."""
+        for h in (p.source, p.target):
+            if not self._is_local(h):
+                ssh.check_link(self._clients.get(h.name), h.name)
+
+    def _cause(self, p: Placement, exc: BaseException) -> BaseException:
+        try:
+            self._check_links(p)
+        except ExecutionError as down:
+            return down
+        return exc
 
     # ---- VM state ----------------------------------------------------------------------------
     def _state_path(self, vm: str) -> Path:
@@ -341,8 +352,18 @@ class LinuxFabric:
     def _src_state(self, host: Host, vm: str, disk: str) -> str:
         return os.path.join(self._vm_dir(host, vm), "source", disk)
 
-    def _test_image(self, host: Host, vm: str, disk: str) -> str:
-        return os.path.join(self._vm_dir(host, vm), "test", f"{disk}.img")
+    def _test_dir(self, host: Host, vm: str, elsewhere: bool = False) -> str:
+        """Where a drill's copies go: under the host root, or (`elsewhere`: that root is read-only) under
+        the option `test_scratch` (default /var/tmp/siterecovery) on the same host."""
+        if not elsewhere:
+            return os.path.join(self._vm_dir(host, vm), "test")
+        scratch = self.opts.get("test_scratch", "/var/tmp/siterecovery")
+        if isinstance(scratch, dict):
+            scratch = scratch.get(host.name, "/var/tmp/siterecovery")
+        return os.path.join(str(scratch), host.name, vm, "test")
+
+    def _test_image(self, host: Host, vm: str, disk: str, test_dir: str | None = None) -> str:
+        return os.path.join(test_dir or self._test_dir(host, vm), f"{disk}.img")
 
     def _replica_image(self, p: Placement, disk: str, location: str | None) -> str:
         if location:
@@ -532,11 +553,12 @@ class LinuxFabric:
             vm.cycles_missed += 1
             # Health reports the failure until a cycle succeeds; whatever the replica holds now (the
             # transfer may have committed after the connection dropped) is asked again next time.
-            said = str(exc) or type(exc).__name__
-            if isinstance(exc, ReplicaError) and exc.host and not said.startswith(exc.host):
-                said = f"{exc.host}: {said}"  # the host whose filesystem or agent failed
+            cause = self._cause(p, exc)
+            said = (cause.message if isinstance(cause, ExecutionError) else str(cause)) or type(cause).__name__
+            if isinstance(cause, ReplicaError) and cause.host and not said.startswith(cause.host):
+                said = f"{cause.host}: {said}"  # the host whose filesystem or agent failed
             vm.last_error = f"{operation} failed: {said}"[:300]
-            vm.last_error_id = _error_id(exc)
+            vm.last_error_id = _error_id(cause)
             vm.gens.clear()
             raise
         finally:
@@ -723,14 +745,24 @@ class LinuxFabric:
             # (unknown) rather than a false 0 when they cannot be measured. Only a prepared failover has
             # shipped everything by construction.
             pending: int | None = 0 if vm.state == S.PreparedForFailover.value else None
+            read_only = ""
             if vm.state in (S.Replicating.value, S.Suspended.value) and vm.primary == p.source.name:
                 statuses: list[dict[str, Any]] | None = None
                 try:
                     statuses = self._disk_status(vm, p)
                     if not all(s["disk_matches"] for s in statuses):
                         resync, details = True, "a replica disk does not match its manifest"
-                except ExecutionError as exc:
-                    details = f"replica unreachable: {exc.message}"
+                    ro = [self._meta(p.target, p.vm, d) for d, s in zip(self._disks(vm), statuses, strict=True)
+                          if s.get("writable") is False]
+                    if ro and not resync:
+                        read_only = (f"the replica filesystem on host {p.target.name} is read-only (EROFS): "
+                                     f"{', '.join(ro)}; no cycle can land until it is remounted read-write, "
+                                     "drills and failover work from the replica as it is")
+                except (ExecutionError, ReplicaError, paramiko.SSHException, EOFError, OSError) as exc:
+                    # health reports, never raises: a dead path names the network (LinkDown)
+                    cause = self._cause(p, exc)
+                    said = cause.message if isinstance(cause, ExecutionError) else f"{type(cause).__name__}: {cause}"
+                    details = f"replica unreachable: {said}"[:400]
                 if statuses is not None:
                     try:
                         sources = self._source_status(vm, p, statuses)
@@ -747,6 +779,8 @@ class LinuxFabric:
             health = Health.Normal
             if resync:
                 health, details = Health.Critical, details or f"Resynchronization is required for {p.vm}."
+            elif read_only:
+                health, details = Health.Critical, read_only
             elif vm.state in (S.Error.value, S.Suspended.value):
                 health = Health.Critical if vm.state == S.Error.value else Health.Warning
             elif (dead := self._interrupted(p.vm)) is not None:
@@ -815,11 +849,20 @@ class LinuxFabric:
             rp, seqs, _ = self._pick(vm, p, point, "test_failover")
             dst = self._ep(p.target)
             copies = []
+            test_dir = None
             for d in self._disks(vm):
-                out = dst.call(["rebuild", *self._rep_args(vm, p, d, p.target), "--seq", str(seqs[d]),
-                                "--dest", self._test_image(p.target, p.vm, d)])
+                args = ["rebuild", *self._rep_args(vm, p, d, p.target), "--seq", str(seqs[d])]
+                try:
+                    out = dst.call([*args, "--dest", self._test_image(p.target, p.vm, d, test_dir)])
+                except ReplicaError as exc:
+                    if exc.code != "EROFS" or test_dir is not None:
+                        raise
+                    # A read-only replica filesystem: the replica is intact and readable, only the
+                    # drill's copy must live elsewhere.
+                    test_dir = self._test_dir(p.target, p.vm, elsewhere=True)
+                    out = dst.call([*args, "--dest", self._test_image(p.target, p.vm, d, test_dir)])
                 copies.append(out["copy"])
-            vm.test_active, vm.test_point = True, rp.id
+            vm.test_active, vm.test_point, vm.test_dir = True, rp.id, test_dir
             net = network or p.test_network
             msg = f"test VM created from {rp.id} ({', '.join(sorted(set(copies)))})"
             if p.compute is not None:
@@ -831,7 +874,8 @@ class LinuxFabric:
     def _cleanup_test(self, vm: _VM, p: Placement) -> None:
         if p.compute is not None:
             self._stop(vm, p, p.target, test=True)
-        self._ep(p.target).call(["remove", os.path.join(self._vm_dir(p.target, p.vm), "test")])
+        self._ep(p.target).call(["remove", vm.test_dir or self._test_dir(p.target, p.vm)])
+        vm.test_dir = None
         vm.running = [h for h in vm.running if h != f"{p.target.name}#test"]
         vm.test_active, vm.test_point = False, None
 
@@ -959,7 +1003,7 @@ class LinuxFabric:
     def _start(self, vm: _VM, p: Placement, host: Host, test: bool, network: str | None) -> bool:
         c = p.compute
         assert c is not None
-        disks = ([self._test_image(host, p.vm, d) for d in self._disks(vm)] if test
+        disks = ([self._test_image(host, p.vm, d, vm.test_dir) for d in self._disks(vm)] if test
                  else [vm.paths[d][host.name] for d in self._disks(vm)])
         if c.backend == "libvirt":
             return self._virsh_start(p, host, test, disks, network)

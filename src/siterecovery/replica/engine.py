@@ -755,7 +755,9 @@ class Replica:
         matches = bool(exists and h is not None and st.get("stat") == self._stat() and h.size == self._stat()[0])
         return {"exists": exists, "initialized": h is not None, "gen": h.gen.hex() if h else None,
                 "seq": h.seq if h else 0, "size": h.size if h else None, "disk_matches": matches,
-                "points": st["points"], "undo_bytes": self._undo_bytes()}
+                "points": st["points"], "undo_bytes": self._undo_bytes(),
+                # False on a read-only filesystem (EROFS): cycles cannot land, reading still works
+                "writable": os.access(self.meta if os.path.isdir(self.meta) else os.path.dirname(self.meta), os.W_OK)}
 
     def _undo_bytes(self) -> int:
         try:
