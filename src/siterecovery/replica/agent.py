@@ -15,6 +15,7 @@ import errno
 import fcntl
 import io
 import json
+import logging
 import os
 import select
 import signal
@@ -27,6 +28,8 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from . import engine
+
+log = logging.getLogger(__name__)
 from .engine import Progress, Replica, ReplicaError, SourceState
 
 
@@ -162,6 +165,9 @@ def _dead_owner(o: dict[str, Any], stale_after: float) -> bool:
         return False
     if o.get("host") != socket.gethostname() or o.get("boot") != _boot_id():
         return False
+    every = o.get("every")
+    if isinstance(every, (int, float)):
+        stale_after = max(stale_after, 6 * every)  # twice the holder's own deadline (it beats 3x per deadline)
     return time.time() - beat > stale_after and _start_time(pid) == o.get("start")
 
 
@@ -204,7 +210,7 @@ def _exclusive(path: str, what: str, cmd: str) -> Iterator[None]:
                 if _dead_owner(owner, 2 * dead):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(int(owner["pid"]), signal.SIGKILL)
-                    sys.stderr.write(f"broke the lock on {what} {path}: {_describe(owner)} stopped beating\n")
+                    log.warning("broke the lock on %s %s: %s stopped beating", what, path, _describe(owner))
                     time.sleep(0.05)
                     continue
                 if time.monotonic() > deadline:
@@ -213,7 +219,7 @@ def _exclusive(path: str, what: str, cmd: str) -> Iterator[None]:
                 time.sleep(0.05)
         if writable:
             me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
-                  "boot": _boot_id(), "cmd": cmd, "since": time.time()}
+                  "boot": _boot_id(), "cmd": cmd, "since": time.time(), "every": max(0.2, dead / 3)}
 
             def beat() -> None:
                 while True:
