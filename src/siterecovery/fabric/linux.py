@@ -763,6 +763,8 @@ class LinuxFabric:
                     cause = self._cause(p, exc)
                     said = cause.message if isinstance(cause, ExecutionError) else f"{type(cause).__name__}: {cause}"
                     details = f"replica unreachable: {said}"[:400]
+                    if _error_id(cause) in STORAGE_CODES:
+                        read_only = details  # its filesystem refused: Critical, not just unreachable
                 if statuses is not None:
                     try:
                         sources = self._source_status(vm, p, statuses)

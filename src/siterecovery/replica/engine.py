@@ -795,8 +795,11 @@ class Replica:
         # Leftovers of a crash before the journal was written (or after it was removed).
         h = self.header()
         for name in ("manifest.new", "journal.tmp", "state.json.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.meta, name))
+            # lexists first: on a read-only filesystem unlink answers EROFS even for a missing file,
+            # and a replica with nothing to clean up must stay readable there (status, drills)
+            if os.path.lexists(leftover := os.path.join(self.meta, name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
         if os.path.isdir(self.undo_dir):
             for e in os.scandir(self.undo_dir):
                 if e.name.endswith(".tmp") or (h is not None and e.name.endswith(".undo") and int(e.name[:12]) > h.seq):
