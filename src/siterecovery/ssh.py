@@ -21,7 +21,14 @@ from typing import Any
 import paramiko
 from paramiko.packet import Packetizer
 
-from .errors import ConfigurationError, ConnectionFailed, FabricError, HostKeyError, LinkDown, TransientFabricError
+from .errors import (
+    ConfigurationError,
+    ConnectionFailed,
+    FabricError,
+    HostKeyError,
+    LinkDown,
+    TransientFabricError,
+)
 from .model import Host
 from .model.topology import Credential
 from .render import sh_join

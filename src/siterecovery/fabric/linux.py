@@ -283,7 +283,7 @@ class LinuxFabric:
                         raise TransientFabricError(
                             f"VM {p.vm}'s record has been locked for over {wait:g} s by {holder} (lock file "
                             f"{lf.name})", vm=p.vm, operation=op, error_id="Busy",
-                            hint="that operation is still running or stuck; wait for it, or stop that process")
+                            hint="that operation is still running or stuck; wait for it, or stop that process") from None
                     time.sleep(0.05)
         except BaseException:
             self._lock.release()

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from . import engine
+from .engine import Progress, Replica, ReplicaError, SourceState
 
 log = logging.getLogger(__name__)
-from .engine import Progress, Replica, ReplicaError, SourceState
 
 
 def _parser() -> argparse.ArgumentParser:
