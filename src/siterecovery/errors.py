@@ -122,6 +122,21 @@ class ConnectionFailed(TransientFabricError):
     """A host could not be reached."""
 
 
+class LinkDown(ConnectionFailed):
+    """A network path went silent: nothing from the host within the dead-link deadline."""
+
+
+class StorageError(FabricError):
+    """A filesystem refused a write: full (ENOSPC, EDQUOT) or read-only (EROFS). `error_id` is the
+    errno's name; `path` the file or directory, `host` where it lives ("orchestrator" for the state
+    directory)."""
+
+    def __init__(self, message: str, *, path: str | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.fields["path"] = path
+        self.path = path
+
+
 class ScriptError(ExecutionError):
     """A plan's script failed, timed out or could not be started."""
 

@@ -14,15 +14,29 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import paramiko
+from paramiko.packet import Packetizer
 
-from .errors import ConfigurationError, ConnectionFailed, FabricError, HostKeyError, TransientFabricError
+from .errors import (
+    ConfigurationError,
+    ConnectionFailed,
+    FabricError,
+    HostKeyError,
+    LinkDown,
+    TransientFabricError,
+)
 from .model import Host
 from .model.topology import Credential
 from .render import sh_join
+from .replica.engine import DEAD_LINK_ENV, DEAD_LINK_SECONDS, dead_link_seconds  # noqa: F401 - one place
+
+# The dead-link deadline (engine.DEAD_LINK_SECONDS, 30 s): SSH keepalives every third of it, TCP
+# keepalive and TCP_USER_TIMEOUT, and a deadline on every socket write (paramiko's own retries a full
+# socket buffer forever) close a path that went silent, with a reason naming the host.
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +80,62 @@ def _fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
 
 
+class _Packetizer(Packetizer):
+    """paramiko's Packetizer with a dead-link deadline (armed once the connection is up): a socket
+    write that moves no byte for `dead_after` seconds, or nothing received for that long although
+    keepalives asked for an answer, closes the connection with a reason naming the host."""
+
+    dead_after = 0.0
+    peer = "?"
+    dead_reason: str | None = None
+    last_rx = 0.0
+
+    def die(self, reason: str) -> None:
+        if self.dead_reason is None:
+            self.dead_reason = reason
+            log.warning("SSH connection to %s closed: %s", self.peer, reason)
+        self.close()
+        raise EOFError(reason)
+
+    def read_all(self, n: int, check_rekey: bool = False) -> bytes:
+        out: bytes = super().read_all(n, check_rekey)
+        self.last_rx = time.monotonic()
+        return out
+
+    def _check_keepalive(self) -> None:
+        # Called by the transport thread every 0.1 s while it waits for the next packet.
+        if self.dead_after and time.monotonic() - self.last_rx > self.dead_after:
+            self.die(f"no traffic from host {self.peer} for {self.dead_after:g} s (the network path "
+                     "is down or the host stopped answering)")
+        super()._check_keepalive()
+
+    def write_all(self, out: bytes) -> None:
+        if not self.dead_after:
+            super().write_all(out)
+            return
+        sock = self._Packetizer__socket  # type: ignore[attr-defined]
+        self._Packetizer__keepalive_last = time.time()
+        stalled: float | None = None
+        while out:
+            try:
+                n = sock.send(out)
+            except (TimeoutError, BlockingIOError):
+                n = 0  # the socket buffer is full (its timeout is paramiko's 0.1 s poll)
+            except OSError:
+                raise EOFError(self.dead_reason or "the connection closed") from None
+            if n:
+                out, stalled = out[n:], None
+                continue
+            if self.closed:
+                raise EOFError(self.dead_reason or "the connection closed")
+            now = time.monotonic()
+            if stalled is None:
+                stalled = now
+            elif now - stalled > self.dead_after:
+                self.die(f"no traffic from host {self.peer} for {self.dead_after:g} s (it took no data: "
+                         "the network path is down or the host stopped reading)")
+
+
 class Transport(paramiko.Transport):
     """paramiko's Transport without its re-key self-deadlock (paramiko/paramiko#822, open upstream).
 
@@ -86,6 +156,53 @@ class Transport(paramiko.Transport):
         self._held: list[paramiko.Message] = []
         self.rekeys = 0  # key exchanges completed after the first
         self.held_messages = 0  # answers that would have deadlocked without the queue
+        self.packetizer.__class__ = _Packetizer  # deadlines on writes and reads (armed by `arm`)
+
+    @property
+    def _pk(self) -> _Packetizer:
+        assert isinstance(self.packetizer, _Packetizer)
+        return self.packetizer
+
+    def arm(self, peer: str, dead_after: float) -> None:
+        """From now on a link silent for `dead_after` s is closed; keepalives ask for an answer every
+        third of it (OpenSSH's keepalive@openssh.com with want-reply, as ServerAliveInterval sends)."""
+        pk = self._pk
+        pk.peer, pk.last_rx, pk.dead_after = peer, time.monotonic(), float(dead_after)
+        pk.set_keepalive(max(0.5, dead_after / 3), self._keepalive)
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the connection was closed as dead, if it was."""
+        return self._pk.dead_reason
+
+    def _keepalive(self) -> None:
+        m = paramiko.Message()
+        m.add_byte(paramiko.common.cMSG_GLOBAL_REQUEST)
+        m.add_string("keepalive@openssh.com")
+        m.add_boolean(True)  # the server answers (REQUEST_FAILURE): proof the path works both ways
+        self._send_user_message(m)
+
+    def probe(self, timeout: float) -> bool:
+        """Is the peer still answering? True at once when it sent something recently; else a keepalive
+        is sent and its answer awaited up to `timeout` s (a cached connection checked before use)."""
+        pk = self._pk
+        if not self.is_active():
+            return False
+        if not pk.dead_after or time.monotonic() - pk.last_rx < pk.dead_after / 3:
+            return True
+        sent = time.monotonic()
+        try:
+            self._keepalive()
+        except (EOFError, OSError, paramiko.SSHException):
+            return False
+        end = sent + timeout
+        while time.monotonic() < end:
+            if pk.last_rx > sent:
+                return True
+            if not self.is_active():
+                return False
+            time.sleep(0.02)
+        return False
 
     def _send_user_message(self, data: Any) -> None:
         if threading.current_thread() is self:
@@ -121,8 +238,25 @@ def _load_pkey(text: str) -> paramiko.PKey:
     raise ConfigurationError("the credential does not hold a private key paramiko can read (ed25519, ecdsa, rsa)")
 
 
-def connect(host: Host, secrets: Secrets | None = None, timeout: float = 15.0) -> paramiko.SSHClient:
-    """A connected, authenticated client for `host`, its host key verified."""
+def tcp_keepalive(sock: socket.socket, dead_after: float) -> None:
+    """Kernel-side detection of a dead peer: keepalive probes on an idle socket, and TCP_USER_TIMEOUT
+    (unacknowledged data older than the deadline aborts the connection with ETIMEDOUT)."""
+    idle = max(1, int(dead_after / 3))
+    for level, opt, val in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                            (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
+                            (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), max(1, idle // 2)),
+                            (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
+                            (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(dead_after * 1000))):
+        if opt is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, opt, val)
+
+
+def connect(host: Host, secrets: Secrets | None = None, timeout: float = 15.0,
+            dead_after: float | None = None) -> paramiko.SSHClient:
+    """A connected, authenticated client for `host`, its host key verified; a link silent for
+    `dead_after` s (default dead_link_seconds()) is closed with a reason naming the host."""
+    dead = dead_link_seconds() if dead_after is None else dead_after
     client = paramiko.SSHClient()
     hid = _host_id(host)
     keys = client.get_host_keys()
@@ -163,6 +297,8 @@ def connect(host: Host, secrets: Secrets | None = None, timeout: float = 15.0) -
         # about 40 ms each, 170 ms per command measured.
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(sock, socket.socket) and dead > 0:
+            tcp_keepalive(sock, dead)
         t = Transport(sock, default_window_size=WINDOW_SIZE, **tkw)
         # GCM first; the other modern ciphers stay (servers without GCM remain reachable); CBC modes go.
         prefs = t.get_security_options()
@@ -197,7 +333,26 @@ def connect(host: Host, secrets: Secrets | None = None, timeout: float = 15.0) -
         raise ConnectionFailed(f"cannot reach {host.address}:{host.port} over SSH: {type(exc).__name__}: {exc}",
                                host=host.name, operation="connect",
                                hint="check that the host is up, sshd listens on that port and the network allows it") from None
+    t = client.get_transport()
+    if isinstance(t, Transport) and dead > 0:
+        t.arm(host.name, dead)
     return client
+
+
+def dead_reason(client: paramiko.SSHClient | None) -> str | None:
+    """Why `client`'s connection was closed as dead (no traffic within the deadline), else None."""
+    t = client.get_transport() if client is not None else None
+    return t.dead_reason if isinstance(t, Transport) else None
+
+
+def usable(client: paramiko.SSHClient, timeout: float) -> bool:
+    """A cached connection checked before use: active, and answering within `timeout` s when it has
+    been quiet (an idle connection whose path died would otherwise cost the next caller its channel
+    timeout)."""
+    t = client.get_transport()
+    if t is None or not t.is_active():
+        return False
+    return t.probe(timeout) if isinstance(t, Transport) else True
 
 
 def exec_channel(client: paramiko.SSHClient, argv: Sequence[object], timeout: float | None = None) -> paramiko.Channel:
@@ -228,9 +383,20 @@ def run(client: paramiko.SSHClient, argv: Sequence[object], stdin: bytes | None 
     except TimeoutError:
         raise TransientFabricError(f"command {argv[0]!s} timed out after {timeout} s", operation="exec",
                                    hint="the host may be overloaded; retry or raise the timeout") from None
-    except OSError as exc:
+    except (OSError, EOFError) as exc:
+        check_link(client)
         raise TransientFabricError(f"SSH channel failed: {type(exc).__name__}", operation="exec",
                                    hint="retry; check the connection") from None
     finally:
         chan.close()
+    check_link(client)  # a connection closed as dead leaves a channel with no exit status (-1)
     return rc, bytes(out), bytes(err)
+
+
+def check_link(client: paramiko.SSHClient | None, host: str | None = None) -> None:
+    """Raise LinkDown when `client`'s connection was closed as dead: the error names the network."""
+    reason = dead_reason(client)
+    if reason:
+        raise LinkDown(reason, host=host, operation="exec", error_id="NoTraffic",
+                       hint="check the network path to that host (firewall, routing, link); the operation "
+                            "can be retried once it answers")

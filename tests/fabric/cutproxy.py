@@ -23,6 +23,7 @@ class CutProxy:
         self._budget: int | None = None  # bytes left before the cut, in the armed direction
         self._direction = "up"
         self._hold_budget: int | None = None
+        self._hole_budget: int | None = None
         self.cuts = 0
         self.relayed = {"up": 0, "down": 0}
         self._closed = False
@@ -48,6 +49,12 @@ class CutProxy:
         its channel was set up): the far end finishes its work but its answer never arrives."""
         with self._lock:
             self._hold_budget = up_bytes
+
+    def blackhole_after(self, up_bytes: int) -> None:
+        """A silent partition once `up_bytes` more bytes went up: nothing passes either way and
+        nobody is told (no FIN, no RST); the proxy stops reading, so the senders' buffers fill up."""
+        with self._lock:
+            self._hole_budget = up_bytes
 
     def release(self) -> None:
         for e in self._flowing.values():
@@ -95,6 +102,12 @@ class CutProxy:
                             data, cut = data[:self._budget], True
                         self._budget -= len(data)
                     self.relayed[direction] += len(data)
+                    if self._hole_budget is not None and direction == "up":
+                        self._hole_budget -= len(data)
+                        if self._hole_budget <= 0:
+                            self._hole_budget = None
+                            for e in self._flowing.values():
+                                e.clear()
                     if self._hold_budget is not None and direction == "up":
                         self._hold_budget -= len(data)
                         if self._hold_budget <= 0:

@@ -5,12 +5,16 @@ point rebuild), and a recovery cycle that ships only what changed. Shared by the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from estate import fabric, placement
 
 from siterecovery.fabric.base import OpResult, Placement
@@ -20,6 +24,34 @@ from siterecovery.replica.engine import Replica, file_digest
 from siterecovery.testing.disks import make_disk
 
 MiB = 1024 * 1024
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill ({r.stderr.strip() or r.returncode}): needs root")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def fill(fs: Path, leave: int) -> Path:
+    """A filler file that leaves `leave` bytes free on `fs`."""
+    st = os.statvfs(fs)
+    filler = fs / "filler"
+    free = st.f_bavail * st.f_frsize
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        if free > leave:
+            os.posix_fallocate(fd, 0, free - leave)
+    finally:
+        os.close(fd)
+    return filler
 
 
 def agents(marker: str) -> list[tuple[int, str]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from cutproxy import CutProxy
-from faultrig import MiB, Rig, wait_no_agents
+from faultrig import MiB, Rig, fill, tmpfs, wait_no_agents
 from sshd import SSHServer
 
 from siterecovery.errors import FabricError
@@ -185,34 +185,6 @@ def test_source_truncated_and_grown_between_cycles(sshd_server: SSHServer, tmp_p
 
 # ---- the target filesystem full ---------------------------------------------------------------------
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill ({r.stderr.strip() or r.returncode}): needs root")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-
-
-def _fill(fs: Path, leave: int) -> Path:
-    """A filler file that leaves `leave` bytes free on `fs`."""
-    st = os.statvfs(fs)
-    filler = fs / "filler"
-    free = st.f_bavail * st.f_frsize
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        if free > leave:
-            os.posix_fallocate(fd, 0, free - leave)
-    finally:
-        os.close(fd)
-    return filler
-
-
 @pytest.mark.sshd
 def test_target_disk_full(sshd_server: SSHServer, tmp_path: Path) -> None:
     rnd = random.Random(3)
@@ -227,7 +199,7 @@ def test_target_disk_full(sshd_server: SSHServer, tmp_path: Path) -> None:
             failures = []
             for leave in (5 * MiB, 128 * 1024, 2 * MiB, 3 * MiB + 512 * 1024, 8 * MiB):
                 written = rewrite_random(rig.disk, DELTA_BLOCKS, rnd)
-                filler = _fill(fs, leave)
+                filler = fill(fs, leave)
                 failed = ""
                 try:
                     rig.cycle()
@@ -244,7 +216,8 @@ def test_target_disk_full(sshd_server: SSHServer, tmp_path: Path) -> None:
                 h = rig.f.replication_health(rig.p)
                 if failed:
                     failures.append(phase)
-                    assert h.health == Health.Warning and "No space left" in h.details, h
+                    # a full filesystem is Critical: no cycle lands until someone frees space
+                    assert h.health == Health.Critical and "No space left" in h.details, h
                 filler.unlink()
                 out = _fault_then_recover(rig, lambda: None, str(tmp_path), written if failed else 0)
                 assert out["recovery_bytes"] <= (written if failed else 0) + SLACK

@@ -78,6 +78,85 @@ def test_a_stuck_holder_gives_a_clear_busy_error(tmp_path: Path, monkeypatch: An
         os.close(fd)
 
 
+def _half_received(tmp_path: Path, dead: float) -> tuple[Pair, list[str], subprocess.Popen[bytes], bytes]:
+    """A real `agent receive` (dead-link deadline `dead`) staging the first half of a delta, its stdin
+    held open: an agent whose orchestrator went away behind a silent partition."""
+    disk = tmp_path / "disk.img"
+    make_disk(disk, 8 * MiB, fill=0.5)
+    pair = Pair(tmp_path, disk)
+    pair.cycle("full")
+    scribble(disk, 40)
+    stream, _sent = pair.stream("delta")
+    args = ["--replica", pair.rep.path, "--meta", pair.rep.meta]
+    point = {"id": "vm@2", "created_at": "2026-01-01T00:00:00+00:00", "consistency": "crash"}
+    recv = subprocess.Popen([sys.executable, "-m", "siterecovery.replica.agent", "receive", *args,
+                             "--point", json.dumps(point)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "SITERECOVERY_DEAD_LINK_SECONDS": f"{dead:g}"})
+    assert recv.stdin is not None
+    recv.stdin.write(stream[:len(stream) // 2])
+    recv.stdin.flush()
+    end = time.monotonic() + 60
+    while not any(n.startswith("staging") for n in os.listdir(pair.rep.meta)):
+        assert time.monotonic() < end and recv.poll() is None, recv.stderr.read() if recv.stderr else ""
+        time.sleep(0.01)
+    return pair, args, recv, stream
+
+
+def test_an_agent_whose_stream_goes_silent_exits_and_frees_the_replica(tmp_path: Path) -> None:
+    pair, args, recv, _stream = _half_received(tmp_path, dead=2)
+    t0 = time.monotonic()
+    try:
+        recv.wait(timeout=60)  # stdin stays open: nothing more arrives, and no EOF either
+        assert recv.stdout is not None
+        out = recv.stdout.read()
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.wait()
+        for f in (recv.stdin, recv.stdout, recv.stderr):
+            if f is not None:
+                f.close()
+    took = time.monotonic() - t0
+    assert recv.returncode == 3 and b"NoTraffic" in out and b"no data arrived" in out, out
+    assert took < 30, took
+    # the replica is free at once and exactly the previous point
+    st = agent.run_command(["status", *args], _null(), _null())
+    assert st["seq"] == 1 and st["disk_matches"]
+    assert not [n for n in os.listdir(pair.rep.meta) if n.startswith("staging")]
+
+
+def test_the_lock_of_a_stopped_owner_is_broken(tmp_path: Path, monkeypatch: Any) -> None:
+    import signal
+
+    # The holder's own deadline is 6 s: it beats every 2 s while it runs. Stopped (SIGSTOP, as a hung
+    # or frozen agent), it beats no more; it stays stopped, so its own stream deadline never fires.
+    pair, args, recv, _stream = _half_received(tmp_path, dead=6)
+    lockfile = pair.rep.meta + ".lock"
+    owner = json.loads(Path(lockfile).read_text())
+    assert owner["pid"] == recv.pid and owner["cmd"] == "receive" and owner["boot"] and owner["start"]
+    os.kill(recv.pid, signal.SIGSTOP)
+    monkeypatch.setenv("SITERECOVERY_DEAD_LINK_SECONDS", "1")
+    monkeypatch.setattr(agent, "LOCK_WAIT", 120.0)
+    try:
+        t0 = time.monotonic()
+        st = agent.run_command(["status", *args], _null(), _null())  # what a failover runs first
+        took = time.monotonic() - t0
+        assert recv.wait(10) == -signal.SIGKILL
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.wait()
+        for f in (recv.stdin, recv.stdout, recv.stderr):
+            if f is not None:
+                f.close()
+    # recovery ran before the newcomer acted: the torn staging is gone, the replica is the previous point
+    assert st["seq"] == 1 and st["disk_matches"], st
+    assert not [n for n in os.listdir(pair.rep.meta) if n.startswith("staging")]
+    # broken twice the holder's deadline (12 s) after its last beat, well before LOCK_WAIT (120 s)
+    assert took < 60, took
+    print(f"FAULTS stale-lock: broken after {took:.1f}s (holder deadline 6 s, last beat <= 2 s before the stop)")
+
+
 def _null() -> Any:
     import io
     return io.BytesIO()

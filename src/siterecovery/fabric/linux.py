@@ -10,11 +10,13 @@ Compute backends: `process` (a detached command with a pid file and log) and `li
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -35,13 +37,14 @@ from ..errors import (
     HostKeyError,
     InvalidStateError,
     NotFoundError,
+    StorageError,
     TransientFabricError,
 )
 from ..model import Host
 from ..paths import child
 from ..progress import DiskTotals
 from ..render import render_args
-from ..replica.engine import ReplicaError
+from ..replica.engine import STORAGE_CODES, ReplicaError, storage_error
 from ..replica.peer import send_to_args, transfer_direct
 from ..replica.transport import Endpoint, LocalEndpoint, SSHEndpoint, transfer
 from . import FabricContext
@@ -85,6 +88,9 @@ _HINTS = {
               "nothing half-applied stays: the replica holds its last recovery point and the next cycle "
               "ships only what changed",
     "Busy": "an agent left by a dropped connection still holds the replica; retry, or stop that pid on the host",
+    "EDQUOT": "raise the quota or free space for that user on that host; nothing half-applied stays",
+    "EROFS": "that filesystem is mounted read-only: remount it read-write (check its health first); cycles "
+             "cannot land until then, drills and failover still work from the replica as it is",
     "EACCES": "check the permissions of the host's root directory for the SSH user",
     "PeerHostKey": "verify the target host's key out of band, then add it to the source host's peer_ssh.known_hosts "
                    "file (ssh-keyscan output is not verification); nothing was applied",
@@ -101,6 +107,17 @@ _HINTS = {
 # Failures that happen at the source host whatever host the operation is attributed to.
 _SOURCE_CODES = frozenset({"freezeFailed", "thawFailed", "quiesceFailed", "ViewFailed", "QemuError", "QmpFailed",
                            "QmpUnreachable", "CaptureFailed", "QemuNoDisk"})
+
+
+def _error_id(exc: BaseException) -> str:
+    """The id a failure is known by (engine code, errno name, or the project error's id)."""
+    if isinstance(exc, ReplicaError):
+        return exc.code
+    if isinstance(exc, ExecutionError):
+        return exc.error_id or ""
+    if isinstance(exc, OSError):
+        return errno.errorcode.get(exc.errno or 0, "")
+    return ""
 
 
 @dataclass
@@ -127,6 +144,8 @@ class _VM:
     formats: dict[str, dict[str, str]] = field(default_factory=dict)  # disk -> host -> qemu format (raw if absent)
     cbt: dict[str, dict[str, Any]] = field(default_factory=dict)  # disk -> {bitmap, since: [gens it covers]}
     view_seconds: float | None = None  # the guest's pause in the last point-in-time capture
+    last_error_id: str = ""  # ENOSPC / EDQUOT / EROFS make health Critical: no cycle lands until fixed
+    test_dir: str | None = None  # where the running drill's copies are, when not under the host root
 
 
 class LinuxFabric:
@@ -155,19 +174,30 @@ class LinuxFabric:
         py = self.opts.get("python", default)
         return str(py.get(host.name, default) if isinstance(py, dict) else py)
 
+    @property
+    def dead_link(self) -> float:
+        """Seconds of silence after which a network path counts as dead (option `dead_link_seconds`)."""
+        return ssh.dead_link_seconds(self.opts.get("dead_link_seconds"))
+
     def _client(self, host: Host) -> paramiko.SSHClient:
         with self._lock:
             c = self._clients.get(host.name)
-            t = c.get_transport() if c else None
-            if c is None or t is None or not t.is_active():
-                c = ssh.connect(host, self.context.secrets, timeout=float(self.opts.get("ssh_timeout", 15)))
+            # A cached connection is checked first: one whose path died while it sat idle would
+            # otherwise cost the next operation its whole channel timeout.
+            if c is None or not ssh.usable(c, self.dead_link):
+                if c is not None:
+                    c.close()
+                c = ssh.connect(host, self.context.secrets, timeout=float(self.opts.get("ssh_timeout", 15)),
+                                dead_after=self.dead_link)
                 self._clients[host.name] = c
             return c
 
     def _ep(self, host: Host) -> Endpoint:
         if self._is_local(host):
             return LocalEndpoint(name=host.name)
-        return SSHEndpoint(name=host.name, client=self._client(host), python=self._python(host))
+        # The agent gets the same deadline: it gives up on a stream that went silent (agent.py).
+        return SSHEndpoint(name=host.name, client=self._client(host), python=self._python(host),
+                           env={ssh.DEAD_LINK_ENV: f"{self.dead_link:g}"})
 
     def _sh(self, host: Host, argv: list[str], stdin: bytes | None = None, timeout: float = 120) -> tuple[int, str, str]:
         """Run argv at a host (no shell locally; quoted through sh_join remotely)."""
@@ -187,15 +217,36 @@ class LinuxFabric:
             yield
         except ExecutionError:
             raise
-        except ReplicaError as exc:
-            cls = _CODES.get(exc.code, FabricError)
-            if exc.code in _SOURCE_CODES:
-                host = p.source  # the freeze, the view and QEMU live where the VM runs
-            raise cls(str(exc), vm=p.vm, host=host.name, operation=operation, error_id=exc.code,
-                      hint=_HINTS.get(exc.code, "read the message; fix the cause and re-run the operation")) from None
-        except (paramiko.SSHException, EOFError, OSError) as exc:
+        except (ReplicaError, paramiko.SSHException, EOFError, OSError) as exc:
+            self._check_links(p)
+            if isinstance(exc, OSError):
+                exc = storage_error(exc) or exc
+            if isinstance(exc, ReplicaError) and exc.code in STORAGE_CODES:
+                where = exc.host or host.name
+                raise StorageError(str(exc), path=exc.path, vm=p.vm, host=where, operation=operation,
+                                   error_id=exc.code, hint=_HINTS[exc.code]) from None
+            if isinstance(exc, ReplicaError):
+                cls = _CODES.get(exc.code, FabricError)
+                # the freeze, the view and QEMU live where the VM runs, whatever host the operation is on
+                at = p.source.name if exc.code in _SOURCE_CODES else (exc.host or host.name)
+                raise cls(str(exc), vm=p.vm, host=at, operation=operation, error_id=exc.code,
+                          hint=_HINTS.get(exc.code, "read the message; fix the cause and re-run the operation")) from None
             raise TransientFabricError(f"{type(exc).__name__}: {exc}", vm=p.vm, host=host.name, operation=operation,
                                        hint="the connection or a file operation failed; retry") from None
+
+    def _check_links(self, p: Placement) -> None:
+        """A connection closed as dead explains whatever failed on top of it (a torn stream, a channel
+        without exit status): raise LinkDown, naming the network rather than the consequence."""
+        for h in (p.source, p.target):
+            if not self._is_local(h):
+                ssh.check_link(self._clients.get(h.name), h.name)
+
+    def _cause(self, p: Placement, exc: BaseException) -> BaseException:
+        try:
+            self._check_links(p)
+        except ExecutionError as down:
+            return down
+        return exc
 
     # ---- VM state ----------------------------------------------------------------------------
     def _state_path(self, vm: str) -> Path:
@@ -203,27 +254,99 @@ class LinuxFabric:
 
     @contextlib.contextmanager
     def _vm(self, p: Placement) -> Iterator[list[_VM | None]]:
-        """The VM's record under an exclusive lock; whatever the block leaves in box[0] is saved."""
+        """The VM's record under an exclusive lock; whatever the block leaves in box[0] is saved.
+
+        A wait for the lock says what it waits for (the holder's pid and operation, from the lock
+        file) and gives up after the option `vm_lock_wait` (300 s) with a Busy error naming them."""
         path = self._state_path(p.vm)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock, open(path.with_suffix(".lock"), "a+") as lf:
-            fcntl.flock(lf, fcntl.LOCK_EX)
+        op = sys._getframe(2).f_code.co_name  # the driver operation that asked (a with-statement's caller)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lf = open(path.with_suffix(".lock"), "a+")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise self._state_error(exc, p, op) from None
+        with lf:
+            self._lock_vm(lf, p, op)
             try:
+                with contextlib.suppress(OSError):
+                    lf.truncate(0)
+                    lf.write(json.dumps({"pid": os.getpid(), "operation": op, "since": utcnow().isoformat()}))
+                    lf.flush()
                 raw = json.loads(path.read_text()) if path.exists() else None
                 box: list[_VM | None] = [_VM(**raw) if raw else None]
                 try:
                     yield box
                 finally:
-                    vm = box[0]
-                    if vm is None:
-                        with contextlib.suppress(FileNotFoundError):
-                            path.unlink()
-                    else:
-                        tmp = path.with_suffix(".tmp")
-                        tmp.write_text(json.dumps(asdict(vm)))
-                        tmp.replace(path)
+                    self._save(path, box[0], p, op)
             finally:
                 fcntl.flock(lf, fcntl.LOCK_UN)
+                self._lock.release()
+
+    def _lock_vm(self, lf: Any, p: Placement, op: str) -> None:
+        wait = float(self.opts.get("vm_lock_wait", 300))
+        t0 = time.monotonic()
+        told = False
+        if not self._lock.acquire(timeout=wait):
+            raise TransientFabricError(f"another operation of this process has held VM {p.vm}'s record for over "
+                                       f"{wait:g} s", vm=p.vm, operation=op, error_id="Busy",
+                                       hint="wait for it to finish, or raise the fabric option vm_lock_wait")
+        try:
+            while True:
+                try:
+                    fcntl.flock(lf, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    lf.seek(0)
+                    holder = lf.read(300).strip() or "unknown"
+                    waited = time.monotonic() - t0
+                    if not told and waited > 1:
+                        log.info("%s: %s waits for the VM record lock, held by %s", p.vm, op, holder)
+                        told = True
+                    if waited > wait:
+                        raise TransientFabricError(
+                            f"VM {p.vm}'s record has been locked for over {wait:g} s by {holder} (lock file "
+                            f"{lf.name})", vm=p.vm, operation=op, error_id="Busy",
+                            hint="that operation is still running or stuck; wait for it, or stop that process") from None
+                    time.sleep(0.05)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _state_error(self, exc: OSError, p: Placement, op: str) -> ExecutionError:
+        err = storage_error(exc, str(self.root))
+        if err is None:
+            return TransientFabricError(f"the orchestrator's state directory failed: {exc}", vm=p.vm, operation=op,
+                                        host="orchestrator", hint="check the state directory")
+        return StorageError(f"orchestrator state directory: {err}", path=err.path, vm=p.vm, host="orchestrator",
+                            operation=op, error_id=err.code,
+                            hint=f"free space in (or remount read-write) the state directory {self.root}")
+
+    def _save(self, path: Path, vm: _VM | None, p: Placement, op: str) -> None:
+        if vm is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return
+        data = json.dumps(asdict(vm))
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(data)
+            tmp.replace(path)
+            return
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
+                raise self._state_error(exc, p, op) from None
+        # A full state directory: the record is rewritten in place, in the blocks it already has, so
+        # a failed cycle is still counted and health can say why (not atomic; only this fallback).
+        try:
+            with open(path, "r+") as f:
+                f.write(data)
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise self._state_error(exc, p, op) from None
 
     def _need(self, vm: _VM | None, p: Placement, operation: str, *allowed: S) -> _VM:
         if vm is None:
@@ -254,8 +377,18 @@ class LinuxFabric:
     def _src_state(self, host: Host, vm: str, disk: str) -> str:
         return str(child(self.host_root(host), vm, "source", disk))
 
-    def _test_image(self, host: Host, vm: str, disk: str) -> str:
-        return str(child(self.host_root(host), vm, "test", disk, suffix=".img"))
+    def _test_dir(self, host: Host, vm: str, elsewhere: bool = False) -> str:
+        """Where a drill's copies go: under the host root, or (`elsewhere`: that root is read-only) under
+        the option `test_scratch` (default /var/tmp/siterecovery) on the same host."""
+        if not elsewhere:
+            return str(child(self.host_root(host), vm, "test"))
+        scratch = self.opts.get("test_scratch", "/var/tmp/siterecovery")
+        if isinstance(scratch, dict):
+            scratch = scratch.get(host.name, "/var/tmp/siterecovery")
+        return str(child(str(scratch), host.name, vm, "test"))
+
+    def _test_image(self, host: Host, vm: str, disk: str, test_dir: str | None = None) -> str:
+        return str(child(test_dir or self._test_dir(host, vm), disk, suffix=".img"))
 
     def _replica_image(self, p: Placement, disk: str, location: str | None) -> str:
         if location:
@@ -329,7 +462,7 @@ class LinuxFabric:
         rep = self._rep_args(vm, p, disk, p.target)
         state = self._src_state(p.source, p.vm, disk)
         send = ["send", "--disk", vm.paths[disk][p.source.name], "--state", state,
-                *self._view_args(p, consistency, vm, disk)]
+                "--keepalive", f"{self.dead_link / 3:g}", *self._view_args(p, consistency, vm, disk)]
         dview = (cap or {}).get("disks", {}).get(disk)
         if cap is not None and cap["kind"] == "off":
             send += ["--offline-format", self._format(vm, disk, p.source)]
@@ -438,13 +571,18 @@ class LinuxFabric:
             vm.gens.clear()
             vm.seq = max(vm.seq, int(dead.get("seq", 0)))
         point = self._new_point(vm, p, consistency, t0)
-        tmp = marker.with_suffix(".cycle.tmp")
-        tmp.write_text(json.dumps({"point": point["id"], "seq": vm.seq, "operation": operation,
-                                   "started_at": t0.isoformat(), "pid": os.getpid()}))
-        tmp.replace(marker)
         total, notes = 0, self._path_notes(p)
         shipped: list[dict[str, Any]] = []
         try:
+            tmp = marker.with_suffix(".cycle.tmp")
+            try:
+                tmp.write_text(json.dumps({"point": point["id"], "seq": vm.seq, "operation": operation,
+                                           "started_at": t0.isoformat(), "pid": os.getpid()}))
+                tmp.replace(marker)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise self._state_error(exc, p, operation) from None
             # One count over the VM's disks, so a caller sees one total and done never going back.
             totals = DiskTotals(progress, self._sizes(vm, p)) if progress is not None else None
             cap = self._capture(vm, p, point)
@@ -470,7 +608,12 @@ class LinuxFabric:
             vm.cycles_missed += 1
             # Health reports the failure until a cycle succeeds; whatever the replica holds now (the
             # transfer may have committed after the connection dropped) is asked again next time.
-            vm.last_error = f"{operation} failed: {exc}"[:300] if str(exc) else f"{operation} failed: {type(exc).__name__}"
+            cause = self._cause(p, exc)
+            said = (cause.message if isinstance(cause, ExecutionError) else str(cause)) or type(cause).__name__
+            if isinstance(cause, ReplicaError) and cause.host and not said.startswith(cause.host):
+                said = f"{cause.host}: {said}"  # the host whose filesystem or agent failed
+            vm.last_error = f"{operation} failed: {said}"[:300]
+            vm.last_error_id = _error_id(cause)
             vm.gens.clear()
             raise
         finally:
@@ -478,7 +621,7 @@ class LinuxFabric:
                 marker.unlink()
         vm.cycles_ok += 1
         vm.resync_required = False
-        vm.last_error = ""
+        vm.last_error = vm.last_error_id = ""
         vm.last_replication = point["created_at"]
         if consistency == "app":
             vm.last_app_point = point["created_at"]
@@ -790,14 +933,26 @@ class LinuxFabric:
             # (unknown) rather than a false 0 when they cannot be measured. Only a prepared failover has
             # shipped everything by construction.
             pending: int | None = 0 if vm.state == S.PreparedForFailover.value else None
+            read_only = ""
             if vm.state in (S.Replicating.value, S.Suspended.value) and vm.primary == p.source.name:
                 statuses: list[dict[str, Any]] | None = None
                 try:
                     statuses = self._disk_status(vm, p)
                     if not all(s["disk_matches"] for s in statuses):
                         resync, details = True, "; ".join(self._mismatches(vm, p, statuses))
-                except ExecutionError as exc:
-                    details = f"replica unreachable: {exc.message}"
+                    ro = [self._meta(p.target, p.vm, d) for d, s in zip(self._disks(vm), statuses, strict=True)
+                          if s.get("writable") is False]
+                    if ro and not resync:
+                        read_only = (f"the replica filesystem on host {p.target.name} is read-only (EROFS): "
+                                     f"{', '.join(ro)}; no cycle can land until it is remounted read-write, "
+                                     "drills and failover work from the replica as it is")
+                except (ExecutionError, ReplicaError, paramiko.SSHException, EOFError, OSError) as exc:
+                    # health reports, never raises: a dead path names the network (LinkDown)
+                    cause = self._cause(p, exc)
+                    said = cause.message if isinstance(cause, ExecutionError) else f"{type(cause).__name__}: {cause}"
+                    details = f"replica unreachable: {said}"[:400]
+                    if _error_id(cause) in STORAGE_CODES:
+                        read_only = details  # its filesystem refused: Critical, not just unreachable
                 if statuses is not None:
                     try:
                         sources = self._source_status(vm, p, statuses)
@@ -814,6 +969,8 @@ class LinuxFabric:
             health = Health.Normal
             if resync:
                 health, details = Health.Critical, details or f"Resynchronization is required for {p.vm}."
+            elif read_only:
+                health, details = Health.Critical, read_only
             elif vm.state in (S.Error.value, S.Suspended.value):
                 health = Health.Critical if vm.state == S.Error.value else Health.Warning
             elif (dead := self._interrupted(p.vm)) is not None:
@@ -821,6 +978,8 @@ class LinuxFabric:
                     f"the {dead.get('operation', 'replication')} cycle started at {dead.get('started_at')} was "
                     "interrupted (the orchestrator stopped mid-cycle); the replica holds a recovery point "
                     "and the next cycle carries on from it")
+            elif vm.last_error_id in STORAGE_CODES and vm.state == S.Replicating.value:
+                health, details = Health.Critical, f"the last cycle failed, the replica holds the previous point: {vm.last_error}"
             elif vm.last_error and vm.state == S.Replicating.value:
                 health, details = Health.Warning, f"the last cycle failed, the replica holds the previous point: {vm.last_error}"
             elif rpo is not None and rpo > p.policy.rpo_threshold:
@@ -881,11 +1040,20 @@ class LinuxFabric:
             rp, seqs, _ = self._pick(vm, p, point, "test_failover")
             dst = self._ep(p.target)
             copies = []
+            test_dir = None
             for d in self._disks(vm):
-                out = dst.call(["rebuild", *self._rep_args(vm, p, d, p.target), "--seq", str(seqs[d]),
-                                "--dest", self._test_image(p.target, p.vm, d)])
+                args = ["rebuild", *self._rep_args(vm, p, d, p.target), "--seq", str(seqs[d])]
+                try:
+                    out = dst.call([*args, "--dest", self._test_image(p.target, p.vm, d, test_dir)])
+                except ReplicaError as exc:
+                    if exc.code != "EROFS" or test_dir is not None:
+                        raise
+                    # A read-only replica filesystem: the replica is intact and readable, only the
+                    # drill's copy must live elsewhere.
+                    test_dir = self._test_dir(p.target, p.vm, elsewhere=True)
+                    out = dst.call([*args, "--dest", self._test_image(p.target, p.vm, d, test_dir)])
                 copies.append(out["copy"])
-            vm.test_active, vm.test_point = True, rp.id
+            vm.test_active, vm.test_point, vm.test_dir = True, rp.id, test_dir
             net = network or p.test_network
             msg = f"test VM created from {rp.id} ({', '.join(sorted(set(copies)))})"
             if p.compute is not None:
@@ -897,7 +1065,8 @@ class LinuxFabric:
     def _cleanup_test(self, vm: _VM, p: Placement) -> None:
         if p.compute is not None:
             self._stop(vm, p, p.target, test=True)
-        self._ep(p.target).call(["remove", os.path.join(self._vm_dir(p.target, p.vm), "test")])
+        self._ep(p.target).call(["remove", vm.test_dir or self._test_dir(p.target, p.vm)])
+        vm.test_dir = None
         vm.running = [h for h in vm.running if h != f"{p.target.name}#test"]
         vm.test_active, vm.test_point = False, None
 
@@ -1028,7 +1197,7 @@ class LinuxFabric:
     def _start(self, vm: _VM, p: Placement, host: Host, test: bool, network: str | None) -> bool:
         c = p.compute
         assert c is not None
-        disks = ([self._test_image(host, p.vm, d) for d in self._disks(vm)] if test
+        disks = ([self._test_image(host, p.vm, d, vm.test_dir) for d in self._disks(vm)] if test
                  else [vm.paths[d][host.name] for d in self._disks(vm)])
         if c.backend == "libvirt":
             return self._virsh_start(p, host, test, disks, network)

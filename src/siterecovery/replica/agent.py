@@ -13,17 +13,24 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import io
 import json
+import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from . import engine
 from .engine import Progress, Replica, ReplicaError, SourceState
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--nbd", default=None, help="JSON {socket, export, bitmap}: read this point-in-time view over NBD")
     s.add_argument("--offline-format", default=None, choices=["raw", "qcow2"],
                    help="the disk of a QEMU VM that is off: read its guest-visible bytes through qemu-nbd")
+    s.add_argument("--keepalive", type=float, default=None,
+                   help="seconds of silence after which a NOP record goes out (default: dead-link deadline / 3)")
     sub.add_parser("send", parents=[send]).add_argument("--output", help="write the stream to this file (offline export)")
     s = sub.add_parser("send-to", parents=[send], add_help=False,
                        help="send, piped into `receive` on another host over this host's own ssh")
@@ -139,17 +148,81 @@ _REPLICA_CMDS = frozenset({"status", "receive", "rehash", "manifest", "rebuild",
 _SOURCE_CMDS = frozenset({"send", "send-to", "source-commit", "source-drop"})
 
 
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot: with the pid and boot id it names one process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner(fd: int) -> dict[str, Any]:
+    """Who holds (or last held) a lock: the record its holder wrote and keeps beating."""
+    raw = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    try:
+        d = json.loads(raw)
+        return d if isinstance(d, dict) else {"pid": raw}
+    except ValueError:
+        return {"pid": raw or "?"}  # an older agent wrote only its pid
+
+
+def _describe(o: dict[str, Any]) -> str:
+    beat = o.get("beat")
+    age = f", last heartbeat {time.time() - beat:.0f} s ago" if isinstance(beat, (int, float)) else ""
+    return f"pid {o.get('pid', '?')} on {o.get('host', '?')} ({o.get('cmd', '?')}{age})"
+
+
+def _dead_owner(o: dict[str, Any], stale_after: float) -> bool:
+    """A holder that stopped beating (stopped, hung, or stuck on a connection nobody serves) on this
+    host, this boot, and still the same process: safe to kill, its apply is journaled."""
+    beat, pid = o.get("beat"), o.get("pid")
+    if not isinstance(beat, (int, float)) or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    if o.get("host") != socket.gethostname() or o.get("boot") != _boot_id():
+        return False
+    every = o.get("every")
+    if isinstance(every, (int, float)):
+        stale_after = max(stale_after, 6 * every)  # twice the holder's own deadline (it beats 3x per deadline)
+    return time.time() - beat > stale_after and _start_time(pid) == o.get("start")
+
+
 @contextlib.contextmanager
-def _exclusive(path: str, what: str) -> Iterator[None]:
+def _exclusive(path: str, what: str, cmd: str) -> Iterator[None]:
     """One agent at a time per replica (or source state): a lock file next to its directory.
 
     Without it an agent left running by a dropped SSH connection (still staging or applying) and the
     next command (its recovery step) would work on the same files at once: the newcomer deletes the
-    staging file under the receiver, or rolls an apply back while it is being written.
+    staging file under the receiver, or rolls an apply back while it is being written. The holder
+    writes who it is (host, pid, start time, boot id, command) and beats every third of the dead-link
+    deadline; a holder silent for twice that deadline is killed, and the newcomer's own recovery step
+    (every replica command runs it first) rolls its journaled apply back or forward.
     """
     lock = os.path.abspath(path).rstrip("/") + ".lock"
-    os.makedirs(os.path.dirname(lock), exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        writable = True
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES):
+            raise
+        # A read-only filesystem: nobody can change what is there, reading needs no exclusive right.
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            yield
+            return
+        writable = False
+    dead = engine.dead_link_seconds()
+    stop = threading.Event()
     try:
         deadline = time.monotonic() + LOCK_WAIT
         while True:
@@ -157,23 +230,53 @@ def _exclusive(path: str, what: str) -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                owner = _owner(fd)
+                if _dead_owner(owner, 2 * dead):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(owner["pid"]), signal.SIGKILL)
+                    log.warning("broke the lock on %s %s: %s stopped beating", what, path, _describe(owner))
+                    time.sleep(0.05)
+                    continue
                 if time.monotonic() > deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    raise ReplicaError(f"another agent (pid {holder}) has been working on {what} {path} for over "
-                                       f"{LOCK_WAIT:.0f} s", code="Busy") from None
+                    raise ReplicaError(f"another agent, {_describe(owner)}, has been working on {what} {path} for "
+                                       f"over {LOCK_WAIT:.0f} s", code="Busy") from None
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if writable:
+            me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
+                  "boot": _boot_id(), "cmd": cmd, "since": time.time(), "every": max(0.2, dead / 3)}
+
+            def beat() -> None:
+                while True:
+                    rec = json.dumps({**me, "beat": time.time()}).encode().ljust(512)
+                    with contextlib.suppress(OSError):
+                        os.pwrite(fd, rec, 0)
+                    if stop.wait(max(0.2, dead / 3)):
+                        return
+
+            threading.Thread(target=beat, name="agent-lock-heartbeat", daemon=True).start()
         yield
     finally:
+        stop.set()
         os.close(fd)  # releases the lock
 
 
 def run_command(argv: list[str], stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None = None) -> dict[str, Any]:
     """Run one agent command in this process; its JSON result (send also writes its stream)."""
     a = _parser().parse_args(argv)
+    try:
+        return _locked(a, stdin, stdout, progress)
+    except OSError as exc:
+        # A full or read-only filesystem is said as such, with its path (the command's directory
+        # when the OS names no file, as for a failed write), never as the torn stream it causes.
+        err = engine.storage_error(exc, getattr(a, "meta", None) or getattr(a, "state", None))
+        if err is None:
+            raise
+        raise err from None
+
+
+def _locked(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None) -> dict[str, Any]:
     if a.cmd in _REPLICA_CMDS:
-        with _exclusive(a.meta, "the replica"):
+        with _exclusive(a.meta, "the replica", a.cmd):
             if getattr(a, "ready", False):
                 # From here on no other agent touches this replica until this one is done: a sender
                 # that waited for this line cannot race a newer cycle's status check.
@@ -182,7 +285,7 @@ def run_command(argv: list[str], stdin: BinaryIO, stdout: BinaryIO, progress: Pr
                 stdout.flush()
             return _run(a, stdin, stdout, progress)
     if a.cmd in _SOURCE_CMDS:
-        with _exclusive(a.state, "the source state"):
+        with _exclusive(a.state, "the source state", a.cmd):
             return _run(a, stdin, stdout, progress)
     return _run(a, stdin, stdout, progress)
 
@@ -210,7 +313,7 @@ def _send(a: argparse.Namespace, base: str | None, out: BinaryIO, progress: Prog
                            expect_gen=bytes.fromhex(a.expect_gen) if a.expect_gen else None,
                            base_manifest=base, compress=not a.no_compress, progress=progress,
                            freeze=json.loads(a.freeze), thaw=json.loads(a.thaw), quiesce=json.loads(a.quiesce),
-                           seq=a.seq, nbd=nbd)
+                           seq=a.seq, nbd=nbd, keepalive=a.keepalive)
     if a.offline_format:
         from .qemu import offline_export
         os.makedirs(a.state, exist_ok=True)
@@ -286,7 +389,7 @@ def _run(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Pro
     if cmd == "scrub":
         # Not under the replica's lock for its long read pass (cycles go on); it takes the lock to
         # confirm what it found and to record it (Replica.scrub).
-        return r.scrub(lambda: _exclusive(a.meta, "the replica"), start=a.start, max_seconds=a.max_seconds,
+        return r.scrub(lambda: _exclusive(a.meta, "the replica", a.cmd), start=a.start, max_seconds=a.max_seconds,
                        rate=a.rate or None, points=a.points)
     if cmd == "status":
         return r.status()
@@ -412,10 +515,58 @@ def _widen_pipes() -> None:
             fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
 
 
+class _Deadline(io.RawIOBase):
+    """stdin or stdout of an agent run over SSH, with the dead-link deadline: a stream that moves no
+    byte for that long (or whose parent, sshd's session, went away) ends the command with an error
+    naming the network, and the agent exits and releases its lock. Without it an agent whose
+    orchestrator gave up first (a silent partition) waits on its channel for hours (sshd's defaults)."""
+
+    def __init__(self, fd: int, writing: bool, seconds: float) -> None:
+        self.fd, self.writing, self.seconds = fd, writing, seconds
+        self.ppid = os.getppid()
+
+    def readable(self) -> bool:
+        return not self.writing
+
+    def writable(self) -> bool:
+        return self.writing
+
+    def _wait(self) -> None:
+        end = time.monotonic() + self.seconds
+        while True:
+            r, w, _ = select.select([] if self.writing else [self.fd], [self.fd] if self.writing else [], [],
+                                    min(1.0, self.seconds))
+            if r or w:
+                return
+            if os.getppid() != self.ppid:
+                raise ReplicaError("the agent's session ended (its parent process exited)", code="NoTraffic")
+            if time.monotonic() > end:
+                what = ("nobody took the stream on this host's SSH channel" if self.writing
+                        else "no data arrived on this host's SSH channel")
+                raise ReplicaError(f"{what} for {self.seconds:g} s: the network path went silent or the "
+                                   "other side gave up; nothing torn is applied", code="NoTraffic")
+
+    def readinto(self, b: Any) -> int:
+        self._wait()
+        data = os.read(self.fd, len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def write(self, b: Any) -> int:
+        self._wait()
+        return os.write(self.fd, b)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _widen_pipes()
-    out = sys.stdout.buffer
+    dead = engine.dead_link_seconds()
+    out: Any = sys.stdout.buffer
+    inp: Any = sys.stdin.buffer
+    if dead > 0 and argv[:1] in (["receive"], ["send"], ["manifest"]) and not sys.stdin.isatty():
+        # Streams over the SSH channel get the deadline (send-to's stdin is watched in peer.py).
+        inp = io.BufferedReader(_Deadline(0, False, dead), 1 << 20)
+        out = io.BufferedWriter(_Deadline(1, True, dead), 1 << 20)
     err = sys.stderr
 
     last = [-REMOTE_PROGRESS_EVERY]
@@ -431,12 +582,13 @@ def main(argv: list[str] | None = None) -> int:
 
     is_send = bool(argv) and argv[0] == "send"
     try:
-        res = run_command(argv, sys.stdin.buffer, out, progress)
+        res = run_command(argv, inp, out, progress)
     except ReplicaError as exc:
-        msg = json.dumps({"error": exc.code, "message": str(exc)})
-        (err.write("E " + msg + "\n") if is_send else out.write(msg.encode() + b"\n"))
-        err.flush()
-        out.flush()
+        msg = json.dumps({"error": exc.code, "message": str(exc), "path": exc.path})
+        with contextlib.suppress(ReplicaError, OSError):  # a stdout nobody reads: the exit status says it
+            (err.write("E " + msg + "\n") if is_send else out.write(msg.encode() + b"\n"))
+            err.flush()
+            out.flush()
         return 3
     except OSError as exc:
         # The errno's name (ENOSPC, EACCES...) lets the fabric give the right hint; the command names

@@ -38,10 +38,28 @@ MANIFEST_MAGIC = b"SRMANIF1"
 REC = struct.Struct("<QBI16s")  # block index, flag, payload length, xxh3-128 of the uncompressed block
 TRAILER = struct.Struct("<Q16s")  # record count, xxh3-128 over every record header
 END = 2**64 - 1
+NOP = END - 1  # a keepalive record: no block, not counted (a long scan that finds nothing still speaks)
 F_RAW, F_ZSTD, F_ZERO = 0, 1, 2
 MHDR = struct.Struct("<8sIQQ16s20x")  # magic, block size, disk size, point seq, generation: 64 bytes
 DIG = 16
 PROGRESS_EVERY = 16 * 1024 * 1024  # in-process callbacks; the agent's P lines are sparser (agent.py)
+# A network path that carries nothing for this long is dead (a silent partition: packets dropped, no
+# RST). The orchestrator's SSH connections (ssh.py), the hosts' own ssh (peer.py) and the agents'
+# stream deadlines (agent.py) all use it; the fabric option `dead_link_seconds` sets it per fabric and
+# reaches the agents through this environment variable (tests use a few seconds).
+DEAD_LINK_ENV = "SITERECOVERY_DEAD_LINK_SECONDS"
+DEAD_LINK_SECONDS = 30.0
+
+
+def dead_link_seconds(value: object = None) -> float:
+    """The dead-link deadline: `value` if given, else the environment, else 30 s."""
+    raw = value if value is not None else os.environ.get(DEAD_LINK_ENV)
+    try:
+        return float(raw) if raw is not None else DEAD_LINK_SECONDS  # type: ignore[arg-type]
+    except ValueError:
+        raise ReplicaError(f"dead-link deadline {raw!r} is not a number of seconds", code="Config") from None
+
+
 PROGRESS_RECORDS = 256  # a receiver reports every this many records (16 MiB of full blocks)
 
 Progress = Callable[[int, int], None]
@@ -52,10 +70,28 @@ class ReplicaError(Exception):
 
     code = "ReplicaError"
 
-    def __init__(self, message: str, code: str | None = None) -> None:
+    def __init__(self, message: str, code: str | None = None, path: str | None = None,
+                 host: str | None = None) -> None:
         super().__init__(message)
         if code:
             self.code = code
+        self.path = path  # the file or directory concerned (storage errors)
+        self.host = host  # the host it happened on, once an endpoint knows
+
+
+# A filesystem that refuses writes: reported as such (host, path), never as the torn stream or
+# broken pipe it causes further on.
+STORAGE_CODES = frozenset({"ENOSPC", "EDQUOT", "EROFS"})
+
+
+def storage_error(exc: OSError, where: str | None = None) -> ReplicaError | None:
+    """A full or read-only filesystem as a ReplicaError (code = the errno's name, path = the file, or
+    `where` when the OS named none, as for a failed write); None for any other OSError."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    if code not in STORAGE_CODES:
+        return None
+    path = exc.filename or where
+    return ReplicaError(f"{exc.strerror or exc} ({code}): {path or 'path unknown'}", code=code, path=path)
 
 
 class CorruptTransfer(ReplicaError):
@@ -241,6 +277,15 @@ class StreamWriter:
         self.payload_bytes = 0
         hj = json.dumps(header).encode()
         out.write(STREAM_MAGIC + struct.pack("<I", len(hj)) + hj)
+        self.last = time.monotonic()
+
+    def keepalive(self, every: float) -> None:
+        """A NOP record when nothing was written for `every` seconds: the receiver's idle deadline
+        then tells a silent sender (scanning unchanged blocks) from a dead connection."""
+        if time.monotonic() - self.last >= every:
+            self.out.write(REC.pack(NOP, 0xFE, 0, b"\0" * 16))
+            self.out.flush()
+            self.last = time.monotonic()
 
     def record(self, index: int, flag: int, payload: Any, dig: bytes) -> None:
         h = REC.pack(index, flag, len(payload), dig)
@@ -250,6 +295,7 @@ class StreamWriter:
             self.out.write(payload)
         self.count += 1
         self.payload_bytes += len(payload) + REC.size
+        self.last = time.monotonic()
 
     def close(self) -> None:
         self.out.write(REC.pack(END, 0xFF, 0, b"\0" * 16) + TRAILER.pack(self.count, self.hh.digest()))
@@ -296,6 +342,8 @@ class StreamReader:
         while True:
             h = _read_exact(self.inp, REC.size)
             index, flag, length, dig = REC.unpack(h)
+            if index == NOP and not length:
+                continue
             if index == END:
                 count, total = TRAILER.unpack(_read_exact(self.inp, TRAILER.size))
                 if count != self.count or total != hh.digest():
@@ -635,8 +683,9 @@ def _source(disk: str, state_dir: str, freeze: list[str], thaw: list[str], quies
 def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expect_gen: bytes | None = None,
          base_manifest: str | None = None, compress: bool = True, progress: Progress | None = None,
          freeze: list[str] | None = None, thaw: list[str] | None = None, quiesce: list[str] | None = None,
-         seq: int = 0, nbd: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the stream of one cycle to `out`.
+         seq: int = 0, nbd: dict[str, Any] | None = None, keepalive: float | None = None) -> dict[str, Any]:
+    """Write the stream of one cycle to `out` (a NOP record after `keepalive` s without output,
+    default a third of the dead-link deadline).
 
     nbd: read a point-in-time view over NBD instead of the file ({socket, export, bitmap: the dirty
     bitmap exported with it or None}); the bitmap is used only in 'delta' mode, where the base is the
@@ -647,6 +696,7 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
     replica computed from its own disk (resynchronization).
     """
     src = SourceState(state_dir)
+    keepalive = dead_link_seconds() / 3 if keepalive is None else keepalive
     if mode == "delta":
         if expect_gen is None:
             raise ReplicaError("a delta needs the replica's generation")
@@ -677,6 +727,7 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
                 mf.write(ManifestHeader(size=size, seq=seq, gen=new_gen).pack())
                 next_report = PROGRESS_EVERY
                 for first, data, digs in chunks(base if (mode == "delta" and base_path) else None):
+                    w.keepalive(keepalive)
                     # Everything before this chunk is done (unchanged chunks included).
                     if progress and first * BLOCK >= next_report:
                         progress(first * BLOCK, size)
@@ -865,7 +916,9 @@ class Replica:
         return {"exists": exists, "initialized": h is not None, "gen": h.gen.hex() if h else None,
                 "seq": h.seq if h else 0, "size": h.size if h else None, "disk_matches": matches,
                 "differs": differs, "corrupt": corrupt, "last_scrub": st.get("last_scrub"),
-                "points": st["points"], "undo_bytes": self._undo_bytes()}
+                "points": st["points"], "undo_bytes": self._undo_bytes(),
+                # False on a read-only filesystem (EROFS): cycles cannot land, reading still works
+                "writable": os.access(self.meta if os.path.isdir(self.meta) else os.path.dirname(self.meta), os.W_OK)}
 
     def _undo_bytes(self) -> int:
         try:
@@ -903,8 +956,11 @@ class Replica:
         # Leftovers of a crash before the journal was written (or after it was removed).
         h = self.header()
         for name in ("manifest.new", "journal.tmp", "state.json.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.meta, name))
+            # lexists first: on a read-only filesystem unlink answers EROFS even for a missing file,
+            # and a replica with nothing to clean up must stay readable there (status, drills)
+            if os.path.lexists(leftover := os.path.join(self.meta, name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
         if os.path.isdir(self.undo_dir):
             for e in os.scandir(self.undo_dir):
                 if e.name.endswith(".tmp") or (h is not None and e.name.endswith(".undo") and int(e.name[:12]) > h.seq):

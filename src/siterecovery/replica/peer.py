@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .engine import Progress, ReplicaError
+from .engine import Progress, ReplicaError, storage_error
 
 if TYPE_CHECKING:
     import argparse
@@ -36,10 +36,13 @@ CHUNK = 1 << 20
 
 def ssh_argv(a: argparse.Namespace, remote: str) -> list[str]:
     """OpenSSH client argv for `send-to`: nothing from ~/.ssh or an agent decides trust or identity."""
+    from .engine import dead_link_seconds
+    alive = max(1, round(dead_link_seconds() / 3))
     o = [f"UserKnownHostsFile={a.known_hosts}", "GlobalKnownHostsFile=/dev/null", "StrictHostKeyChecking=yes",
          "UpdateHostKeys=no", "CheckHostIP=no", "BatchMode=yes", "IdentitiesOnly=yes", "IdentityAgent=none",
          "PasswordAuthentication=no", "KbdInteractiveAuthentication=no", "ClearAllForwardings=yes",
-         f"ConnectTimeout={a.connect_timeout}", "ServerAliveInterval=15", "ServerAliveCountMax=4",
+         # a silent path is given up after the dead-link deadline (3 unanswered keepalives)
+         f"ConnectTimeout={a.connect_timeout}", f"ServerAliveInterval={alive}", "ServerAliveCountMax=3",
          # the stream is zstd already; OpenSSH's default ciphers with AES-GCM (AES-NI) first, spelt out
          # because the "^" prepend syntax is missing from older clients
          "Compression=no", "Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
@@ -137,8 +140,10 @@ def send_to(a: argparse.Namespace, stdin: BinaryIO,
     try:
         sent = run_send(w)
         w.flush()
-    except (ReplicaError, OSError) as exc:  # BrokenPipe when the receiver or the link gave up
+    except ReplicaError as exc:
         send_exc = exc
+    except OSError as exc:  # BrokenPipe when the receiver or the link gave up; a full disk says so
+        send_exc = storage_error(exc, a.state) or exc
     with contextlib.suppress(OSError):
         w.close()
     rc = proc.wait()
@@ -236,7 +241,7 @@ def transfer_direct(src: SSHEndpoint, args: list[str], progress: Progress | None
         chan.close()
     where = f"{src.name}: send-to"
     if rc != 0:
-        raise _error(bytes(out) + b"\n" + lines.kept()[-4096:], rc, where)
+        raise _error(bytes(out) + b"\n" + lines.kept()[-4096:], rc, where, src.name)
     res = _last_json(bytes(out))
     if res is None or "sent" not in res or "received" not in res:
         raise ReplicaError(f"{where} answered no result", code="AgentFailed")

@@ -26,16 +26,23 @@ from .engine import Progress, ReplicaError
 RELAY_CHUNK = 1 << 20
 
 
-def _error(payload: bytes | str, rc: int, where: str) -> ReplicaError:
+def _error(payload: bytes | str, rc: int, where: str, host: str | None = None) -> ReplicaError:
     text = payload.decode(errors="replace") if isinstance(payload, bytes) else payload
     for line in reversed(text.strip().splitlines()):
         line = line[2:] if line.startswith(("E ", "R ")) else line
         with contextlib.suppress(ValueError):
             d = json.loads(line)
             if isinstance(d, dict) and "error" in d:
-                return ReplicaError(f"{where}: {d['message']}", code=d["error"])
+                return ReplicaError(f"{where}: {d['message']}", code=d["error"], path=d.get("path"), host=host)
     tail = text.strip()[-400:]
-    return ReplicaError(f"{where}: agent exited {rc}: {tail or 'no output'}", code="AgentFailed")
+    return ReplicaError(f"{where}: agent exited {rc}: {tail or 'no output'}", code="AgentFailed", host=host)
+
+
+def _on(host: str, exc: BaseException) -> BaseException:
+    """`exc` marked with the host it happened on (an in-process agent's error names no host itself)."""
+    if isinstance(exc, ReplicaError) and exc.host is None:
+        exc.host = host
+    return exc
 
 
 class Endpoint:
@@ -57,11 +64,17 @@ class LocalEndpoint(Endpoint):
     local: bool = True
 
     def call(self, args: Sequence[str], stdin: bytes = b"") -> dict[str, Any]:
-        return agent.run_command(list(args), io.BytesIO(stdin), io.BytesIO())
+        try:
+            return agent.run_command(list(args), io.BytesIO(stdin), io.BytesIO())
+        except ReplicaError as exc:
+            raise _on(self.name, exc) from None
 
     def raw(self, args: Sequence[str], stdin: bytes = b"") -> bytes:
         out = io.BytesIO()
-        agent.run_command(list(args), io.BytesIO(stdin), out)
+        try:
+            agent.run_command(list(args), io.BytesIO(stdin), out)
+        except ReplicaError as exc:
+            raise _on(self.name, exc) from None
         return out.getvalue()
 
 
@@ -88,7 +101,7 @@ class SSHEndpoint(Endpoint):
         from ..ssh import run
         rc, out, err = run(self.client, self.argv(args), stdin=stdin or None, timeout=self.timeout)
         if rc != 0:
-            raise _error(out + b"\n" + err, rc, f"{self.name}: {args[0]}")
+            raise _error(out + b"\n" + err, rc, f"{self.name}: {args[0]}", self.name)
         return out
 
     def call(self, args: Sequence[str], stdin: bytes = b"") -> dict[str, Any]:
@@ -144,7 +157,8 @@ def send_all(chan: paramiko.Channel, b: Any) -> None:
         off += sent
 
 
-def _finish(chan: paramiko.Channel, where: str, early_err: bytes = b"") -> tuple[dict[str, Any], bytes]:
+def _finish(chan: paramiko.Channel, where: str, early_err: bytes = b"",
+            host: str | None = None) -> tuple[dict[str, Any], bytes]:
     """Exit status, stdout rest and stderr of a finished channel; raises on failure. `early_err` is
     stderr already read from the channel (the relay reads the sender's progress lines as they come)."""
     out = bytearray()
@@ -159,7 +173,7 @@ def _finish(chan: paramiko.Channel, where: str, early_err: bytes = b"") -> tuple
         err += chan.recv_stderr(1 << 16)
     chan.close()
     if rc != 0:
-        raise _error(bytes(out) + b"\n" + bytes(err), rc, where)
+        raise _error(bytes(out) + b"\n" + bytes(err), rc, where, host)
     res: dict[str, Any] = {}
     for line in reversed((bytes(out) + b"\n" + bytes(err)).decode(errors="replace").splitlines()):
         line = line[2:] if line.startswith("R ") else line
@@ -179,7 +193,7 @@ def transfer(src: Endpoint, send_args: list[str], dst: Endpoint, recv_args: list
     """
     if src.local:
         if dst.local:
-            return _local_local(send_args, recv_args, progress, prefix)
+            return _local_local(send_args, recv_args, progress, prefix, src.name, dst.name)
         assert isinstance(dst, SSHEndpoint)
         chan = dst.channel(recv_args)
         w = io.BufferedWriter(ChannelWriter(chan), RELAY_CHUNK)
@@ -189,11 +203,11 @@ def transfer(src: Endpoint, send_args: list[str], dst: Endpoint, recv_args: list
             sent = agent.run_command(send_args, io.BytesIO(prefix), w, progress)
             w.flush()
         except (ReplicaError, OSError) as exc:
-            send_exc = exc
+            send_exc = _on(src.name, exc)
         with contextlib.suppress(OSError):
             chan.shutdown_write()
         try:
-            got, _ = _finish(chan, f"{dst.name}: receive")
+            got, _ = _finish(chan, f"{dst.name}: receive", host=dst.name)
         except ReplicaError:
             if isinstance(send_exc, ReplicaError):
                 raise send_exc from None  # the sender's failure explains the torn stream
@@ -214,7 +228,7 @@ def transfer(src: Endpoint, send_args: list[str], dst: Endpoint, recv_args: list
         try:
             got = agent.run_command(recv_args, reader, io.BytesIO(), progress)
         except (ReplicaError, OSError) as exc:
-            recv_exc = exc
+            recv_exc = _on(dst.name, exc)
         if recv_exc is not None:
             # A sender that failed (e.g. lost change tracking) ends its stream early: its own error
             # explains the torn stream better than the receiver's.
@@ -223,10 +237,10 @@ def transfer(src: Endpoint, send_args: list[str], dst: Endpoint, recv_args: list
                 while schan.recv_stderr_ready():
                     err += schan.recv_stderr(1 << 16)
                 schan.close()
-                raise _error(bytes(err), 3, f"{src.name}: send") from None
+                raise _error(bytes(err), 3, f"{src.name}: send", src.name) from None
             schan.close()  # do not drain the rest of a stream nobody will apply
             raise recv_exc
-        sent, _ = _finish(schan, f"{src.name}: send", lines.kept())
+        sent, _ = _finish(schan, f"{src.name}: send", lines.kept(), src.name)
         return sent, got
     assert isinstance(dst, SSHEndpoint)
     dchan = dst.channel(recv_args)
@@ -247,11 +261,11 @@ def transfer(src: Endpoint, send_args: list[str], dst: Endpoint, recv_args: list
         dchan.shutdown_write()
     send_err: ReplicaError | None = None
     try:
-        sent, _ = _finish(schan, f"{src.name}: send", err_lines.kept())
+        sent, _ = _finish(schan, f"{src.name}: send", err_lines.kept(), src.name)
     except ReplicaError as exc:
         send_err = exc
     try:
-        got, _ = _finish(dchan, f"{dst.name}: receive")
+        got, _ = _finish(dchan, f"{dst.name}: receive", host=dst.name)
     except ReplicaError:
         if send_err is not None:
             raise send_err from None
@@ -285,7 +299,7 @@ class _SenderProgress:
 
 
 def _local_local(send_args: list[str], recv_args: list[str], progress: Progress | None,
-                 prefix: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+                 prefix: bytes, src: str = "local", dst: str = "local") -> tuple[dict[str, Any], dict[str, Any]]:
     r_fd, w_fd = os.pipe()
     box: dict[str, Any] = {}
 
@@ -294,7 +308,7 @@ def _local_local(send_args: list[str], recv_args: list[str], progress: Progress 
             try:
                 box["got"] = agent.run_command(recv_args, rf, io.BytesIO())
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                box["exc"] = exc
+                box["exc"] = _on(dst, exc)
 
     t = threading.Thread(target=receiver, name="replica-receive", daemon=True)
     t.start()
@@ -304,7 +318,7 @@ def _local_local(send_args: list[str], recv_args: list[str], progress: Progress 
         with os.fdopen(w_fd, "wb", buffering=RELAY_CHUNK) as wf:
             sent = agent.run_command(send_args, io.BytesIO(prefix), wf, progress)
     except (ReplicaError, OSError) as exc:  # BrokenPipe when the receiver refused the stream
-        send_exc = exc
+        send_exc = _on(src, exc)
     t.join()
     if "exc" in box:
         if isinstance(send_exc, ReplicaError):
