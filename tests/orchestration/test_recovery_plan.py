@@ -49,6 +49,10 @@ def test_planned_forward_reverse_then_failback(estate) -> None:  # type: ignore[
     fwd = recovery_plan(plan="app", project=str(e.root), failover_type=FailoverType.planned, confirm="app",
                         options=RunOptions(reverse_replication=True))
     assert fwd["status"] == "succeeded"
+    # Every source shipped its last changes after shutdown: nothing lost, whatever the final point's age.
+    assert fwd["data_loss"] == "none (final sync after shutdown)" and fwd["achieved_rpo_seconds"] == 0.0
+    assert fwd["point_age_seconds"] is not None and fwd["point_age_seconds"] >= 0
+    assert "<td>Data loss</td><td>none (final sync after shutdown)</td>" in Path(fwd["report"]).read_text()
     st = e.vm("web-1")
     assert st["state"] == "Replicating" and st["primary"].startswith("dst-") and st["replica"].startswith("src-")
     # planned: every source shut down (web group first: reverse group order) before any failover
