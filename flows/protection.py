@@ -1,6 +1,7 @@
 """Protection lifecycle flows for one cloud pairing: enable-protection, replicate, replication-health,
-resynchronize and disable-protection. Each takes `pairing`, `project`, `vms` (default: every VM of the
-pairing's protected cloud) and `fabric` (override the hosts' fabric kind, e.g. `memory` for a dry run).
+resynchronize, disable-protection, suspend-replication and resume-replication. Each takes `pairing`,
+`project`, `vms` (default: every VM of the pairing's protected cloud) and `fabric` (override the hosts'
+fabric kind, e.g. `memory` for a dry run).
 
 Every flow is safe to re-run: fabric operations are idempotent and report when they changed nothing,
 and the little state the flows keep (open RPO breaches, unsent alerts, failed cycles) lives in
@@ -45,8 +46,10 @@ from tasks.protection import (
     initial_replication_vm,
     read_health,
     replicate_vm,
+    resume_vm,
     resync_vm,
     supports_bandwidth,
+    suspend_vm,
 )
 from tasks.protection_fabric import get_fabric
 
@@ -443,11 +446,49 @@ def disable_protection(pairing: str, project: str = "plans", vms: list[str] | No
         return reports
 
 
+# ---- suspend-replication and resume-replication --------------------------------------------------
+
+def _each_vm(pairing: str, project: str, vms: list[str] | None, fabric: str | None, task_: Any,
+             flow_name: str) -> list[Step]:
+    """One task per VM of the pairing (or the named VMs); every VM is tried, failures reported together."""
+    log = get_run_logger()
+    with scope(pairing, project, vms, fabric) as sc:
+        futs = {vm: task_.submit(sc.driver(p), p) for vm, p in sc.placements.items()}
+        steps, errors = [], {}
+        for vm, fut in futs.items():
+            step, exc = outcome(fut)
+            if exc is not None:
+                errors[vm] = exc
+            else:
+                steps.append(step)
+        log.info("%s %s: %s", flow_name, pairing, ", ".join(f"{s.vm}: {s.message}" for s in steps))
+        fail_if(errors, len(sc.placements), flow_name)
+        return steps
+
+
+@flow(name="suspend-replication", task_runner=runner())
+def suspend_replication(pairing: str, project: str = "plans", vms: list[str] | None = None,
+                        fabric: str | None = None) -> list[Step]:
+    """Suspend replication of the pairing's VMs (or the named ones), like Suspend-VMReplication: no
+    cycle ships changes until resume-replication; the replica and its recovery points stay, so a
+    failover still works (to the newest point). A VM already suspended reports no change."""
+    return _each_vm(pairing, project, vms, fabric, suspend_vm, "suspend-replication")
+
+
+@flow(name="resume-replication", task_runner=runner())
+def resume_replication(pairing: str, project: str = "plans", vms: list[str] | None = None,
+                       fabric: str | None = None) -> list[Step]:
+    """Resume suspended replication, like Resume-VMReplication: the next cycle ships everything written
+    while suspended (changes are still tracked). A VM already replicating reports no change."""
+    return _each_vm(pairing, project, vms, fabric, resume_vm, "resume-replication")
+
+
 # ---- running from a shell -----------------------------------------------------------------------
 
 FLOWS: dict[str, Any] = {"enable-protection": enable_protection, "replicate": replicate,
                          "replication-health": replication_health, "resynchronize": resynchronize,
-                         "disable-protection": disable_protection}
+                         "disable-protection": disable_protection, "suspend-replication": suspend_replication,
+                         "resume-replication": resume_replication}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -221,3 +221,15 @@ def resync_vm(driver: Fabric, p: Placement) -> Step:
 @task(name="disable replication", task_run_name="disable replication {p.vm}", **RETRY)
 def disable_vm(driver: Fabric, p: Placement, delete_replica: bool) -> Step:
     return Step.of(driver.disable_replication(p, delete_replica=delete_replica))
+
+
+# ---- suspend and resume -------------------------------------------------------------------------
+
+@task(name="suspend replication", task_run_name="suspend replication {p.vm}", **RETRY)
+def suspend_vm(driver: Fabric, p: Placement) -> Step:
+    return Step.of(driver.suspend(p))
+
+
+@task(name="resume replication", task_run_name="resume replication {p.vm}", **RETRY)
+def resume_vm(driver: Fabric, p: Placement) -> Step:
+    return Step.of(driver.resume(p))
