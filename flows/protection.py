@@ -241,8 +241,9 @@ def replicate(pairing: str, project: str = "plans", vms: list[str] | None = None
     """One delta cycle for each protected VM (deploy it at the policy's copy frequency).
 
     At most `max_active_transfers` transfers run at once per source host. `bandwidth_mbps` caps each
-    source host's replication traffic: every transfer slot gets an equal share, passed to drivers that
-    accept `bandwidth_bytes_per_second` (a driver without it replicates uncapped, and the report says so).
+    source host's replication traffic (default: the policy's `bandwidth_mbps`); the linux engine shares
+    one token bucket per source host between its concurrent transfers. Passed to drivers that accept
+    `bandwidth_bytes_per_second` (a driver without it replicates uncapped, and the report says so).
     A scheduled network initial copy that has come due is started here too.
     """
     log = get_run_logger()
@@ -273,11 +274,10 @@ def replicate(pairing: str, project: str = "plans", vms: list[str] | None = None
         for vm, (p, initial) in todo.items():
             driver = sc.driver(p)
             cons = "crash" if initial else choose_consistency(driver, p, consistency)
-            cap = None
-            if bandwidth_mbps:
-                cap = int(bandwidth_mbps * 1_000_000 / 8 / p.source.max_active_transfers)
-                if not supports_bandwidth(driver):
-                    log.warning("%s: the %s driver has no bandwidth cap; replicating uncapped", vm, driver.kind)
+            # The whole host's cap: the driver shares it between the host's transfers (one bucket).
+            cap = int(bandwidth_mbps * 1_000_000 / 8) if bandwidth_mbps else p.policy.bandwidth_bytes_per_second
+            if cap and not supports_bandwidth(driver):
+                log.warning("%s: the %s driver has no bandwidth cap; replicating uncapped", vm, driver.kind)
             futs[vm] = (replicate_vm.submit(driver, p, cons, cap, initial), cons, cap, driver)
         errors: dict[str, BaseException] = {}
         with core.pairing_state(sc.state, pairing) as ps:

@@ -203,6 +203,15 @@ def test_hyperv_copy_frequency_must_be_30_300_or_900(tmp_path: Path) -> None:
            "exactly 30, 300 or 900")
 
 
+def test_hyperv_refuses_a_bandwidth_cap(tmp_path: Path) -> None:
+    # Memory and linux take a policy's cap; Hyper-V Replica has none of its own (QoS does it there).
+    prot = edit(PROTECTION, "copy_frequency_seconds: 300", "copy_frequency_seconds: 300\n    bandwidth_mbps: 40")
+    write(tmp_path, protection=prot)
+    assert load_project(tmp_path).protection.policy("pol").bandwidth_bytes_per_second == 5_000_000
+    write(tmp_path, topology=TOPOLOGY.replace("fabric: memory", "fabric: hyperv"), protection=prot)
+    expect(tmp_path, "protection.yaml", prot, "bandwidth_mbps: 40", "policies[0].bandwidth_mbps", "New-NetQoSPolicy")
+
+
 def test_linux_copy_frequency_floor(tmp_path: Path) -> None:
     topo = TOPOLOGY.replace("fabric: memory", "fabric: linux")
     topo = topo.replace("    cloud: c-east\n", "    cloud: c-east\n    compute: {command: [sleep, '1000']}\n")

@@ -179,6 +179,10 @@ def check_protection(p: Project, now: datetime | None = None) -> list[Problem]:
             out.append(src.problem(ploc + ("copy_frequency_seconds",),
                                    f"the linux fabric replicates at most every {LINUX_MIN_FREQUENCY} seconds "
                                    f"(got {policy.copy_frequency_seconds}; used by pairing '{pair.name}')"))
+        if FabricKind.hyperv in kinds and policy.bandwidth_mbps:
+            out.append(src.problem(ploc + ("bandwidth_mbps",),
+                                   f"Hyper-V Replica has no bandwidth cap of its own (used by pairing '{pair.name}'): "
+                                   "throttle it with a QoS policy on the replica port (New-NetQoSPolicy) instead"))
     for i, pol in enumerate(pr.policies):
         init = pol.initial_replication
         start = getattr(init, "start_at", None)

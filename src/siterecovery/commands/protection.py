@@ -86,14 +86,14 @@ def status(
                      for vm in read_pairing_state(state_dir(), pr).breaches}
     table = Table(title="Replication health" + (f" of {pairing}" if pairing else ""))
     for col in ("Pairing", "VMName", "State", "Health", "Primary", "Replica", "LReplTime", "PReplSize(M)",
-                "RPO", "Threshold", "Cycles ok/missed", "Alert", "Details"):
+                "RPO", "Threshold", "Cap", "Cycles ok/missed", "Alert", "Details"):
         table.add_column(col, no_wrap=col in ("LReplTime", "State", "Health"))
     for r in rows:
         style = HEALTH_STYLE.get(r.health, "")
         lrepl = r.last_replication_time.astimezone().strftime("%m-%d %H:%M:%S") if r.last_replication_time else "-"
         table.add_row(r.pairing, r.vm, r.state, f"[{style}]{r.health}[/]" if style else r.health, r.primary or "",
                       r.replica or "", lrepl, "unknown" if r.pending_bytes is None else f"{r.pending_bytes / 2**20:.1f}", _rpo(r), f"{r.rpo_threshold_seconds}s",
-                      f"{r.successful_cycles}/{r.missed_cycles}",
+                      f"{r.bandwidth_mbps:g} Mbit/s" if r.bandwidth_mbps else "-", f"{r.successful_cycles}/{r.missed_cycles}",
                       "open" if (r.pairing, r.vm) in open_breaches else "", r.details)
     out.print(table)
     bad = sum(1 for r in rows if r.health in ("Warning", "Critical", "Unknown"))

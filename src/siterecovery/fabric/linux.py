@@ -292,14 +292,24 @@ class LinuxFabric:
     def _retention(self, p: Placement) -> list[str]:
         return ["--retention-hours", str(p.policy.recovery_history_hours)]
 
+    def bandwidth_cap(self, p: Placement, override: int | None = None) -> int | None:
+        """Bytes/s the source host may send for replication (None: uncapped): an explicit override (the
+        replicate flow's bandwidth_mbps), else the policy's bandwidth_mbps. One bucket per source host."""
+        return override or p.policy.bandwidth_bytes_per_second
+
+    def _bandwidth_args(self, p: Placement, cap: int | None) -> list[str]:
+        if not cap:
+            return []
+        return ["--bandwidth", str(cap), "--bandwidth-bucket", os.path.join(self.host_root(p.source), "bandwidth.bucket")]
+
     def _ship(self, vm: _VM, p: Placement, disk: str, point: dict[str, Any], consistency: str,
-              progress: Progress | None, mode: str) -> dict[str, Any]:
+              progress: Progress | None, mode: str, cap: int | None = None) -> dict[str, Any]:
         """One disk's cycle: 'full' copy, 'delta', or 'resync' (block compare against the replica's disk)."""
         src, dst = self._ep(p.source), self._ep(p.target)
         rep = self._rep_args(vm, p, disk, p.target)
         state = self._src_state(p.source, p.vm, disk)
         send = ["send", "--disk", vm.paths[disk][p.source.name], "--state", state,
-                *self._view_args(p, consistency, vm, disk)]
+                *self._view_args(p, consistency, vm, disk), *self._bandwidth_args(p, self.bandwidth_cap(p, cap))]
         recv = ["receive", *rep, "--point", json.dumps(point), *self._retention(p)]
         prefix = b""
         info: dict[str, Any] = {}
@@ -381,7 +391,7 @@ class LinuxFabric:
             return None
 
     def _cycle(self, vm: _VM, p: Placement, consistency: str, progress: Progress | None, mode: str,
-               operation: str) -> tuple[dict[str, Any], int, list[str]]:
+               operation: str, cap: int | None = None) -> tuple[dict[str, Any], int, list[str]]:
         """Ship every disk as one recovery point; (point, bytes, notes)."""
         t0 = utcnow()
         marker = self._inflight_path(p.vm)
@@ -402,7 +412,7 @@ class LinuxFabric:
             # One count over the VM's disks, so a caller sees one total and done never going back.
             totals = DiskTotals(progress, self._sizes(vm, p)) if progress is not None else None
             for i, d in enumerate(p.disks):
-                out = self._ship(vm, p, d.disk, point, consistency, totals.disk(i) if totals else None, mode)
+                out = self._ship(vm, p, d.disk, point, consistency, totals.disk(i) if totals else None, mode, cap)
                 size = out.get("size")
                 if isinstance(size, int):
                     vm.sizes[d.disk] = size
@@ -494,12 +504,16 @@ class LinuxFabric:
         return result(p, "start_initial_replication", True, S.Replicating, f"imported from {ir.import_path}", t0,
                       point=self._rp(p, point), details={"method": "offline"})
 
-    def replicate(self, p: Placement, consistency: Consistency = "crash", progress: Progress | None = None) -> OpResult:
+    def replicate(self, p: Placement, consistency: Consistency = "crash", progress: Progress | None = None,
+                  bandwidth_bytes_per_second: int | None = None) -> OpResult:
+        """One cycle. `bandwidth_bytes_per_second` overrides the policy's cap on the source host's
+        replication traffic (both are shared by every transfer the host sends at once)."""
         t0 = utcnow()
         with self._vm(p) as box, self._errors(p, "replicate", p.source):
             vm = self._need(box[0], p, "replicate", S.Replicating)
             mode = "resync" if vm.resync_required else "delta"
-            point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate")
+            point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate",
+                                             bandwidth_bytes_per_second)
             msg = "resynchronized" if mode == "resync" else "delta cycle complete"
             return result(p, "replicate", True, S.Replicating, "; ".join([msg, *notes]), t0,
                           point=self._rp(p, point), bytes_sent=sent,

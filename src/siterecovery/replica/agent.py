@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--thaw", default="[]")
     s.add_argument("--quiesce", default="[]")
     s.add_argument("--seq", type=int, default=0)
+    s.add_argument("--bandwidth", type=float, default=None,
+                   help="cap in bytes/s on everything this host sends, shared through --bandwidth-bucket")
+    s.add_argument("--bandwidth-bucket", default=None, help="the host's token bucket file (one per host)")
     sub.add_parser("send", parents=[send]).add_argument("--output", help="write the stream to this file (offline export)")
     s = sub.add_parser("send-to", parents=[send], add_help=False,
                        help="send, piped into `receive` on another host over this host's own ssh")
@@ -181,6 +184,10 @@ def _read_base(a: argparse.Namespace, stdin: BinaryIO) -> str | None:
 
 
 def _send(a: argparse.Namespace, base: str | None, out: BinaryIO, progress: Progress | None) -> dict[str, Any]:
+    if a.bandwidth:
+        if not a.bandwidth_bucket:
+            raise ReplicaError("--bandwidth needs --bandwidth-bucket (the host's shared bucket file)")
+        out = engine.Throttled(out, engine.HostBucket(a.bandwidth_bucket, a.bandwidth))  # type: ignore[assignment]
     return engine.send(a.disk, a.state, out, mode=a.mode,
                        expect_gen=bytes.fromhex(a.expect_gen) if a.expect_gen else None,
                        base_manifest=base, compress=not a.no_compress, progress=progress,
