@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from .errors import Problem
+from .mapping import location_classification
 from .model import FabricKind, RecoveryPlan
 from .project import PlanSource, Project
 from .render import check_template
@@ -112,6 +113,13 @@ def check_topology(p: Project) -> list[Problem]:
             if d.classification is not None and d.classification not in classes:
                 out.append(src.problem(("vms", i, "disks", j, "classification"),
                                        _unknown("storage classification", d.classification, set(classes))))
+            elif d.classification is not None:
+                at = location_classification(d.path, t)
+                if at is not None and at != d.classification:
+                    out.append(src.problem(("vms", i, "disks", j, "classification"),
+                                           f"disk '{d.name}' is on a location of storage classification '{at}' "
+                                           f"({d.path}), not '{d.classification}': a disk takes its location's "
+                                           "classification (drop this field, or move the disk)"))
         for j, nic in enumerate(vm.nics):
             loc = ("vms", i, "nics", j)
             net = nets.get(nic.network)

@@ -104,6 +104,7 @@ class _VM:
     cycles_missed: int = 0
     resync_required: bool = False
     network_applied: bool = False
+    networks: dict[str, dict[str, str | None]] = field(default_factory=dict)  # host -> NIC -> network (None: unplugged)
     pending_bytes: int = 0  # unused (health measures it at the source); kept so older records load
     gens: dict[str, str] = field(default_factory=dict)  # disk -> generation the replica holds (a cache)
     sizes: dict[str, int] = field(default_factory=dict)  # disk -> bytes at the last look (progress totals)
@@ -986,12 +987,30 @@ class LinuxFabric:
         t0 = utcnow()
         with self._vm(p) as box:
             vm = self._need(box[0], p, "apply_network")
-            if vm.network_applied:
+            want = {n.nic: n.target_network for n in p.nics}
+            if vm.networks.get(p.target.name) == want:
                 return result(p, "apply_network", False, S(vm.state), "network settings already applied", t0)
             vm.network_applied = True
+            vm.networks[p.target.name] = want
             # The process backend receives the mapped network as {{ network }} when it starts.
             nets = ", ".join(f"{n.nic}->{n.target_network or 'disconnected'}" for n in p.nics)
             return result(p, "apply_network", True, S(vm.state), f"network: {nets or 'no NICs'}", t0)
+
+    def vm_networks(self, p: Placement, side: Side = "source") -> dict[str, str | None] | None:
+        """The networks the VM's NICs are on at that side's host, as recorded when its network settings
+        were applied or changed there (None: never recorded)."""
+        host = p.source if side == "source" else p.target
+        with self._vm(p) as box:
+            vm = self._need(box[0], p, "vm_networks")
+            nets = vm.networks.get(host.name)
+            return dict(nets) if nets is not None else None
+
+    def connect_network(self, p: Placement, side: Side, nic: str, network: str | None) -> None:
+        """An operator's change of a VM's NIC at one side: it takes effect at the VM's next start."""
+        host = p.source if side == "source" else p.target
+        with self._vm(p) as box:
+            vm = self._need(box[0], p, "connect_network")
+            vm.networks.setdefault(host.name, {n.nic: n.target_network for n in p.nics})[nic] = network
 
     def close(self) -> None:
         with self._lock:
