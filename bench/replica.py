@@ -2,6 +2,7 @@
 
     python -m bench.replica [local|ssh|direct|rss|crash|sustained|all] [--dir DIR] [--size-gib 2] [--out FILE]
     python -m bench.replica tput [--reps 5] [--before OTHER_CHECKOUT/src]   (SSH initial copy vs OpenSSH, rsync)
+    python -m bench.replica cap [--cap-mbps 16 80] [--cap-mib 32]   (bandwidth cap: achieved rate, rsync --bwlimit)
 
 Each part prints one JSON object and `all` writes bench/results/replica.json, from which
 docs/BENCHMARKS.md quotes. Timings are wall clock on a warm page cache for both tools alike.
@@ -81,8 +82,8 @@ class Cycle:
     """A source image and its replica, driven through the same transfer() the linux fabric uses."""
 
     def __init__(self, src: Endpoint, dst: Endpoint, disk: Path, work: Path, remote_work: Path | None = None,
-                 peer: dict[str, Any] | None = None) -> None:
-        self.src, self.dst, self.disk = src, dst, disk
+                 peer: dict[str, Any] | None = None, send_extra: tuple[str, ...] = ()) -> None:
+        self.src, self.dst, self.disk, self.send_extra = src, dst, disk, send_extra
         self.peer = peer  # send_to_args' keywords: the source host sends to the target over its own ssh
         w = remote_work or work
         self.state = str(work / "src-state")
@@ -93,7 +94,7 @@ class Cycle:
     def run(self, mode: str) -> dict[str, Any]:
         self.n += 1
         point = {"id": f"b@{self.n}", "created_at": datetime.now(UTC).isoformat(), "consistency": "crash"}
-        send = ["send", "--disk", str(self.disk), "--state", self.state, "--mode", mode]
+        send = ["send", "--disk", str(self.disk), "--state", self.state, "--mode", mode, *self.send_extra]
         if mode == "delta":
             assert self.gen
             send += ["--expect-gen", self.gen]
@@ -263,6 +264,91 @@ def bench_direct(work: Path, size: int, rounds: int = 3) -> dict[str, Any]:
     return {"size": size, "full": runs["full"][0], "delta": runs["delta"], "delta_median_ratio": ratios[len(ratios) // 2],
             "full_relay_MBps": round(size / runs["full"][0]["relay"]["s"] / 1e6, 1),
             "full_peer_MBps": round(size / runs["full"][0]["peer"]["s"] / 1e6, 1)}
+
+
+def bench_cap(work: Path, caps_mbps: list[float], each: int, disks: int = 3) -> dict[str, Any]:
+    """The bandwidth cap over real sshd: `disks` full copies at once from one source host sharing its
+    token bucket (the agent's --bandwidth/--bandwidth-bucket, as the linux fabric passes them), on the
+    orchestrator relay and on the host-to-host path (peer_ssh); achieved rate = stream bytes / wall time
+    of the whole batch (SSH exec setup and hashing included). Reference in the same run: one rsync -e ssh
+    with --bwlimit at the same cap copying the same files, and the engine uncapped."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from sshd import running_sshd
+
+    from siterecovery import ssh
+    images = [work / f"cap-{i}.img" for i in range(disks)]
+    for i, img in enumerate(images):
+        random_image(img, each, seed=40 + i)  # random: zstd cannot shrink it, stream bytes ~ disk bytes
+    rows: list[dict[str, Any]] = []
+    with running_sshd() as srv:
+        host = srv.host("target", "chi", root=str(work))
+        peer = srv.peer_ssh(work / "peer-keys")
+        src = SSHEndpoint(name="source", client=ssh.connect(host), python=sys.executable)
+        dst = SSHEndpoint(name="target", client=ssh.connect(host), python=sys.executable)
+        kw = {"address": "127.0.0.1", "port": srv.port, "user": srv.user, **peer}
+
+        def batch(path: str, cap: float | None) -> dict[str, Any]:
+            extra = ("--bandwidth", str(cap * 1e6 / 8), "--bandwidth-bucket", str(work / "bandwidth.bucket")) if cap else ()
+            cycles = []
+            for i, img in enumerate(images):
+                d = work / f"cap-{path}-{cap}-{i}"
+                d.mkdir(exist_ok=True)
+                cycles.append(Cycle(src, dst, img, d, peer=kw if path == "peer" else None, send_extra=extra))
+            outs: list[dict[str, Any]] = [{} for _ in cycles]
+
+            def run(i: int) -> None:
+                outs[i] = cycles[i].run("full")
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cycles))]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            total = sum(int(o["bytes"]) for o in outs)
+            for i, img in enumerate(images):
+                assert file_digest(str(work / f"cap-{path}-{cap}-{i}" / "replica.img")) == file_digest(str(img))
+                shutil.rmtree(work / f"cap-{path}-{cap}-{i}")
+            rate = total * 8 / wall / 1e6
+            # The senders' own span: first send started to last send finished (no SSH exec setup, no
+            # receiver's final fsync and apply): what the bucket governs.
+            t_first = min(float(o["send_started"]) for o in outs)
+            t_last = max(float(o["send_started"]) + float(o["send_seconds"]) for o in outs)
+            data_rate = total * 8 / (t_last - t_first) / 1e6
+            row = {"tool": f"engine {path}", "cap_mbps": cap, "bytes": total, "s": round(wall, 2),
+                   "achieved_mbps": round(rate, 2), "of_cap": round(rate / cap, 3) if cap else None,
+                   "send_s": round(t_last - t_first, 2), "send_mbps": round(data_rate, 2),
+                   "send_of_cap": round(data_rate / cap, 3) if cap else None}
+            log("cap", row)
+            return row
+
+        def rsync_ref(cap: float) -> dict[str, Any]:
+            dest = work / "cap-rsync"
+            dest.mkdir(exist_ok=True)
+            e = sh_join(["ssh", "-p", str(srv.port), "-i", str(srv.client_key), "-o", f"UserKnownHostsFile={srv.known_hosts}",
+                         "-o", "BatchMode=yes"])
+            # --bwlimit is in units of 1024 bytes per second
+            t, st = rsync_run(["-e", e, f"--bwlimit={cap * 1e6 / 8 / 1024:.0f}", *map(str, images),
+                               f"{srv.user}@127.0.0.1:{dest}/"])
+            shutil.rmtree(dest)
+            sent = st.get("sent", disks * each)
+            rate = sent * 8 / t / 1e6
+            row = {"tool": "rsync --bwlimit", "cap_mbps": cap, "bytes": sent, "s": round(t, 2),
+                   "achieved_mbps": round(rate, 2), "of_cap": round(rate / cap, 3)}
+            log("cap", row)
+            return row
+
+        for img in images:
+            warm(img)
+        for path in ("relay", "peer"):
+            rows.append(batch(path, None))
+        for cap in caps_mbps:
+            for path in ("relay", "peer"):
+                rows.append(batch(path, cap))
+            rows.append(rsync_ref(cap))
+        src.client.close()
+        dst.client.close()
+    return {"disks": disks, "each": each, "rows": rows}
 
 
 def _engine_copy_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -615,7 +701,8 @@ def report(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.replica")
     ap.add_argument("what", nargs="?", default="all",
-                    choices=["local", "ssh", "direct", "rss", "crash", "sustained", "all", "report", "tput", "tput-child"])
+                    choices=["local", "ssh", "direct", "rss", "crash", "sustained", "all", "report", "tput", "tput-child",
+                             "cap"])
     ap.add_argument("--dir", default=None, help="scratch directory (needs ~8 GiB free)")
     ap.add_argument("--size-gib", type=float, default=2)
     ap.add_argument("--crash-trials", type=int, default=50)
@@ -624,6 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="tput: repetitions")
     ap.add_argument("--before", help="tput: src/ of another checkout, measured as 'engine-before'")
     ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--cap-mbps", type=float, nargs="+", default=[16.0, 80.0], help="cap: the caps to measure")
+    ap.add_argument("--cap-mib", type=int, default=32, help="cap: MiB per disk (three disks at once)")
     a = ap.parse_args(argv)
     if a.what == "tput-child":
         print(json.dumps(_engine_copy_child(json.loads(a.spec))))
@@ -650,12 +739,14 @@ def main(argv: list[str] | None = None) -> int:
             res["sustained"] = bench_sustained(work, size, a.sustained_seconds)
         if a.what == "tput":
             res["tput"] = bench_tput(work, size, a.reps, a.before)
+        if a.what == "cap":
+            res["cap"] = bench_cap(work, a.cap_mbps, a.cap_mib * MiB)
     finally:
         if not a.dir:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(res, indent=1))
-    if a.what in ("all", "tput"):
-        out = Path(a.out) if a.what == "all" else Path(a.out).with_name("tput.json")
+    if a.what in ("all", "tput", "cap"):
+        out = Path(a.out) if a.what == "all" else Path(a.out).with_name(f"{a.what}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")
     return 0

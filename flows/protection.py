@@ -1,6 +1,7 @@
 """Protection lifecycle flows for one cloud pairing: enable-protection, replicate, replication-health,
-resynchronize and disable-protection. Each takes `pairing`, `project`, `vms` (default: every VM of the
-pairing's protected cloud) and `fabric` (override the hosts' fabric kind, e.g. `memory` for a dry run).
+resynchronize, disable-protection, suspend-replication and resume-replication. Each takes `pairing`,
+`project`, `vms` (default: every VM of the pairing's protected cloud) and `fabric` (override the hosts'
+fabric kind, e.g. `memory` for a dry run).
 
 Every flow is safe to re-run: fabric operations are idempotent and report when they changed nothing,
 and the little state the flows keep (open RPO breaches, unsent alerts, failed cycles) lives in
@@ -49,10 +50,12 @@ from tasks.protection import (
     power_vm,
     read_health,
     replicate_vm,
+    resume_vm,
     resync_vm,
     scrub_vm,
     supports_bandwidth,
     supports_scrub,
+    suspend_vm,
 )
 from tasks.protection_fabric import get_fabric
 
@@ -256,8 +259,9 @@ def replicate(pairing: str, project: str = "plans", vms: list[str] | None = None
     """One delta cycle for each protected VM (deploy it at the policy's copy frequency).
 
     At most `max_active_transfers` transfers run at once per source host. `bandwidth_mbps` caps each
-    source host's replication traffic: every transfer slot gets an equal share, passed to drivers that
-    accept `bandwidth_bytes_per_second` (a driver without it replicates uncapped, and the report says so).
+    source host's replication traffic (default: the policy's `bandwidth_mbps`); the linux engine shares
+    one token bucket per source host between its concurrent transfers. Passed to drivers that accept
+    `bandwidth_bytes_per_second` (a driver without it replicates uncapped, and the report says so).
     A scheduled network initial copy that has come due is started here too.
     """
     log = get_run_logger()
@@ -288,11 +292,10 @@ def replicate(pairing: str, project: str = "plans", vms: list[str] | None = None
         for vm, (p, initial) in todo.items():
             driver = sc.driver(p)
             cons = "crash" if initial else choose_consistency(driver, p, consistency)
-            cap = None
-            if bandwidth_mbps:
-                cap = int(bandwidth_mbps * 1_000_000 / 8 / p.source.max_active_transfers)
-                if not supports_bandwidth(driver):
-                    log.warning("%s: the %s driver has no bandwidth cap; replicating uncapped", vm, driver.kind)
+            # The whole host's cap: the driver shares it between the host's transfers (one bucket).
+            cap = int(bandwidth_mbps * 1_000_000 / 8) if bandwidth_mbps else p.policy.bandwidth_bytes_per_second
+            if cap and not supports_bandwidth(driver):
+                log.warning("%s: the %s driver has no bandwidth cap; replicating uncapped", vm, driver.kind)
             futs[vm] = (replicate_vm.submit(driver, p, cons, cap, initial), cons, cap, driver)
         errors: dict[str, BaseException] = {}
         with core.pairing_state(sc.state, pairing) as ps:
@@ -548,15 +551,14 @@ def disable_protection(pairing: str, project: str = "plans", vms: list[str] | No
         return reports
 
 
-# ---- vm start / stop ------------------------------------------------------------------------------
+# ---- suspend-replication and resume-replication --------------------------------------------------
 
-@flow(name="vm-power", task_runner=runner())
-def vm_power(pairing: str, action: Literal["start", "stop"], project: str = "plans", vms: list[str] | None = None,
-             fabric: str | None = None) -> list[Step]:
-    """Start or stop protected VMs where they run now (the primary, or the replica site once failed
-    over): for the qemu backend an ACPI power-off with a deadline, then kill."""
+def _each_vm(pairing: str, project: str, vms: list[str] | None, fabric: str | None, task_: Any,
+             flow_name: str, *args: Any) -> list[Step]:
+    """One task per VM of the pairing (or the named VMs); every VM is tried, failures reported together."""
+    log = get_run_logger()
     with scope(pairing, project, vms, fabric) as sc:
-        futs = {vm: power_vm.submit(sc.driver(p), p, action) for vm, p in sc.placements.items()}
+        futs = {vm: task_.submit(sc.driver(p), p, *args) for vm, p in sc.placements.items()}
         steps, errors = [], {}
         for vm, fut in futs.items():
             step, exc = outcome(fut)
@@ -564,15 +566,44 @@ def vm_power(pairing: str, action: Literal["start", "stop"], project: str = "pla
                 errors[vm] = exc
             else:
                 steps.append(step)
-        fail_if(errors, len(sc.placements), f"vm {action}")
+        log.info("%s %s: %s", flow_name, pairing, ", ".join(f"{s.vm}: {s.message}" for s in steps))
+        fail_if(errors, len(sc.placements), flow_name)
         return steps
+
+
+@flow(name="suspend-replication", task_runner=runner())
+def suspend_replication(pairing: str, project: str = "plans", vms: list[str] | None = None,
+                        fabric: str | None = None) -> list[Step]:
+    """Suspend replication of the pairing's VMs (or the named ones), like Suspend-VMReplication: no
+    cycle ships changes until resume-replication; the replica and its recovery points stay, so a
+    failover still works (to the newest point). A VM already suspended reports no change."""
+    return _each_vm(pairing, project, vms, fabric, suspend_vm, "suspend-replication")
+
+
+@flow(name="resume-replication", task_runner=runner())
+def resume_replication(pairing: str, project: str = "plans", vms: list[str] | None = None,
+                       fabric: str | None = None) -> list[Step]:
+    """Resume suspended replication, like Resume-VMReplication: the next cycle ships everything written
+    while suspended (changes are still tracked). A VM already replicating reports no change."""
+    return _each_vm(pairing, project, vms, fabric, resume_vm, "resume-replication")
+
+
+# ---- vm start / stop ------------------------------------------------------------------------------
+
+@flow(name="vm-power", task_runner=runner())
+def vm_power(pairing: str, action: Literal["start", "stop"], project: str = "plans", vms: list[str] | None = None,
+             fabric: str | None = None) -> list[Step]:
+    """Start or stop protected VMs where they run now (the primary, or the replica site once failed
+    over): for the qemu backend an ACPI power-off with a deadline, then kill."""
+    return _each_vm(pairing, project, vms, fabric, power_vm, f"vm {action}", action)
 
 
 # ---- running from a shell -----------------------------------------------------------------------
 
 FLOWS: dict[str, Any] = {"enable-protection": enable_protection, "replicate": replicate,
                          "replication-health": replication_health, "resynchronize": resynchronize,
-                         "disable-protection": disable_protection, "scrub": scrub}
+                         "disable-protection": disable_protection, "scrub": scrub,
+                         "suspend-replication": suspend_replication, "resume-replication": resume_replication}
 
 
 def main(argv: list[str] | None = None) -> int:

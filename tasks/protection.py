@@ -257,3 +257,13 @@ def power_vm(driver: Fabric, p: Placement, action: str) -> Step:
     if action == "start":
         return Step.of(driver.start_vm(p, side=side))
     return Step.of(driver.stop_vm(p, side=side))
+# ---- suspend and resume -------------------------------------------------------------------------
+
+@task(name="suspend replication", task_run_name="suspend replication {p.vm}", **RETRY)
+def suspend_vm(driver: Fabric, p: Placement) -> Step:
+    return Step.of(driver.suspend(p))
+
+
+@task(name="resume replication", task_run_name="resume replication {p.vm}", **RETRY)
+def resume_vm(driver: Fabric, p: Placement) -> Step:
+    return Step.of(driver.resume(p))

@@ -19,7 +19,8 @@ from siterecovery.compile import Step
 from siterecovery.errors import SiteRecoveryError, TransientFabricError
 from siterecovery.fabric import Fabric, OpResult, Placement, PointChoice
 from siterecovery.intent import StepJournal
-from siterecovery.model.common import Frozen
+from siterecovery.mapping import resolve_failback
+from siterecovery.model.common import Direction, Frozen
 from siterecovery.report import StepRecord
 
 from .fabric import get_fabric
@@ -67,9 +68,20 @@ def job_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return str(parameters["job"].cache_key)
 
 
+def failback_placement(fabric: Fabric, p: Placement) -> Placement:
+    """Failing back, the original VM's networks follow what its replica's networks are now (the source
+    documents' failback table, mapping.resolve_failback): read from fabrics that record them."""
+    read = getattr(fabric, "vm_networks", None)
+    if p.direction != Direction.failback or read is None or not any(n.failback_choices for n in p.nics):
+        return p
+    return p.model_copy(update={"nics": resolve_failback(p.nics, read(p, "source"))})
+
+
 def call(fabric: Fabric, job: VMJob, step: Step) -> OpResult:
     """One compiled step as one driver call."""
     p, op = job.placement, step.operation
+    if op == "apply_network" or (op == "start_vm" and (step.side or "target") == "target" and not step.test):
+        p = failback_placement(fabric, p)
     if op == "test_failover":
         return fabric.test_failover(p, job.point, job.test_network or p.test_network)
     if op == "failover":

@@ -89,6 +89,10 @@ def test_protection_jobs_follow_the_policy() -> None:
     assert _by(doc, ":resynchronize")["gold"]["schedules"][0]["cron"] == "0 22 * * *"
     no_repl = render(project, Settings.model_validate({"protection": {"replicate": False}}))
     assert not _by(no_repl, ":replicate")
+    # suspend and resume: on demand, per pairing, on every fabric (Hyper-V's Suspend-VMReplication too)
+    for entry in (":suspend_replication", ":resume_replication"):
+        d = _by(doc, entry)["gold"]
+        assert d["schedules"] == [] and d["parameters"] == {"pairing": "gold", "project": "plans"}
 
 
 def test_replicas_we_hold_are_scrubbed_weekly_at_a_capped_rate() -> None:

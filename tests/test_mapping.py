@@ -5,8 +5,17 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from siterecovery.mapping import place_disks, place_nic, replica_candidates, target_network, target_subnet
-from siterecovery.model import Direction, Protection
+from siterecovery.mapping import (
+    failback_network,
+    location_classification,
+    place_disks,
+    place_nic,
+    replica_candidates,
+    resolve_failback,
+    target_network,
+    target_subnet,
+)
+from siterecovery.model import Direction, Disk, Protection
 from siterecovery.placement import isolated_network, plan_placements
 from siterecovery.project import load_project
 
@@ -67,6 +76,47 @@ def test_failback_restores_original_network() -> None:
     assert (fb["web-01"].source, fb["web-01"].target) == (fwd["web-01"].target, fwd["web-01"].source)
 
 
+def test_documents_failback_table_every_row() -> None:
+    """Seed 000's failback table: VM-1 on VMNetwork1-NewYork, its replica VM-2 on VMNetwork1-Chicago."""
+    prot = nyc_protection()
+    ny1, ny2, chi1, chi2 = "VMNetwork1-NewYork", "VMNetwork2-NewYork", "VMNetwork1-Chicago", "VMNetwork2-Chicago"
+    # No change in VM-2's network after failover: VM-1 remains connected to the source network.
+    assert failback_network(ny1, chi1, prot) == ny1
+    # VM-2 disconnected after failover: VM-1 is disconnected.
+    assert failback_network(ny1, None, prot) is None
+    # VM-2 connected to VMNetwork2-Chicago, which is not mapped: VM-1 is disconnected ...
+    assert failback_network(ny1, chi2, prot) is None
+    # ... and when it is mapped, VM-1 joins the network it is mapped to.
+    mapped2 = Protection.model_validate({"network_mappings": [{"source": ny1, "target": chi1},
+                                                              {"source": ny2, "target": chi2}]})
+    assert failback_network(ny1, chi2, mapped2) == ny2
+    # The mapping of VMNetwork1-Chicago changed: VM-1 joins the network now mapped to it, whether the
+    # mapping is written from Chicago's side or from another New York network.
+    from_chi = Protection.model_validate({"network_mappings": [{"source": chi1, "target": ny2}]})
+    assert failback_network(ny1, chi1, from_chi) == ny2
+    moved = Protection.model_validate({"network_mappings": [{"source": ny2, "target": chi1}]})
+    assert failback_network(ny1, chi1, moved) == ny2
+    assert failback_network(ny1, chi1, Protection()) is None  # no mapping left at all
+
+
+def test_failback_placement_follows_the_replicas_network_now() -> None:
+    project = load_project(PLANS)
+    fb = plan_placements(project, project.plan("three-tier"), Direction.failback)["web-01"]
+    (nic,) = fb.nics
+    # Unknown (a fabric that does not record networks): the no-change row, as before.
+    assert resolve_failback(fb.nics, None) == fb.nics
+    (same,) = resolve_failback(fb.nics, {"eth0": "VMNetwork1-Chicago"})
+    assert (same.target_network, same.target_subnet, same.ip) == ("VMNetwork1-NewYork", "web", nic.ip)
+    (gone,) = resolve_failback(fb.nics, {"eth0": None})
+    assert gone.target_network is None and gone.ip is None
+    # plans/ maps VMNetwork2-Chicago back to VMNetwork2-NewYork: its first subnet (no 'web' there).
+    (moved,) = resolve_failback(fb.nics, {"eth0": "VMNetwork2-Chicago"})
+    assert (moved.source_network, moved.target_network, moved.target_subnet, moved.switch) == (
+        "VMNetwork2-Chicago", "VMNetwork2-NewYork", "db", "vSwitch-Data")
+    (odd,) = resolve_failback(fb.nics, {"eth0": "not-in-the-topology"})
+    assert odd.target_network is None
+
+
 def test_documents_storage_mapping_example() -> None:
     project = load_project(PLANS)
     t, pr = project.topology, project.protection
@@ -82,6 +132,28 @@ def test_documents_storage_mapping_example() -> None:
     assert place_disks(t.vm("web-02"), t, pr, "hv-chi-02")[0].target_location == "E:\\Replica"
     # A mapped classification the chosen host cannot reach also falls back to the default location.
     assert place_disks(t.vm("sql-01"), t, pr, "hv-chi-02")[0].target_location == "E:\\Replica"
+
+
+def test_documents_storage_by_location_vm1_to_vm5() -> None:
+    """Seed 000's VM1-VM5 table: a disk takes the classification of the location it is on, without the
+    topology repeating it per disk; a disk on an unclassified location goes to the default location."""
+    project = load_project(PLANS)
+    t, pr = project.topology, project.protection
+    rows = {"VM1": "C:\\ClusterStorage\\SourceVolume1\\vm1.vhdx", "VM2": "\\\\FileServer\\SourceShare1\\vm2.vhdx",
+            "VM3": "c:\\clusterstorage\\sourcevolume2\\vm3.vhdx", "VM4": "\\\\FileServer\\SourceShare2\\vm4.vhdx",
+            "VM5": "C:\\ClusterStorage\\SourceVolume3\\vm5.vhdx"}
+    want = {"VM1": ("GOLD", "C:\\ClusterStorage\\TargetVolume1"), "VM2": ("GOLD", "C:\\ClusterStorage\\TargetVolume1"),
+            "VM3": ("SILVER", "C:\\ClusterStorage\\TargetVolume2"), "VM4": ("SILVER", "C:\\ClusterStorage\\TargetVolume2"),
+            "VM5": (None, "D:\\Hyper-V\\Replica")}  # hv-chi-01's default location
+    for name, path in rows.items():
+        vm = t.vm("web-02").model_copy(update={"disks": (Disk(name="os", path=path),)})
+        assert location_classification(path, t) == want[name][0], name
+        assert place_disks(vm, t, pr, "hv-chi-01")[0].target_location == want[name][1], name
+    # A location's prefix is not a location: SourceVolume10 is not SourceVolume1.
+    assert location_classification("C:\\ClusterStorage\\SourceVolume10\\x.vhdx", t) is None
+    # An explicit classification on an unclassified location still maps (nothing to contradict).
+    vm = t.vm("web-02").model_copy(update={"disks": (Disk(name="os", path="D:\\x.vhdx", classification="SILVER"),)})
+    assert place_disks(vm, t, pr, "hv-chi-02")[0].classification == "SILVER_TARGET"
 
 
 def test_replicas_spread_over_candidate_hosts() -> None:

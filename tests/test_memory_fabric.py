@@ -139,3 +139,24 @@ def test_state_file_is_shared_between_instances(tmp_path: Path, placements) -> N
     assert not a.failover(p).changed
     ops = [c[1] for c in MemoryFabric(ctx).all_calls()]
     assert ops == ["enable_replication", "start_initial_replication", "failover", "failover"]
+
+
+def test_a_disk_on_a_classified_location_places_its_replica_by_that_classification(tmp_path: Path) -> None:
+    """sql-02's disk lies on C:\\ClusterStorage\\SourceVolume1 (GOLD's location) with no classification
+    of its own: it takes GOLD, whose mapped GOLD_TARGET only hv-chi-01 reaches, so its replica goes there
+    (and onto TargetVolume1), not to the least-loaded Chicago host."""
+    import shutil
+
+    root = tmp_path / "plans"
+    shutil.copytree(PLANS, root)
+    shutil.copytree(PLANS.parent / "scripts", tmp_path / "scripts")
+    topo = (root / "topology.yaml").read_text()
+    old = "disks: [{name: os, path: 'C:\\ClusterStorage\\SourceVolume1\\sql-02\\os.vhdx', classification: GOLD}]"
+    assert old in topo
+    (root / "topology.yaml").write_text(topo.replace(old, old.replace(", classification: GOLD", "")))
+    project = load_project(root)
+    p = plan_placements(project, project.plan("three-tier"))["sql-02"]
+    assert p.disks[0].classification == "GOLD_TARGET" and p.disks[0].target_location == "C:\\ClusterStorage\\TargetVolume1"
+    fab = MemoryFabric(FabricContext(options={"state_file": str(tmp_path / "m.json")}))
+    protected(fab, p)
+    assert fab.vm_state("sql-02")["replica"] == "hv-chi-01"

@@ -4,6 +4,7 @@ pairing state file, and `siterecovery status` over the memory fabric."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta, timezone
@@ -155,3 +156,29 @@ def test_status_shows_health_and_json(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "Critical" in res.stdout and "WaitingForStartResynchronize" in res.stdout
     res = runner.invoke(app, ["status", "nope", "--fabric", "memory", "--project", str(plans)])
     assert res.exit_code == 2
+
+
+def test_status_shows_the_policys_bandwidth_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from siterecovery.cli import _load_commands, app
+
+    monkeypatch.setenv("SITERECOVERY_STATE", str(tmp_path / "state"))
+    project = tmp_path / "plans" / "demo"
+    shutil.copytree(ROOT / "plans" / "demo", project)
+    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")  # the plan references ../../scripts
+    text = (project / "protection.yaml").read_text()
+    assert "copy_frequency_seconds: 30\n" in text
+    (project / "protection.yaml").write_text(text.replace("copy_frequency_seconds: 30\n",
+                                                          "copy_frequency_seconds: 30\n    bandwidth_mbps: 20\n", 1))
+    proj = load_project(project)
+    pairing = proj.protection.pairings[0]
+    fab = open_fabric("memory", tmp_path / "state")
+    for p in pairing_placements(proj, pairing).values():
+        fab.seed(p)  # type: ignore[attr-defined]
+    _load_commands()
+    runner = CliRunner()
+    args = ["status", pairing.name, "--fabric", "memory", "--project", str(project)]
+    res = runner.invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    assert {r["bandwidth_mbps"] for r in json.loads(res.stdout)} == {20.0}
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "Cap" in res.stdout and "20 Mbit/s" in res.stdout

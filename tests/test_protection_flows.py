@@ -346,3 +346,41 @@ def test_disable_closes_an_open_breach(state: Path, monkeypatch: pytest.MonkeyPa
     fp.replication_health(pairing="gold", project=PLANS, vms=["lb-01"], fabric="memory")
     fp.disable_protection(pairing="gold", project=PLANS, vms=["lb-01"], fabric="memory")
     assert sent == [(EVENT_BREACHED, "lb-01"), (EVENT_RECOVERED, "lb-01")]
+
+
+# ---- suspend-replication and resume-replication ------------------------------------------------
+
+def test_suspend_stops_cycles_until_resume_from_the_cli(state: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.protection import replicate
+    from siterecovery.cli import _load_commands, app
+
+    _load_commands()
+    few = ["sql-01", "web-01"]
+    protect(vms=few)
+    f = fabric(state)
+    runner = CliRunner()
+    args = ["--project", PLANS, "--fabric", "memory"]
+    res = runner.invoke(app, ["replication", "suspend", "gold", "sql-01", *args])
+    assert res.exit_code == 0, res.output
+    assert "sql-01" in res.output and "replication suspended" in res.output and "web-01" not in res.output
+    assert f.vm_state("sql-01")["state"] == "Suspended" and f.vm_state("web-01")["state"] == "Replicating"
+    # Again: idempotent, reports no change.
+    res = runner.invoke(app, ["replication", "suspend", "gold", "sql-01", *args])
+    assert res.exit_code == 0 and "already suspended" in res.output
+
+    before = len(f.vm_state("sql-01")["points"])
+    reports = {r.vm: r for r in replicate(pairing="gold", project=PLANS, vms=few, fabric="memory")}
+    assert reports["sql-01"].action == "skipped" and "Suspended" in reports["sql-01"].note
+    assert reports["web-01"].action == "cycle"
+    assert len(f.vm_state("sql-01")["points"]) == before
+    assert [c for c in f.all_calls() if c[1] == "replicate" and c[2] == "sql-01"] == []
+
+    res = runner.invoke(app, ["replication", "resume", "gold", *args])  # every VM of the pairing
+    assert res.exit_code == 1 and "resume-replication failed" in res.output  # the unprotected VMs
+    assert f.vm_state("sql-01")["state"] == "Replicating"
+    res = runner.invoke(app, ["replication", "resume", "gold", *few, *args])
+    assert res.exit_code == 0 and "already replicating" in res.output
+    reports = {r.vm: r for r in replicate(pairing="gold", project=PLANS, vms=few, fabric="memory")}
+    assert reports["sql-01"].action == "cycle" and len(f.vm_state("sql-01")["points"]) == before + 1

@@ -113,3 +113,44 @@ def test_one_cause_one_line_and_the_way_back_from_a_stop() -> None:
     assert "db: failed over, not committed" in line and "app: untouched" in line
     assert way_back("shop", [p for p in where if p.vm == "app"])[0].startswith("nothing was failed over")
     assert paused_note(0.1) == "" and "leaves out the 75.0 s it was paused" in paused_note(75)
+
+
+def planned(failover_point: str | None, recovery_point: str = "latest", prepare_point: str | None = "db-1@9") -> RunReport:
+    steps = (
+        StepRecord(id="p", label="prepare db-1", stage="shutdown", operation="prepare_planned_failover", group="db",
+                   vm="db-1", host="src-1", status="completed", started_at=at(0), finished_at=at(1),
+                   point_id=prepare_point, point_created_at=at(1) if prepare_point else None),
+        StepRecord(id="f", label="failover db-1", stage="group", operation="failover", group="db", vm="db-1",
+                   host="dst-1", status="completed", started_at=at(91), finished_at=at(93), point_id=failover_point,
+                   point_created_at=at(1) if failover_point == prepare_point else at(-300)),
+    )
+    return RunReport(plan="app", plan_version="4", failover_type="planned", direction="forward",
+                     recovery_point=recovery_point, failure_policy="stop", intent="i-2", started_at=T0,
+                     finished_at=at(100), status="succeeded", steps=steps)
+
+
+def test_planned_failover_after_final_sync_lost_nothing_and_keeps_the_point_age() -> None:
+    r = planned("db-1@9")
+    # The final point is 90 s old when the failover uses it, but it holds everything written before shutdown.
+    assert r.final_sync_vms() == {"db-1"}
+    assert r.achieved_rpo_seconds == 0.0 and r.point_age_seconds == 90.0
+    assert r.data_loss == "none (final sync after shutdown)"
+    s = r.summary()
+    assert s["data_loss"] == "none (final sync after shutdown)" and s["point_age_seconds"] == 90.0
+    assert s["achieved_rpo_seconds"] == 0.0
+    md = render_markdown(r)
+    assert "data loss: none (final sync after shutdown)" in md and "age of the oldest point used: 90.0 s" in md
+    html = render_html(r)
+    assert "none (final sync after shutdown)" in html and "90.0 s" in html
+
+
+def test_planned_failover_to_an_older_point_reports_its_age_as_data_loss() -> None:
+    # Not the point the prepare shipped: what was written after it is lost.
+    r = planned("db-1@3")
+    assert r.final_sync_vms() == frozenset() and r.achieved_rpo_seconds == 391.0
+    assert r.data_loss.startswith("up to 6.5 min")
+    # A fabric that names no point (Hyper-V Replica's latest): the prepare and 'latest' are the proof.
+    assert planned(None, prepare_point=None).data_loss == "none (final sync after shutdown)"
+    assert planned(None, "latest_processed", prepare_point=None).data_loss.startswith("unknown")
+    # Unplanned: the age of the point is the data loss, as before.
+    assert sample().model_copy(update={"failover_type": "unplanned"}).data_loss.startswith("up to 4.0 min")

@@ -203,6 +203,15 @@ def test_hyperv_copy_frequency_must_be_30_300_or_900(tmp_path: Path) -> None:
            "exactly 30, 300 or 900")
 
 
+def test_hyperv_refuses_a_bandwidth_cap(tmp_path: Path) -> None:
+    # Memory and linux take a policy's cap; Hyper-V Replica has none of its own (QoS does it there).
+    prot = edit(PROTECTION, "copy_frequency_seconds: 300", "copy_frequency_seconds: 300\n    bandwidth_mbps: 40")
+    write(tmp_path, protection=prot)
+    assert load_project(tmp_path).protection.policy("pol").bandwidth_bytes_per_second == 5_000_000
+    write(tmp_path, topology=TOPOLOGY.replace("fabric: memory", "fabric: hyperv"), protection=prot)
+    expect(tmp_path, "protection.yaml", prot, "bandwidth_mbps: 40", "policies[0].bandwidth_mbps", "New-NetQoSPolicy")
+
+
 def test_linux_copy_frequency_floor(tmp_path: Path) -> None:
     topo = TOPOLOGY.replace("fabric: memory", "fabric: linux")
     topo = topo.replace("    cloud: c-east\n", "    cloud: c-east\n    compute: {command: [sleep, '1000'], consistency: none}\n")
@@ -426,3 +435,20 @@ def test_peer_ssh_on_a_linux_host_is_valid() -> None:
                              "peer_ssh": {"identity_file": "/etc/sr/peer", "known_hosts": "/etc/sr/kh"}})
     assert h.peer_ssh is not None and h.peer_ssh.known_hosts == "/etc/sr/kh"
     assert Host(name="h", site="s", fabric="linux", address="10.0.0.1").peer_ssh is None
+
+
+
+def test_explicit_disk_classification_contradicting_its_location(tmp_path: Path) -> None:
+    # Classifications belong to storage locations: a disk on slow's location is slow, whatever it says.
+    topo = edit(TOPOLOGY, "  - {name: fast-w, site: west, locations: [/srv/west/fast]}\n",
+                "  - {name: fast-w, site: west, locations: [/srv/west/fast]}\n"
+                "  - {name: slow, site: east, locations: [/srv/east/slow]}\n")
+    write(tmp_path, topology=topo)
+    assert load_project(tmp_path) is not None  # explicit 'fast' on an unclassified location: fine
+    topo = edit(topo, "path: /srv/east/v1.img, classification: fast", "path: /srv/east/slow/v1.img, classification: fast")
+    write(tmp_path, topology=topo)
+    expect(tmp_path, "topology.yaml", topo, "/srv/east/slow/v1.img", "vms[0].disks[0].classification",
+           "is on a location of storage classification 'slow'")
+    # Without the field the disk simply takes its location's classification.
+    write(tmp_path, topology=topo.replace("path: /srv/east/slow/v1.img, classification: fast", "path: /srv/east/slow/v1.img"))
+    assert load_project(tmp_path) is not None

@@ -61,7 +61,7 @@ def pairing_placements(project: Project, pairing: Pairing, direction: Direction 
         chosen = min(cands, key=lambda h: (load.get(h, 0), cands.index(h)))
         load[chosen] = load.get(chosen, 0) + 1
         primary, replica = t.host(vm.host), t.host(chosen)
-        nics = tuple(place_nic(n, t, pr, direction, taken) for n in vm.nics)
+        nics = tuple(place_nic(n, t, pr, direction, taken, replica_site=replica.site) for n in vm.nics)
         test_net = _isolated(project, replica.site if direction == Direction.forward else primary.site)
         if test_net is not None:
             # A test copy gets an address from the isolated network's pool (first subnet), so a drill's

@@ -76,6 +76,8 @@ class HealthRow(Frozen):
     rpo_threshold_seconds: int
     resync_required: bool = False
     details: str = ""
+    bandwidth_mbps: float | None = Field(None, description="the policy's cap on the source host's replication "
+                                         "traffic, shared by its transfers; None: uncapped")
 
     @classmethod
     def of(cls, h: ReplicationHealth, p: Placement) -> HealthRow:
@@ -84,13 +86,14 @@ class HealthRow(Frozen):
                    last_replication_time=h.last_replication_time, pending_bytes=h.pending_bytes,
                    successful_cycles=h.successful_cycles, missed_cycles=h.missed_cycles,
                    current_rpo_seconds=h.current_rpo_seconds, rpo_threshold_seconds=p.policy.rpo_threshold,
-                   resync_required=h.resync_required, details=h.details)
+                   resync_required=h.resync_required, details=h.details, bandwidth_mbps=p.policy.bandwidth_mbps)
 
     @classmethod
     def unreadable(cls, p: Placement, error: BaseException) -> HealthRow:
         """A VM whose health could not be read: not knowing the RPO is itself worth an alert."""
         return cls(pairing=p.pairing, vm=p.vm, state="Unknown", health="Unknown", primary=p.source.name,
-                   replica=p.target.name, rpo_threshold_seconds=p.policy.rpo_threshold, details=str(error))
+                   replica=p.target.name, rpo_threshold_seconds=p.policy.rpo_threshold, details=str(error),
+                   bandwidth_mbps=p.policy.bandwidth_mbps)
 
     @property
     def protected(self) -> bool:
@@ -116,6 +119,7 @@ class HealthRow(Frozen):
             "rpo_s": None if self.current_rpo_seconds is None else round(self.current_rpo_seconds),
             "threshold_s": self.rpo_threshold_seconds, "ok_cycles": self.successful_cycles,
             "missed_cycles": self.missed_cycles, "resync": self.resync_required, "details": self.details,
+            "cap_mbps": self.bandwidth_mbps,
         }
 
 

@@ -148,10 +148,48 @@ class RunReport(Frozen):
                 out[s.vm] = (s.point_id, max(0.0, (s.started_at - s.point_created_at).total_seconds()))
         return out
 
+    def final_sync_vms(self) -> frozenset[str]:
+        """VMs of a planned failover that lost nothing: their source was shut down and its pending changes
+        shipped (a finished prepare step), and the failover used that final point, not an older one (the
+        same point id where the fabric names it; otherwise the run asked for the latest point)."""
+        if self.failover_type != "planned":
+            return frozenset()
+        done = ("completed", "cached")
+        prepared = {s.vm: s for s in self.steps if s.vm and s.operation == "prepare_planned_failover"
+                    and s.status in done}
+        out = set()
+        for s in self.steps:
+            if not (s.vm in prepared and s.operation == "failover" and s.status in done):
+                continue
+            final = prepared[s.vm].point_id
+            if (s.point_id == final) if (final and s.point_id) else self.recovery_point == "latest":
+                out.add(s.vm)
+        return frozenset(out)
+
     @property
-    def achieved_rpo_seconds(self) -> float | None:
+    def point_age_seconds(self) -> float | None:
+        """Age of the oldest recovery point used, when the failover used it (whatever the failover type)."""
         ages = [age for _, age in self.vm_rpo().values()]
         return max(ages) if ages else None
+
+    @property
+    def achieved_rpo_seconds(self) -> float | None:
+        """Data loss: 0 for the VMs a planned failover synced after shutdown, the point's age for the rest."""
+        synced = self.final_sync_vms()
+        ages = [age for vm, (_, age) in self.vm_rpo().items() if vm not in synced]
+        if ages:
+            return max(ages)
+        return 0.0 if synced else None
+
+    @property
+    def data_loss(self) -> str:
+        """The data-loss line of the report, in words."""
+        rpo = self.achieved_rpo_seconds
+        if rpo is None:
+            return "unknown (no recovery point reported)"
+        if rpo == 0.0 and self.final_sync_vms():
+            return "none (final sync after shutdown)"
+        return f"up to {_secs(rpo)} (age of the oldest recovery point used)"
 
     @property
     def achieved_rto_seconds(self) -> float | None:
@@ -215,6 +253,7 @@ class RunReport(Frozen):
                 "steps": counts, "failures": list(self.failures),
                 "approvals": [a.model_dump(mode="json") for a in self.approvals],
                 "achieved_rpo_seconds": self.achieved_rpo_seconds, "achieved_rto_seconds": self.achieved_rto_seconds,
+                "data_loss": self.data_loss, "point_age_seconds": self.point_age_seconds,
                 "people_seconds": round(self.people_seconds, 3), "fabric_seconds": round(self.fabric_seconds, 3),
                 "seconds": round(self.seconds, 3)}
 
@@ -255,7 +294,8 @@ def render_markdown(report: RunReport) -> str:
     out = [f"# {r.plan} v{r.plan_version}: {r.failover_type} failover, {r.direction} - **{r.status}**", "",
            f"- Started {_time(r.started_at)}, finished {_time(r.finished_at)} ({_secs(r.seconds)})"
            + paused_note(r.people_seconds),
-           f"- Recovery point: {r.recovery_point}; achieved RPO (oldest point used): {_secs(r.achieved_rpo_seconds)}"
+           f"- Recovery point: {r.recovery_point}; data loss: {r.data_loss}; "
+           f"age of the oldest point used: {_secs(r.point_age_seconds)}"
            + against(r.achieved_rpo_seconds, r.rpo_objective_seconds),
            f"- Achieved RTO (start to last VM started): {_secs(r.achieved_rto_seconds)}"
            + against(r.achieved_rto_seconds, r.rto_objective_seconds),

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from .errors import Problem
+from .mapping import location_classification
 from .model import FabricKind, RecoveryPlan
 from .project import PlanSource, Project
 from .render import check_template
@@ -112,6 +113,13 @@ def check_topology(p: Project) -> list[Problem]:
             if d.classification is not None and d.classification not in classes:
                 out.append(src.problem(("vms", i, "disks", j, "classification"),
                                        _unknown("storage classification", d.classification, set(classes))))
+            elif d.classification is not None:
+                at = location_classification(d.path, t)
+                if at is not None and at != d.classification:
+                    out.append(src.problem(("vms", i, "disks", j, "classification"),
+                                           f"disk '{d.name}' is on a location of storage classification '{at}' "
+                                           f"({d.path}), not '{d.classification}': a disk takes its location's "
+                                           "classification (drop this field, or move the disk)"))
         for j, nic in enumerate(vm.nics):
             loc = ("vms", i, "nics", j)
             net = nets.get(nic.network)
@@ -191,6 +199,10 @@ def check_protection(p: Project, now: datetime | None = None) -> list[Problem]:
             out.append(src.problem(ploc + ("copy_frequency_seconds",),
                                    f"the linux fabric replicates at most every {LINUX_MIN_FREQUENCY} seconds "
                                    f"(got {policy.copy_frequency_seconds}; used by pairing '{pair.name}')"))
+        if FabricKind.hyperv in kinds and policy.bandwidth_mbps:
+            out.append(src.problem(ploc + ("bandwidth_mbps",),
+                                   f"Hyper-V Replica has no bandwidth cap of its own (used by pairing '{pair.name}'): "
+                                   "throttle it with a QoS policy on the replica port (New-NetQoSPolicy) instead"))
     for i, pol in enumerate(pr.policies):
         init = pol.initial_replication
         start = getattr(init, "start_at", None)

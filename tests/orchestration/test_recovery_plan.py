@@ -49,6 +49,10 @@ def test_planned_forward_reverse_then_failback(estate) -> None:  # type: ignore[
     fwd = recovery_plan(plan="app", project=str(e.root), failover_type=FailoverType.planned, confirm="app",
                         options=RunOptions(reverse_replication=True))
     assert fwd["status"] == "succeeded"
+    # Every source shipped its last changes after shutdown: nothing lost, whatever the final point's age.
+    assert fwd["data_loss"] == "none (final sync after shutdown)" and fwd["achieved_rpo_seconds"] == 0.0
+    assert fwd["point_age_seconds"] is not None and fwd["point_age_seconds"] >= 0
+    assert "<td>Data loss</td><td>none (final sync after shutdown)</td>" in Path(fwd["report"]).read_text()
     st = e.vm("web-1")
     assert st["state"] == "Replicating" and st["primary"].startswith("dst-") and st["replica"].startswith("src-")
     # planned: every source shut down (web group first: reverse group order) before any failover
@@ -245,3 +249,44 @@ def test_dr_drill_and_the_worked_example_dry_run(tmp_path: Path, monkeypatch: py
     assert {s["action"] for s in rep["scripts"]} == {"check-sql", "warm-caches", "check-web"}
     assert all(s["status"] == "completed" for s in rep["scripts"])
     assert "dry run: would check sql-01:1433" in next(s["stdout"] for s in rep["scripts"] if s["vm"] == "sql-01")
+
+
+def test_failback_network_follows_the_replicas_network_and_the_mapping_now(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 000's failback table through the flow (every row is in tests/test_mapping.py): web-01's replica
+    moved to VMNetwork2-Chicago after the failover, so failing back puts web-01 on the network mapped to
+    it (VMNetwork2-NewYork); jump-01's replica was unplugged, so jump-01 comes back disconnected; web-02,
+    untouched, returns to its own network."""
+    import shutil
+
+    from siterecovery.fabric.memory import MemoryFabric
+    from siterecovery.placement import plan_placements
+    from siterecovery.project import load_project
+    from siterecovery.testing.projects import seed_memory
+
+    root = tmp_path / "plans"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "plans", root)
+    shutil.copytree(Path(__file__).resolve().parents[2] / "scripts", tmp_path / "scripts")
+    state = tmp_path / "state"
+    monkeypatch.setenv("SITERECOVERY_STATE", str(state))
+    fab = seed_memory(root, "web-only", state / "memory-fabric.json")
+    assert isinstance(fab, MemoryFabric)
+    args: dict[str, Any] = {"plan": "web-only", "project": str(root), "fabric": "memory",
+                            "failover_type": FailoverType.planned, "confirm": "web-only",
+                            "options": RunOptions(reverse_replication=True)}
+    assert recovery_plan(**args)["status"] == "succeeded"
+    project = load_project(root)
+    # Replicating back now: the VMs run at Chicago, the failback placement's source.
+    fb = plan_placements(project, project.plan("web-only"), Direction.failback)
+    assert fab.vm_networks(fb["web-01"], "source") == {"eth0": "VMNetwork1-Chicago"}
+    fab.connect_network(fb["web-01"], "source", "eth0", "VMNetwork2-Chicago")
+    fab.connect_network(fb["jump-01"], "source", "eth0", None)
+
+    back = recovery_plan(**args, direction=Direction.failback)
+    assert back["status"] == "succeeded"
+    fwd = plan_placements(project, project.plan("web-only"))
+    got = {vm: fab.vm_networks(fwd[vm], "source") for vm in ("web-01", "web-02", "jump-01")}
+    assert got == {"web-01": {"eth0": "VMNetwork2-NewYork"}, "web-02": {"eth0": "VMNetwork1-NewYork"},
+                   "jump-01": {"eth0": None}}
+    msgs = {s["vm"]: s["message"] for s in report_of(back)["steps"] if s["operation"] == "apply_network"}
+    assert msgs["web-01"] == "network: eth0->VMNetwork2-NewYork" and msgs["jump-01"] == "network: eth0->disconnected"

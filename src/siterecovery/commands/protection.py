@@ -6,6 +6,9 @@ is down). protect and resync move data, so they run the enable-protection and re
 this process (prefect is imported inside those commands only): a resync then takes its source host's
 transfer slot like any scheduled cycle, clears the pairing's failed-cycle count and leaves a flow run
 with its artifacts. Both show each VM's copy as it runs (progress_view).
+
+`siterecovery replication suspend|resume PAIRING [VM...]` run the suspend-replication and
+resume-replication flows the same way.
 """
 
 from __future__ import annotations
@@ -82,14 +85,14 @@ def status(
                      for vm in read_pairing_state(open_estate(project_dir, create=False), pr).breaches}
     table = Table(title="Replication health" + (f" of {pairing}" if pairing else ""))
     for col in ("Pairing", "VMName", "State", "Health", "Primary", "Replica", "LReplTime", "PReplSize(M)",
-                "RPO", "Threshold", "Cycles ok/missed", "Alert", "Details"):
+                "RPO", "Threshold", "Cap", "Cycles ok/missed", "Alert", "Details"):
         table.add_column(col, no_wrap=col in ("LReplTime", "State", "Health"))
     for r in rows:
         style = HEALTH_STYLE.get(r.health, "")
         lrepl = r.last_replication_time.astimezone().strftime("%m-%d %H:%M:%S") if r.last_replication_time else "-"
         table.add_row(r.pairing, r.vm, r.state, f"[{style}]{r.health}[/]" if style else r.health, r.primary or "",
                       r.replica or "", lrepl, "unknown" if r.pending_bytes is None else f"{r.pending_bytes / 2**20:.1f}", _rpo(r), f"{r.rpo_threshold_seconds}s",
-                      f"{r.successful_cycles}/{r.missed_cycles}",
+                      f"{r.bandwidth_mbps:g} Mbit/s" if r.bandwidth_mbps else "-", f"{r.successful_cycles}/{r.missed_cycles}",
                       "open" if (r.pairing, r.vm) in open_breaches else "", r.details)
     out.print(table)
     bad = sum(1 for r in rows if r.health in ("Warning", "Critical", "Unknown"))
@@ -233,3 +236,47 @@ def vm_stop(
 ) -> None:
     """Stop protected VMs at their current site (qemu: ACPI power-off, then kill after the deadline)."""
     _power("stop", pairing, vms, project_dir, fabric)
+
+
+replication_app = typer.Typer(no_args_is_help=True, help="Suspend or resume replication of a pairing's VMs.")
+app.add_typer(replication_app, name="replication")
+
+
+def _toggle(flow_name: str, title: str, pairing: str, vms: list[str] | None, project_dir: Path,
+            fabric: str | None) -> None:
+    flows = _import_flows()
+    state = flows.FLOWS[flow_name](pairing=pairing, project=str(project_dir), vms=vms or None, fabric=fabric,
+                                   return_state=True)
+    value = state.result(raise_on_failure=False)
+    if isinstance(value, BaseException):
+        err.print(f"[red]{flow_name} failed:[/] {escape(str(value))}", highlight=False)  # [vm=...] is no markup
+        raise typer.Exit(1)
+    table = Table(title=f"{title} of {pairing}")
+    for col in ("VM", "State", "Changed", "Message"):
+        table.add_column(col)
+    for s in value:
+        table.add_row(s.vm, s.state, "yes" if s.changed else "no", s.message)
+    out.print(table)
+
+
+@replication_app.command("suspend")
+def replication_suspend(
+    pairing: Annotated[str, typer.Argument(help="pairing name")],
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs (default: every VM of the pairing)")] = None,
+    project_dir: ProjectOpt = Path("plans"),
+    fabric: FabricOpt = None,
+) -> None:
+    """Suspend replication (Suspend-VMReplication): no cycle ships changes until `replication resume`;
+    the replica keeps its recovery points and can still fail over."""
+    _toggle("suspend-replication", "Suspended replication", pairing, vms, project_dir, fabric)
+
+
+@replication_app.command("resume")
+def replication_resume(
+    pairing: Annotated[str, typer.Argument(help="pairing name")],
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs (default: every VM of the pairing)")] = None,
+    project_dir: ProjectOpt = Path("plans"),
+    fabric: FabricOpt = None,
+) -> None:
+    """Resume suspended replication (Resume-VMReplication): the next cycle ships what was written meanwhile."""
+    _toggle("resume-replication", "Resumed replication", pairing, vms, project_dir, fabric)

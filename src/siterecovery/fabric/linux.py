@@ -136,6 +136,7 @@ class _VM:
     cycles_missed: int = 0
     resync_required: bool = False
     network_applied: bool = False
+    networks: dict[str, dict[str, str | None]] = field(default_factory=dict)  # host -> NIC -> network (None: unplugged)
     pending_bytes: int = 0  # unused (health measures it at the source); kept so older records load
     gens: dict[str, str] = field(default_factory=dict)  # disk -> generation the replica holds (a cache)
     sizes: dict[str, int] = field(default_factory=dict)  # disk -> bytes at the last look (progress totals)
@@ -454,15 +455,28 @@ class LinuxFabric:
     def _retention(self, p: Placement) -> list[str]:
         return ["--retention-hours", str(p.policy.recovery_history_hours)]
 
+    def bandwidth_cap(self, p: Placement, override: int | None = None) -> int | None:
+        """Bytes/s the source host may send for replication (None: uncapped): an explicit override (the
+        replicate flow's bandwidth_mbps), else the policy's bandwidth_mbps. One bucket per source host."""
+        return override or p.policy.bandwidth_bytes_per_second
+
+    def _bandwidth_args(self, p: Placement, cap: int | None) -> list[str]:
+        if not cap:
+            return []
+        return ["--bandwidth", str(cap), "--bandwidth-bucket", os.path.join(self.host_root(p.source), "bandwidth.bucket")]
+
     def _ship(self, vm: _VM, p: Placement, disk: str, point: dict[str, Any], consistency: str,
-              progress: Progress | None, mode: str, cap: dict[str, Any] | None = None) -> dict[str, Any]:
+              progress: Progress | None, mode: str, cap: dict[str, Any] | None = None,
+              bw: int | None = None) -> dict[str, Any]:
         """One disk's cycle: 'full' copy, 'delta', or 'resync' (block compare against the replica's disk).
-        cap: the cycle's capture (_capture): a QEMU view of every disk, or a QEMU VM that is off."""
+        cap: the cycle's capture (_capture): a QEMU view of every disk, or a QEMU VM that is off.
+        bw: bytes/s overriding the policy's bandwidth cap on the source host."""
         src, dst = self._ep(p.source), self._ep(p.target)
         rep = self._rep_args(vm, p, disk, p.target)
         state = self._src_state(p.source, p.vm, disk)
         send = ["send", "--disk", vm.paths[disk][p.source.name], "--state", state,
-                "--keepalive", f"{self.dead_link / 3:g}", *self._view_args(p, consistency, vm, disk)]
+                "--keepalive", f"{self.dead_link / 3:g}", *self._view_args(p, consistency, vm, disk),
+                *self._bandwidth_args(p, self.bandwidth_cap(p, bw))]
         dview = (cap or {}).get("disks", {}).get(disk)
         if cap is not None and cap["kind"] == "off":
             send += ["--offline-format", self._format(vm, disk, p.source)]
@@ -559,7 +573,7 @@ class LinuxFabric:
             return None
 
     def _cycle(self, vm: _VM, p: Placement, consistency: str, progress: Progress | None, mode: str,
-               operation: str) -> tuple[dict[str, Any], int, list[str]]:
+               operation: str, bw: int | None = None) -> tuple[dict[str, Any], int, list[str]]:
         """Ship every disk as one recovery point; (point, bytes, notes)."""
         t0 = utcnow()
         marker = self._inflight_path(p.vm)
@@ -589,7 +603,7 @@ class LinuxFabric:
             ok = False
             try:
                 for i, d in enumerate(p.disks):
-                    out = self._ship(vm, p, d.disk, point, consistency, totals.disk(i) if totals else None, mode, cap)
+                    out = self._ship(vm, p, d.disk, point, consistency, totals.disk(i) if totals else None, mode, cap, bw)
                     shipped.append(out)
                     if totals:
                         size = out.get("size")
@@ -756,12 +770,16 @@ class LinuxFabric:
         return result(p, "start_initial_replication", True, S.Replicating, f"imported from {ir.import_path}", t0,
                       point=self._rp(p, point), details={"method": "offline"})
 
-    def replicate(self, p: Placement, consistency: Consistency = "crash", progress: Progress | None = None) -> OpResult:
+    def replicate(self, p: Placement, consistency: Consistency = "crash", progress: Progress | None = None,
+                  bandwidth_bytes_per_second: int | None = None) -> OpResult:
+        """One cycle. `bandwidth_bytes_per_second` overrides the policy's cap on the source host's
+        replication traffic (both are shared by every transfer the host sends at once)."""
         t0 = utcnow()
         with self._vm(p) as box, self._errors(p, "replicate", p.source):
             vm = self._need(box[0], p, "replicate", S.Replicating)
             mode = "resync" if vm.resync_required else "delta"
-            point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate")
+            point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate",
+                                             bandwidth_bytes_per_second)
             msg = "resynchronized" if mode == "resync" else "delta cycle complete"
             return result(p, "replicate", True, S.Replicating, "; ".join([msg, *notes]), t0,
                           point=self._rp(p, point), bytes_sent=sent,
@@ -1372,12 +1390,30 @@ class LinuxFabric:
         t0 = utcnow()
         with self._vm(p) as box:
             vm = self._need(box[0], p, "apply_network")
-            if vm.network_applied:
+            want = {n.nic: n.target_network for n in p.nics}
+            if vm.networks.get(p.target.name) == want:
                 return result(p, "apply_network", False, S(vm.state), "network settings already applied", t0)
             vm.network_applied = True
+            vm.networks[p.target.name] = want
             # The process backend receives the mapped network as {{ network }} when it starts.
             nets = ", ".join(f"{n.nic}->{n.target_network or 'disconnected'}" for n in p.nics)
             return result(p, "apply_network", True, S(vm.state), f"network: {nets or 'no NICs'}", t0)
+
+    def vm_networks(self, p: Placement, side: Side = "source") -> dict[str, str | None] | None:
+        """The networks the VM's NICs are on at that side's host, as recorded when its network settings
+        were applied or changed there (None: never recorded)."""
+        host = p.source if side == "source" else p.target
+        with self._vm(p) as box:
+            vm = self._need(box[0], p, "vm_networks")
+            nets = vm.networks.get(host.name)
+            return dict(nets) if nets is not None else None
+
+    def connect_network(self, p: Placement, side: Side, nic: str, network: str | None) -> None:
+        """An operator's change of a VM's NIC at one side: it takes effect at the VM's next start."""
+        host = p.source if side == "source" else p.target
+        with self._vm(p) as box:
+            vm = self._need(box[0], p, "connect_network")
+            vm.networks.setdefault(host.name, {n.nic: n.target_network for n in p.nics})[nic] = network
 
     def close(self) -> None:
         with self._lock:

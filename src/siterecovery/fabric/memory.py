@@ -58,6 +58,7 @@ class _VM:
     cycles_missed: int = 0
     resync_required: bool = False
     network_applied: bool = False
+    networks: dict[str, dict[str, str | None]] = field(default_factory=dict)  # host -> NIC -> network (None: unplugged)
     needs_resync_after_reverse: bool = False
     seq: int = 0
 
@@ -445,11 +446,28 @@ class MemoryFabric:
         t0 = utcnow()
         with self._op("apply_network", p, p.target.name) as (_, vm):
             vm = self._need(vm, p, "apply_network")
-            if vm.network_applied:
+            want = {n.nic: n.target_network for n in p.nics}
+            if vm.networks.get(p.target.name) == want:
                 return result(p, "apply_network", False, S(vm.state), "network settings already applied", t0)
             vm.network_applied = True
+            vm.networks[p.target.name] = want
             nets = ", ".join(f"{n.nic}->{n.target_network or 'disconnected'}" for n in p.nics)
             return result(p, "apply_network", True, S(vm.state), f"network: {nets or 'no NICs'}", t0)
+
+    def vm_networks(self, p: Placement, side: Side = "source") -> dict[str, str | None] | None:
+        """The networks the VM's NICs are on at that side's host (None: never recorded there)."""
+        host = p.source if side == "source" else p.target
+        with self._op("vm_networks", p, host.name) as (_, vm):
+            vm = self._need(vm, p, "vm_networks")
+            nets = vm.networks.get(host.name)
+            return dict(nets) if nets is not None else None
+
+    def connect_network(self, p: Placement, side: Side, nic: str, network: str | None) -> None:
+        """An operator's change of a VM's NIC at one side (Connect-/Disconnect-VMNetworkAdapter)."""
+        host = p.source if side == "source" else p.target
+        with self._op("connect_network", p, host.name) as (_, vm):
+            vm = self._need(vm, p, "connect_network")
+            vm.networks.setdefault(host.name, {n.nic: n.target_network for n in p.nics})[nic] = network
 
     def close(self) -> None:
         return None

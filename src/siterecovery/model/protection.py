@@ -48,6 +48,12 @@ class ReplicationPolicy(Frozen):
     authentication: Literal["kerberos", "certificate"] = "kerberos"
     certificate_thumbprint: str | None = None
     resync_window: tuple[str, str] | None = Field(None, description="off-hours window, 'HH:MM' local pair")
+    bandwidth_mbps: float | None = Field(None, gt=0, description="cap on each source host's replication traffic "
+                                         "(megabits/s), shared by its concurrent transfers (linux fabric)")
+
+    @property
+    def bandwidth_bytes_per_second(self) -> int | None:
+        return int(self.bandwidth_mbps * 1_000_000 / 8) if self.bandwidth_mbps else None
 
     @property
     def rpo_threshold(self) -> int:

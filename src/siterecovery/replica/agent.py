@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the disk of a QEMU VM that is off: read its guest-visible bytes through qemu-nbd")
     s.add_argument("--keepalive", type=float, default=None,
                    help="seconds of silence after which a NOP record goes out (default: dead-link deadline / 3)")
+    s.add_argument("--bandwidth", type=float, default=None,
+                   help="cap in bytes/s on everything this host sends, shared through --bandwidth-bucket")
+    s.add_argument("--bandwidth-bucket", default=None, help="the host's token bucket file (one per host)")
     sub.add_parser("send", parents=[send]).add_argument("--output", help="write the stream to this file (offline export)")
     s = sub.add_parser("send-to", parents=[send], add_help=False,
                        help="send, piped into `receive` on another host over this host's own ssh")
@@ -308,6 +311,11 @@ def _read_base(a: argparse.Namespace, stdin: BinaryIO) -> str | None:
 
 
 def _send(a: argparse.Namespace, base: str | None, out: BinaryIO, progress: Progress | None) -> dict[str, Any]:
+    if a.bandwidth:
+        if not a.bandwidth_bucket:
+            raise ReplicaError("--bandwidth needs --bandwidth-bucket (the host's shared bucket file)")
+        out = engine.Throttled(out, engine.HostBucket(a.bandwidth_bucket, a.bandwidth))  # type: ignore[assignment]
+
     def go(nbd: dict[str, Any] | None) -> dict[str, Any]:
         return engine.send(a.disk, a.state, out, mode=a.mode,
                            expect_gen=bytes.fromhex(a.expect_gen) if a.expect_gen else None,

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -680,6 +681,65 @@ def _source(disk: str, state_dir: str, freeze: list[str], thaw: list[str], quies
         client.close()
 
 
+# ---- the bandwidth cap ----------------------------------------------------------------------------
+
+class HostBucket:
+    """A token bucket shared by every sender on one host (every concurrent transfer, every process):
+    a small file holding the moment, on the host's monotonic clock, at which the link is next free.
+    Sending n bytes reserves the next n/rate seconds of that timeline under an exclusive lock, then
+    waits for the reservation's start; so whatever the number of senders, their sum stays at the rate.
+    The bucket holds at most `burst` seconds of sending: what a sender late for its slot (a busy CPU, a
+    full pipe) may catch up on, and all an idle link lends to the next transfer."""
+
+    def __init__(self, path: str, rate: float, burst: float = 0.25) -> None:
+        if rate <= 0:
+            raise ReplicaError(f"a bandwidth cap must be positive, not {rate}")
+        self.path, self.rate, self.burst = path, float(rate), burst
+
+    def reserve(self, n: int) -> float:
+        """Reserve n bytes of the host's link; the seconds to wait before sending them."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            now = time.monotonic()
+            try:
+                free = float(os.pread(fd, 64, 0).decode() or 0)
+            except ValueError:
+                free = 0.0
+            if free > now + 3600:  # written before a reboot (the monotonic clock restarted)
+                free = 0.0
+            start = max(free, now - self.burst)
+            data = repr(start + n / self.rate).encode().ljust(32)
+            os.pwrite(fd, data, 0)
+            return max(0.0, start - now)
+        finally:
+            os.close(fd)  # releases the lock
+
+
+class Throttled:
+    """A writer that takes its bytes from a HostBucket before passing them on. Reserves in quanta of
+    about 50 ms of the rate (one lock per quantum, not per record)."""
+
+    def __init__(self, out: BinaryIO, bucket: HostBucket) -> None:
+        self.out, self.bucket, self.credit = out, bucket, 0
+        self.quantum = int(min(256 * 1024, max(4096, bucket.rate * 0.05)))
+
+    def write(self, b: Any) -> int:
+        n = len(b)
+        if n > self.credit:
+            want = max(n - self.credit, self.quantum)
+            wait = self.bucket.reserve(want)
+            self.credit += want
+            if wait > 0:
+                time.sleep(wait)
+        self.credit -= n
+        return self.out.write(b)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
 def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expect_gen: bytes | None = None,
          base_manifest: str | None = None, compress: bool = True, progress: Progress | None = None,
          freeze: list[str] | None = None, thaw: list[str] | None = None, quiesce: list[str] | None = None,
@@ -711,6 +771,7 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
     if base_path and bh is None:
         raise ManifestMismatch("the base manifest is unreadable: resynchronize")
     new_gen = uuid.uuid4().bytes
+    started = time.time()
     # Taken before the view, so a write racing the read changes the file's times after this record:
     # source_status then rescans instead of reporting nothing pending.
     read_stat = _disk_stat(disk)
@@ -769,7 +830,8 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
     if progress:
         progress(size, size)
     return {"gen": new_gen.hex(), "size": size, "blocks": changed, "zero_blocks": zeros,
-            "bytes": w.payload_bytes, "changed_bytes": changed * BLOCK, **view}
+            "bytes": w.payload_bytes, "changed_bytes": changed * BLOCK, "send_started": round(started, 3),
+            "send_seconds": round(time.time() - started, 3), **view}
 
 
 # ---- what is pending at the source ---------------------------------------------------------------
