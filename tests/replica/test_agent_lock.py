@@ -16,6 +16,7 @@ from typing import Any
 from helpers import MiB, Pair, make_disk, scribble
 
 from siterecovery.replica import agent
+from siterecovery.replica.agent import lock_path
 from siterecovery.replica.engine import file_digest
 
 
@@ -66,7 +67,7 @@ def test_a_stuck_holder_gives_a_clear_busy_error(tmp_path: Path, monkeypatch: An
 
     meta = tmp_path / "meta"
     meta.mkdir()
-    fd = os.open(str(meta) + ".lock", os.O_RDWR | os.O_CREAT)
+    fd = os.open(lock_path(str(meta)), os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     os.pwrite(fd, b"4242\n", 0)
     monkeypatch.setattr(agent, "LOCK_WAIT", 0.2)
@@ -131,7 +132,7 @@ def test_the_lock_of_a_stopped_owner_is_broken(tmp_path: Path, monkeypatch: Any)
     # The holder's own deadline is 6 s: it beats every 2 s while it runs. Stopped (SIGSTOP, as a hung
     # or frozen agent), it beats no more; it stays stopped, so its own stream deadline never fires.
     pair, args, recv, _stream = _half_received(tmp_path, dead=6)
-    lockfile = pair.rep.meta + ".lock"
+    lockfile = lock_path(pair.rep.meta)
     owner = json.loads(Path(lockfile).read_text())
     assert owner["pid"] == recv.pid and owner["cmd"] == "receive" and owner["boot"] and owner["start"]
     os.kill(recv.pid, signal.SIGSTOP)
@@ -160,3 +161,13 @@ def test_the_lock_of_a_stopped_owner_is_broken(tmp_path: Path, monkeypatch: Any)
 def _null() -> Any:
     import io
     return io.BytesIO()
+
+
+def test_no_disk_name_can_be_another_disks_lock_file(tmp_path: Path) -> None:
+    # Disks `x` and `x.lock` of one VM once shared a file: `x`'s lock was `x.lock`'s meta directory.
+    from siterecovery.paths import IDENT_RE, check_ident
+
+    for name in ("x", "x.lock", "os", "data-1"):
+        check_ident(name)
+        lock = os.path.basename(lock_path(str(tmp_path / "meta" / name)))
+        assert not IDENT_RE.fullmatch(lock), lock  # so no valid disk name is this file's name

@@ -198,6 +198,13 @@ def _dead_owner(o: dict[str, Any], stale_after: float) -> bool:
     return time.time() - beat > stale_after and _start_time(pid) == o.get("start")
 
 
+def lock_path(path: str) -> str:
+    """The lock file beside a replica's meta (or a source's state) directory. Its name ends in `@lock`:
+    `@` is outside the identifier set (siterecovery.paths), so no disk's directory can be another
+    disk's lock file (disks `x` and `x.lock` once shared one, and a cycle deadlocked on itself)."""
+    return os.path.abspath(path).rstrip("/") + "@lock"
+
+
 @contextlib.contextmanager
 def _exclusive(path: str, what: str, cmd: str) -> Iterator[None]:
     """One agent at a time per replica (or source state): a lock file next to its directory.
@@ -209,7 +216,7 @@ def _exclusive(path: str, what: str, cmd: str) -> Iterator[None]:
     deadline; a holder silent for twice that deadline is killed, and the newcomer's own recovery step
     (every replica command runs it first) rolls its journaled apply back or forward.
     """
-    lock = os.path.abspath(path).rstrip("/") + ".lock"
+    lock = lock_path(path)
     try:
         os.makedirs(os.path.dirname(lock), exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
