@@ -50,6 +50,9 @@ class PrefectServer:
     port: int
     process: subprocess.Popen[bytes] | None = None
     logfile: Any = None
+    # PREFECT_API_DATABASE_CONNECTION_URL (postgresql+asyncpg://...); None: SQLite in `home`. Holds a
+    # password: it goes to the server's environment only, never to a log or a client.
+    database_url: str | None = None
 
     @property
     def url(self) -> str:
@@ -77,6 +80,8 @@ class PrefectServer:
         env = server_env(self.home)
         # Without it the UI's JavaScript calls the default port (4200), not this server's.
         env["PREFECT_UI_API_URL"] = self.api_url
+        if self.database_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
         self.process = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         # The child holds its own copy of the descriptor; ours would leak (a ResourceWarning, an error
@@ -116,9 +121,10 @@ class PrefectServer:
 
 
 @contextmanager
-def running_server(home: Path, port: int | None = None, timeout: float = 120.0) -> Iterator[PrefectServer]:
-    """A real Prefect server for the duration of the block."""
-    server = PrefectServer(home, port or free_port()).start(timeout)
+def running_server(home: Path, port: int | None = None, timeout: float = 120.0,
+                   database_url: str | None = None) -> Iterator[PrefectServer]:
+    """A real Prefect server for the duration of the block (on SQLite in `home` unless `database_url`)."""
+    server = PrefectServer(home, port or free_port(), database_url=database_url).start(timeout)
     try:
         yield server
     finally:
