@@ -16,7 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ class PrefectServer:
     logfile: Any = None
     # PREFECT_API_DATABASE_CONNECTION_URL (postgresql+asyncpg://...); None: SQLite in `home`. Holds a
     # password: it goes to the server's environment only, never to a log or a client.
-    database_url: str | None = None
+    database_url: str | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
