@@ -62,6 +62,9 @@ def _free_port() -> int:
 @dataclass
 class PostgresCluster:
     dir: Path
+    # A prefix for every PostgreSQL command, e.g. ("ip", "netns", "exec", NS) to run the cluster in a
+    # network namespace (the site-loss test's orchestration site).
+    wrap: tuple[str, ...] = ()
 
     @property
     def data(self) -> Path:
@@ -88,7 +91,7 @@ class PostgresCluster:
         return f"postgresql://{DB_USER}@127.0.0.1:{self.port}/{DB_NAME}"
 
     def _as_owner(self, cmd: list[str]) -> list[str]:
-        return ["runuser", "-u", RUN_AS, "--", *cmd] if os.geteuid() == 0 else cmd
+        return [*self.wrap, *(["runuser", "-u", RUN_AS, "--", *cmd] if os.geteuid() == 0 else cmd)]
 
     def _pg(self, tool: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> str:
         cmd = self._as_owner([str(PG_BIN / tool), *args])

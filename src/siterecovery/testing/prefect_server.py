@@ -53,10 +53,14 @@ class PrefectServer:
     # PREFECT_API_DATABASE_CONNECTION_URL (postgresql+asyncpg://...); None: SQLite in `home`. Holds a
     # password: it goes to the server's environment only, never to a log or a client.
     database_url: str | None = field(default=None, repr=False)
+    # Where it listens, and a command prefix (e.g. ("ip", "netns", "exec", NS): a server in a network
+    # namespace, reached from outside at `host`).
+    host: str = "127.0.0.1"
+    wrap: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def api_url(self) -> str:
@@ -76,7 +80,7 @@ class PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         logf = open(log or self.home / "server.log", "ab")  # noqa: SIM115 - closed once the child has it
         exe = Path(sys.executable).with_name("prefect")
-        cmd = [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [*self.wrap, str(exe), "server", "start", "--host", self.host, "--port", str(self.port)]
         env = server_env(self.home)
         # Without it the UI's JavaScript calls the default port (4200), not this server's.
         env["PREFECT_UI_API_URL"] = self.api_url
