@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STATE  ?= .siterecovery
 UI_PORT ?= 4200
+# The UI server's database: postgres (a private PostgreSQL 15 cluster in $(STATE)/postgres) or sqlite.
+DB ?= postgres
 PYTEST_ARGS ?=
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -53,11 +55,13 @@ test: venv system lint
 test-fast: venv
 	$(BIN)/pytest -m "not sshd and not prefect_server and not browser and not slow" $(PYTEST_ARGS)
 
-# A local Prefect UI on 127.0.0.1:$(UI_PORT): server (database in $(STATE)/prefect), the process work
-# pool, every deployment rendered from plans/, and a worker. `make ui-stop` stops exactly those.
+# A local Prefect UI on 127.0.0.1:$(UI_PORT): server (database: a private PostgreSQL cluster in
+# $(STATE)/postgres, or with DB=sqlite a file in $(STATE)/prefect), the process work pool, every
+# deployment rendered from plans/, and a worker. `make ui-stop` stops exactly those.
 ui: venv
+	@test "$(DB)" != postgres || test -x /usr/lib/postgresql/15/bin/initdb || bash scripts/setup-system.sh --postgres-only
 	$(BIN)/siterecovery deployments render
-	$(BIN)/siterecovery ui up --state $(STATE) --port $(UI_PORT)
+	SITERECOVERY_DB=$(DB) $(BIN)/siterecovery ui up --state $(STATE) --port $(UI_PORT)
 
 ui-stop:
 	@if [ -x $(BIN)/siterecovery ]; then $(BIN)/siterecovery ui down --state $(STATE); fi

@@ -5,8 +5,13 @@ set -euo pipefail
 need=()
 command -v /usr/sbin/sshd >/dev/null 2>&1 || need+=(openssh-server)
 command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
+# `--postgres-only` (make ui): just the PostgreSQL 15 server binaries for the UI's private cluster.
+if [ "${1:-}" = "--postgres-only" ]; then
+  need=()
+  [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
+fi
 # `--ssh-only` (make demo): just what the demo's private sshd needs, not the test suite's browser.
-if [ "${1:-}" != "--ssh-only" ]; then
+if [ "${1:-}" != "--ssh-only" ] && [ "${1:-}" != "--postgres-only" ]; then
   command -v rsync >/dev/null 2>&1 || need+=(rsync)
   command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
   [ -x /usr/bin/chromium ] || need+=(chromium)
@@ -16,6 +21,11 @@ if [ "${1:-}" != "--ssh-only" ]; then
   command -v qemu-nbd >/dev/null 2>&1 || need+=(qemu-utils)
   dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" || need+=(busybox-static)
   ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
+  # Prefect on PostgreSQL (make ui, the tests' shared server) and its HA layout (Redis).
+  [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  # The site-loss test's network namespaces.
+  command -v ip >/dev/null 2>&1 || need+=(iproute2)
 fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -46,6 +46,7 @@ class SSHServer:
     client_key: Path
     known_hosts: Path
     user: str
+    address: str = "127.0.0.1"
 
     def authorize(self, public_key: str) -> None:
         """Let one more client key in (sshd reads authorized_keys at every login)."""
@@ -64,7 +65,7 @@ class SSHServer:
         return {"identity_file": str(key), "known_hosts": str(kh)}
 
     def host(self, name: str = "h1", site: str = "s1", root: str | None = None, **kw: object) -> Host:
-        args: dict[str, object] = dict(name=name, site=site, fabric="linux", address="127.0.0.1", port=self.port,
+        args: dict[str, object] = dict(name=name, site=site, fabric="linux", address=self.address, port=self.port,
                                        user=self.user, host_key=self.host_key, credential={"key_file": str(self.client_key)},
                                        root=root)
         args.update(kw)
@@ -80,28 +81,30 @@ def sshd_server() -> Iterator[SSHServer]:
 
 
 @contextlib.contextmanager
-def running_sshd() -> Iterator[SSHServer]:
-    """Start sshd (also used by bench/ outside pytest); stopped when the block ends."""
+def running_sshd(address: str = "127.0.0.1", netns: str | None = None) -> Iterator[SSHServer]:
+    """Start sshd (also used by bench/ outside pytest); stopped when the block ends. `netns`: inside that
+    network namespace (`ip netns exec`), listening on `address` there."""
     d = Path(tempfile.mkdtemp(prefix="sr-sshd-"))
     host_pub = keygen(d / "ssh_host_ed25519_key")
     client_pub = keygen(d / "client_key")
     (d / "authorized_keys").write_text(client_pub + "\n")
     port = _free_port()
     (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'ssh_host_ed25519_key'}\nPidFile {d / 'sshd.pid'}\n"
+        f"Port {port}\nListenAddress {address}\nHostKey {d / 'ssh_host_ed25519_key'}\nPidFile {d / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
         "MaxSessions 64\nMaxStartups 64\nLogLevel ERROR\n")
     kind, b64 = host_pub.split()[:2]
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {kind} {b64}\n")
+    (d / "known_hosts").write_text(f"[{address}]:{port} {kind} {b64}\n")
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory Debian's sshd wants
     log = open(d / "sshd.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=subprocess.STDOUT)
+    wrap = ["ip", "netns", "exec", netns] if netns else []
+    proc = subprocess.Popen([*wrap, SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10
     while True:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            socket.create_connection((address, port), timeout=0.5).close()
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -110,7 +113,7 @@ def running_sshd() -> Iterator[SSHServer]:
             time.sleep(0.05)
     try:
         yield SSHServer(port=port, dir=d, host_key=f"{kind} {b64}", client_key=d / "client_key",
-                        known_hosts=d / "known_hosts", user=getpass.getuser())
+                        known_hosts=d / "known_hosts", user=getpass.getuser(), address=address)
     finally:
         proc.terminate()
         try:

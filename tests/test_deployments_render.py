@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from siterecovery.cli import _load_commands, app
-from siterecovery.deployments import Schedule, Settings, load_settings, render
+from siterecovery.deployments import Schedule, Settings, load_settings, render, worker_queues
 from siterecovery.errors import PlanError
 from siterecovery.project import load_project
 
@@ -243,3 +243,18 @@ def test_the_worked_example_starts_green_its_protection_schedules_paused_with_a_
         assert "Schedule created PAUSED: the worked example's Hyper-V hosts" in d["description"]
     # Drills stay scheduled (weekly): they are what a person resumes protection for.
     assert all(sch["active"] for d in _by(doc, ":dr_drill").values() for sch in d["schedules"])
+def test_each_deployment_runs_on_the_queue_of_the_site_it_acts_on() -> None:
+    demo = load_project(ROOT / "plans" / "demo")
+    doc = render(demo)
+    queue = {(d["entrypoint"].rsplit(":", 1)[1], d["name"]): d["work_pool"]["work_queue_name"]
+             for d in doc["deployments"]}
+    # Failover and drills at the recovery site: they must run when the primary is gone.
+    assert queue["failover", "shop"] == queue["dr_drill", "shop"] == "site-recovery"
+    (pairing,) = demo.protection.pairings
+    # Replication reads the source disks at the protected site; health keeps watching from the other.
+    for job in ("replicate", "enable_protection", "resynchronize"):
+        assert queue[job, pairing.name] == "site-primary", job
+    assert queue["replication_health", pairing.name] == "site-recovery"
+    assert worker_queues(doc) == ["site-recovery", "site-primary"]
+    one = render(demo, Settings.model_validate({"queue_per_site": False}))
+    assert worker_queues(one) == [None]

@@ -2,6 +2,13 @@
 `failover/<plan>` and `recover/<plan>` (resume, commit or cancel a stopped failover) per plan, and the protection lifecycle per pairing (replication cycles at the
 policy's copy frequency, health checks, enabling protection on demand).
 
+Every deployment targets the work queue of the site it acts on (`site-<site>` in the settings' work
+pool), so a worker at each site runs that site's work over that site's network: a plan's drill and
+failover run at its recovery site (the target cloud's: failover acts there, and the primary may be
+gone), a pairing's replication, enabling and resynchronization at its protected site (they read the
+source disks), its health check at the protecting site (it must keep reporting when the primary is
+lost). docs/SCALE.md explains the choice.
+
 Schedules live in a small settings file beside the output (deployments/settings.yaml), not in the
 plans: a plan says what to recover, the settings say when to rehearse it. Pure: no Prefect, no I/O
 beyond reading the settings file.
@@ -93,6 +100,8 @@ class ProtectionSettings(Frozen):
 class Settings(Frozen):
     kind: Literal["DeploymentSettings"] = "DeploymentSettings"
     work_pool: Slug = "siterecovery"
+    queue_per_site: bool = Field(True, description="each deployment on its site's work queue (site-<site>); "
+                                                    "false: the pool's default queue, one worker for all")
     timezone: str = "UTC"
     project: str = Field("plans", description="the `project` parameter, relative to the repository root")
     fabric: str | None = Field(None, description="override every deployment's fabric kind (tests: 'memory')")
@@ -138,8 +147,20 @@ def _daily(hhmm: str) -> str:
     return f"{int(mm)} {int(hh)} * * *"
 
 
-def _pool(settings: Settings) -> dict[str, Any]:
-    return {"name": settings.work_pool, "work_queue_name": None, "job_variables": {}}
+def site_queue(site: str) -> str:
+    """The work queue a site's worker polls (`prefect worker start --pool P --work-queue site-<site>`)."""
+    return f"site-{site}"
+
+
+def _pool(settings: Settings, site: str) -> dict[str, Any]:
+    queue = site_queue(site) if settings.queue_per_site else None
+    return {"name": settings.work_pool, "work_queue_name": queue, "job_variables": {}}
+
+
+def worker_queues(doc: dict[str, Any]) -> list[str | None]:
+    """The work queues a rendered document's deployments use, in order: one worker each (None: the
+    pool's default queue)."""
+    return list(dict.fromkeys(d["work_pool"]["work_queue_name"] for d in doc["deployments"]))
 
 
 SELF_REPLICATING = {"hyperv"}  # fabrics whose hosts replicate by themselves
@@ -168,8 +189,11 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
                                  f"unknown plan '{n}' (known: {', '.join(sorted(project.plans)) or 'none'})")
                          for n in unknown])
     deployments: list[dict[str, Any]] = []
+    topo = project.topology
     for name in sorted(project.plans):
         plan = project.plans[name].plan
+        # Failover and drills act on the recovery site, and must run when the primary site is lost.
+        recovery_site = topo.cloud(plan.target).site
         ps = settings.drills.plans.get(name, PlanSettings())
         vms = ", ".join(plan.vm_names)
         what = plan.description or f"recovery plan {name}"
@@ -184,7 +208,7 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
             "parameters": {"plan": name, "cleanup": ps.cleanup or settings.drills.cleanup,
                            "advanced": _advanced(settings)},
             "enforce_parameter_schema": True,
-            "work_pool": _pool(settings),
+            "work_pool": _pool(settings, recovery_site),
             "schedules": [_schedule(ps.drill or settings.drills.schedule, settings.timezone)
                           | {"parameters": {"requested_by": f"schedule of dr-drill/{name}"}}],
         })
@@ -200,7 +224,7 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
             # Nothing dangerous is pre-filled: confirm, the failover type and the requester are the person's.
             "parameters": {"plan": name, "advanced": _advanced(settings)},
             "enforce_parameter_schema": True,
-            "work_pool": _pool(settings),
+            "work_pool": _pool(settings, recovery_site),
             "schedules": [],
         })
         deployments.append({
@@ -215,13 +239,15 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
             # No action pre-filled: the operator picks one, confirms and names themself.
             "parameters": {"plan": name, "advanced": _advanced(settings)},
             "enforce_parameter_schema": True,
-            "work_pool": _pool(settings),
+            "work_pool": _pool(settings, recovery_site),
             "schedules": [],
         })
     for pairing in project.protection.pairings:
         policy = project.protection.policy(pairing.policy)
         base = {"pairing": pairing.name, "project": settings.project}
         label = f"{pairing.protected_cloud} -> {pairing.protecting_cloud} (policy {policy.name})"
+        protected_site = topo.cloud(pairing.protected_cloud).site
+        protecting_site = topo.cloud(pairing.protecting_cloud).site
         deployments.append({
             "name": pairing.name,
             "description": f"Enable replication for every VM of pairing {label}; on demand.",
@@ -229,12 +255,11 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
             "tags": ["siterecovery", "protection", f"pairing-{pairing.name}"],
             "parameters": _with_fabric(dict(base), settings),
             "enforce_parameter_schema": True,
-            "work_pool": _pool(settings),
+            "work_pool": _pool(settings, protected_site),
             "schedules": [],
         })
         # Hyper-V Replica ships changes on its own schedule; a replicate run there would only connect
         # and do nothing, so the deployment exists for pairings on fabrics we drive (linux, memory).
-        topo = project.topology
         kinds = {settings.fabric} if settings.fabric else {
             topo.host(h).fabric for c in (pairing.protected_cloud, pairing.protecting_cloud)
             for h in topo.cloud(c).hosts}
@@ -247,7 +272,7 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
                 "tags": ["siterecovery", "protection", f"pairing-{pairing.name}"],
                 "parameters": _with_fabric(dict(base), settings),
                 "enforce_parameter_schema": True,
-                "work_pool": _pool(settings),
+                "work_pool": _pool(settings, protected_site),
                 # A cycle never overlaps the next one: a slow cycle delays, it does not pile up.
                 "concurrency_limit": 1,
                 "schedules": [_schedule(Schedule(interval_seconds=policy.copy_frequency_seconds),
@@ -267,7 +292,7 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
                 "parameters": _with_fabric(dict(base, rate_mb_per_second=rate,
                                                 points=settings.protection.scrub_points), settings),
                 "enforce_parameter_schema": True,
-                "work_pool": _pool(settings),
+                "work_pool": _pool(settings, protecting_site),
                 "concurrency_limit": 1,
                 "schedules": [_schedule(scrub, settings.timezone)] if scrub else [],
             })
@@ -279,7 +304,7 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
             "tags": ["siterecovery", "protection", f"pairing-{pairing.name}"],
             "parameters": _with_fabric(dict(base), settings),
             "enforce_parameter_schema": True,
-            "work_pool": _pool(settings),
+            "work_pool": _pool(settings, protecting_site),
             "concurrency_limit": 1,
             "schedules": [_schedule(Schedule(interval_seconds=settings.protection.health_interval_seconds),
                                     settings.timezone)],
@@ -296,7 +321,7 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
             "tags": ["siterecovery", "protection", f"pairing-{pairing.name}"],
             "parameters": _with_fabric(dict(base), settings),
             "enforce_parameter_schema": True,
-            "work_pool": _pool(settings),
+            "work_pool": _pool(settings, protected_site),
             "concurrency_limit": 1,
             "schedules": [_schedule(Schedule(cron=_daily(window[0])), settings.timezone)] if window else [],
         })
@@ -310,7 +335,7 @@ def render(project: Project, settings: Settings | None = None) -> dict[str, Any]
                 "tags": ["siterecovery", "protection", f"pairing-{pairing.name}"],
                 "parameters": _with_fabric(dict(base), settings),
                 "enforce_parameter_schema": True,
-                "work_pool": _pool(settings),
+                "work_pool": _pool(settings, protected_site),
                 "schedules": [],
             })
     reason = settings.protection.paused_reason.strip()

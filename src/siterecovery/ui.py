@@ -1,15 +1,18 @@
 """`siterecovery ui up|down`: a local Prefect server, work pool, deployments and worker for operators.
 
-Everything lives in the project's state directory (.siterecovery/): the server's database under
-prefect/, logs and PID files under ui/. `down` stops exactly the process groups `up` recorded, after
-checking each PID still belongs to the process that was started (a PID can be reused). Drives the
-`prefect` CLI as subprocesses, so the core still never imports prefect.
+Everything lives in the project's state directory (.siterecovery/): the server's PREFECT_HOME under
+prefect/, its database in a private PostgreSQL 15 cluster under postgres/ (or, with
+SITERECOVERY_DB=sqlite, an SQLite file under prefect/), logs and PID files under ui/. `down` stops
+exactly the process groups `up` recorded, after checking each PID still belongs to the process that
+was started (a PID can be reused), then the cluster. Drives the `prefect` CLI and PostgreSQL's tools
+as subprocesses, so the core still never imports prefect.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from .deployments import worker_queues
 from .errors import ConfigurationError
+from .testing.postgres import PostgresCluster
 from .testing.prefect_server import PrefectServer, server_env
 
 DEFAULT_PORT = 4200
@@ -25,6 +32,10 @@ DEFAULT_PORT = 4200
 # a run Crashed after 90 s without one.
 HEARTBEAT_SECONDS = 30
 ZOMBIE_AUTOMATION = Path(__file__).parent / "templates" / "zombie-runs.automation.yaml"
+# SITERECOVERY_DB picks the server's database: PostgreSQL (concurrent approvals, drills and workers
+# without SQLite's "database is locked") or SQLite (nothing to install; `make demo`, one user).
+DATABASES = ("postgres", "sqlite")
+DEFAULT_DB = "postgres"
 # Processes this process started and that outlive `up`: kept so they are not garbage-collected while
 # running (Popen warns), and so `down` in the same process (tests) can reap them instead of leaving
 # zombies.
@@ -42,6 +53,10 @@ class Layout:
     @property
     def run(self) -> Path:
         return self.state / "ui"
+
+    @property
+    def postgres(self) -> PostgresCluster:
+        return PostgresCluster(self.state / "postgres")
 
     def pidfile(self, name: str) -> Path:
         return self.run / f"{name}.pid"
@@ -130,6 +145,14 @@ def _run(cmd: list[str], env: dict[str, str], cwd: Path, what: str) -> None:
         raise ConfigurationError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
 
 
+def database(db: str | None = None) -> str:
+    """The database `up` uses: `db`, else $SITERECOVERY_DB, else PostgreSQL."""
+    db = db or os.environ.get("SITERECOVERY_DB") or DEFAULT_DB
+    if db not in DATABASES:
+        raise ConfigurationError(f"SITERECOVERY_DB={db!r}: choose one of {', '.join(DATABASES)}")
+    return db
+
+
 def up(
     state: Path,
     root: Path,
@@ -137,11 +160,21 @@ def up(
     pool: str = "siterecovery",
     port: int = DEFAULT_PORT,
     say: Callable[[str], None] = print,
+    db: str | None = None,
 ) -> str:
-    """Start (or reuse) the server, create the pool, deploy, start (or reuse) the worker; return the UI URL."""
+    """Start (or reuse) the database and the server, create the pool, deploy, start (or reuse) the
+    worker; return the UI URL."""
     lay = Layout(state.resolve())
     lay.run.mkdir(parents=True, exist_ok=True)
-    server = PrefectServer(lay.home, port)
+    db = database(db)
+    database_url = None
+    if db == "postgres":
+        cluster = lay.postgres
+        say(f"PostgreSQL 15 cluster in {cluster.dir} ...")
+        cluster.start()
+        database_url = cluster.url
+        say(f"database {cluster.display_url}")
+    server = PrefectServer(lay.home, port, database_url=database_url)
     running = recorded(lay.pidfile("server"))
     if running is not None and server.healthy():
         say(f"server already running at {server.url}")
@@ -163,23 +196,30 @@ def up(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root.resolve()), env.get("PYTHONPATH", "")) if p)
     env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_SECONDS)
     exe = prefect_exe()
-    if recorded(lay.pidfile("worker")) is None:  # a running worker means an earlier `up` created it
+    if not any(recorded(lay.pidfile(w)) for w in _workers(lay)):  # a running worker: an earlier `up` made it
         ensure_zombie_automation(env, root, say)
     say(f"work pool {pool} (process)")
     _run([exe, "--no-prompt", "work-pool", "create", pool, "--type", "process", "--overwrite"], env, root,
          "creating the work pool")
     say(f"deploying {prefect_file}")
     _run([exe, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)], env, root, "prefect deploy")
-    if recorded(lay.pidfile("worker")) is not None:
-        say("worker already running")
-    else:
-        logf = open(lay.log("worker"), "ab")  # noqa: SIM115 - the worker outlives this process
-        worker = subprocess.Popen([exe, "worker", "start", "--pool", pool, "--type", "process"], env=env,
-                                  cwd=root, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    # One worker per work queue the deployments use: a worker per site (deployments.site_queue), all
+    # on this machine here; in production each runs at its site (docs/SCALE.md).
+    for queue in worker_queues(yaml.safe_load(prefect_file.read_text())):
+        name = worker_name(queue)
+        if recorded(lay.pidfile(name)) is not None:
+            say(f"{name} already running")
+            continue
+        cmd = [exe, "worker", "start", "--pool", pool, "--type", "process"]
+        if queue:
+            cmd += ["--work-queue", queue, "--name", f"{name}@{socket.gethostname()}"]
+        logf = open(lay.log(name), "ab")  # noqa: SIM115 - the worker outlives this process
+        worker = subprocess.Popen(cmd, env=env, cwd=root, stdout=logf, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
         logf.close()
         _children[worker.pid] = worker
-        record(lay.pidfile("worker"), worker.pid)
-        say(f"worker started (log: {lay.log('worker')})")
+        record(lay.pidfile(name), worker.pid)
+        say(f"{name} started (log: {lay.log(name)})")
     return server.url
 
 
@@ -194,21 +234,38 @@ def ensure_zombie_automation(env: dict[str, str], root: Path, say: Callable[[str
     say("automation siterecovery-zombie-runs (a run without heartbeats for 90 s is marked Crashed)")
     _run([exe, "--no-prompt", "automation", "create", "--from-file", str(ZOMBIE_AUTOMATION)], env, root,
          "creating the zombie-run automation")
+def worker_name(queue: str | None) -> str:
+    """PID and log file name of the worker polling `queue`: worker-site-east, or worker (default queue)."""
+    return f"worker-{queue}" if queue else "worker"
+
+
+def _workers(lay: Layout) -> list[str]:
+    return sorted(p.stem for p in lay.run.glob("worker*.pid"))
 
 
 def down(state: Path, say: Callable[[str], None] = print) -> None:
-    """Stop the worker, then the server: exactly the process groups `up` recorded."""
+    """Stop the workers, then the server: exactly the process groups `up` recorded; then the
+    PostgreSQL cluster in the state directory, if one runs."""
     lay = Layout(state.resolve())
-    for name in ("worker", "server"):
+    workers = _workers(lay)
+    for name in workers:
+        if stop_group(lay.pidfile(name)):
+            say(f"stopped the {name}")
+    for name in ([] if workers else ["worker"]) + ["server"]:
         if stop_group(lay.pidfile(name)):
             say(f"stopped the {name}")
         else:
             say(f"no {name} running")
+    if lay.postgres.initialized() and lay.postgres.stop():
+        say("stopped PostgreSQL")
 
 
 def status(state: Path) -> dict[str, int | None]:
     lay = Layout(state.resolve())
-    return {name: recorded(lay.pidfile(name)) for name in ("server", "worker")}
+    out = {name: recorded(lay.pidfile(name)) for name in ["server", *(_workers(lay) or ["worker"])]}
+    if lay.postgres.initialized():
+        out["postgres"] = lay.postgres.pid()
+    return out
 
 
 __all__ = ["DEFAULT_PORT", "Layout", "down", "server_env", "status", "up"]

@@ -13,6 +13,7 @@ import pytest
 
 from siterecovery.fabric import FabricContext
 from siterecovery.fabric.memory import MemoryFabric
+from siterecovery.testing import postgres
 from siterecovery.testing.prefect_server import PrefectServer, running_server
 from siterecovery.testing.projects import memory_project, seed_memory
 
@@ -27,9 +28,17 @@ APP = {"name": "app", "version": "7", "groups": [
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """One real Prefect server (own PREFECT_HOME) for every multi-process test of the session."""
-    with running_server(tmp_path_factory.mktemp("prefect-home")) as srv:
-        yield srv
+    """One real Prefect server (own PREFECT_HOME) for every multi-process test of the session, on a
+    private PostgreSQL cluster: SQLite's "database is locked" under concurrent runs, approvals and
+    workers made these tests flaky. SITERECOVERY_TEST_DB=sqlite (or no PostgreSQL 15 here) runs it on
+    SQLite."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    if os.environ.get("SITERECOVERY_TEST_DB", "postgres") == "postgres" and postgres.available() is None:
+        with postgres.scratch_cluster() as pg, running_server(home, database_url=pg.url) as srv:
+            yield srv
+    else:
+        with running_server(home) as srv:
+            yield srv
 
 
 class Estate:

@@ -29,6 +29,7 @@ from siterecovery.fabric import FabricContext
 from siterecovery.fabric.memory import MemoryFabric
 from siterecovery.placement import plan_placements
 from siterecovery.project import load_project
+from siterecovery.testing.postgres import available, reachable_tmpdir
 from siterecovery.testing.prefect_server import free_port
 
 pytestmark = [pytest.mark.prefect_server, pytest.mark.browser, pytest.mark.timeout(420)]
@@ -84,17 +85,19 @@ class Stack:
 
     def logs(self) -> str:
         out = []
-        for name in ("worker", "server"):
-            log = ui.Layout(self.state).log(name)
+        for log in sorted(ui.Layout(self.state).run.glob("*.log")):
+            name = log.stem
             if log.exists():
                 out.append(f"---- {name} log (tail) ----\n" + log.read_text(errors="replace")[-6000:])
         return "\n".join(out)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack() -> Iterator[Stack]:
     _need()
-    state = tmp_path_factory.mktemp("ui-state")
+    # The UI runs on PostgreSQL (ui.DEFAULT_DB), whose cluster lives in the state directory: a
+    # directory the postgres user can reach, not pytest's root-private one.
+    state = reachable_tmpdir("siterecovery-ui-state-")
     project = load_project(PROJECT)
     # The VMs are protected before any drill: seed the shared memory-fabric state the flows read.
     fabric = MemoryFabric(FabricContext(state_dir=state, options={"state_file": str(state / "memory-fabric.json")}))
@@ -111,7 +114,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # add SQLite write contention (`database is locked`) for nothing.
     os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS"] = "2"
     try:
-        url = ui.up(state, ROOT, prefect_file, pool=POOL, port=free_port(), say=lambda _m: None)
+        url = ui.up(state, ROOT, prefect_file, pool=POOL, port=free_port(), say=lambda _m: None,
+                    db="sqlite" if available() else "postgres")
         st = Stack(state, url)
         yield st
     finally:
@@ -122,7 +126,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         else:
             os.environ["SITERECOVERY_STATE"] = saved
     # `down` stopped exactly what `up` started.
-    assert ui.status(state) == {"server": None, "worker": None}
+    assert not any(ui.status(state).values()), ui.status(state)
+    shutil.rmtree(state, ignore_errors=True)
 
 
 class Shots:

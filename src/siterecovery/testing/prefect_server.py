@@ -16,7 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +50,21 @@ class PrefectServer:
     port: int
     process: subprocess.Popen[bytes] | None = None
     logfile: Any = None
+    # PREFECT_API_DATABASE_CONNECTION_URL (postgresql+asyncpg://...); None: SQLite in `home`. Holds a
+    # password: it goes to the server's environment only, never to a log or a client.
+    database_url: str | None = field(default=None, repr=False)
+    # Where it listens, and a command prefix (e.g. ("ip", "netns", "exec", NS): a server in a network
+    # namespace, reached from outside at `host`).
+    host: str = "127.0.0.1"
+    wrap: tuple[str, ...] = ()
+    # False: `--no-services`, an API-only replica beside one that runs the services (docs/SCALE.md).
+    services: bool = True
+    # More server settings, e.g. redis_settings() for several API processes on one database.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def api_url(self) -> str:
@@ -73,10 +84,15 @@ class PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         logf = open(log or self.home / "server.log", "ab")  # noqa: SIM115 - closed once the child has it
         exe = Path(sys.executable).with_name("prefect")
-        cmd = [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [*self.wrap, str(exe), "server", "start", "--host", self.host, "--port", str(self.port)]
+        if not self.services:
+            cmd.append("--no-services")
         env = server_env(self.home)
         # Without it the UI's JavaScript calls the default port (4200), not this server's.
         env["PREFECT_UI_API_URL"] = self.api_url
+        if self.database_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
+        env.update(self.extra_env)
         self.process = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         # The child holds its own copy of the descriptor; ours would leak (a ResourceWarning, an error
@@ -115,10 +131,27 @@ class PrefectServer:
             pass
 
 
+def redis_settings(host: str, port: int, db: int = 0) -> dict[str, str]:
+    """Server settings that move the event broker, its cache, event ordering and concurrency leases from
+    process memory to Redis (the `prefect-redis` package): what lets several API processes share one
+    database. Without them events sent through one process never reach the others' services, and a
+    lease lives only in the process that granted it."""
+    return {
+        "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+        "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+        "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+        "PREFECT_REDIS_MESSAGING_HOST": host,
+        "PREFECT_REDIS_MESSAGING_PORT": str(port),
+        "PREFECT_REDIS_MESSAGING_DB": str(db),
+    }
+
+
 @contextmanager
-def running_server(home: Path, port: int | None = None, timeout: float = 120.0) -> Iterator[PrefectServer]:
-    """A real Prefect server for the duration of the block."""
-    server = PrefectServer(home, port or free_port()).start(timeout)
+def running_server(home: Path, port: int | None = None, timeout: float = 120.0,
+                   database_url: str | None = None) -> Iterator[PrefectServer]:
+    """A real Prefect server for the duration of the block (on SQLite in `home` unless `database_url`)."""
+    server = PrefectServer(home, port or free_port(), database_url=database_url).start(timeout)
     try:
         yield server
     finally:
