@@ -32,12 +32,13 @@ def estate(make_estate: Any) -> Any:  # noqa: F811 - the imported fixture
 
 def driver_and_placements(e: Estate) -> tuple[Any, dict[str, Any]]:
     """The fabric a recovery plan's drill and failover call, and the pairing's placements."""
+    from siterecovery.estate import state_dir
     from siterecovery.placement import pairing_placements
     from siterecovery.project import load_project
-    from siterecovery.protection import open_fabric, state_dir
+    from siterecovery.protection import open_fabric
 
     project = load_project(e.project)
-    return open_fabric("linux", state_dir()), pairing_placements(project, project.protection.pairing(PAIRING))
+    return open_fabric("linux", state_dir(e.project)), pairing_placements(project, project.protection.pairing(PAIRING))
 
 
 def test_replica_written_with_mtime_set_back_is_critical_refused_and_resynchronized(estate: Any) -> None:

@@ -37,13 +37,14 @@ def make_estate(sshd_server: SSHServer, tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def fabric_and_placements(e: Estate, direction: Any = None) -> tuple[Any, dict[str, Any]]:
+    from siterecovery.estate import state_dir
     from siterecovery.model import Direction
     from siterecovery.placement import pairing_placements
     from siterecovery.project import load_project
-    from siterecovery.protection import open_fabric, state_dir
+    from siterecovery.protection import open_fabric
 
     proj = load_project(e.project)
-    return open_fabric("linux", state_dir()), pairing_placements(proj, proj.protection.pairing(PAIRING),
+    return open_fabric("linux", state_dir(e.project)), pairing_placements(proj, proj.protection.pairing(PAIRING),
                                                                    direction or Direction.forward)
 
 

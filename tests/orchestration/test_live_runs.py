@@ -66,8 +66,8 @@ def test_two_drills_of_one_plan_started_together_one_is_refused(estate) -> None:
 
 
 def test_a_vm_in_a_live_run_of_another_plan_is_refused(estate) -> None:  # type: ignore[no-untyped-def]
+    from siterecovery.estate import state_dir
     from siterecovery.testing.projects import seed_memory
-    from tasks.fabric import state_dir
 
     e = estate([{"name": "app", "version": "7", "groups": [{"name": "db", "vms": ["db-1", "db-2"]}]}, OTHER])
     seed_memory(e.root, "other", e.state / "memory-fabric.json")
@@ -141,7 +141,7 @@ def test_a_killed_holder_does_not_block_the_next_run(estate) -> None:  # type: i
 
     from prefect.settings import PREFECT_API_URL
 
-    from tasks.fabric import state_dir
+    from siterecovery.estate import state_dir
 
     e = estate()
     root = Path(__file__).resolve().parents[2]

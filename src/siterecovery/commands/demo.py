@@ -391,6 +391,9 @@ def _close_prefect() -> None:
     mod = sys.modules.get("tasks.fabric")
     if mod is not None:
         mod.close_all()
+    handlers = sys.modules.get("prefect.logging.handlers")
+    if handlers is not None and _servers:
+        handlers.APILogHandler().flush()  # the runs' last log lines, while the demo's server still answers
     while _servers:
         _servers.pop().stop()
 
