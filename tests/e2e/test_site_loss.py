@@ -65,7 +65,8 @@ def write_project(root: Path, tmp: Path, hosts: dict[str, dict[str, Any]]) -> di
                         "host_groups": [{"name": "r", "hosts": ["lx-recovery"]}]}],
             "vms": [{"name": vm, "host": "lx-primary", "cloud": "primary-cloud",
                      "disks": [{"name": "os", "path": str(disks[vm])}],
-                     "compute": {"backend": "process", "command": SLEEPER}} for vm in VMS]}
+                     "compute": {"backend": "process", "command": SLEEPER,
+                                 "consistency": "none"}} for vm in VMS]}  # the test writes the disks, not the VM
     prot = {"kind": "Protection",
             "policies": [{"name": "lx", "copy_frequency_seconds": 30, "recovery_history_hours": 1,
                           "rpo_threshold_seconds": 3600}],

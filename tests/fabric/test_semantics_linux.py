@@ -159,7 +159,7 @@ def test_failback_network_follows_the_replicas_network_now(make_estate: Any) -> 
                            for n, site, cidr in (("prod", "ny", "10.1.0.0/24"), ("prod", "chi", "10.2.0.0/24"),
                                                  ("lab", "chi", "10.3.0.0/24"))]
     topo["vms"][0]["nics"] = [{"name": "eth0", "network": "prod-ny", "subnet": "s", "address": "10.1.0.5"}]
-    topo["vms"][0]["compute"] = {"backend": "process", "command": ARGV_VM}
+    topo["vms"][0]["compute"] = {"backend": "process", "command": ARGV_VM, "consistency": "none"}  # never writes
     (e.project / "topology.yaml").write_text(json.dumps(topo, indent=1))
     prot = json.loads((e.project / "protection.yaml").read_text())
     prot["network_mappings"] = [{"source": "prod-ny", "target": "prod-chi"}]
