@@ -181,9 +181,9 @@ def test_primary_lost_mid_cycle_then_unplanned_failover_on_the_recovery_worker(t
         assert sites.pids("primary") == []
         cut_at = time.time()
 
-        failover = trigger(server, "failover/shop", {"plan": "shop", "project": str(project),
-                                                     "failover_type": "unplanned", "confirm": "shop",
-                                                     "recovery_point": "latest"})
+        failover = trigger(server, "failover/shop", {"plan": "shop", "failover_type": "unplanned", "confirm": "shop",
+                                                     "requested_by": "site-loss test", "recovery_point": "latest",
+                                                     "advanced": {"project": str(project)}})
         done = wait_for(server, failover, {"COMPLETED", "FAILED", "CRASHED"}, 420, logs)
         assert done.state.type.value == "COMPLETED", done.state
         assert done.work_queue_name == "site-recovery"

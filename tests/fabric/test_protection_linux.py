@@ -91,7 +91,7 @@ class Estate:
         """Every file under the replica host's root: digest and mtime, to prove a run changed nothing."""
         out = {}
         for path in sorted(self.root["chi"].rglob("*")):
-            if path.is_file() and not path.name.endswith(".lock"):
+            if path.is_file() and not path.name.endswith((".lock", "@lock")):  # locks are not replica data
                 out[str(path)] = (file_digest(str(path)), path.stat().st_mtime_ns)
         return out
 
