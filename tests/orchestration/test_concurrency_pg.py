@@ -48,10 +48,12 @@ def test_concurrent_drills_and_approvals_on_postgres(server: PrefectServer, tmp_
         pytest.skip("the shared server runs on SQLite here (SITERECOVERY_TEST_DB=sqlite or no PostgreSQL 15)")
     import httpx
 
-    root = memory_project(tmp_path / "project", [_plan(i) for i in range(DRILLS)])
-    procs = {}
+    procs, roots = {}, set()
     for i in range(DRILLS):
+        # One project and one estate per drill (one project has one estate: siterecovery.estate).
+        root = memory_project(tmp_path / f"project-{i}", [_plan(i)])
         state = tmp_path / f"state-{i}"
+        roots.add(str(root))
         seed_memory(root, f"d{i}", state / "memory-fabric.json")
         env = server.env() | {"PYTHONPATH": str(REPO), "SITERECOVERY_STATE": str(state),
                               "PREFECT_LOGGING_LEVEL": "WARNING"}
@@ -63,7 +65,7 @@ def test_concurrent_drills_and_approvals_on_postgres(server: PrefectServer, tmp_
             r = httpx.post(f"{server.api_url}/flow_runs/filter", timeout=30,
                            json={"flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}, "limit": 50})
             r.raise_for_status()
-            return [fr for fr in r.json() if fr["parameters"].get("project") == str(root)]
+            return [fr for fr in r.json() if fr["parameters"].get("project") in roots]
 
         deadline = time.monotonic() + 420
         while len(runs := paused()) < GATED:
