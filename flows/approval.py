@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from typing import Any
 
-from prefect.exceptions import FlowPauseTimeout
+from prefect.exceptions import FlowPauseTimeout, ObjectNotFound
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
@@ -82,3 +83,21 @@ def request_approval(step: Step, description: str) -> ApprovalRecord:
         err2.record = rec  # type: ignore[attr-defined]
         raise err2
     return rec
+
+
+def input_form_ready(client: Any, flow_run: Any) -> bool:
+    """True once a paused run has saved its approval form. Prefect sets the run PAUSED first and saves
+    the form just after: a resume in that window stores no answer, and the run then fails loading it
+    (ObjectNotFound: seen in tests whose approver polls every 0.5 s). Anything that approves by program
+    (the demo, tests, scripts) resumes a run only once this is True; a person in the UI is never that fast."""
+    from prefect.input.run_input import keyset_from_paused_state
+
+    state = flow_run.state
+    if state is None or not state.is_paused():
+        return False
+    try:
+        client.read_flow_run_input(flow_run.id, keyset_from_paused_state(state)["schema"])
+    except ObjectNotFound:
+        return False
+    return True
+

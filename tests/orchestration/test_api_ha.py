@@ -185,11 +185,14 @@ def test_api_server_killed_while_a_plan_waits_for_approval(tmp_path: Path) -> No
         from prefect.client.schemas.objects import StateType
         from prefect.flow_runs import resume_flow_run
 
+        from flows.approval import input_form_ready
+
         def paused() -> Any:
             with _api(api) as client:
                 runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
-            return next((r for r in runs if r.parameters.get("project") == str(root)), None)
+                return next((r for r in runs if r.parameters.get("project") == str(root)
+                             and input_form_ready(client, r)), None)
 
         run = _wait("the paused run", paused, 300)
         assert lb.connections[1] > 0, "nothing went through the API-only process before it was killed"

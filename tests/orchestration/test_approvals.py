@@ -22,8 +22,8 @@ pytestmark = pytest.mark.prefect_server
 REPO = Path(__file__).resolve().parents[2]
 
 
-def gated(timeout: int) -> dict[str, object]:
-    return {"name": "gated", "version": "2", "groups": [
+def gated(timeout: int, name: str = "gated") -> dict[str, object]:
+    return {"name": name, "version": "2", "groups": [
         {"name": "db", "vms": ["db-1"]},
         {"name": "web", "vms": ["web-1"], "before": [{
             "type": "manual", "name": "go-web", "instructions": "Check the **db** tier answers.",
@@ -34,7 +34,7 @@ FLOW = textwrap.dedent("""
     import json, sys
     from flows.recovery_plan import PlanFailed, recovery_plan
     try:
-        out = recovery_plan(plan="gated", project=sys.argv[1])
+        out = recovery_plan(plan=sys.argv[2] if len(sys.argv) > 2 else "gated", project=sys.argv[1])
     except PlanFailed as exc:
         out = exc.summary
     print("SUMMARY " + json.dumps(out, default=str))
@@ -46,13 +46,14 @@ RESUME = textwrap.dedent("""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
     from prefect.flow_runs import resume_flow_run
+    from flows.approval import input_form_ready
     project, answer = sys.argv[1], json.loads(sys.argv[2])
     deadline = time.time() + 90
     with get_client(sync_client=True) as client:
         while time.time() < deadline:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
-            mine = [r for r in runs if r.parameters.get("project") == project]
+            mine = [r for r in runs if r.parameters.get("project") == project and input_form_ready(client, r)]
             if mine:
                 run = mine[0]
                 print("PAUSED", run.id, run.state.state_details.pause_key, flush=True)
@@ -77,10 +78,12 @@ def test_manual_action_approved_rejected_timed_out(server: PrefectServer, tmp_pa
     }
     procs = {}
     for name, (timeout, _) in cases.items():
-        root = memory_project(tmp_path / name / "project", [gated(timeout)])
+        # A plan of its own per case: one live run per plan (the three run at once on one server).
+        plan = f"gated-{name.replace('_', '-')}"
+        root = memory_project(tmp_path / name / "project", [gated(timeout, plan)])
         state = tmp_path / name / "state"
-        seed_memory(root, "gated", state / "memory-fabric.json")
-        procs[name] = (root, state, subprocess.Popen([sys.executable, "-c", FLOW, str(root)], env=_env(server, state),
+        seed_memory(root, plan, state / "memory-fabric.json")
+        procs[name] = (root, state, subprocess.Popen([sys.executable, "-c", FLOW, str(root), plan], env=_env(server, state),
                                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     resumers = {}
     for name, (_, answer) in cases.items():

@@ -111,9 +111,13 @@ def test_worker_killed_while_approval_waits_then_rerun(server: PrefectServer, tm
     try:
         new = _wait("the re-run to pause", lambda: [r for r in _runs(server, root)
                                                     if r.state.type.value == "PAUSED" and r.id != killed])
+        from prefect.client.orchestration import get_client
         from prefect.flow_runs import resume_flow_run
 
-        with _api(server):
+        from flows.approval import input_form_ready
+
+        with _api(server), get_client(sync_client=True) as client:
+            _wait("the re-run's approval form", lambda: input_form_ready(client, client.read_flow_run(new[0].id)))
             resume_flow_run(new[0].id, run_input={"approved": True, "approver": "carol", "comment": "db ok",
                                                   "ticket": "CHG-9"})
         s = _summary(second, tmp_path / "second.log")

@@ -398,7 +398,13 @@ def test_two_drills_at_once_through_the_api_the_second_is_refused(stack: Stack) 
     msg = refused[0].state.message or ""
     assert f"plan 'shop' already has a live run: flow run {paused[0].id}" in msg, msg
     # The one that runs goes on to its end; its approver says no: it stops and cleans up.
-    with _client(stack):
+    from flows.approval import input_form_ready
+
+    with _client(stack) as client:
+        deadline = time.monotonic() + 60
+        while not input_form_ready(client, client.read_flow_run(paused[0].id)):
+            assert time.monotonic() < deadline, "the paused run never saved its approval form"
+            time.sleep(0.5)
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api"}):

@@ -343,11 +343,13 @@ class _Approver(threading.Thread):
         from prefect.client.schemas.objects import StateType
         from prefect.flow_runs import resume_flow_run
 
+        from flows.approval import input_form_ready
+
         paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
         with get_client(sync_client=True) as client:
             while not self.halted.wait(0.5):
                 for fr in client.read_flow_runs(flow_run_filter=paused):
-                    if str(fr.id) in self.resumed:
+                    if str(fr.id) in self.resumed or not input_form_ready(client, fr):
                         continue
                     self.approve(fr, resume_flow_run)
 
