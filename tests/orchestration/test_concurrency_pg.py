@@ -12,12 +12,14 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from siterecovery.testing.prefect_server import PrefectServer
+from siterecovery.testing import postgres
+from siterecovery.testing.prefect_server import PrefectServer, running_server
 from siterecovery.testing.projects import memory_project, seed_memory
 
 pytestmark = [pytest.mark.prefect_server, pytest.mark.timeout(900)]
@@ -43,9 +45,18 @@ def _plan(i: int) -> dict[str, Any]:
     return {"name": f"d{i}", "groups": [{"name": "db", "vms": [f"db-{i}"]}, web]}
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A Prefect server of this module's own on a private PostgreSQL cluster (the session's shared one
+    runs on SQLite: tests/orchestration/conftest.py says why)."""
+    if postgres.available() is not None:
+        pytest.skip(f"no PostgreSQL 15 here: {postgres.available()}")
+    with postgres.scratch_cluster() as pg, running_server(tmp_path_factory.mktemp("pg-home"),
+                                                          database_url=pg.url) as srv:
+        yield srv
+
+
 def test_concurrent_drills_and_approvals_on_postgres(server: PrefectServer, tmp_path: Path) -> None:
-    if server.database_url is None:
-        pytest.skip("the shared server runs on SQLite here (SITERECOVERY_TEST_DB=sqlite or no PostgreSQL 15)")
     import httpx
 
     procs, roots = {}, set()
