@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/$(STATE)/prefect
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv system demo demo-clean test test-fast lint validate clean bench ui ui-stop
+.PHONY: all venv system demo demo-clean test test-fast test-slow lint validate clean bench ui ui-stop
 
 all: test
 
@@ -48,8 +48,12 @@ lint: venv
 	$(BIN)/ruff check src flows tasks tests bench
 	$(BIN)/mypy
 
+# Long trials (many QEMU crash trials, a Prefect server restart) are marked slow: `make test-slow`.
 test: venv system lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv system
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 # The unit tier only: no sshd, no Prefect server, no browser.
 test-fast: venv

@@ -31,7 +31,6 @@ def _with_env(entry: str) -> list[str]:
     return found
 
 
-@pytest.mark.slow
 @pytest.mark.sshd
 @pytest.mark.prefect_server
 @pytest.mark.timeout(240)
