@@ -40,5 +40,5 @@ def test_three_drills_make_a_trend_and_each_report_judges_the_objectives(estate)
     assert len(rows) == 3 and all("| missed |" in r and "| met |" in r for r in rows), md
     assert "data:image/svg+xml;base64," in md
     body = str(max(report, key=lambda a: a.created).data)  # type: ignore[arg-type, return-value]
-    assert re.search(r"achieved RPO .* against objective 60\.0 min: \*\*met\*\*", body), body
+    assert re.search(r"age of the oldest point used: .* against objective 60\.0 min: \*\*met\*\*", body), body
     assert re.search(r"Achieved RTO .* against objective 0\.0 s: \*\*missed\*\*", body), body
