@@ -36,10 +36,16 @@ answers = st.fixed_dictionaries({"ok": st.just(True)}, optional={
     "entries": st.lists(records, max_size=2) | values})
 
 
+def sections(answer: dict) -> str:
+    """An answer as the host scripts write it: a `#name` line, then that section's one JSON line, then `#end`."""
+    lines = [f"#{k}\n{json.dumps(v, allow_nan=True)}" for k, v in answer.items() if k != "ok"]
+    return "\n".join([*lines, "#end"])
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(answers, st.integers(-1, 2))
-def test_structured_garbage_gives_only_project_errors(answer: dict, status: int) -> None:
-    text = json.dumps(answer, allow_nan=True)
+@given(answers, st.integers(-1, 2), st.booleans())
+def test_structured_garbage_gives_only_project_errors(answer: dict, status: int, framed: bool) -> None:
+    text = sections(answer) if framed else json.dumps(answer, allow_nan=True)
     for parse in (parse_vm_state, parse_server_state):
         try:
             parse(decode_answer(text, status))
@@ -72,7 +78,9 @@ def test_odd_shapes_parse() -> None:
            "points": {"Id": "p1", "Name": "a - Standard Replica", "SnapshotType": "Replica",
                       "CreationTime": "2024-05-01T12:00:00.1234567Z"},
            "nics": None, "measure": None}
-    st_ = parse_vm_state(decode_answer(json.dumps(one), 0))
+    with pytest.raises(SiteRecoveryError, match="no complete result"):
+        decode_answer(json.dumps(one), 0)  # an answer cut before its `#end` is never taken as a whole one
+    st_ = parse_vm_state(decode_answer(sections(one), 0))
     assert (st_.state, st_.mode, st_.power, st_.simple.health) == ("Replicating", "Primary", "Running", "Normal")
     assert st_.simple.last_replication == datetime(2024, 5, 1, 12, tzinfo=UTC)
     assert st_.points[0].created_at == datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
