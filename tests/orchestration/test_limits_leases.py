@@ -61,6 +61,13 @@ def test_reclaim_releases_only_the_dead_holders_lease(server: PrefectServer, tmp
             pass  # free again, long before the 300 s lease would have expired
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:  # a lease released between the listing and the read
+        return ""
+
+
 FLOW = textwrap.dedent("""
     import json, sys
     from flows.recovery_plan import PlanFailed, recovery_plan
@@ -87,7 +94,10 @@ def test_rerun_after_a_kill_mid_batch_takes_the_dead_runs_slots_back(server: Pre
             first = subprocess.Popen([sys.executable, "-c", FLOW, str(root), json.dumps({"latency": {"failover": 600}})],
                                      env=_env(server, state), stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
         try:
-            _wait("the first run to hold its slots", lambda: list(ledger.glob("*.json")))
+            # the run takes its plan's slot first, then the hosts' slots in the batch: kill it once it holds those
+            host = limit_name("host", "dst-1")
+            _wait("the first run to hold its host slots",
+                  lambda: any(host in _text(f) for f in ledger.glob("*.json")))
         finally:
             first.kill()
             first.wait()
