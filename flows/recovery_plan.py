@@ -594,6 +594,7 @@ def execute_plan(
                     break
         except Exception as exc:  # a bug or an unreachable API: still clean up and report
             run.fail(f"run aborted: {type(exc).__name__}: {exc}")
+            log.error("where it was raised (for a bug report):", exc_info=exc)
             unexpected = exc
         except BaseException as exc:  # cancelled (the worker's SIGTERM) or interrupted: clean up, report, go
             run.fail(f"run cancelled ({type(exc).__name__}) during the plan; cleaned up and reported before stopping")

@@ -84,10 +84,34 @@ def result_storage(state: Path) -> Any:
     from prefect.filesystems import LocalFileSystem
 
     path = str(state / "results")
+    name = f"siterecovery-results-{hashlib.sha256(path.encode()).hexdigest()[:12]}"
     with _LOCK:
         block = _STORAGE.get(path)
         if block is None:
             block = LocalFileSystem(basepath=path)
-            block.save(f"siterecovery-results-{hashlib.sha256(path.encode()).hexdigest()[:12]}", overwrite=True)
+            _save_block(block, name)
             _STORAGE[path] = block
         return block
+
+
+def _save_block(block: Any, name: str, attempts: int = 5) -> None:
+    """Save a block, trying again when a fresh server races with itself.
+
+    Measured on Prefect 3.8 with PostgreSQL: the first block saves of a new database, made at once by several
+    runs, race to create the server's encryption key; the loser answers 500, the client's retry then meets
+    "already exists" and reads back nothing (ObjectNotFound), and the run died. Saving is idempotent
+    (overwrite), so a bounded retry is safe.
+    """
+    import random
+    import time
+
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
+
+    for attempt in range(attempts):
+        try:
+            block.save(name, overwrite=True)
+            return
+        except (ObjectNotFound, ObjectAlreadyExists, PrefectHTTPStatusError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)

@@ -56,6 +56,27 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
         yield srv
 
 
+SAVE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from tasks.fabric import result_storage
+    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all start together
+    result_storage(Path(sys.argv[1]))
+    print("saved", flush=True)
+""")
+
+
+def test_first_result_stores_saved_at_once_on_a_fresh_database(server: PrefectServer, tmp_path: Path) -> None:
+    """Runs it first in this module, on the fresh database: the first block saves race inside the server
+    (tasks.fabric._save_block says how); every run must still get its result store."""
+    env = server.env() | {"PYTHONPATH": str(REPO)}
+    at = time.time() + 8  # past every process's import time
+    procs = [subprocess.Popen([sys.executable, "-c", SAVE, str(tmp_path / f"state-{i}"), str(at)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(8)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [o for o, _ in outs] == ["saved\n"] * len(procs), [e[-2000:] for _, e in outs if e]
+
+
 def test_concurrent_drills_and_approvals_on_postgres(server: PrefectServer, tmp_path: Path) -> None:
     import httpx
 
