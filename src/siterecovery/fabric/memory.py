@@ -188,6 +188,13 @@ class MemoryFabric:
             if vm is not None and p.vm in st["vms"]:
                 st["vms"][p.vm] = asdict(vm)
 
+    def _either_way(self, vm: _VM | None, p: Placement, operation: str) -> _VM:
+        """The VM of a placement's pair of hosts, whichever way replication runs between them now (a VM's
+        networks belong to a host, not to a direction)."""
+        if vm is not None and vm.primary == p.target.name and vm.replica == p.source.name:
+            return vm
+        return self._need(vm, p, operation)
+
     def _need(self, vm: _VM | None, p: Placement, operation: str, *allowed: ReplicationState) -> _VM:
         if vm is None:
             raise NotFoundError("replication is not enabled for this VM", vm=p.vm, operation=operation,
@@ -445,7 +452,8 @@ class MemoryFabric:
     def apply_network(self, p: Placement) -> OpResult:
         t0 = utcnow()
         with self._op("apply_network", p, p.target.name) as (_, vm):
-            vm = self._need(vm, p, "apply_network")
+            # Hyper-V's planned order reverses replication before the network is applied and the VM starts.
+            vm = self._either_way(vm, p, "apply_network")
             want = {n.nic: n.target_network for n in p.nics}
             if vm.networks.get(p.target.name) == want:
                 return result(p, "apply_network", False, S(vm.state), "network settings already applied", t0)
@@ -458,7 +466,7 @@ class MemoryFabric:
         """The networks the VM's NICs are on at that side's host (None: never recorded there)."""
         host = p.source if side == "source" else p.target
         with self._op("vm_networks", p, host.name) as (_, vm):
-            vm = self._need(vm, p, "vm_networks")
+            vm = self._either_way(vm, p, "vm_networks")
             nets = vm.networks.get(host.name)
             return dict(nets) if nets is not None else None
 
@@ -466,7 +474,7 @@ class MemoryFabric:
         """An operator's change of a VM's NIC at one side (Connect-/Disconnect-VMNetworkAdapter)."""
         host = p.source if side == "source" else p.target
         with self._op("connect_network", p, host.name) as (_, vm):
-            vm = self._need(vm, p, "connect_network")
+            vm = self._either_way(vm, p, "connect_network")
             vm.networks.setdefault(host.name, {n.nic: n.target_network for n in p.nics})[nic] = network
 
     def close(self) -> None:
