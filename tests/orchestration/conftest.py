@@ -28,13 +28,11 @@ APP = {"name": "app", "version": "7", "groups": [
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """One real Prefect server (own PREFECT_HOME) for every multi-process test of the session, on SQLite;
-    SITERECOVERY_TEST_DB=postgres runs it on a private PostgreSQL cluster. Not PostgreSQL by default yet:
-    there, test_approvals' three concurrent runs on shared hosts lost their concurrency leases about one
-    time in two ("run aborted: ObjectNotFound" when the lease was renewed), 0 of 4 on SQLite; not yet
-    understood (the issue 17 note). test_concurrency_pg has a PostgreSQL server of its own."""
+    """One real Prefect server (own PREFECT_HOME) for every multi-process test of the session, on a private
+    PostgreSQL cluster as `make ui` runs it (SQLite where PostgreSQL 15 is missing, or with
+    SITERECOVERY_TEST_DB=sqlite). test_concurrency_pg has a PostgreSQL server of its own, fresh."""
     home = tmp_path_factory.mktemp("prefect-home")
-    if os.environ.get("SITERECOVERY_TEST_DB", "sqlite") == "postgres" and postgres.available() is None:
+    if os.environ.get("SITERECOVERY_TEST_DB", "postgres") == "postgres" and postgres.available() is None:
         with postgres.scratch_cluster() as pg, running_server(home, database_url=pg.url) as srv:
             yield srv
     else:
