@@ -141,7 +141,7 @@ def test_concurrent_drills_and_approvals_on_postgres(server: PrefectServer, tmp_
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-                proc.communicate()
+            proc.communicate()  # also closes the pipe of one that already ended
     logs = [server.home / "server.log", *tmp_path.glob("d*.log")]
     locked = [str(p) for p in logs if p.exists() and "database is locked" in p.read_text(errors="replace")]
     assert locked == []
