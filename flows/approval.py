@@ -69,19 +69,16 @@ def request_approval(step: Step, description: str) -> ApprovalRecord:
                                 timeout=action.timeout_seconds, poll_interval=POLL_SECONDS, key=pause_key(step.id))
     except FlowPauseTimeout:
         rec = ApprovalRecord(**base, answered_at=datetime.now(UTC), decision="timed_out")
-        err = ApprovalTimedOut(f"nobody answered '{action.name}' within {action.timeout_seconds} s",
-                               operation="manual", hint="re-run the plan when an approver is available")
-        err.record = rec  # type: ignore[attr-defined]
-        raise err from None
+        raise ApprovalTimedOut(f"nobody answered '{action.name}' within {action.timeout_seconds} s",
+                               operation="manual", hint="re-run the plan when an approver is available",
+                               record=rec) from None
     rec = ApprovalRecord(**base, answered_at=datetime.now(UTC),
                          decision="approved" if answer.approved else "rejected",
                          approver=answer.approver, comment=answer.comment, ticket=answer.ticket)
     if not answer.approved:
-        err2 = ApprovalRejected(f"'{action.name}' was rejected by {answer.approver or 'an unnamed approver'}"
-                                + (f": {answer.comment}" if answer.comment else ""), operation="manual",
-                                hint="resolve the reason given, then re-run the plan")
-        err2.record = rec  # type: ignore[attr-defined]
-        raise err2
+        raise ApprovalRejected(f"'{action.name}' was rejected by {answer.approver or 'an unnamed approver'}"
+                               + (f": {answer.comment}" if answer.comment else ""), operation="manual",
+                               hint="resolve the reason given, then re-run the plan", record=rec)
     return rec
 
 

@@ -333,7 +333,7 @@ def _approve(run: _Run, step: Step) -> None:
     try:
         rec = request_approval(step, text)
     except (ApprovalRejected, ApprovalTimedOut) as exc:
-        run.approvals.append(exc.record)  # type: ignore[union-attr]
+        run.approvals.append(exc.record)
         raise
     run.approvals.append(rec)
     run.journal.add("approval", step.id, run.flow_run, {"status": "approved", "approval": rec.model_dump(mode="json")})

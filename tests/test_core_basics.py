@@ -12,10 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from siterecovery.errors import (
-    ExecutionError,
+    ApprovalRejected,
     InvalidStateError,
     PlanError,
     Problem,
+    SiteRecoveryError,
+    StorageError,
     TransientFabricError,
 )
 from siterecovery.render import PlanTemplateError, check_template, ps_quote, render_arg, render_args, sh_quote
@@ -167,17 +169,33 @@ def test_check_template_reports_syntax_errors() -> None:
                           hint="start it", error_id="InvalidState,Microsoft.HyperV.PowerShell.Commands.StartVMFailover"),
         TransientFabricError("connection reset", vm="a", host="b"),
         PlanError([Problem("f.yaml", 3, 5, "groups[0].vms[1]", "unknown VM 'x'")]),
+        StorageError("no space left", path="/srv/replicas/a.img", host="dst-1", error_id="ENOSPC"),
+        ApprovalRejected("'go' was rejected by alice", operation="manual", hint="re-run",
+                         record={"decision": "rejected", "approver": "alice"}),
     ],
 )
 def test_exceptions_survive_pickling(exc: Exception) -> None:
     back = pickle.loads(pickle.dumps(exc))
     assert type(back) is type(exc) and str(back) == str(exc)
-    if isinstance(exc, ExecutionError):
-        assert isinstance(back, ExecutionError)
-        assert (back.vm, back.host, back.operation, back.hint, back.error_id) == (
-            exc.vm, exc.host, exc.operation, exc.hint, exc.error_id)
+    if isinstance(exc, SiteRecoveryError):
+        assert isinstance(back, SiteRecoveryError)
+        assert (back.message, back.fields) == (exc.message, exc.fields)
+        for key, value in exc.fields.items():  # everything it carries, as attributes, after the trip
+            assert getattr(back, key) == value
     if isinstance(exc, PlanError):
         assert back.problems == exc.problems  # type: ignore[attr-defined]
+
+
+def test_context_is_attributes_rendered_by_str_never_parsed_back() -> None:
+    e = InvalidStateError("state Off does not allow it", error_id="InvalidState", hint="start it")
+    assert e.message == "state Off does not allow it" and str(e).startswith(e.message)
+    moved = e.with_context(vm="web-01", host="hv1", operation="failover")
+    assert type(moved) is InvalidStateError and moved.message == e.message  # the message is not re-rendered
+    assert (moved.vm, moved.host, moved.operation, moved.hint, moved.error_id) == (
+        "web-01", "hv1", "failover", "start it", "InvalidState")
+    assert str(moved) == ("state Off does not allow it [vm=web-01, host=hv1, operation=failover] "
+                          "(error id: InvalidState) Next: start it")
+    assert moved.with_context(vm="other").vm == "web-01"  # what it already knows is kept
 
 
 def test_execution_error_says_what_to_do_next() -> None:

@@ -12,12 +12,18 @@ from typing import Any
 
 
 class SiteRecoveryError(Exception):
-    """Root of every error this project raises on purpose."""
+    """Root of every error this project raises on purpose.
+
+    `message` is what went wrong, bare; everything else the error knows is an attribute, also kept in
+    `fields` (so pickling carries it); `__str__` renders both. Nothing parses a rendered message back.
+    """
 
     def __init__(self, message: str, **fields: Any) -> None:
         super().__init__(message)
         self.message = message
         self.fields = fields
+        for key, value in fields.items():
+            setattr(self, key, value)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self.message, self.fields))
@@ -25,12 +31,16 @@ class SiteRecoveryError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def with_context(self, **fields: Any) -> SiteRecoveryError:
+        """A copy of this error, of the same type, with these fields set where they were missing (None)."""
+        merged = dict(self.fields)
+        merged.update({k: v for k, v in fields.items() if merged.get(k) is None})
+        return _rebuild(type(self), self.message, merged)
+
 
 def _rebuild(cls: type[SiteRecoveryError], message: str, fields: dict[str, Any]) -> SiteRecoveryError:
     err = cls.__new__(cls)
     SiteRecoveryError.__init__(err, message, **fields)
-    for key, value in fields.items():
-        setattr(err, key, value)
     return err
 
 
@@ -79,23 +89,21 @@ class ExecutionError(SiteRecoveryError):
         operation: str | None = None,
         hint: str | None = None,
         error_id: str | None = None,
+        **extra: Any,
     ) -> None:
-        parts = [message]
-        ctx = ", ".join(f"{k}={v}" for k, v in (("vm", vm), ("host", host), ("operation", operation)) if v)
+        super().__init__(message, vm=vm, host=host, operation=operation, hint=hint, error_id=error_id, **extra)
+        self.vm, self.host, self.operation, self.hint, self.error_id = vm, host, operation, hint, error_id
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        ctx = ", ".join(f"{k}={v}" for k, v in (("vm", self.vm), ("host", self.host), ("operation", self.operation)) if v)
         if ctx:
             parts.append(f"[{ctx}]")
-        if error_id:
-            parts.append(f"(error id: {error_id})")
-        if hint:
-            parts.append(f"Next: {hint}")
-        super().__init__(
-            " ".join(parts), vm=vm, host=host, operation=operation, hint=hint, error_id=error_id
-        )
-        self.vm = vm
-        self.host = host
-        self.operation = operation
-        self.hint = hint
-        self.error_id = error_id
+        if self.error_id:
+            parts.append(f"(error id: {self.error_id})")
+        if self.hint:
+            parts.append(f"Next: {self.hint}")
+        return " ".join(parts)
 
 
 class FabricError(ExecutionError):
@@ -132,8 +140,7 @@ class StorageError(FabricError):
     directory)."""
 
     def __init__(self, message: str, *, path: str | None = None, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self.fields["path"] = path
+        super().__init__(message, path=path, **kw)
         self.path = path
 
 
@@ -141,11 +148,20 @@ class ScriptError(ExecutionError):
     """A plan's script failed, timed out or could not be started."""
 
 
-class ApprovalRejected(ExecutionError):
+class ApprovalError(ExecutionError):
+    """A manual action that was not approved; `record` is its approval record (flows.approval), carried
+    through pickling like every other field."""
+
+    def __init__(self, message: str, *, record: Any = None, **kw: Any) -> None:
+        super().__init__(message, record=record, **kw)
+        self.record = record
+
+
+class ApprovalRejected(ApprovalError):
     """A manual action was rejected by its approver."""
 
 
-class ApprovalTimedOut(ExecutionError):
+class ApprovalTimedOut(ApprovalError):
     """Nobody answered a manual action before its timeout."""
 
 

@@ -664,7 +664,7 @@ class HyperVFabric:
                 changed = exc  # another node's key: try the next pin
         assert changed is not None
         raise HostKeyError(f"SSH host key of broker {host.name} matches none of its {len(pins)} pinned node keys: "
-                           f"{changed.message.split(' [')[0]}", host=host.name, operation="connect",
+                           f"{changed.message}", host=host.name, operation="connect",
                            hint=changed.hint) from None
 
     # ---- transport ---------------------------------------------------------------------------
@@ -724,8 +724,7 @@ class HyperVFabric:
                 chan.close()
         except SiteRecoveryError as exc:
             if isinstance(exc, FabricError | HostKeyError) and exc.operation is None:
-                raise type(exc)(exc.message.split(" [")[0], vm=vm, host=host.name, operation=operation,
-                                hint=exc.hint, error_id=exc.error_id) from None
+                raise exc.with_context(vm=vm, host=host.name, operation=operation) from None
             raise
         except TimeoutError:
             self._drop(host)
@@ -747,7 +746,7 @@ class HyperVFabric:
         try:
             return decode_answer(out.decode("utf-8", "replace"), status)
         except FabricError as exc:
-            message = exc.message.split(" [")[0].split(" (error id")[0]
+            message = exc.message
             if exc.error_id in ("ObjectNotFound", "AmbiguousName") and vm is not None:
                 message = (f"no VM named {vm!r} on {host.name}" if exc.error_id == "ObjectNotFound" else
                            f"several VMs named {vm!r} on {host.name}, expected exactly one")

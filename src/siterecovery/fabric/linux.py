@@ -623,7 +623,7 @@ class LinuxFabric:
             # Health reports the failure until a cycle succeeds; whatever the replica holds now (the
             # transfer may have committed after the connection dropped) is asked again next time.
             cause = self._cause(p, exc)
-            said = (cause.message if isinstance(cause, ExecutionError) else str(cause)) or type(cause).__name__
+            said = str(cause) or type(cause).__name__
             if isinstance(cause, ReplicaError) and cause.host and not said.startswith(cause.host):
                 said = f"{cause.host}: {said}"  # the host whose filesystem or agent failed
             vm.last_error = f"{operation} failed: {said}"[:300]
@@ -967,7 +967,7 @@ class LinuxFabric:
                 except (ExecutionError, ReplicaError, paramiko.SSHException, EOFError, OSError) as exc:
                     # health reports, never raises: a dead path names the network (LinkDown)
                     cause = self._cause(p, exc)
-                    said = cause.message if isinstance(cause, ExecutionError) else f"{type(cause).__name__}: {cause}"
+                    said = str(cause) if isinstance(cause, ExecutionError) else f"{type(cause).__name__}: {cause}"
                     details = f"replica unreachable: {said}"[:400]
                     if _error_id(cause) in STORAGE_CODES:
                         read_only = details  # its filesystem refused: Critical, not just unreachable
