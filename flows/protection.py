@@ -35,6 +35,7 @@ from siterecovery.model.common import Frozen
 from siterecovery.placement import pairing_placements
 from siterecovery.project import Project, load_project
 from siterecovery.protection import EVENT_CORRUPT, Alert, HealthRow, PairingState
+from tasks.limits import reclaim_and_say
 from tasks.protection import (
     Readiness,
     Step,
@@ -227,6 +228,13 @@ class CycleReport(Frozen):
     note: str = ""
 
 
+def transfer_ledger(sc: Scope, log: Any) -> str:
+    """The estate's lease ledger, with the slots of dead transfers released first."""
+    ledger = sc.state / "leases"
+    reclaim_and_say(ledger, log)
+    return str(ledger)
+
+
 def ensure_host_limits(placements: list[Placement]) -> None:
     """Create or update one global concurrency limit per source host (Hyper-V's MaximumActiveTransfers):
     Prefect needs the limit to exist, or `concurrency()` does not limit anything."""
@@ -288,6 +296,7 @@ def replicate(pairing: str, project: str = "plans", vms: list[str] | None = None
                 reports[vm] = CycleReport(vm=vm, action="skipped", note=why)
         if todo:
             ensure_host_limits([p for p, _ in todo.values()])
+        ledger = transfer_ledger(sc, log)
         futs = {}
         for vm, (p, initial) in todo.items():
             driver = sc.driver(p)
@@ -296,7 +305,7 @@ def replicate(pairing: str, project: str = "plans", vms: list[str] | None = None
             cap = int(bandwidth_mbps * 1_000_000 / 8) if bandwidth_mbps else p.policy.bandwidth_bytes_per_second
             if cap and not supports_bandwidth(driver):
                 log.warning("%s: the %s driver has no bandwidth cap; replicating uncapped", vm, driver.kind)
-            futs[vm] = (replicate_vm.submit(driver, p, cons, cap, initial), cons, cap, driver)
+            futs[vm] = (replicate_vm.submit(driver, p, cons, cap, initial, ledger), cons, cap, driver)
         errors: dict[str, BaseException] = {}
         with core.pairing_state(sc.state, pairing) as ps:
             for vm, (fut, cons, cap, driver) in futs.items():
@@ -412,7 +421,8 @@ def resynchronize(pairing: str, project: str = "plans", vms: list[str] | None = 
         if not marked:
             return ResyncReport(status="nothing to do", window=window, waited_seconds=waited)
         ensure_host_limits([sc.placements[vm] for vm in marked])
-        futs = {vm: resync_vm.submit(sc.driver(sc.placements[vm]), sc.placements[vm]) for vm in marked}
+        ledger = transfer_ledger(sc, log)
+        futs = {vm: resync_vm.submit(sc.driver(sc.placements[vm]), sc.placements[vm], ledger) for vm in marked}
         steps, errors = [], {}
         with core.pairing_state(sc.state, pairing) as ps:
             for vm, fut in futs.items():
@@ -499,7 +509,9 @@ def scrub(pairing: str, project: str = "plans", vms: list[str] | None = None, fa
                 drain_outbox(ps)
             if repair:
                 ensure_host_limits([sc.placements[vm] for vm in corrupt])
-                fixes = {vm: resync_vm.submit(sc.driver(sc.placements[vm]), sc.placements[vm]) for vm in corrupt}
+                ledger = transfer_ledger(sc, log)
+                fixes = {vm: resync_vm.submit(sc.driver(sc.placements[vm]), sc.placements[vm], ledger)
+                         for vm in corrupt}
                 for vm, fix in fixes.items():
                     step, exc = outcome(fix)
                     r = reports[vm]

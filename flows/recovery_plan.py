@@ -62,7 +62,7 @@ from siterecovery.report import (
     way_back,
 )
 from tasks.fabric import result_storage
-from tasks.limits import Reservation, ensure_limits, limit_name, live_run, reclaim_abandoned
+from tasks.limits import Reservation, ensure_limits, limit_name, live_run, reclaim_and_say
 from tasks.script import ScriptJob, run_script, script_cache_key
 from tasks.vm import VMJob, job_cache_key, run_vm_steps
 
@@ -550,10 +550,7 @@ def execute_plan(
     owned = ExitStack()
     try:
         closed = _close_abandoned(earlier, the_intent.id, flow_run, log)
-        for gone in reclaim_abandoned(state / "leases"):
-            log.warning("released %d slot(s) of %s held by a dead run (%s, pid %s) instead of waiting for its "
-                        "lease to expire", gone.get("occupy"), ", ".join(gone.get("names", [])), gone.get("holder"),
-                        gone.get("pid"))
+        reclaim_and_say(state / "leases", log)
         steps = compiled.steps()
         # One live run per plan, one owner per VM: refused here, before any fabric call.
         owned.enter_context(live_run(state, rp.name, sorted({s.vm for s in steps if s.vm}), flow_run,

@@ -211,6 +211,23 @@ def reclaim_abandoned(ledger: Path) -> list[dict[str, Any]]:
     return released
 
 
+def reclaim_and_say(ledger: Path, log: Any) -> list[dict[str, Any]]:
+    """reclaim_abandoned, each release logged as a warning (what every flow does when it starts)."""
+    gone = reclaim_abandoned(ledger)
+    for g in gone:
+        log.warning("released %d slot(s) of %s held by a dead run (%s, pid %s) instead of waiting for its "
+                    "lease to expire", g.get("occupy"), ", ".join(g.get("names", [])), g.get("holder"), g.get("pid"))
+    return gone
+
+
+@contextmanager
+def slot(name: str, ledger: Path | None, key: str, timeout: float = ACQUIRE_TIMEOUT) -> Iterator[None]:
+    """One slot of a global limit for the block, leased and recorded in the ledger like a plan's slots, so
+    a process killed while holding it frees it at the next run's reclaim rather than at lease expiry."""
+    with _leased([name], 1, ledger, key, timeout=timeout):
+        yield
+
+
 @contextmanager
 def reserve(key: str, wanted: dict[str, int], limits: dict[str, int], ledger: Path | None = None) -> Iterator[LocalSlots]:
     """Reserve min(limit, wanted) slots of each named global limit for the block; register them

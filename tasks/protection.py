@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from prefect import task
@@ -25,6 +26,7 @@ from siterecovery.model.common import Frozen
 from siterecovery.model.protection import NetworkInitial
 from siterecovery.model.topology import Host
 from siterecovery.protection import DATA_PATH_KINDS, Alert, HealthRow
+from tasks.limits import slot
 from tasks.progress import reporting
 
 S = ReplicationState
@@ -153,14 +155,21 @@ def supports_bandwidth(driver: Fabric) -> bool:
     return "bandwidth_bytes_per_second" in inspect.signature(driver.replicate).parameters
 
 
+def _transfer_slot(p: Placement, ledger: str | None, what: str) -> Any:
+    """One of the source host's transfer slots (strict: a missing limit fails loudly rather than allowing
+    unlimited transfers), in the estate's lease ledger: a replicate killed mid-transfer frees its slot at
+    the next flow's start (tasks.limits.reclaim_and_say), not when its lease expires."""
+    from prefect.runtime import task_run
+
+    return slot(host_limit_name(p.source.name), Path(ledger) if ledger else None,
+                key=f"{task_run.id or 'task'}:{what}:{p.vm}", timeout=3600)
+
+
 @task(name="replicate", task_run_name="replicate {p.vm}", **RETRY)
 def replicate_vm(driver: Fabric, p: Placement, consistency: Literal["crash", "app"],
-                 bandwidth_bytes_per_second: int | None, initial: bool) -> Step:
+                 bandwidth_bytes_per_second: int | None, initial: bool, ledger: str | None = None) -> Step:
     """One transfer (a delta cycle, or a due initial copy) under the source host's transfer limit."""
-    from prefect.concurrency.sync import concurrency
-
-    # strict: a missing limit must fail loudly, not silently allow unlimited transfers.
-    with concurrency(host_limit_name(p.source.name), occupy=1, strict=True, timeout_seconds=3600):
+    with _transfer_slot(p, ledger, "replicate"):
         if initial:
             with reporting(p.vm, "initial replication") as progress:
                 return Step.of(driver.start_initial_replication(p, progress=progress))
@@ -221,11 +230,9 @@ def emit_alert(alert: Alert) -> Event | None:
 # ---- resync and disable -------------------------------------------------------------------------
 
 @task(name="resynchronize", task_run_name="resynchronize {p.vm}", **RETRY)
-def resync_vm(driver: Fabric, p: Placement) -> Step:
-    from prefect.concurrency.sync import concurrency
-
+def resync_vm(driver: Fabric, p: Placement, ledger: str | None = None) -> Step:
     # A resync reads whole disks: it counts as a transfer against the host's limit.
-    with concurrency(host_limit_name(p.source.name), occupy=1, strict=True, timeout_seconds=3600):
+    with _transfer_slot(p, ledger, "resynchronize"):
         with reporting(p.vm, "resynchronize") as progress:
             return Step.of(driver.resynchronize(p, progress=progress))
 

@@ -113,3 +113,65 @@ def test_rerun_after_a_kill_mid_batch_takes_the_dead_runs_slots_back(server: Pre
     finally:
         with _api(server):  # other tests on this server share the host limits by name
             ensure_limits({limit_name("host", h): DEFAULT_HOST_LIMIT for h in ("src-1", "dst-1")})
+
+
+def _active(server: PrefectServer, name: str) -> int:
+    from prefect.client.orchestration import get_client
+
+    with _api(server), get_client(sync_client=True) as client:
+        try:
+            return int(client.read_global_concurrency_limit_by_name(name).active_slots)
+        except Exception:  # noqa: BLE001 - not created yet
+            return 0
+
+
+REPLICATE = textwrap.dedent("""
+    import json, sys, time
+    if sys.argv[2] == "hang":  # a transfer that never ends, until the process is killed
+        from siterecovery.fabric.memory import MemoryFabric
+        MemoryFabric.replicate = lambda self, *a, **k: time.sleep(600)
+    from flows.protection import replicate
+    out = replicate(pairing="prod", project=sys.argv[1])
+    print("CYCLES " + json.dumps([r.model_dump(mode="json") for r in out]), flush=True)
+""")
+
+
+def test_a_replicate_killed_mid_transfer_frees_its_transfer_slot_at_the_next_run(
+        server: PrefectServer, tmp_path: Path) -> None:
+    """The protection flows' transfer slots are leased through the same ledger as a plan's: a replicate
+    SIGKILLed mid-transfer no longer holds its host's only transfer slot until the lease expires."""
+    import yaml
+
+    from tasks.limits import ensure_limits
+    from tasks.protection import host_limit_name
+
+    plan = {"name": "one", "groups": [{"name": "g", "vms": ["a-1"]}]}
+    root = memory_project(tmp_path / "project", [plan], source_hosts=1, target_hosts=1)
+    topo = yaml.safe_load((root / "topology.yaml").read_text())
+    for h in topo["hosts"]:
+        h["max_active_transfers"] = 1  # one slot: a leaked one blocks every later transfer
+    (root / "topology.yaml").write_text(yaml.safe_dump(topo, sort_keys=False))
+    state = tmp_path / "state"
+    seed_memory(root, "one", state / "memory-fabric.json")
+    ledger, name = state / "leases", host_limit_name("src-1")
+    try:
+        with open(tmp_path / "run1.log", "w") as err:
+            first = subprocess.Popen([sys.executable, "-c", REPLICATE, str(root), "hang"], env=_env(server, state),
+                                     stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+        try:
+            _wait("the first replicate to hold its transfer slot", lambda: _active(server, name) == 1)
+        finally:
+            first.kill()
+            first.wait()
+        with open(tmp_path / "run2.log", "w") as err:
+            second = subprocess.run([sys.executable, "-c", REPLICATE, str(root), "-"], env=_env(server, state),
+                                    stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, timeout=150)
+        text = (tmp_path / "run2.log").read_text()
+        line = next((x for x in second.stdout.splitlines() if x.startswith("CYCLES ")), None)
+        assert line, text[-3000:]
+        assert [(r["vm"], r["action"]) for r in json.loads(line[len("CYCLES "):])] == [("a-1", "cycle")], line
+        assert "held by a dead run" in text and name in text, text[-3000:]
+        assert list(ledger.glob("*.json")) == []
+    finally:
+        with _api(server):  # the server is shared: give the host's transfer limit its default back
+            ensure_limits({name: 3})
