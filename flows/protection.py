@@ -50,11 +50,13 @@ from tasks.protection import (
     initial_replication_vm,
     power_vm,
     read_health,
+    replicate_group_task,
     replicate_vm,
     resume_vm,
     resync_vm,
     scrub_vm,
     supports_bandwidth,
+    supports_groups,
     supports_scrub,
     suspend_vm,
 )
@@ -228,6 +230,38 @@ class CycleReport(Frozen):
     note: str = ""
 
 
+def submit_groups(sc: Scope, todo: dict[str, tuple[Placement, bool]], reports: dict[str, CycleReport],
+                  consistency: str, bandwidth_mbps: float | None, ledger: str, log: Any) -> dict[str, Any]:
+    """One group cycle per consistency group of the pairing (its members leave `todo`). A group cycles only
+    when every member is due a delta cycle; otherwise no member cycles and each says which member holds
+    the group back (a member's own point would be no group point: a failover of the group never uses it)."""
+    out: dict[str, Any] = {}
+    for g in sc.project.protection.consistency_groups:
+        members = [vm for vm in g.vms if vm in sc.placements]
+        if not members:
+            continue
+        waiting = [vm for vm in g.vms if vm not in todo or todo[vm][1]]
+        if waiting:
+            held = "; ".join(f"{m}: " + ("initial replication first" if m in todo else
+                                         reports[m].note if m in reports else "not in this run") for m in waiting)
+            for vm in members:
+                if vm in todo and not todo[vm][1]:
+                    del todo[vm]
+                    reports[vm] = CycleReport(vm=vm, action="skipped",
+                                              note=f"consistency group {g.name} waits for every member ({held})")
+            continue
+        ps = [todo.pop(vm)[0] for vm in g.vms]
+        driver = sc.driver(ps[0])
+        if not supports_groups(driver):
+            raise ConfigurationError(f"consistency group {g.name}: the {driver.kind} fabric cannot capture VMs "
+                                     "together (siterecovery validate says so)")
+        cons = choose_consistency(driver, ps[0], consistency)
+        cap = int(bandwidth_mbps * 1_000_000 / 8) if bandwidth_mbps else ps[0].policy.bandwidth_bytes_per_second
+        log.info("consistency group %s: one %s-consistent cycle of %s", g.name, cons, ", ".join(g.vms))
+        out[g.name] = (replicate_group_task.submit(driver, ps, g.name, cons, cap, ledger), cons, list(g.vms))
+    return out
+
+
 def transfer_ledger(sc: Scope, log: Any) -> str:
     """The estate's lease ledger, with the slots of dead transfers released first."""
     ledger = sc.state / "leases"
@@ -297,6 +331,7 @@ def replicate(pairing: str, project: str = "plans", vms: list[str] | None = None
         if todo:
             ensure_host_limits([p for p, _ in todo.values()])
         ledger = transfer_ledger(sc, log)
+        group_futs = submit_groups(sc, todo, reports, consistency, bandwidth_mbps, ledger, log)
         futs = {}
         for vm, (p, initial) in todo.items():
             driver = sc.driver(p)
@@ -322,6 +357,20 @@ def replicate(pairing: str, project: str = "plans", vms: list[str] | None = None
                 reports[vm] = CycleReport(vm=vm, action="initial" if todo[vm][1] else "cycle", consistency=cons,
                                           bytes_sent=step.bytes_sent, started_at=step.started_at,
                                           finished_at=step.finished_at, note=note)
+            for name, (fut, cons, members) in group_futs.items():
+                steps, exc = outcome(fut)
+                if exc is not None:
+                    for vm in members:
+                        errors[vm] = exc
+                        ps.failed_cycles[vm] = ps.failed_cycles.get(vm, 0) + 1
+                        reports[vm] = CycleReport(vm=vm, action="failed", note=f"consistency group {name}: {exc} "
+                                                  f"({ps.failed_cycles[vm]} in a row)")
+                    continue
+                for step in steps:
+                    ps.failed_cycles.pop(step.vm, None)
+                    reports[step.vm] = CycleReport(vm=step.vm, action="cycle", consistency=cons, bytes_sent=step.bytes_sent,
+                                                   started_at=step.started_at, finished_at=step.finished_at,
+                                                   note=step.message)
         ordered = [reports[vm] for vm in sc.placements]
         log.info("replicate %s: %s", pairing, ", ".join(f"{r.vm} {r.action}" for r in ordered))
         fail_if(errors, len(sc.placements), "replicate")

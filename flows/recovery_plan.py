@@ -35,6 +35,7 @@ from siterecovery.errors import (
 )
 from siterecovery.estate import open_estate
 from siterecovery.fabric import PointChoice
+from siterecovery.groups import GroupPoint, choose_group_point, group_points, member_choices
 from siterecovery.intent import Intent, IntentJournal, RunLock, StepJournal, intent_key, os_user
 from siterecovery.model import Direction, FailoverType, FailurePolicy, ManualAction, ScriptAction
 from siterecovery.paths import child
@@ -61,7 +62,7 @@ from siterecovery.report import (
     trends_markdown,
     way_back,
 )
-from tasks.fabric import result_storage
+from tasks.fabric import get_fabric, result_storage
 from tasks.limits import Reservation, ensure_limits, limit_name, live_run, reclaim_and_say
 from tasks.script import ScriptJob, run_script, script_cache_key
 from tasks.vm import VMJob, job_cache_key, run_vm_steps
@@ -156,6 +157,9 @@ class _Run:
     approvals: list[ApprovalRecord] = field(default_factory=list)
     stopped: str | None = None
     dry_run: bool = False
+    # Members of consistency groups: each VM's exact part of its group's chosen group point.
+    points: dict[str, PointChoice] = field(default_factory=dict)
+    group_points: list[GroupPoint] = field(default_factory=list)
 
     def kind(self, host: str | None) -> str:
         if self.fabric:
@@ -236,6 +240,46 @@ def _stretch(compiled: CompiledPlan, i: int) -> dict[str, int]:
     return _needs([*run_of, *compiled.cleanup])
 
 
+def _pin_group_points(run: _Run) -> str | None:
+    """Before any failover: the group point each consistency group of the plan fails over to (the run's
+    recovery-point choice applied to the group's complete points), journalled so that a re-run of the
+    intent takes the members still to go to the same one. Test and unplanned failovers, forward; a
+    planned failover ships every member's final changes after its shutdown, so each member's latest
+    point is already one moment of the whole group. Returns why the run cannot go on, or None."""
+    c = run.compiled
+    if c.failover_type not in (FailoverType.test, FailoverType.unplanned) or c.direction != Direction.forward:
+        return None
+    in_plan = {vm for g in run.source.plan.groups for vm in g.vm_names}
+    groups = [g for g in run.project.protection.consistency_groups if in_plan & set(g.vms)]
+    if not groups:
+        return None
+    placements = plan_placements(run.project, run.source.plan, c.direction)
+    for g in groups:
+        key = f"group-point/{g.name}"
+        done = run.journal.completed(key)
+        if done:
+            gp = GroupPoint.model_validate(done["record"]["group_point"])
+            run.log.info("consistency group %s: group point %s, chosen by an earlier run of this intent", g.name, gp.id)
+        else:
+            points = {}
+            for vm in g.vms:
+                p = placements[vm]
+                points[vm] = get_fabric(run.kind(p.source.name), run.state, run.fabric_options).recovery_points(p)
+            chosen = choose_group_point(g, c.point, points)
+            if chosen is None:
+                have = len(group_points(g, points))
+                return (f"consistency group {g.name}: no group point matches {c.point.describe()} ({have} complete "
+                        f"group point(s); a point every member holds is needed): nothing was failed over")
+            gp = chosen
+            run.journal.add("group_point", key, run.flow_run, {"status": "completed",
+                                                               "group_point": gp.model_dump(mode="json")})
+            run.log.info("consistency group %s: every member fails over to group point %s (%s-consistent, %s)",
+                         g.name, gp.id, gp.consistency, gp.created_at.isoformat())
+        run.points.update(member_choices(gp))
+        run.group_points.append(gp)
+    return None
+
+
 def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
                   ahead: dict[str, int] | None = None) -> None:
     placements = plan_placements(run.project, run.source.plan, run.compiled.direction)
@@ -274,7 +318,8 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
         job = VMJob(id=steps[0].id, label=steps[0].label, vm=vm, placement=placements[vm], steps=tuple(steps),
                     fabric=run.kind(steps[0].host), fabric_options=run.fabric_options, state_dir=str(run.state),
                     plan=run.compiled.plan, intent=run.intent.id, resumed=run.intent.resumed,
-                    point=run.compiled.point, test_network=run.compiled.options.test_network, slots_key=key)
+                    point=run.points.get(vm, run.compiled.point), test_network=run.compiled.options.test_network,
+                    slots_key=key)
         futures[vm] = vm_task.submit(steps[0].label, job, run.flow_run,
                                      wait_for=[futures[d] for d in deps if d in futures])  # type: ignore[call-overload]
     _settle(futures.values())
@@ -572,7 +617,11 @@ def execute_plan(
         unexpected: BaseException | None = None
         interrupted: BaseException | None = None
         try:
-            for i, batch in enumerate(compiled.batches):
+            refused = _pin_group_points(run)
+            if refused:
+                run.fail(refused)
+                run.stopped = refused
+            for i, batch in enumerate(compiled.batches if not refused else ()):
                 log.info("batch %d/%d: %s", i + 1, len(compiled.batches), batch.name)
                 try:
                     if any(s.kind == "vm" for s in batch.steps):
@@ -624,7 +673,7 @@ def execute_plan(
                            flow_run_id=flow_run, fabric=fabric or ", ".join(sorted({run.kind(s.host) for s in steps
                                                                                    if s.kind == "vm"})),
                            started_at=started, finished_at=datetime.now(UTC), status=status, steps=tuple(step_recs),
-                           approvals=tuple(approvals), scripts=tuple(script_recs), failures=tuple(run.reported_failures()),
+                           approvals=tuple(approvals), group_points=tuple(run.group_points), scripts=tuple(script_recs), failures=tuple(run.reported_failures()),
                            operator=os_user(), audit=tuple(_audit(run, step_recs, closed)), superseded=tuple(closed),
                            positions=tuple(where), choices=tuple(choices),
                            requested_by=requested_by or f"{os_user()} (OS user of a command-line run)",

@@ -180,6 +180,27 @@ def replicate_vm(driver: Fabric, p: Placement, consistency: Literal["crash", "ap
             return Step.of(driver.replicate(p, consistency, progress=progress, **kwargs))
 
 
+def supports_groups(driver: Fabric) -> bool:
+    """Drivers that can capture several VMs at one instant (linux, memory); Hyper-V Replica cannot."""
+    return callable(getattr(driver, "replicate_group", None))
+
+
+@task(name="replicate group", task_run_name="replicate group {group}", **RETRY)
+def replicate_group_task(driver: Fabric, ps: list[Placement], group: str, consistency: Literal["crash", "app"],
+                         bandwidth_bytes_per_second: int | None, ledger: str | None = None) -> list[Step]:
+    """One cycle of a consistency group under one transfer slot of each member's source host."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for host in sorted({p.source.name for p in ps}):
+            stack.enter_context(_transfer_slot(next(p for p in ps if p.source.name == host), ledger, f"group-{group}"))
+        kwargs: dict[str, Any] = {}
+        if bandwidth_bytes_per_second and supports_bandwidth(driver):
+            kwargs["bandwidth_bytes_per_second"] = bandwidth_bytes_per_second
+        with reporting(group, "replicate group") as progress:
+            return [Step.of(r) for r in driver.replicate_group(ps, group, consistency, progress=progress, **kwargs)]  # type: ignore[attr-defined]
+
+
 def host_limit_name(host: str) -> str:
     return f"replication-host-{host}"
 

@@ -452,3 +452,46 @@ def test_explicit_disk_classification_contradicting_its_location(tmp_path: Path)
     # Without the field the disk simply takes its location's classification.
     write(tmp_path, topology=topo.replace("path: /srv/east/slow/v1.img, classification: fast", "path: /srv/east/slow/v1.img"))
     assert load_project(tmp_path) is not None
+
+
+# ---- consistency groups ----------------------------------------------------------------------------
+GROUPS = PROTECTION + "consistency_groups:\n  - name: tier\n    vms: [v1, v2]\n"
+
+
+def test_a_consistency_group_on_the_memory_fabric_is_valid(tmp_path: Path) -> None:
+    project = load_project(write(tmp_path, protection=GROUPS))
+    assert project.protection.group_of("v2") is not None and project.protection.group_of("v3") is None
+
+
+def test_hyperv_refuses_a_consistency_group(tmp_path: Path) -> None:
+    write(tmp_path, topology=TOPOLOGY.replace("fabric: memory", "fabric: hyperv"), protection=GROUPS)
+    expect(tmp_path, "protection.yaml", GROUPS, "vms: [v1, v2]", "consistency_groups[0].vms[0]",
+           "Hyper-V Replica keeps each VM's recovery points on its own")
+
+
+def test_a_group_member_must_be_known_and_in_one_group(tmp_path: Path) -> None:
+    prot = GROUPS + "  - name: other\n    vms: [v2, v9]\n"
+    write(tmp_path, protection=prot)
+    found = problems(tmp_path)
+    assert any(p.path == "consistency_groups[1].vms[0]" and "already in consistency group 'tier'" in p.message
+               for p in found), found
+    assert any(p.path == "consistency_groups[1].vms[1]" and "unknown VM 'v9'" in p.message for p in found), found
+    assert all(p.file.endswith("protection.yaml") and p.line == line_of(prot, "vms: [v2, v9]")
+               for p in found if p.path.startswith("consistency_groups[1]"))
+
+
+def test_a_linux_member_needs_something_that_holds_it_still(tmp_path: Path) -> None:
+    topo = TOPOLOGY.replace("fabric: memory", "fabric: linux").replace(
+        "    cloud: c-east\n    nics: [{network: n-east, subnet: s2}]",
+        "    cloud: c-east\n    nics: [{network: n-east, subnet: s2}]\n"
+        "    compute: {command: [sleep, '1000'], consistency: none}")
+    write(tmp_path, topology=topo, protection=GROUPS)
+    expect(tmp_path, "protection.yaml", GROUPS, "vms: [v1, v2]", "consistency_groups[0].vms[1]",
+           "has no freeze command and does not run under QEMU")
+
+
+def test_a_plan_fails_over_a_whole_group_or_none_of_it(tmp_path: Path) -> None:
+    plan = edit(PLAN, "vms: [v1, {name: v2, depends_on: [v1]}]", "vms: [v1]")
+    write(tmp_path, protection=GROUPS, plan=plan)
+    expect(tmp_path, "plan.yaml", plan, "vms: [v1]", "groups[0].vms[0]",
+           "VM 'v1' is in consistency group 'tier' with v2, which this plan does not fail over")

@@ -16,6 +16,7 @@ from typing import Literal
 from jinja2 import Environment, StrictUndefined, select_autoescape
 from pydantic import Field
 
+from .groups import GroupPoint
 from .model.common import Frozen
 
 StepStatus = Literal["completed", "cached", "failed", "skipped"]
@@ -134,6 +135,8 @@ class RunReport(Frozen):
                                               "login) or the OS user of a command-line run")
     rpo_objective_seconds: float | None = None
     rto_objective_seconds: float | None = None
+    group_points: tuple[GroupPoint, ...] = Field((), description="consistency groups: the one group point each "
+                                                                 "group's members failed over to")
 
     # ---- derived figures ------------------------------------------------------------------
     @property
@@ -252,6 +255,7 @@ class RunReport(Frozen):
                 "direction": self.direction, "status": self.status, "intent": self.intent, "resumed": self.resumed,
                 "steps": counts, "failures": list(self.failures),
                 "approvals": [a.model_dump(mode="json") for a in self.approvals],
+                "group_points": {g.group: g.id for g in self.group_points},
                 "achieved_rpo_seconds": self.achieved_rpo_seconds, "achieved_rto_seconds": self.achieved_rto_seconds,
                 "data_loss": self.data_loss, "point_age_seconds": self.point_age_seconds,
                 "people_seconds": round(self.people_seconds, 3), "fabric_seconds": round(self.fabric_seconds, 3),
@@ -304,6 +308,11 @@ def render_markdown(report: RunReport) -> str:
            f"failure policy: {r.failure_policy}; fabric: {r.fabric}", ""]
     if r.failures:
         out += ["## Failures", ""] + [f"- {_md(f)}" for f in r.failures] + [""]
+    if r.group_points:
+        out += ["## Consistency groups", "", "| group | group point | consistency | captured at | members |",
+                "|---|---|---|---|---|"]
+        out += [f"| {_md(g.group)} | {_md(g.id)} | {g.consistency} | {_time(g.created_at)} | "
+                f"{_md(', '.join(sorted(g.members)))} |" for g in r.group_points] + [""]
     if r.positions or r.choices:
         out += ["## Where it stopped", "", "| VM | state |", "|---|---|"]
         out += [f"| {_md(p.vm)} | {_md(p.state)} |" for p in r.positions]

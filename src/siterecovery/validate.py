@@ -213,6 +213,7 @@ def check_protection(p: Project, now: datetime | None = None) -> list[Problem]:
             elif s > now + timedelta(days=7):
                 out.append(src.problem(("policies", i, "initial_replication", "start_at"),
                                        "start time is more than 7 days ahead (Hyper-V's limit)"))
+    out += check_consistency_groups(p)
     for section, known, what in (("network_mappings", nets, "VM network"), ("storage_mappings", classes, "storage classification")):
         mapped: dict[str, int] = {}
         for i, m in enumerate(getattr(pr, section)):
@@ -224,6 +225,45 @@ def check_protection(p: Project, now: datetime | None = None) -> list[Problem]:
             mapped.setdefault(m.source, i)
             if m.source in known and m.target in known and known[m.source].site == known[m.target].site:  # type: ignore[attr-defined]
                 out.append(src.problem((section, i), f"source and target are both in site '{known[m.source].site}'"))  # type: ignore[attr-defined]
+    return out
+
+
+def check_consistency_groups(p: Project) -> list[Problem]:
+    """Members exist, belong to one pairing on the linux fabric, to one group each, and can be held still."""
+    t, pr, src = p.topology, p.protection, p.protection_source
+    assert src is not None
+    out = _dupes(pr.consistency_groups, src, "consistency_groups", "consistency group")
+    vms = {v.name: v for v in t.vms}
+    hosts = {h.name: h for h in t.hosts}
+    member_of: dict[str, str] = {}
+    for gi, g in enumerate(pr.consistency_groups):
+        clouds: set[str] = set()
+        for vi, name in enumerate(g.vms):
+            loc: Path_ = ("consistency_groups", gi, "vms", vi)
+            vm = vms.get(name)
+            if vm is None:
+                out.append(src.problem(loc, _unknown("VM", name, set(vms))))
+                continue
+            if name in member_of:
+                out.append(src.problem(loc, f"VM '{name}' is already in consistency group '{member_of[name]}'; "
+                                            "a VM belongs to one group"))
+            member_of.setdefault(name, g.name)
+            clouds.add(vm.cloud)
+            host = hosts.get(vm.host)
+            if host is not None and host.fabric == FabricKind.hyperv:
+                out.append(src.problem(loc, f"VM '{name}' is on Hyper-V host '{host.name}': Hyper-V Replica keeps "
+                                            "each VM's recovery points on its own and has no points across VMs, so "
+                                            "a consistency group needs the linux fabric"))
+            elif host is not None and host.fabric == FabricKind.linux:
+                comp = vm.compute
+                if comp is not None and comp.backend != "qemu" and not comp.freeze:
+                    out.append(src.problem(loc, f"VM '{name}' has no freeze command and does not run under QEMU: "
+                                                "a group point holds every member still at one instant, give it "
+                                                "compute.freeze/thaw or backend qemu"))
+        if len(clouds) > 1:
+            out.append(src.problem(("consistency_groups", gi, "vms"),
+                                   f"the members are in different clouds ({', '.join(sorted(clouds))}); a group's "
+                                   "VMs replicate under one pairing"))
     return out
 
 
@@ -285,6 +325,14 @@ def check_plan(p: Project, ps: PlanSource) -> list[Problem]:
                                             f"(groups[{fg}].vms[{fv}]); a VM belongs to one group"))
             else:
                 where[gvm.name] = (gi, vi)
+        for vi, gvm in enumerate(g.vms):
+            cg = p.protection.group_of(gvm.name)
+            missing = [m for m in cg.vms if not any(m in x.vm_names for x in plan.groups)] if cg else []
+            if cg is not None and missing:
+                out.append(src.problem(("groups", gi, "vms", vi),
+                                       f"VM '{gvm.name}' is in consistency group '{cg.name}' with {', '.join(missing)}, "
+                                       "which this plan does not fail over: a group fails over together, to one "
+                                       "group point; add them to the plan"))
         members = set(g.vm_names)
         deps: dict[str, tuple[str, ...]] = {}
         for vi, gvm in enumerate(g.vms):

@@ -8,10 +8,10 @@ half-failed plan safe. Drivers translate their own failures into siterecovery.er
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import Field
 
@@ -72,9 +72,22 @@ class RecoveryPoint(Frozen):
     created_at: datetime
     consistency: Literal["crash", "app"] = "crash"
     size_bytes: int | None = None
+    group: str | None = None  # the group point this point is the VM's part of (siterecovery.groups)
 
 
 PointKind = Literal["latest", "latest_processed", "latest_app_consistent", "point_in_time"]
+
+
+class _Point(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def consistency(self) -> Literal["crash", "app"]: ...
+
+
+P = TypeVar("P", bound=_Point)
 
 
 class PointChoice(Frozen):
@@ -87,8 +100,15 @@ class PointChoice(Frozen):
 
     kind: PointKind = "latest"
     at: datetime | None = None
+    id: str | None = Field(None, description="exactly this point (a member's part of a chosen group point); "
+                                             "None if the VM does not hold it any more")
 
-    def choose(self, points: list[RecoveryPoint] | tuple[RecoveryPoint, ...]) -> RecoveryPoint | None:
+    def describe(self) -> str:
+        return f"point {self.id}" if self.id else self.kind + (f" at {self.at.isoformat()}" if self.at else "")
+
+    def choose(self, points: Sequence[P]) -> P | None:
+        if self.id is not None:
+            return next((p for p in points if p.id == self.id), None)
         ordered = sorted(points, key=lambda p: p.created_at)
         if self.kind == "latest_app_consistent":
             ordered = [p for p in ordered if p.consistency == "app"]

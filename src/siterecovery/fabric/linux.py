@@ -44,7 +44,7 @@ from ..model import Host
 from ..paths import child
 from ..progress import DiskTotals
 from ..render import render_args
-from ..replica.engine import STORAGE_CODES, ReplicaError, storage_error
+from ..replica.engine import STORAGE_CODES, ReplicaError, read_json, storage_error, write_json_atomic
 from ..replica.peer import send_to_args, transfer_direct
 from ..replica.transport import Endpoint, LocalEndpoint, SSHEndpoint, transfer
 from . import FabricContext
@@ -118,6 +118,16 @@ def _error_id(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return errno.errorcode.get(exc.errno or 0, "")
     return ""
+
+
+@dataclass(frozen=True)
+class GroupPart:
+    """One member's part of a group point: the group point's id and instant, and the member's capture
+    (a QEMU view, {"kind": "off"}, or None for a VM the group holds frozen while it is read)."""
+
+    group: str
+    when: datetime
+    cap: dict[str, Any] | None
 
 
 @dataclass
@@ -431,23 +441,28 @@ class LinuxFabric:
         vm.seq += 1
         return {"id": f"{p.vm}@{vm.seq}", "created_at": when.isoformat(), "consistency": consistency}
 
-    def _view_args(self, p: Placement, consistency: str, vm: _VM | None = None, disk: str | None = None) -> list[str]:
+    def _hook(self, p: Placement, which: str, vm: _VM | None = None, disk: str | None = None) -> list[str]:
+        """The VM's freeze, thaw or quiesce command, rendered like compute.command (disk: the disk being
+        read, at the source host), since after reverse replication the VM's disks live elsewhere."""
         c = p.compute
-        # freeze/thaw/quiesce are rendered like compute.command (disk: the disk being read, at the source
-        # host), since after reverse replication the VM's disks live elsewhere; plain argv is unchanged.
+        raw = p.quiesce if which == "quiesce" else (getattr(c, which) if c is not None else ())
         ctx: dict[str, Any] = {"vm": p.vm, "site": p.source.site, "host": p.source.name, "disks": [], "disk": ""}
         if vm is not None:
             ctx["disks"] = [vm.paths[d][p.source.name] for d in self._disks(vm)]
             ctx["disk"] = vm.paths[disk][p.source.name] if disk else (ctx["disks"] or [""])[0]
+        return render_args(raw, ctx)
 
-        def argv(a: tuple[str, ...]) -> str:
-            return json.dumps(render_args(a, ctx))
-
+    def _view_args(self, p: Placement, consistency: str, vm: _VM | None = None, disk: str | None = None,
+                   held: bool = False) -> list[str]:
+        """held: a consistency group's cycle holds the VM still (and quiesced it) itself."""
+        c = p.compute
         # A VM that is off needs no freeze (its disks are still), and its freeze command would fail.
-        frozen = c is not None and bool(c.freeze) and (vm is None or self._capture_kind(vm, p) != "off")
-        args = ["--freeze", argv(c.freeze if frozen and c else ()), "--thaw", argv(c.thaw if frozen and c else ())]
-        if consistency == "app":
-            args += ["--quiesce", argv(p.quiesce)]
+        frozen = (not held and c is not None and bool(c.freeze)
+                  and (vm is None or self._capture_kind(vm, p) != "off"))
+        args = ["--freeze", json.dumps(self._hook(p, "freeze", vm, disk) if frozen else []),
+                "--thaw", json.dumps(self._hook(p, "thaw", vm, disk) if frozen else [])]
+        if consistency == "app" and not held:
+            args += ["--quiesce", json.dumps(self._hook(p, "quiesce", vm, disk))]
         if not p.policy.compression:
             args.append("--no-compress")
         return args
@@ -467,7 +482,7 @@ class LinuxFabric:
 
     def _ship(self, vm: _VM, p: Placement, disk: str, point: dict[str, Any], consistency: str,
               progress: Progress | None, mode: str, cap: dict[str, Any] | None = None,
-              bw: int | None = None) -> dict[str, Any]:
+              bw: int | None = None, held: bool = False) -> dict[str, Any]:
         """One disk's cycle: 'full' copy, 'delta', or 'resync' (block compare against the replica's disk).
         cap: the cycle's capture (_capture): a QEMU view of every disk, or a QEMU VM that is off.
         bw: bytes/s overriding the policy's bandwidth cap on the source host."""
@@ -475,7 +490,7 @@ class LinuxFabric:
         rep = self._rep_args(vm, p, disk, p.target)
         state = self._src_state(p.source, p.vm, disk)
         send = ["send", "--disk", vm.paths[disk][p.source.name], "--state", state,
-                "--keepalive", f"{self.dead_link / 3:g}", *self._view_args(p, consistency, vm, disk),
+                "--keepalive", f"{self.dead_link / 3:g}", *self._view_args(p, consistency, vm, disk, held),
                 *self._bandwidth_args(p, self.bandwidth_cap(p, bw))]
         dview = (cap or {}).get("disks", {}).get(disk)
         if cap is not None and cap["kind"] == "off":
@@ -573,8 +588,9 @@ class LinuxFabric:
             return None
 
     def _cycle(self, vm: _VM, p: Placement, consistency: str, progress: Progress | None, mode: str,
-               operation: str, bw: int | None = None) -> tuple[dict[str, Any], int, list[str]]:
-        """Ship every disk as one recovery point; (point, bytes, notes)."""
+               operation: str, bw: int | None = None, part: GroupPart | None = None) -> tuple[dict[str, Any], int, list[str]]:
+        """Ship every disk as one recovery point; (point, bytes, notes). part: this VM's part of a group
+        point (replicate_group): its id and instant, and the capture the group already made."""
         t0 = utcnow()
         marker = self._inflight_path(p.vm)
         dead = self._interrupted(p.vm)
@@ -585,6 +601,8 @@ class LinuxFabric:
             vm.gens.clear()
             vm.seq = max(vm.seq, int(dead.get("seq", 0)))
         point = self._new_point(vm, p, consistency, t0)
+        if part is not None:
+            point.update(created_at=part.when.isoformat(), group=part.group)
         total, notes = 0, self._path_notes(p)
         shipped: list[dict[str, Any]] = []
         try:
@@ -599,11 +617,12 @@ class LinuxFabric:
                 raise self._state_error(exc, p, operation) from None
             # One count over the VM's disks, so a caller sees one total and done never going back.
             totals = DiskTotals(progress, self._sizes(vm, p)) if progress is not None else None
-            cap = self._capture(vm, p, point)
+            cap = part.cap if part is not None else self._capture(vm, p, point)
             ok = False
             try:
                 for i, d in enumerate(p.disks):
-                    out = self._ship(vm, p, d.disk, point, consistency, totals.disk(i) if totals else None, mode, cap, bw)
+                    out = self._ship(vm, p, d.disk, point, consistency, totals.disk(i) if totals else None, mode, cap, bw,
+                                     held=part is not None)
                     shipped.append(out)
                     if totals:
                         size = out.get("size")
@@ -769,6 +788,112 @@ class LinuxFabric:
         vm.last_replication = point["created_at"]
         return result(p, "start_initial_replication", True, S.Replicating, f"imported from {ir.import_path}", t0,
                       point=self._rp(p, point), details={"method": "offline"})
+
+    def replicate_group(self, ps: list[Placement], group: str, consistency: Consistency = "crash",
+                        progress: Progress | None = None, bandwidth_bytes_per_second: int | None = None) -> list[OpResult]:
+        """One cycle of a consistency group: every member held still at one instant, each one's disks
+        shipped as its part of one group point (siterecovery.groups).
+
+        The hold: app points first quiesce every member; then every QEMU member is paused, every other
+        running member frozen (its freeze hook). QEMU members' point-in-time views are taken and they
+        continue at once; frozen members stay frozen while they are read (no reflink here) and are
+        thawed when every part has shipped or the cycle failed. Each part commits on its own: a member
+        that fails leaves the group point incomplete, and an incomplete group point is never offered."""
+        t0 = utcnow()
+        ps = sorted(ps, key=lambda x: x.vm)  # one lock order for every process
+        out: list[OpResult] = []
+        with contextlib.ExitStack() as stack:
+            vms: list[_VM] = []
+            for p in ps:
+                box = stack.enter_context(self._vm(p))
+                with self._errors(p, "replicate", p.source):
+                    vms.append(self._need(box[0], p, "replicate", S.Replicating))
+                if vms[-1].resync_required:
+                    raise InvalidStateError("its replica needs resynchronization before it can join a group point",
+                                            vm=p.vm, host=p.source.name, operation="replicate", error_id="ResyncRequired",
+                                            hint="resynchronize the VM (siterecovery resync), then replicate the group")
+            kinds = []
+            for vm, p in zip(vms, ps, strict=True):
+                with self._errors(p, "replicate", p.source):
+                    kind = self._capture_kind(vm, p)
+                if kind == "live":
+                    raise InvalidStateError("nothing holds this VM still for a group point (no freeze command, not "
+                                            "QEMU)", vm=p.vm, host=p.source.name, operation="replicate",
+                                            error_id="NoConsistentCapture",
+                                            hint="give the VM compute.freeze/thaw or run it under QEMU")
+                kinds.append(kind)
+            gid = f"{group}@{self._next_group_seq(group)}"
+            frozen: list[tuple[_VM, Placement]] = []
+            paused: list[Placement] = []
+            caps: dict[str, dict[str, Any] | None] = {}
+            shipped: set[str] = set()
+            ok = False
+            try:
+                if consistency == "app":
+                    for vm, p in zip(vms, ps, strict=True):
+                        with self._errors(p, "replicate", p.source):
+                            self._ep(p.source).call(["hook", "--what", "quiesce", "--argv", json.dumps(self._hook(p, "quiesce", vm))])
+                for vm, p, kind in zip(vms, ps, kinds, strict=True):
+                    with self._errors(p, "replicate", p.source):
+                        if kind == "view":
+                            self._ep(p.source).call(["qemu-control", "--run", self._run_dir(p.source, p.vm), "--name", "vm",
+                                                     "--action", "pause"])
+                            paused.append(p)
+                        elif kind == "freeze":
+                            self._ep(p.source).call(["hook", "--what", "freeze", "--argv", json.dumps(self._hook(p, "freeze", vm))])
+                            frozen.append((vm, p))
+                when = utcnow()  # every member is still: this instant is the group point's
+                for vm, p in zip(vms, ps, strict=True):
+                    with self._errors(p, "replicate", p.source):
+                        caps[p.vm] = self._capture(vm, p, {"id": gid})
+                for p in reversed(paused):  # the views hold the instant: the QEMU members run on
+                    with self._errors(p, "replicate", p.source):
+                        self._ep(p.source).call(["qemu-control", "--run", self._run_dir(p.source, p.vm), "--name", "vm",
+                                                 "--action", "cont"])
+                paused.clear()
+                for vm, p in zip(vms, ps, strict=True):
+                    shipped.add(p.vm)
+                    with self._errors(p, "replicate", p.source):
+                        mode = "resync" if vm.resync_required else "delta"
+                        point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate",
+                                                         bandwidth_bytes_per_second, GroupPart(gid, when, caps[p.vm]))
+                    out.append(result(p, "replicate", True, S.Replicating, "; ".join([f"part of group point {gid}", *notes]),
+                                      t0, point=self._rp(p, point), bytes_sent=sent,
+                                      details={"consistency": consistency, "group_point": gid}))
+                ok = True
+            finally:
+                for vm, p in zip(vms, ps, strict=True):
+                    if p.vm not in shipped and caps.get(p.vm) is not None:
+                        self._release(vm, p, caps[p.vm], False)  # a view no part was read from
+                thaw_errors = []
+                for p in reversed(paused):
+                    try:
+                        self._ep(p.source).call(["qemu-control", "--run", self._run_dir(p.source, p.vm), "--name", "vm",
+                                                 "--action", "cont"])
+                    except Exception as exc:  # noqa: BLE001 - every member must get its chance to run on
+                        thaw_errors.append(f"{p.vm}: continue failed: {exc}")
+                for vm, p in reversed(frozen):
+                    try:
+                        self._ep(p.source).call(["hook", "--what", "thaw", "--argv", json.dumps(self._hook(p, "thaw", vm))])
+                    except Exception as exc:  # noqa: BLE001
+                        thaw_errors.append(f"{p.vm}: thaw failed: {exc}")
+                if thaw_errors:
+                    log.error("consistency group %s: %s", group, "; ".join(thaw_errors))
+                    if ok:
+                        raise FabricError(f"group point {gid} shipped, but a member was not released: "
+                                          + "; ".join(thaw_errors), operation="replicate", error_id="thawFailed",
+                                          hint="check those VMs now: they may still be frozen or paused")
+        return out
+
+    def _next_group_seq(self, group: str) -> int:
+        """The group's next point number, under its members' locks (every member is locked by the caller)."""
+        path = child(self.root, "groups", group, suffix=".json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        seq = int((read_json(str(path)) or {}).get("seq", 0)) + 1
+        # Durable before use; a number used twice anyway (a lost write) cannot merge two cycles: a group
+        # point's parts must share one instant (siterecovery.groups).
+        write_json_atomic(str(path), {"seq": seq})
+        return seq
 
     def replicate(self, p: Placement, consistency: Consistency = "crash", progress: Progress | None = None,
                   bandwidth_bytes_per_second: int | None = None) -> OpResult:
@@ -1029,7 +1154,8 @@ class LinuxFabric:
 
     def _rp(self, p: Placement, pt: dict[str, Any]) -> RecoveryPoint:
         return RecoveryPoint(id=pt["id"], vm=p.vm, created_at=datetime.fromisoformat(pt["created_at"]),
-                             consistency=pt.get("consistency", "crash"), size_bytes=pt.get("size"))
+                             consistency=pt.get("consistency", "crash"), size_bytes=pt.get("size"),
+                             group=pt.get("group"))
 
     def recovery_points(self, p: Placement) -> tuple[RecoveryPoint, ...]:
         with self._vm(p) as box, self._errors(p, "recovery_points", p.target):
@@ -1041,7 +1167,7 @@ class LinuxFabric:
         pts = self._points(vm, p)
         chosen = point.choose([rp for rp, _ in pts])
         if chosen is None:
-            raise NotFoundError(f"no recovery point matches {point.kind}" + (f" at {point.at}" if point.at else ""),
+            raise NotFoundError(f"no recovery point matches {point.describe()}",
                                 vm=p.vm, host=p.target.name, operation=operation,
                                 hint="list recovery points and choose another", error_id="VMFailover_InvalidSnapshot")
         seqs = next(s for rp, s in pts if rp.id == chosen.id)

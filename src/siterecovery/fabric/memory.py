@@ -222,9 +222,12 @@ class MemoryFabric:
             return result(p, "enable_replication", True, S.ReadyForInitialReplication, "replication enabled", t0,
                           host=p.source.name)
 
-    def _add_point(self, vm: _VM, name: str, consistency: str = "crash") -> dict[str, Any]:
+    def _add_point(self, vm: _VM, name: str, consistency: str = "crash", when: datetime | None = None,
+                   group: str | None = None) -> dict[str, Any]:
         vm.seq += 1
-        pt = _point(name, vm.seq, utcnow(), consistency)
+        pt = _point(name, vm.seq, when or utcnow(), consistency)
+        if group is not None:
+            pt["group"] = group
         vm.points.append(pt)
         vm.last_replication = pt["created_at"]
         vm.cycles_ok += 1
@@ -251,6 +254,24 @@ class MemoryFabric:
             vm = self._need(vm, p, "replicate", S.Replicating)
             pt = self._add_point(vm, p.vm, consistency)
             return result(p, "replicate", True, S.Replicating, "delta cycle complete", t0, point=_rp(pt))
+
+    def replicate_group(self, ps: list[Placement], group: str, consistency: Consistency = "crash",
+                        progress: Progress | None = None) -> list[OpResult]:
+        """One cycle of a consistency group: every member's part of one group point, captured at one instant.
+        Each part commits on its own, as on the linux fabric: a member that fails leaves the group point
+        incomplete (siterecovery.groups never offers it)."""
+        t0 = utcnow()
+        with self._state() as st:
+            seq = int(st.setdefault("groups", {}).get(group, 0)) + 1
+            st["groups"][group] = seq
+        gid = f"{group}@{seq}"
+        out = []
+        for p in ps:
+            with self._op("replicate", p, p.source.name) as (_, vm):
+                vm = self._need(vm, p, "replicate", S.Replicating)
+                pt = self._add_point(vm, p.vm, consistency, when=t0, group=gid)
+                out.append(result(p, "replicate", True, S.Replicating, f"part of group point {gid}", t0, point=_rp(pt)))
+        return out
 
     def resynchronize(self, p: Placement, progress: Progress | None = None) -> OpResult:
         t0 = utcnow()
@@ -329,7 +350,7 @@ class MemoryFabric:
         pts = {x["id"]: x for x in vm.points}
         chosen = point.choose([_rp(x) for x in vm.points])
         if chosen is None:
-            raise NotFoundError(f"no recovery point matches {point.kind}" + (f" at {point.at}" if point.at else ""),
+            raise NotFoundError(f"no recovery point matches {point.describe()}",
                                 vm=p.vm, host=p.target.name, operation=operation,
                                 hint="list recovery points and choose another", error_id="VMFailover_InvalidSnapshot")
         return pts[chosen.id]
@@ -487,4 +508,4 @@ def _point(vm: str, seq: int, when: datetime, consistency: str) -> dict[str, Any
 
 def _rp(x: dict[str, Any]) -> RecoveryPoint:
     return RecoveryPoint(id=x["id"], vm=x["vm"], created_at=datetime.fromisoformat(x["created_at"]),
-                         consistency=x["consistency"])
+                         consistency=x["consistency"], group=x.get("group"))

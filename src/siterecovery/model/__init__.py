@@ -3,6 +3,7 @@
 from .common import Direction, FabricKind, FailoverType, FailurePolicy, Frozen
 from .plan import GroupVM, ManualAction, RecoveryPlan, Scope, ScriptAction, VMGroup
 from .protection import (
+    ConsistencyGroup,
     ExistingReplicaInitial,
     NetworkInitial,
     NetworkMapping,
@@ -31,7 +32,7 @@ from .topology import (
 )
 
 __all__ = [
-    "NIC", "VM", "Cloud", "Compute", "Credential", "Direction", "Disk", "ExistingReplicaInitial",
+    "NIC", "VM", "Cloud", "Compute", "ConsistencyGroup", "Credential", "Direction", "Disk", "ExistingReplicaInitial",
     "FabricKind", "FailoverIP", "FailoverType", "FailurePolicy", "Frozen", "GroupVM", "Host", "HostGroup",
     "ManualAction", "NetworkInitial", "NetworkMapping", "OfflineInitial", "Pairing", "PeerSSH", "Protection",
     "RecoveryPlan", "ReplicationPolicy", "Scope", "ScriptAction", "Site", "StorageClassification",

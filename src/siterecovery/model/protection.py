@@ -105,12 +105,25 @@ class StorageMapping(Frozen):
     target: Name
 
 
+class ConsistencyGroup(Frozen):
+    """VMs whose disks share recovery points: every member is captured at one instant, a group point exists
+    only once every member holds it, and a failover takes every member to the same group point (linux
+    fabric; docs/OPERATIONS.md, "Consistency groups")."""
+
+    name: Slug
+    vms: tuple[Name, ...] = Field(..., min_length=2, max_length=16, description="2 to 16 VMs of one pairing")
+
+
 class Protection(Frozen):
     kind: Literal["Protection"] = "Protection"
     policies: tuple[ReplicationPolicy, ...] = ()
     pairings: tuple[Pairing, ...] = ()
     network_mappings: tuple[NetworkMapping, ...] = ()
     storage_mappings: tuple[StorageMapping, ...] = ()
+    consistency_groups: tuple[ConsistencyGroup, ...] = ()
+
+    def group_of(self, vm: str) -> ConsistencyGroup | None:
+        return next((g for g in self.consistency_groups if vm in g.vms), None)
 
     def policy(self, name: str) -> ReplicationPolicy:
         for p in self.policies:

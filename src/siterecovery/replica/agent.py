@@ -125,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pidfile", required=True)
     s = sub.add_parser("exists")
     s.add_argument("--path", required=True)
+    s = sub.add_parser("hook", help="run a VM's freeze, thaw or quiesce command (a consistency group's hold)")
+    s.add_argument("--what", required=True, choices=("freeze", "thaw", "quiesce"))
+    s.add_argument("--argv", required=True, help="the command as a JSON list")
     for name in ("qemu-start", "qemu-stop", "qemu-status", "qemu-control", "qemu-capture", "qemu-release"):
         s = sub.add_parser(name)
         s.add_argument("--run", required=True, help="the VM's run directory on this host")
@@ -380,6 +383,10 @@ def _run(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Pro
     if cmd == "exists":
         # The size lets the orchestrator show a copy's total before the first byte moves.
         return {"exists": os.path.exists(a.path), "size": os.path.getsize(a.path) if os.path.isfile(a.path) else None}
+    if cmd == "hook":
+        argv = json.loads(a.argv)
+        engine.run_argv(argv, a.what)
+        return {"ran": bool(argv)}
     if cmd == "spawn":
         return spawn(a.pidfile, a.log, [x for x in a.argv if x != "--"] if a.argv[:1] == ["--"] else a.argv)
     if cmd == "kill":
