@@ -134,3 +134,49 @@ def test_points_are_clean_prefixes_through_kill9_and_the_replica_boots(tmp_path:
 @pytest.mark.parametrize("trial", range(5))
 def test_points_are_clean_prefixes_many_trials(tmp_path: Path, trial: int) -> None:
     run_trial(tmp_path, cycles=15, seed=trial, restart=True)
+
+
+@pytest.mark.timeout(1200)  # two boots under TCG at once: 19 s here unloaded, minutes on a loaded box
+def test_a_consistency_group_of_two_qemu_guests(tmp_path: Path) -> None:
+    """The QEMU side of a group cycle: both guests paused, both views taken, both continued; each
+    replica a clean prefix of what its guest acknowledged before the cycle, both parts one group point,
+    and both guests still writing afterwards."""
+    from siterecovery.fabric.base import PointChoice
+    from siterecovery.groups import choose_group_point, member_choices
+    from siterecovery.model import ConsistencyGroup
+
+    f = fabric(tmp_path / "state", stop_grace=0)
+    ps, reps, serials = [], {}, {}
+    for name in ("guest-a", "guest-b"):
+        (tmp_path / name).mkdir()
+        p, _ = two_disk_vm(tmp_path / name)
+        p = p.model_copy(update={"vm": name})
+        ps.append(p)
+        reps[name] = [Path(f._replica_image(p, d, None)) for d in ("vda", "vdb")]
+        serials[name] = Path(f._run_dir(p.source, name)) / "vm.serial"
+    group = ConsistencyGroup(name="pair", vms=("guest-a", "guest-b"))
+    try:
+        for p in ps:
+            f.enable_replication(p)
+            assert f.start_vm(p, side="source").changed
+        for p in ps:
+            wait_for(f"{p.vm}'s first records", lambda p=p: acks(serials[p.vm]) >= 3, BOOT)
+            f.start_initial_replication(p)
+        for _ in range(3):
+            time.sleep(0.5)
+            before = {p.vm: acks(serials[p.vm]) for p in ps}
+            out = f.replicate_group(ps, group.name)
+            assert len({r.point.created_at for r in out if r.point}) == 1, out
+            for p in ps:
+                check_point(reps[p.vm], before[p.vm])
+        for p in ps:  # both continued after the capture
+            assert f.vm_control(p, "status")["status"] == "running"
+            n = acks(serials[p.vm])
+            wait_for(f"{p.vm} to write on", lambda p=p, n=n: acks(serials[p.vm]) > n, 120)
+        gp = choose_group_point(group, PointChoice(), {p.vm: f.recovery_points(p) for p in ps})
+        assert gp is not None and gp.id == "pair@3", gp
+        assert member_choices(gp).keys() == {"guest-a", "guest-b"}
+    finally:
+        for p in ps:
+            qemu.stop(f._run_dir(p.source, p.vm), "vm", 0)
+        f.close()
