@@ -61,6 +61,7 @@ from tasks.protection import (
     suspend_vm,
 )
 from tasks.protection_fabric import get_fabric
+from tasks.runtime import task_outcome
 
 S = ReplicationState
 # One thread per VM would be unbounded (Prefect's default); transfers are further limited per host.
@@ -110,8 +111,11 @@ def scope(pairing: str, project: str, vms: list[str] | None, fabric: str | None)
 
 def outcome(fut: PrefectFuture[Any]) -> tuple[Any, BaseException | None]:
     """A task's value, or the exception it ended with (so one VM's failure does not hide the others')."""
-    value = fut.result(raise_on_failure=False)
-    return (None, value) if isinstance(value, BaseException) else (value, None)
+    fut.wait()
+    status, value, exc = task_outcome(fut)
+    if status != "completed" and exc is None:
+        exc = ExecutionError(f"the task ended {fut.state.type.value} without an error", hint="read its run's log")
+    return value, exc
 
 
 def fail_if(errors: dict[str, BaseException], total: int, flow_name: str) -> None:

@@ -64,6 +64,7 @@ from siterecovery.report import (
 )
 from tasks.fabric import get_fabric, result_storage
 from tasks.limits import Reservation, ensure_limits, limit_name, live_run, reclaim_and_say
+from tasks.runtime import task_outcome
 from tasks.script import ScriptJob, run_script, script_cache_key
 from tasks.vm import VMJob, job_cache_key, run_vm_steps
 
@@ -197,16 +198,8 @@ def _settle(futures: Iterable[PrefectFuture[Any]]) -> None:
 
 def _outcome(fut: PrefectFuture[Any]) -> tuple[str, BaseException | None]:
     """completed / failed / skipped (an upstream it waited for did not complete)."""
-    state = fut.state
-    if state.is_completed():
-        return "completed", None
-    if state.is_failed() or state.is_crashed():
-        try:
-            fut.result()
-        except BaseException as exc:  # noqa: BLE001 - the task's own error, reported as its reason
-            return "failed", exc
-        return "failed", None
-    return "skipped", None
+    status, _, exc = task_outcome(fut)
+    return status, exc
 
 
 def _reason(exc: BaseException | None) -> str:

@@ -15,12 +15,10 @@ from typing import Any, Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import State, TaskRun
 from prefect.events import emit_event
 from prefect.events.schemas.events import Event
-from prefect.tasks import Task
 
-from siterecovery.errors import ExecutionError, NotFoundError, TransientFabricError
+from siterecovery.errors import ExecutionError, NotFoundError
 from siterecovery.fabric import Fabric, OpResult, Placement, ReplicationState
 from siterecovery.model.common import Frozen
 from siterecovery.model.protection import NetworkInitial
@@ -28,21 +26,12 @@ from siterecovery.model.topology import Host
 from siterecovery.protection import DATA_PATH_KINDS, Alert, HealthRow
 from tasks.limits import slot
 from tasks.progress import reporting
+from tasks.runtime import RETRIES, RETRY_DELAY_SECONDS, only_transient
 
 S = ReplicationState
 
 
-def _transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-    try:
-        state.result()
-    except TransientFabricError:
-        return True
-    except BaseException:
-        return False
-    return False
-
-
-RETRY: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 1, "retry_condition_fn": _transient,
+RETRY: dict[str, Any] = {"retries": RETRIES, "retry_delay_seconds": RETRY_DELAY_SECONDS, "retry_condition_fn": only_transient,
                          "cache_policy": NO_CACHE}
 
 

@@ -16,7 +16,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from siterecovery.compile import Step
-from siterecovery.errors import SiteRecoveryError, TransientFabricError
+from siterecovery.errors import SiteRecoveryError
 from siterecovery.fabric import Fabric, OpResult, Placement, PointChoice
 from siterecovery.intent import StepJournal
 from siterecovery.mapping import resolve_failback
@@ -25,9 +25,7 @@ from siterecovery.report import StepRecord
 
 from .fabric import get_fabric
 from .limits import limit_name, slots
-
-RETRIES = 2
-RETRY_DELAY_SECONDS = 1
+from .runtime import RETRIES, RETRY_DELAY_SECONDS, only_transient
 
 
 class VMJob(Frozen):
@@ -51,17 +49,6 @@ class VMJob(Frozen):
     @property
     def cache_key(self) -> str:
         return f"{self.plan}:{self.intent}:{self.id}"
-
-
-def only_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry condition: transient fabric errors only (connection lost, host busy)."""
-    try:
-        state.result()
-    except TransientFabricError:
-        return True
-    except BaseException:  # noqa: BLE001 - every other failure is final
-        return False
-    return False
 
 
 def job_cache_key(context: Any, parameters: dict[str, Any]) -> str:
