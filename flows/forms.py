@@ -51,6 +51,9 @@ class FailoverOptions(_Form):
     commit: bool = Field(True, description="commit the failover once every group is up (untick to inspect "
                                            "first; then recover/<plan> commits or cancels it)")
     reverse_replication: bool = Field(False, description="after commit, replicate back to the old source")
+    consistency_groups: Literal["together", "each"] = Field(
+        "together", description="together: every member of a consistency group to one group point; each: every "
+                                "member to its own point (NOT one moment: only when no group point exists)")
 
 
 class FailoverAdvanced(_Form):
@@ -92,7 +95,8 @@ def point_in_time(text: str, kind: str) -> datetime | None:
 
 
 def failover_options(o: FailoverOptions) -> RunOptions:
-    return RunOptions(shut_down_source=o.shut_down_source, commit=o.commit, reverse_replication=o.reverse_replication)
+    return RunOptions(shut_down_source=o.shut_down_source, commit=o.commit, reverse_replication=o.reverse_replication,
+                      consistency_groups=o.consistency_groups)
 
 
 def policy(choice: str) -> FailurePolicy | None:

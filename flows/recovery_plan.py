@@ -246,6 +246,11 @@ def _pin_group_points(run: _Run) -> str | None:
     groups = [g for g in run.project.protection.consistency_groups if in_plan & set(g.vms)]
     if not groups:
         return None
+    if c.options.consistency_groups == "each":
+        run.log.warning("consistency groups %s: each member fails over to its own %s point, as asked "
+                        "(consistency_groups: each): they are NOT one moment of the application",
+                        ", ".join(g.name for g in groups), c.point.describe())
+        return None
     placements = plan_placements(run.project, run.source.plan, c.direction)
     for g in groups:
         key = f"group-point/{g.name}"
@@ -262,7 +267,9 @@ def _pin_group_points(run: _Run) -> str | None:
             if chosen is None:
                 have = len(group_points(g, points))
                 return (f"consistency group {g.name}: no group point matches {c.point.describe()} ({have} complete "
-                        f"group point(s); a point every member holds is needed): nothing was failed over")
+                        f"group point(s); a point every member holds is needed): nothing was failed over. Run the "
+                        f"replicate flow for a group point, or re-run with the option consistency_groups: each to "
+                        f"take each member to its own point (not one moment)")
             gp = chosen
             run.journal.add("group_point", key, run.flow_run, {"status": "completed",
                                                                "group_point": gp.model_dump(mode="json")})

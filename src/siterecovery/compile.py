@@ -34,6 +34,10 @@ class RunOptions(Frozen):
     cleanup: Literal["immediate", "after_approval"] = Field(
         "immediate", description="test: clean up at once, or after a manual 'drill finished' approval")
     test_network: str | None = Field(None, description="test: override the isolated network (switch name)")
+    consistency_groups: Literal["together", "each"] = Field(
+        "together", description="test/unplanned: 'together' takes every member of a consistency group to one group "
+                                "point; 'each' lets each member take its own point (NOT one moment: only when no "
+                                "group point exists and the VMs must come up anyway)")
 
 
 class Step(Frozen):

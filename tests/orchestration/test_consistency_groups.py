@@ -15,6 +15,7 @@ import yaml
 
 from flows.protection import replicate
 from flows.recovery_plan import PlanFailed, recovery_plan
+from siterecovery.compile import RunOptions
 from siterecovery.fabric.memory import MemoryFabric
 from siterecovery.model import Direction, FailoverType
 from siterecovery.placement import plan_placements
@@ -110,4 +111,10 @@ def test_no_complete_group_point_fails_over_nothing(estate) -> None:  # type: ig
     with pytest.raises(PlanFailed) as ei:
         recovery_plan(plan="tiers", project=str(e.root), failover_type=FailoverType.unplanned, confirm="tiers")
     assert "consistency group orders: no group point matches latest" in str(ei.value)
+    assert "consistency_groups: each" in str(ei.value)  # the way on, named
     assert e.calls("failover") == []  # refused before any VM moved
+    # The way on, for when the VMs must come up anyway: each member to its own latest point, said loudly.
+    out = recovery_plan(plan="tiers", project=str(e.root), failover_type=FailoverType.unplanned, confirm="tiers",
+                        options=RunOptions(consistency_groups="each"))
+    assert out["status"] == "succeeded" and out["group_points"] == {}
+    assert e.vm("db-1")["failover_point"] == e.vm("db-1")["points"][-1]["id"]

@@ -36,10 +36,16 @@ def run(
     cleanup: Annotated[str, typer.Option(help="test: immediate, or after_approval")] = "immediate",
     failure_policy: Annotated[FailurePolicy | None, typer.Option(help="override the plan's: stop or continue")] = None,
     intent: Annotated[str | None, typer.Option(help="resume exactly this intent")] = None,
+    consistency_groups: Annotated[str, typer.Option(
+        help="together: each consistency group to one group point; each: every member to its own point "
+             "(not one moment: only when no group point exists)")] = "together",
 ) -> None:
     """Run a recovery plan through Prefect (test, planned or unplanned failover; forward or failback)."""
     if point not in ("latest", "latest_processed", "latest_app_consistent", "point_in_time"):
         err.print(f"[red]unknown --point {point}[/]")
+        raise typer.Exit(2)
+    if consistency_groups not in ("together", "each"):
+        err.print(f"[red]unknown --consistency-groups {consistency_groups}[/] (together or each)")
         raise typer.Exit(2)
     name = Path(plan).stem if plan.endswith((".yaml", ".yml")) else plan
     if failover_type != FailoverType.test and confirm != name and not plan.endswith((".yaml", ".yml")):
@@ -61,7 +67,8 @@ def run(
         raise typer.Exit(2) from None
     from ..compile import RunOptions
 
-    options = RunOptions(reverse_replication=reverse_replication, commit=commit, cleanup=cleanup)  # type: ignore[arg-type]
+    options = RunOptions(reverse_replication=reverse_replication, commit=commit, cleanup=cleanup,  # type: ignore[arg-type]
+                         consistency_groups=consistency_groups)  # type: ignore[arg-type]
     try:
         summary: dict[str, Any] = recovery_plan(  # type: ignore[call-overload]
             plan=plan, failover_type=failover_type, direction=direction, recovery_point=point,
