@@ -32,6 +32,10 @@ DEFAULT_PORT = 4200
 # a run Crashed after 90 s without one.
 HEARTBEAT_SECONDS = 30
 ZOMBIE_AUTOMATION = Path(__file__).parent / "templates" / "zombie-runs.automation.yaml"
+# A run on a lost site's work queue is failed with the reason instead of waiting as Late for ever.
+SITE_AUTOMATION = Path(__file__).parent / "templates" / "site-unreachable.automation.yaml"
+AUTOMATIONS = {ZOMBIE_AUTOMATION: "a run without heartbeats for 90 s is marked Crashed",
+               SITE_AUTOMATION: "a run no worker of its site takes within 120 s of being Late is marked Failed"}
 # SITERECOVERY_DB picks the server's database: PostgreSQL (concurrent approvals, drills and workers
 # without SQLite's "database is locked") or SQLite (nothing to install; `make demo`, one user).
 DATABASES = ("postgres", "sqlite")
@@ -197,7 +201,7 @@ def up(
     env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_SECONDS)
     exe = prefect_exe()
     if not any(recorded(lay.pidfile(w)) for w in _workers(lay)):  # a running worker: an earlier `up` made it
-        ensure_zombie_automation(env, root, say)
+        ensure_automations(env, root, say)
     say(f"work pool {pool} (process)")
     _run([exe, "--no-prompt", "work-pool", "create", pool, "--type", "process", "--overwrite"], env, root,
          "creating the work pool")
@@ -223,17 +227,21 @@ def up(
     return server.url
 
 
-def ensure_zombie_automation(env: dict[str, str], root: Path, say: Callable[[str], None] = print) -> None:
-    """Create the dead-run automation (zombie-runs.automation.yaml) unless the server has it already."""
+def ensure_automations(env: dict[str, str], root: Path, say: Callable[[str], None] = print) -> None:
+    """Create the automations (templates/*.automation.yaml) the server does not have yet."""
     exe = prefect_exe()
     # A wide table: rich wraps long names at the default 80 columns.
     listed = subprocess.run([exe, "--no-prompt", "automation", "ls"], env={**env, "COLUMNS": "400"}, cwd=root,
                             capture_output=True, text=True, timeout=120)
-    if "siterecovery-zombie-runs" in listed.stdout:
-        return
-    say("automation siterecovery-zombie-runs (a run without heartbeats for 90 s is marked Crashed)")
-    _run([exe, "--no-prompt", "automation", "create", "--from-file", str(ZOMBIE_AUTOMATION)], env, root,
-         "creating the zombie-run automation")
+    for path, what in AUTOMATIONS.items():
+        name = yaml.safe_load(path.read_text())["name"]
+        if name in listed.stdout:
+            continue
+        say(f"automation {name} ({what})")
+        _run([exe, "--no-prompt", "automation", "create", "--from-file", str(path)], env, root,
+             f"creating the automation {name}")
+
+
 def worker_name(queue: str | None) -> str:
     """PID and log file name of the worker polling `queue`: worker-site-east, or worker (default queue)."""
     return f"worker-{queue}" if queue else "worker"

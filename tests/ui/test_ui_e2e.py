@@ -328,10 +328,13 @@ def test_deployed_as_rendered(stack: Stack) -> None:
     repl = deployed["replicate/east-west"]
     assert [sch.schedule.interval.total_seconds() for sch in repl.schedules] == [30]  # type: ignore[union-attr]
     assert repl.global_concurrency_limit is not None and repl.global_concurrency_limit.limit == 1
-    # `ui up` created the dead-run automation (once, however often it ran).
+    # `ui up` created the dead-run and lost-site automations (once each, however often it ran).
     with _client(stack) as client:
-        zombies = [a for a in client.read_automations() if a.name == "siterecovery-zombie-runs"]
+        autos = client.read_automations()
+    zombies = [a for a in autos if a.name == "siterecovery-zombie-runs"]
     assert len(zombies) == 1 and zombies[0].trigger.within.total_seconds() == 90  # type: ignore[union-attr]
+    lost = [a for a in autos if a.name == "siterecovery-site-unreachable"]
+    assert len(lost) == 1 and lost[0].trigger.within.total_seconds() == 120  # type: ignore[union-attr]
     # The parameter form validates against the flow's schema: cleanup is a choice, not free text.
     cleanup_schema = drill.parameter_openapi_schema["properties"]["cleanup"]
     assert "immediate" in json.dumps(cleanup_schema) and "after_approval" in json.dumps(cleanup_schema)
