@@ -88,3 +88,10 @@ def test_failover_cancel_needs_the_plan_name() -> None:
     r = cli("failover", "cancel", "three-tier")
     assert r.returncode == 2 and "cancel-failover of 'three-tier' changes production" in r.stderr
     assert "--confirm three-tier" in r.stderr
+
+
+def test_run_options_that_only_fit_one_kind_of_failover_are_refused_before_prefect_starts() -> None:
+    r = cli("run", "web-only", "--type", "planned", "--confirm", "web-only", "--accept-damaged-replica")
+    assert r.returncode == 2 and "is for an unplanned failover" in r.stderr, r.stdout + r.stderr
+    r = cli("run", "web-only", "--consistency-groups", "sometimes")
+    assert r.returncode == 2 and "unknown --consistency-groups sometimes" in r.stderr, r.stdout + r.stderr

@@ -68,6 +68,22 @@ def test_replica_written_with_mtime_set_back_is_critical_refused_and_resynchroni
     finally:
         fab.close()
 
+    # The source gone for good, this replica the only copy: the operator may accept it as it is. Drills
+    # still refuse it; the failover goes on and says what it accepted.
+    from siterecovery.estate import state_dir
+    from siterecovery.fabric import FabricContext
+    from siterecovery.fabric.linux import LinuxFabric
+
+    anyway = LinuxFabric(FabricContext(state_dir=state_dir(e.project), options={"accept_damaged_replica": True}))
+    try:
+        with pytest.raises(InvalidStateError):
+            anyway.test_failover(placements["web-01"])
+        r = anyway.failover(placements["web-01"])
+        assert r.changed and "DAMAGED REPLICA ACCEPTED" in r.message and "disk os" in r.message, r.message
+        anyway.cancel_failover(placements["web-01"])  # back to replicating, for the repair below
+    finally:
+        anyway.close()
+
     res = e.run("resynchronize", on_demand=True, vms=["web-01"])
     assert res.status == "resynchronized", res
     (step,) = res.steps

@@ -36,6 +36,9 @@ def run(
     cleanup: Annotated[str, typer.Option(help="test: immediate, or after_approval")] = "immediate",
     failure_policy: Annotated[FailurePolicy | None, typer.Option(help="override the plan's: stop or continue")] = None,
     intent: Annotated[str | None, typer.Option(help="resume exactly this intent")] = None,
+    accept_damaged_replica: Annotated[bool, typer.Option(
+        help="unplanned failover: go on from a replica that fails its check (scrub or quick check), for when the "
+             "source is gone and it is the only copy; the report says so")] = False,
     consistency_groups: Annotated[str, typer.Option(
         help="together: each consistency group to one group point; each: every member to its own point "
              "(not one moment: only when no group point exists)")] = "together",
@@ -43,6 +46,10 @@ def run(
     """Run a recovery plan through Prefect (test, planned or unplanned failover; forward or failback)."""
     if point not in ("latest", "latest_processed", "latest_app_consistent", "point_in_time"):
         err.print(f"[red]unknown --point {point}[/]")
+        raise typer.Exit(2)
+    if accept_damaged_replica and failover_type != FailoverType.unplanned:
+        err.print("[red]--accept-damaged-replica is for an unplanned failover[/] (the source is gone): with the "
+                  "source there, resynchronize the replica instead")
         raise typer.Exit(2)
     if consistency_groups not in ("together", "each"):
         err.print(f"[red]unknown --consistency-groups {consistency_groups}[/] (together or each)")
@@ -69,11 +76,14 @@ def run(
 
     options = RunOptions(reverse_replication=reverse_replication, commit=commit, cleanup=cleanup,  # type: ignore[arg-type]
                          consistency_groups=consistency_groups)  # type: ignore[arg-type]
+    fabric_options: dict[str, Any] | None = {"accept_damaged_replica": True} if accept_damaged_replica else None
     try:
-        summary: dict[str, Any] = recovery_plan(  # type: ignore[call-overload]
+        # Prefect's Flow.__call__ overloads: mypy cannot match keyword calls through them (nor try every union).
+        summary: dict[str, Any] = recovery_plan(  # type: ignore[call-overload,misc]
             plan=plan, failover_type=failover_type, direction=direction, recovery_point=point,
             point_in_time=at, options=options, project=str(project), fabric=fabric, confirm=confirm, intent=intent,
-            failure_policy=failure_policy)
+            failure_policy=failure_policy,
+            fabric_options=fabric_options)
         code = 0
     except ConfirmationRequired as exc:
         err.print(f"[red]{exc}[/]", highlight=False)

@@ -996,15 +996,23 @@ class LinuxFabric:
                 f"last commit: {', '.join(st.get('differs') or ['manifest'])}"
                 for d, st in zip(self._disks(vm), statuses, strict=True) if not st["disk_matches"]]
 
-    def _refuse_mismatched(self, vm: _VM, p: Placement, operation: str) -> None:
+    def _refuse_mismatched(self, vm: _VM, p: Placement, operation: str) -> str:
         """Failover and drills deliver the replica's bytes: never from a replica that fails its quick
-        check (written behind replication's back, or rot a scrub found)."""
+        check (written behind replication's back, or rot a scrub found). With the source gone for good it
+        may be the only copy left: the fabric option `accept_damaged_replica` lets a failover (never a
+        drill) go on, and returns what is wrong, for the result to say it. Returns "" when intact."""
         bad = self._mismatches(vm, p, self._disk_status(vm, p))
-        if bad:
-            raise InvalidStateError("; ".join(bad), vm=p.vm, host=p.target.name, operation=operation,
-                                    error_id="ReplicaMismatch",
-                                    hint="resynchronize (siterecovery resync PAIRING VM: block compare with the "
-                                         "source repairs the replica), then retry; nothing was started")
+        if not bad:
+            return ""
+        said = "; ".join(bad)
+        if operation == "failover" and self.opts.get("accept_damaged_replica"):
+            log.error("%s: failing over from a damaged replica, as asked (accept_damaged_replica): %s", p.vm, said)
+            return said
+        raise InvalidStateError(said, vm=p.vm, host=p.target.name, operation=operation, error_id="ReplicaMismatch",
+                                hint="resynchronize (siterecovery resync PAIRING VM: block compare with the source "
+                                     "repairs the replica), then retry; nothing was started. If the source is gone "
+                                     "and this is the only copy: an unplanned failover with --accept-damaged-replica "
+                                     "(fabric option accept_damaged_replica) boots it as it is")
 
     def scrub(self, p: Placement, rate_bytes_per_second: int | None = None, points: bool = False) -> OpResult:
         """Re-hash every replica disk against its manifest (and with `points` every undo log), reading at
@@ -1250,7 +1258,7 @@ class LinuxFabric:
             if vm.test_active:
                 raise InvalidStateError("a test failover is running", vm=p.vm, host=p.target.name, operation="failover",
                                         hint="clean up the test failover first", error_id="InvalidState")
-            self._refuse_mismatched(vm, p, "failover")
+            damaged = self._refuse_mismatched(vm, p, "failover")
             rp, seqs, newest = self._pick(vm, p, point, "failover")
             if not newest:
                 # The replica itself goes back to the chosen point (newer points are dropped).
@@ -1259,7 +1267,9 @@ class LinuxFabric:
                     dst.call(["revert", *self._rep_args(vm, p, d, p.target), "--seq", str(seqs[d])])
             vm.failover_point = rp.id
             vm.state = S.FailedOverWaitingCompletion.value
-            return result(p, "failover", True, S.FailedOverWaitingCompletion, f"failed over to {rp.id}", t0, point=rp)
+            msg = f"failed over to {rp.id}" + (f"; DAMAGED REPLICA ACCEPTED (accept_damaged_replica): {damaged}"
+                                               if damaged else "")
+            return result(p, "failover", True, S.FailedOverWaitingCompletion, msg, t0, point=rp)
 
     def commit_failover(self, p: Placement) -> OpResult:
         t0 = utcnow()
