@@ -28,6 +28,7 @@ class NetworkChoice(Frozen):
     subnet: str | None = None
     ip: FailoverIP | None = None
     switch: str | None = None
+    replica_switch: str | None = None  # the switch backing replica_network (Hyper-V reports switches)
 
 
 class NICPlacement(Frozen):
@@ -116,15 +117,16 @@ def failback_choices(nic: NIC, topology: Topology, protection: Protection, repli
             continue
         back = failback_network(nic.network, net.name, protection)
         if back is None:
-            out.append(NetworkChoice(replica_network=net.name, network=None))
+            out.append(NetworkChoice(replica_network=net.name, network=None, replica_switch=net.switch))
         elif back == nic.network:
             out.append(NetworkChoice(replica_network=net.name, network=back, subnet=nic.subnet, ip=nic.failback_ip,
-                                     switch=topology.network(back).switch))
+                                     switch=topology.network(back).switch, replica_switch=net.switch))
         else:
             bnet = topology.network(back)
             sub = target_subnet(nic.subnet, [x.name for x in bnet.subnets])
             out.append(NetworkChoice(replica_network=net.name, network=back, subnet=sub, switch=bnet.switch,
-                                     ip=pool_address(topology, back, sub, taken) if sub else None))
+                                     ip=pool_address(topology, back, sub, taken) if sub else None,
+                                     replica_switch=net.switch))
     return tuple(out)
 
 

@@ -204,3 +204,60 @@ def test_seed_003_sequences_at_plan_level(
         assert (a.state, a.power) == ("FailedOver", "Running")
     finally:
         close_all()
+
+
+def test_hyperv_failback_network_follows_the_replicas_switch(
+        sim: HyperVSimulator, client_key: tuple[object, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        prefect_harness: None) -> None:
+    """Seed 000's failback table on Hyper-V: after a planned failover, the replica's NIC is moved to the
+    data network's switch at site b; failing back puts the original VM on the network mapped to that one
+    (a-data's switch), not back on its own (a-prod). The driver reads the replica's switch
+    (Get-VMNetworkAdapter) and names it as a network of site b."""
+    from flows.recovery_plan import recovery_plan
+    from siterecovery.compile import RunOptions
+    from siterecovery.model import Direction, FailoverType
+    from tasks.fabric import close_all
+
+    key_text = client_key[1].read_text()
+    monkeypatch.setenv("SR_HV_KEY", key_text)
+    monkeypatch.setenv("SITERECOVERY_STATE", str(tmp_path / "state"))
+    root = write_project(tmp_path / "project", sim, vms=("web-01",))
+    topo = yaml.safe_load((root / "topology.yaml").read_text())
+    topo["vm_networks"] = [
+        {"name": f"{site}-{kind}", "site": site, "switch": f"vSwitch-{site.upper()}{kind}",
+         "subnets": [{"name": "s", "cidr": f"10.{i}.0.0/24"}]}
+        for i, (site, kind) in enumerate((("a", "prod"), ("a", "data"), ("b", "prod"), ("b", "data")))]
+    topo["vms"][0]["nics"] = [{"name": "eth0", "network": "a-prod", "subnet": "s"}]
+    (root / "topology.yaml").write_text(yaml.safe_dump(topo, sort_keys=False))
+    prot = yaml.safe_load((root / "protection.yaml").read_text())
+    prot["network_mappings"] = [{"source": "a-prod", "target": "b-prod"}, {"source": "a-data", "target": "b-data"}]
+    (root / "protection.yaml").write_text(yaml.safe_dump(prot, sort_keys=False))
+    sim_nics = (("eth0", "vSwitch-Aprod"),)
+    sim.host("hv-a").switches |= {"vSwitch-Aprod", "vSwitch-Adata"}
+    sim.host("hv-b").switches |= {"vSwitch-Bprod", "vSwitch-Bdata"}
+    from siterecovery.fabric import FabricContext
+    from siterecovery.fabric.hyperv import HyperVFabric
+    from siterecovery.placement import plan_placements
+    from siterecovery.project import load_project
+
+    proj = load_project(root)
+    drv = HyperVFabric(FabricContext(secrets=lambda cred: key_text))
+    try:
+        for vm, p in plan_placements(proj, proj.plan("shop"), Direction.forward).items():
+            sim.add_vm("hv-a", vm, nics=sim_nics)
+            drv.enable_replication(p)
+            drv.start_initial_replication(p)
+            sim.replicate("hv-a", vm, cycles=2)
+    finally:
+        drv.close()
+    try:
+        res = recovery_plan(plan="shop", project=str(root), failover_type=FailoverType.planned, confirm="shop")
+        assert res["status"] == "succeeded", res
+        assert sim.vm("hv-b", "web-01").nics[0].switch == "vSwitch-Bprod"  # the mapping, forward
+        sim.vm("hv-b", "web-01").nics[0].switch = "vSwitch-Bdata"  # an operator moved it (Connect-VMNetworkAdapter)
+        back = recovery_plan(plan="shop", project=str(root), failover_type=FailoverType.planned, confirm="shop",
+                             direction=Direction.failback, options=RunOptions(reverse_replication=True))
+        assert back["status"] == "succeeded", back
+        assert sim.vm("hv-a", "web-01").nics[0].switch == "vSwitch-Adata"
+    finally:
+        close_all()

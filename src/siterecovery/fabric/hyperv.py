@@ -1239,6 +1239,23 @@ class HyperVFabric:
         return result(p, op, True, S(st.state), f"{len(p.nics)} network adapter(s) configured", t0,
                       details={"commands": len(lines)})
 
+    def vm_networks(self, p: Placement, side: Side = "source") -> dict[str, str | None] | None:
+        """The VM network each NIC of the VM at that side is on now, from its adapter's switch
+        (Get-VMNetworkAdapter): None when disconnected. A switch is named as its network through the
+        placement's failback choices (the networks of that site); a switch that backs none of them, or
+        several, is reported as `switch:<name>`, a network the topology does not know (unmapped)."""
+        host = p.source if side == "source" else p.target
+        st = self.vm_state(host, p.vm, "vm_networks")
+        choices = {n.nic: n.failback_choices for n in p.nics}
+        out: dict[str, str | None] = {}
+        for nic in st.nics:
+            if not nic.switch:
+                out[nic.name] = None
+                continue
+            nets = {c.replica_network for c in choices.get(nic.name, ()) if c.replica_switch == nic.switch}
+            out[nic.name] = nets.pop() if len(nets) == 1 else f"switch:{nic.switch}"
+        return out
+
     # ---- extended replication (A -> B -> C) -------------------------------------------------
     def enable_extended_replication(self, p: Placement, extended: Host, frequency_seconds: int = 300) -> OpResult:
         """On B (p.target), replicate its replica VM to C: 300 or 900 s, no app-consistent points."""
