@@ -248,6 +248,12 @@ def base_power(state: str) -> str:
 _MSDATE = re.compile(r"^\\?/Date\((-?\d{1,15})([+-]\d{4})?\)\\?/$")
 
 
+def _hyperv_latest(point: PointChoice) -> bool:
+    """Hyper-V's own "latest" (Start-VMFailover without a snapshot: everything received, pending logs
+    applied first); a choice naming an exact point never is, whatever its kind."""
+    return point.kind == "latest" and point.id is None
+
+
 class OutputError(FabricError):
     """The host answered something that is not the JSON object the script promises."""
 
@@ -1043,16 +1049,15 @@ class HyperVFabric:
                      operation: str) -> tuple[list[str], RecoveryPoint | None]:
         """Lines that put the chosen recovery point in $snap, or none for "latest" (Hyper-V's default:
         everything received, pending logs applied first)."""
-        if point.kind == "latest":
+        if _hyperv_latest(point):
             return [], (st.points[-1] if st.points else None)
-        if point.kind == "latest_processed":
+        if point.kind == "latest_processed" and point.id is None:
             chosen = next((x for x in reversed(st.points) if x.consistency == "crash"), None) or \
                 (st.points[-1] if st.points else None)
         else:
             chosen = point.choose(st.points)
         if chosen is None:
-            raise NotFoundError(f"no recovery point matches {point.kind}"
-                                + (f" at {point.at.isoformat()}" if point.at else ""),
+            raise NotFoundError(f"no recovery point matches {point.describe()}",
                                 vm=p.vm, host=host.name, operation=operation, error_id="NoRecoveryPoint",
                                 hint="list the points (siterecovery points) and choose one that exists")
         return find("snap", chosen.id, "Get-VMSnapshot -VM $vm", prop="Id"), chosen
@@ -1067,7 +1072,7 @@ class HyperVFabric:
         if switch:
             lines.insert(0, "Get-VMNetworkAdapter -VM $vm | " + cmd("Set-VMNetworkAdapter",
                                                                      TestReplicaSwitchName=switch))
-        if point.kind == "latest":
+        if _hyperv_latest(point):
             lines.append(cmd("Start-VMFailover", VM=Var("vm"), AsTest=SWITCH, Confirm=NO_CONFIRM))
         else:
             lines.append(cmd("Start-VMFailover", VMRecoverySnapshot=Var("snap"), AsTest=SWITCH, Confirm=NO_CONFIRM))
@@ -1107,7 +1112,7 @@ class HyperVFabric:
         if st.state in (S.FailedOverWaitingCompletion.value, S.FailedOver.value):
             return result(p, op, False, S(st.state), "already failed over", t0)
         lines, chosen = self._point_lines(p, p.target, st, point, op)
-        if point.kind == "latest":
+        if _hyperv_latest(point):
             lines.append(cmd("Start-VMFailover", VM=Var("vm"), Confirm=NO_CONFIRM))
         else:
             lines.append(cmd("Start-VMFailover", VMRecoverySnapshot=Var("snap"), Confirm=NO_CONFIRM))

@@ -1,0 +1,148 @@
+"""The fabric contract (siterecovery/fabric/base.py), the same cases on every fabric: the memory fabric,
+the linux fabric over the real sshd, and the Hyper-V driver on the simulator behind a real SSH server
+(the simulator keeps its own state machine, built from Microsoft's documentation). Every operation is
+idempotent (asking again for a state the VM is in says `changed=False`), a failover takes the point it
+was asked for and says which, and a drill leaves replication as it found it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from estate import fabric as linux_fabric
+from estate import placement as linux_placement
+from hvhelpers import placement as hv_placement
+
+from siterecovery.fabric import FabricContext
+from siterecovery.fabric.base import Placement, PointChoice, ReplicationState
+from siterecovery.fabric.hyperv import HyperVFabric
+from siterecovery.fabric.memory import MemoryFabric
+from siterecovery.model import Host, ReplicationPolicy
+from siterecovery.testing.disks import make_disk, scribble
+
+S = ReplicationState
+
+
+@dataclass
+class Subject:
+    kind: str
+    fabric: Any
+    p: Placement
+    new_points: Callable[[int], None]  # the source writes and `n` cycles reach the replica
+
+
+@pytest.fixture(params=["memory", "linux", "hyperv"])
+def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Subject]:
+    kind = request.param
+    if kind == "memory":
+        a, b = (Host(name=n, site=s, fabric="memory", address="127.0.0.1") for n, s in (("m-a", "a"), ("m-b", "b")))
+        fab: Any = MemoryFabric(FabricContext(options={"state_file": str(tmp_path / "memory-fabric.json")}))
+        p = Placement(vm="web-01", pairing="p", source=a, target=b,
+                      policy=ReplicationPolicy(name="p", copy_frequency_seconds=300, recovery_history_hours=4))
+
+        def points(n: int) -> None:
+            for _ in range(n):
+                fab.replicate(p)
+    elif kind == "linux":
+        sshd = request.getfixturevalue("sshd_server")
+        a = sshd.host("ny-h1", "ny", root=str(tmp_path / "root-a"))
+        b = sshd.host("chi-h1", "chi", root=str(tmp_path / "root-b"))
+        disk = tmp_path / "src" / "web-01.img"
+        make_disk(disk, 2 << 20, seed=3)
+        fab = linux_fabric(tmp_path / "state", ssh_timeout=30)
+        p = linux_placement(a, b, disk, events=tmp_path / "events.log")
+
+        def points(n: int) -> None:
+            for _ in range(n):
+                scribble(disk)
+                fab.replicate(p)
+    else:
+        sim = request.getfixturevalue("sim")
+        hosts = request.getfixturevalue("hosts")
+        sim.add_vm("hv-a", "web-01")
+        fab = HyperVFabric(FabricContext(options={"timeout": 20}))
+        p = hv_placement(hosts)
+
+        def points(n: int) -> None:  # Hyper-V Replica replicates by itself: the host's cycles
+            sim.replicate("hv-a", "web-01", cycles=n)
+    try:
+        yield Subject(kind, fab, p, points)
+    finally:
+        fab.close()
+
+
+def protected(s: Subject, points: int = 2) -> None:
+    s.fabric.enable_replication(s.p)
+    s.fabric.start_initial_replication(s.p)
+    s.new_points(points)
+
+
+def test_enable_and_initial_replication_are_idempotent(subject: Subject) -> None:
+    f, p = subject.fabric, subject.p
+    assert f.enable_replication(p).changed
+    again = f.enable_replication(p)
+    assert not again.changed
+    first = f.start_initial_replication(p)
+    assert first.changed
+    assert not f.start_initial_replication(p).changed
+    assert f.replication_health(p).state == S.Replicating
+
+
+def test_a_drill_is_idempotent_and_leaves_replication_as_it_was(subject: Subject) -> None:
+    f, p = subject.fabric, subject.p
+    protected(subject)
+    before = [rp.id for rp in f.recovery_points(p)]
+    assert before, "no recovery point after two cycles"
+    r = f.test_failover(p)
+    assert r.changed and r.point is not None and r.point.id == before[-1]
+    assert not f.test_failover(p).changed
+    assert f.cleanup_test_failover(p).changed
+    assert not f.cleanup_test_failover(p).changed
+    assert f.replication_health(p).state == S.Replicating
+    assert [rp.id for rp in f.recovery_points(p)][: len(before)] == before  # the drill dropped no point
+
+
+def test_failover_and_commit_are_idempotent(subject: Subject) -> None:
+    f, p = subject.fabric, subject.p
+    protected(subject)
+    r = f.failover(p)
+    assert r.changed and r.state == S.FailedOverWaitingCompletion
+    again = f.failover(p)
+    assert not again.changed and again.state == S.FailedOverWaitingCompletion
+    assert f.commit_failover(p).state == S.FailedOver
+    assert not f.commit_failover(p).changed
+
+
+def test_cancel_returns_to_replicating_and_is_idempotent(subject: Subject) -> None:
+    f, p = subject.fabric, subject.p
+    protected(subject)
+    f.failover(p)
+    r = f.cancel_failover(p)
+    assert r.changed and r.state == S.Replicating
+    assert not f.cancel_failover(p).changed
+    assert f.replication_health(p).state == S.Replicating
+
+
+def test_failover_to_an_exact_older_point_takes_that_point(subject: Subject) -> None:
+    """The contract a consistency group relies on: PointChoice.id is that point or an error, never
+    "latest" instead."""
+    f, p = subject.fabric, subject.p
+    protected(subject, points=3)
+    pts = f.recovery_points(p)
+    assert len(pts) >= 2, pts
+    older = pts[-2]
+    r = f.failover(p, PointChoice(id=older.id))
+    assert r.changed and r.point is not None and r.point.id == older.id, r
+
+
+def test_failover_to_a_point_that_is_not_there_is_refused(subject: Subject) -> None:
+    from siterecovery.errors import NotFoundError
+
+    f, p = subject.fabric, subject.p
+    protected(subject)
+    with pytest.raises(NotFoundError, match="no recovery point matches point nosuch"):
+        f.failover(p, PointChoice(id="nosuch"))
+    assert f.replication_health(p).state == S.Replicating  # nothing moved
