@@ -146,3 +146,15 @@ def test_failover_to_a_point_that_is_not_there_is_refused(subject: Subject) -> N
     with pytest.raises(NotFoundError, match="no recovery point matches point nosuch"):
         f.failover(p, PointChoice(id="nosuch"))
     assert f.replication_health(p).state == S.Replicating  # nothing moved
+
+
+def test_suspend_and_resume_are_idempotent(subject: Subject) -> None:
+    f, p = subject.fabric, subject.p
+    protected(subject, points=1)
+    r = f.suspend(p)
+    assert r.changed and r.state == S.Suspended
+    assert not f.suspend(p).changed
+    assert f.replication_health(p).state == S.Suspended
+    r = f.resume(p)
+    assert r.changed and r.state == S.Replicating
+    assert not f.resume(p).changed
