@@ -8,7 +8,8 @@ STATE  ?= .siterecovery
 UI_PORT ?= 4200
 # The UI server's database: postgres (a private PostgreSQL 15 cluster in $(STATE)/postgres) or sqlite.
 DB ?= postgres
-PYTEST_ARGS ?=
+# The 25 slowest tests are listed at the end of every run: where CI time goes.
+PYTEST_ARGS ?= --durations=25
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/$(STATE)/prefect
