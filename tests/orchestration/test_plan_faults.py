@@ -162,3 +162,20 @@ def test_script_hanging_past_its_timeout_then_rerun(estate, tmp_path: Path) -> N
         for op in STATE_CHANGING:
             assert len(e.calls(op, vm)) == 1, (op, vm)
     assert os.path.exists(again["report"])
+
+
+def test_planned_failover_with_the_primary_site_gone_stops_at_once_then_unplanned_recovers(estate) -> None:  # type: ignore[no-untyped-def]
+    """The primary site is lost before anyone starts a planned failover: it needs the source hosts (shut
+    down, final sync), so it stops in its first batch, names the unreachable hosts, fails nothing over,
+    and says what to do; the unplanned failover then recovers every VM on the recovery site."""
+    e = estate()
+    for h in ("src-1", "src-2"):
+        e.fabric.set_unreachable(h)
+    with pytest.raises(PlanFailed) as exc:  # it ends (the test's timeout would say if it waited on)
+        recovery_plan(plan="app", project=str(e.root), failover_type=FailoverType.planned, confirm="app")
+    first = exc.value.summary
+    assert first["status"] == "failed" and any("unreachable" in f for f in first["failures"]), first["failures"]
+    assert e.calls("failover") == [] and e.calls("start_vm") == []  # nothing moved at the recovery site
+    out = recovery_plan(plan="app", project=str(e.root), failover_type=FailoverType.unplanned, confirm="app")
+    assert out["status"] == "succeeded", out
+    assert all(e.vm(vm)["state"] == "FailedOver" for vm in ("db-1", "db-2", "web-1", "web-2", "web-3"))
