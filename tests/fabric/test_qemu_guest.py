@@ -86,6 +86,14 @@ def run_trial(tmp_path: Path, cycles: int, seed: int, restart: bool = False) -> 
                 assert all(c.get("since") for c in rec.cbt.values()), rec.cbt
         assert all(x is not None and x < 5 for x in pauses), pauses
         assert n > 3
+        # Pending changes of a running QEMU VM come from its dirty bitmap: measured (an int), and the
+        # guest's writes since the last point show up in it.
+        assert isinstance(f.replication_health(p).pending_bytes, int)
+        with f._vm(p) as box:
+            assert box[0] is not None
+            srcs = f._source_status(box[0], p, f._disk_status(box[0], p))
+        assert [s["how"] for s in srcs] == ["dirty bitmap"] * 2, srcs  # not a scan of the image file
+        wait_for("the guest's writes to show as pending", lambda: (f.replication_health(p).pending_bytes or 0) > 0, 120)
         # kill -9 QEMU at a random moment of a cycle (during the capture, the read, or after)
         pid = int((run / "vm.pid").read_text())
         killer = threading.Timer(rnd.uniform(0.0, 0.6), os.kill, (pid, signal.SIGKILL))

@@ -982,13 +982,29 @@ class LinuxFabric:
         holds, and the bytes changed since (engine.source_status; None when unknown)."""
         src = self._ep(p.source)
         limit = str(int(self.opts.get("pending_scan_bytes", 1 << 30)))
+        dirty = self._dirty_counts(vm, p)
         out = []
         for d, st in zip(self._disks(vm), statuses, strict=True):
             argv = ["source-status", "--disk", vm.paths[d][p.source.name], "--state", self._src_state(p.source, p.vm, d),
                     "--scan-limit", limit]
-            out.append(src.call([*argv, "--gen", st["gen"]]) if st.get("gen") else
-                       {"tracked": False, "pending_bytes": None, "how": "no replica"})
+            got = (src.call([*argv, "--gen", st["gen"]]) if st.get("gen") else
+                   {"tracked": False, "pending_bytes": None, "how": "no replica"})
+            cbt = vm.cbt.get(d) or {}
+            if got.get("tracked") and st.get("gen") in cbt.get("since", ()) and cbt.get("bitmap") in dirty:
+                # A running QEMU VM: the bitmap started at the point the replica holds counts every byte
+                # written since, whatever the image format (a scan of a qcow2 file measures nothing).
+                got = {**got, "pending_bytes": dirty[cbt["bitmap"]], "how": "dirty bitmap"}
+            elif got.get("tracked") and self._format(vm, d, p.source) == "qcow2":
+                got = {**got, "pending_bytes": None, "how": "qcow2 image without a usable bitmap: unknown"}
+            out.append(got)
         return out
+
+    def _dirty_counts(self, vm: _VM, p: Placement) -> dict[str, int]:
+        """Running QEMU VM: bytes written per dirty bitmap (qemu.status); {} otherwise."""
+        if p.compute is None or p.compute.backend != "qemu" or not vm.cbt:
+            return {}
+        st = self._ep(p.source).call(["qemu-status", "--run", self._run_dir(p.source, p.vm), "--name", "vm"])
+        return dict(st.get("dirty") or {})
 
     def _mismatches(self, vm: _VM, p: Placement, statuses: list[dict[str, Any]]) -> list[str]:
         """Per replica disk that fails the quick check (or a scrub): host, VM, disk and what differs."""

@@ -171,9 +171,13 @@ def status(run: str, name: str) -> dict[str, Any]:
         return {"running": False, "status": "off", "pid": None}
     try:
         st = qmp(p["qmp"], "query-status")
+        nodes = qmp(p["qmp"], "query-named-block-nodes", {"flat": True})
     except QemuError as exc:
         return {"running": True, "status": "unknown", "pid": pid, "error": str(exc)}
-    return {"running": st.get("status") == "running", "status": st.get("status"), "pid": pid}
+    # Bytes each dirty bitmap has seen written (a capture starts one: writes since that point).
+    dirty = {b["name"]: int(b.get("count", 0)) for n in nodes for b in n.get("dirty-bitmaps", [])
+             if b.get("recording") and not b.get("inconsistent")}
+    return {"running": st.get("status") == "running", "status": st.get("status"), "pid": pid, "dirty": dirty}
 
 
 def control(run: str, name: str, command: str) -> dict[str, Any]:
