@@ -264,13 +264,14 @@ class LinuxFabric:
         return child(self.root, "vms", vm, suffix=".json")
 
     @contextlib.contextmanager
-    def _vm(self, p: Placement) -> Iterator[list[_VM | None]]:
+    def _vm(self, p: Placement, op: str | None = None) -> Iterator[list[_VM | None]]:
         """The VM's record under an exclusive lock; whatever the block leaves in box[0] is saved.
 
         A wait for the lock says what it waits for (the holder's pid and operation, from the lock
-        file) and gives up after the option `vm_lock_wait` (300 s) with a Busy error naming them."""
+        file) and gives up after the option `vm_lock_wait` (300 s) with a Busy error naming them.
+        `op` names the operation; by default the with-statement's caller (the driver operation)."""
         path = self._state_path(p.vm)
-        op = sys._getframe(2).f_code.co_name  # the driver operation that asked (a with-statement's caller)
+        op = op or sys._getframe(2).f_code.co_name
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             lf = open(path.with_suffix(".lock"), "a+")  # noqa: SIM115 - closed below
@@ -805,7 +806,7 @@ class LinuxFabric:
         with contextlib.ExitStack() as stack:
             vms: list[_VM] = []
             for p in ps:
-                box = stack.enter_context(self._vm(p))
+                box = stack.enter_context(self._vm(p, f"replicate_group {group}"))
                 with self._errors(p, "replicate", p.source):
                     vms.append(self._need(box[0], p, "replicate", S.Replicating))
                 if vms[-1].resync_required:
