@@ -118,6 +118,19 @@ def outcome(fut: PrefectFuture[Any]) -> tuple[Any, BaseException | None]:
     return value, exc
 
 
+def collect(futs: dict[str, PrefectFuture[Any]]) -> tuple[dict[str, Any], dict[str, BaseException]]:
+    """Every VM's task value, and the errors apart: one VM's failure does not hide the others'."""
+    done: dict[str, Any] = {}
+    errors: dict[str, BaseException] = {}
+    for vm, fut in futs.items():
+        value, exc = outcome(fut)
+        if exc is not None:
+            errors[vm] = exc
+        else:
+            done[vm] = value
+    return done, errors
+
+
 def fail_if(errors: dict[str, BaseException], total: int, flow_name: str) -> None:
     if errors:
         lines = "; ".join(f"{vm}: {exc}" for vm, exc in sorted(errors.items()))
@@ -476,15 +489,11 @@ def resynchronize(pairing: str, project: str = "plans", vms: list[str] | None = 
         ensure_host_limits([sc.placements[vm] for vm in marked])
         ledger = transfer_ledger(sc, log)
         futs = {vm: resync_vm.submit(sc.driver(sc.placements[vm]), sc.placements[vm], ledger) for vm in marked}
-        steps, errors = [], {}
+        done, errors = collect(futs)
+        steps = list(done.values())
         with core.pairing_state(sc.state, pairing) as ps:
-            for vm, fut in futs.items():
-                step, exc = outcome(fut)
-                if exc is not None:
-                    errors[vm] = exc
-                else:
-                    steps.append(step)
-                    ps.failed_cycles.pop(vm, None)
+            for vm in done:
+                ps.failed_cycles.pop(vm, None)
         report = ResyncReport(status="failed" if errors else "resynchronized", window=window, waited_seconds=waited,
                               candidates=marked, steps=tuple(steps))
         log.info("resynchronize %s: %s", pairing, ", ".join(f"{s.vm}: {s.message}" for s in steps))
@@ -624,13 +633,8 @@ def _each_vm(pairing: str, project: str, vms: list[str] | None, fabric: str | No
     log = get_run_logger()
     with scope(pairing, project, vms, fabric) as sc:
         futs = {vm: task_.submit(sc.driver(p), p, *args) for vm, p in sc.placements.items()}
-        steps, errors = [], {}
-        for vm, fut in futs.items():
-            step, exc = outcome(fut)
-            if exc is not None:
-                errors[vm] = exc
-            else:
-                steps.append(step)
+        done, errors = collect(futs)
+        steps = list(done.values())
         log.info("%s %s: %s", flow_name, pairing, ", ".join(f"{s.vm}: {s.message}" for s in steps))
         fail_if(errors, len(sc.placements), flow_name)
         return steps
