@@ -62,3 +62,11 @@ def test_any_data_shape_gives_problems_not_crashes(data: object) -> None:
         doc["kind"] = kind
         model, problems = parse_document(doc, SourceMap("shape.yaml"))
         assert model is not None or problems
+
+
+def test_a_kind_that_is_a_list_or_a_mapping_is_a_problem_not_a_crash() -> None:
+    # Found by test_mutated_yaml_gives_plan_errors_only in CI: `kind:` followed by a list raised TypeError.
+    for text in ("kind:\n  - name: x\n", "kind: {a: 1}\n"):
+        (doc,) = load_documents("fuzz.yaml", text)
+        model, problems = parse_document(doc.data, doc.source)
+        assert model is None and problems and "'kind' must be one of" in problems[0].message

@@ -144,7 +144,7 @@ def parse_document(data: Any, source: SourceMap) -> tuple[BaseModel | None, list
         return None, [source.problem((), "expected a mapping with a 'kind' field at the top")]
     problems = scan_secrets(data, source)
     kind = data.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:  # a list or a mapping is no kind (and cannot be hashed)
         msg = f"'kind' must be one of {', '.join(KINDS)}" + (f" (got {kind!r})" if kind is not None else "")
         return None, problems + [source.problem(("kind",) if "kind" in data else (), msg)]
     try:
