@@ -409,7 +409,10 @@ def same_cause(failed: list[tuple[str, str, str]]) -> list[tuple[str, list[str]]
             out.append((f"{members[0][1]}: {members[0][2]}", vms))
         else:
             cause = re.sub(r" \[[^\]]*\]", "", members[0][2])
-            out.append((f"{len(members)} VMs failed the same way ({', '.join(m[1] for m in members)}): {cause}",
+            # The host, when every VM of the line failed on the same one (a host down): still named.
+            hosts = {h.group(1) if (h := re.search(r"host=([^,\]]+)", m[2])) else None for m in members}
+            on = f" on host {hosts.pop()}" if len(hosts) == 1 and None not in hosts else ""
+            out.append((f"{len(members)} VMs failed the same way ({', '.join(m[1] for m in members)}){on}: {cause}",
                         vms))
     return out
 
