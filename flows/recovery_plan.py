@@ -158,9 +158,12 @@ class _Run:
     approvals: list[ApprovalRecord] = field(default_factory=list)
     stopped: str | None = None
     dry_run: bool = False
-    # Members of consistency groups: each VM's exact part of its group's chosen group point.
-    points: dict[str, PointChoice] = field(default_factory=dict)
+    # The group point each consistency group of the plan fails over to (_pin_group_points).
     group_points: list[GroupPoint] = field(default_factory=list)
+
+    def point_for(self, vm: str) -> PointChoice:
+        """A group member's exact part of its group point; the run's choice for every other VM."""
+        return next((member_choices(gp)[vm] for gp in self.group_points if vm in gp.members), self.compiled.point)
 
     def kind(self, host: str | None) -> str:
         if self.fabric:
@@ -275,7 +278,6 @@ def _pin_group_points(run: _Run) -> str | None:
                                                                "group_point": gp.model_dump(mode="json")})
             run.log.info("consistency group %s: every member fails over to group point %s (%s-consistent, %s)",
                          g.name, gp.id, gp.consistency, gp.created_at.isoformat())
-        run.points.update(member_choices(gp))
         run.group_points.append(gp)
     return None
 
@@ -318,7 +320,7 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
         job = VMJob(id=steps[0].id, label=steps[0].label, vm=vm, placement=placements[vm], steps=tuple(steps),
                     fabric=run.kind(steps[0].host), fabric_options=run.fabric_options, state_dir=str(run.state),
                     plan=run.compiled.plan, intent=run.intent.id, resumed=run.intent.resumed,
-                    point=run.points.get(vm, run.compiled.point), test_network=run.compiled.options.test_network,
+                    point=run.point_for(vm), test_network=run.compiled.options.test_network,
                     slots_key=key)
         futures[vm] = vm_task.submit(steps[0].label, job, run.flow_run,
                                      wait_for=[futures[d] for d in deps if d in futures])  # type: ignore[call-overload]
