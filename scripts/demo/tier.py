@@ -4,7 +4,8 @@
   db   keeps its rows on a raw disk image (the replicated disk): a header block with the row count,
        then one 4 KiB slot per row, each write fsynced row first and header last, so any
        crash-consistent copy of the image reads back a whole prefix of the rows;
-  app  the order API, in front of db;
+  app  the order API, in front of db: each order is written to the orders db (--upstream), then its
+       payment to the payments db (--payments), so payments trail orders by at most one at any moment;
   web  the page, in front of app.
 
 Quiesce protocol for app-consistent recovery points: `tier.py freeze DISK` asks db to finish its write
@@ -28,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 SLOT = 4096
+ORDER_LOCK = threading.Lock()  # app: orders are written one at a time (order, then its payment)
 
 
 class Disk:
@@ -69,6 +71,8 @@ class Disk:
             self._wait_thawed()
             head = self._read_block(0) or {"count": 0}
             n = head["count"]
+            if n and "order" in row and (self._read_block(n) or {}).get("order") == row["order"]:
+                return n  # a payment retried after its first write went in: written once
             if (n + 2) * SLOT > os.fstat(self.fd).st_size:
                 raise OSError("disk full")
             os.pwrite(self.fd, data.ljust(SLOT, b"\0"), (n + 1) * SLOT)
@@ -96,6 +100,20 @@ def fetch(url: str, body: dict | None = None, timeout: float = 5.0) -> dict:
         return json.loads(r.read())
 
 
+def pay(payment: dict, url: str, patience: float = 120.0) -> None:
+    """Write an order's payment, retrying: an order left without its payment would break the invariant
+    for good (the next order's payment would land in its place)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fetch(url + "/rows", payment, timeout=60)
+            return
+        except (urllib.error.URLError, OSError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def make_handler(tier: str, args: argparse.Namespace, disk: Disk | None):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, fmt: str, *a: object) -> None:  # keep the VM's log quiet but useful
@@ -117,13 +135,17 @@ def make_handler(tier: str, args: argparse.Namespace, disk: Disk | None):
         def do_GET(self) -> None:  # noqa: N802
             try:
                 if self.path == "/health":
-                    if args.upstream:
-                        fetch(args.upstream + "/health")
+                    for below in (args.upstream, getattr(args, "payments", None)):
+                        if below:
+                            fetch(below + "/health")
                     return self.reply(200, {"tier": tier, "site": args.site, "ok": True})
                 if tier == "db" and self.path == "/rows":
                     return self.reply(200, {"rows": disk.rows()})  # type: ignore[union-attr]
                 if tier == "app" and self.path == "/orders":
-                    return self.reply(200, {"orders": fetch(args.upstream + "/rows")["rows"], "site": args.site})
+                    out = {"orders": fetch(args.upstream + "/rows")["rows"], "site": args.site}
+                    if args.payments:
+                        out["payments"] = fetch(args.payments + "/rows")["rows"]
+                    return self.reply(200, out)
                 if tier == "web" and self.path in ("/", "/orders"):
                     orders = fetch(args.upstream + "/orders")
                     if self.path == "/orders":
@@ -138,9 +160,18 @@ def make_handler(tier: str, args: argparse.Namespace, disk: Disk | None):
             try:
                 if tier == "db" and self.path == "/rows":
                     return self.reply(200, {"count": disk.append(self.body())})  # type: ignore[union-attr]
-                if tier in ("app", "web") and self.path == "/orders":
-                    target = "/rows" if tier == "app" else "/orders"
-                    return self.reply(200, fetch(args.upstream + target, self.body()))
+                if tier == "app" and self.path == "/orders":
+                    order = self.body()
+                    # One order at a time, its payment included: a customer who gave up waiting (a frozen
+                    # db) must not leave its order half done while the next one goes in, or payments would
+                    # trail orders by more than one and the check could not tell that from a torn point.
+                    with ORDER_LOCK:
+                        done = fetch(args.upstream + "/rows", order, timeout=60)
+                        if args.payments:  # the order is in; its payment follows (the cross-VM invariant)
+                            pay({"order": done["count"], "item": order.get("item")}, args.payments)
+                    return self.reply(200, done)
+                if tier == "web" and self.path == "/orders":
+                    return self.reply(200, fetch(args.upstream + "/orders", self.body()))
                 self.reply(404, {"error": "not found"})
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 self.reply(503, {"error": str(exc)})
@@ -199,6 +230,8 @@ def main() -> None:
         p.add_argument("--site", default="?")
         p.add_argument("--disk", required=(tier == "db"))
         p.add_argument("--upstream", required=(tier != "db"), help="URL of the tier below")
+        if tier == "app":
+            p.add_argument("--payments", help="URL of the payments db (each order's payment is written there)")
     for cmd in ("freeze", "thaw"):
         p = sub.add_parser(cmd)
         p.add_argument("disk")

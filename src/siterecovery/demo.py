@@ -36,10 +36,11 @@ from .project import Project, load_project
 SSHD = "/usr/sbin/sshd"
 PLAN = "shop"
 PAIRING = "shop"
-VMS = ("db-01", "app-01", "web-01")  # boot order; host numbers .11, .12, .13 on every subnet
+VMS = ("db-01", "db-02", "app-01", "web-01")  # boot order (the databases before the app)
+HOST_NUMBERS = (11, 12, 13, 14)  # db-01, app-01, web-01, db-02 on every subnet
 SUBNET = {"primary": "127.10.0", "recovery": "127.20.0", "test": "127.30.0"}
 TEMPLATE_PORT = 8080
-DISK_MIB = {"db-01": 16, "app-01": 1, "web-01": 1}
+DISK_MIB = {"db-01": 16, "db-02": 16, "app-01": 1, "web-01": 1}
 
 
 def web_url(where: str, port: int) -> str:
@@ -239,7 +240,7 @@ class Writer(threading.Thread):
 # ---- the estate ----------------------------------------------------------------------------------
 @dataclass
 class Estate:
-    """The demo's two sites and the shop's three VMs, driven through the linux fabric."""
+    """The demo's two sites and the shop's four VMs, driven through the linux fabric."""
 
     checkout: Path
     state: Path
@@ -271,7 +272,7 @@ class Estate:
         clean(self.state)
         self.state.mkdir(parents=True)
         self.sshd = start_sshd(self.state / "sshd") if self.use_ssh else None
-        hosts = [f"{SUBNET[s]}.{n}" for s in SUBNET for n in (11, 12, 13)]
+        hosts = [f"{SUBNET[s]}.{n}" for s in SUBNET for n in HOST_NUMBERS]
         self.port = free_port(hosts, TEMPLATE_PORT)
         write_project(self.checkout, self.state, self.port, self.sshd)
         self.project = load_project(self.project_dir)
@@ -307,10 +308,17 @@ class Estate:
         return self.each(self.fabric.start_initial_replication)
 
     def cycle(self) -> list[OpResult]:
-        """One app-consistent delta cycle of every VM (db is held by tier.py freeze/thaw meanwhile)."""
-        assert self.fabric is not None
+        """One app-consistent delta cycle of every VM: a consistency group's members together (the two
+        databases, both held by tier.py freeze/thaw at one instant), every other VM on its own."""
+        assert self.fabric is not None and self.project is not None
         f = self.fabric
-        return self.each(lambda p: f.replicate(p, consistency="app"))
+        out: list[OpResult] = []
+        grouped: set[str] = set()
+        for g in self.project.protection.consistency_groups:
+            out += f.replicate_group([self.placements[vm] for vm in g.vms], g.name, consistency="app")
+            grouped.update(g.vms)
+        return out + self.each(lambda p: f.replicate(p, consistency="app"),
+                               tuple(vm for vm in VMS if vm not in grouped))
 
     def stop_workload(self) -> None:
         """Stop the shop wherever it runs now (after the failback: the primary site)."""
@@ -378,5 +386,5 @@ def drill_leftovers(state: Path, port: int) -> list[str]:
     network. Empty after a clean drill."""
     left = [str(p) for p in (state / "sites").glob("*/*/test")]
     left += [f"process {p}" for p in processes_under(state / "sites") if "/test/" in p]
-    left += [f"{SUBNET['test']}.{n}:{port} answers" for n in (11, 12, 13) if answers(f"http://{SUBNET['test']}.{n}:{port}")]
+    left += [f"{SUBNET['test']}.{n}:{port} answers" for n in HOST_NUMBERS if answers(f"http://{SUBNET['test']}.{n}:{port}")]
     return left

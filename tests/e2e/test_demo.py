@@ -78,6 +78,10 @@ def _check_demo(cli: list[str], env: dict[str, str], state: Path, tmp_path: Path
     # The test copies' data came from the recovery point: the check script ran in the plan and passed.
     html = next(r for r in reports if "-test-" in r.name).read_text()
     assert "check-shop" in html and "drill-sign-off" in html
+    # The database tier is one consistency group: both databases came up from one group point, and the
+    # plan's check found every payment matching its order in the test copies.
+    assert checks["drill_databases_from_one_group_point"] and drill["group_points"].get("shop-db", "").startswith("shop-db@")
+    assert "payments match their orders" in (state / "demo.log").read_text()
     # Nothing left running: no VM, agent or sshd of this state, and no Prefect server of this PREFECT_HOME.
     assert processes_under(state) == []
     assert _with_env(f"PREFECT_HOME={tmp_path / 'prefect'}") == []
