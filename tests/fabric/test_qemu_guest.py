@@ -270,3 +270,58 @@ def test_drill_planned_failover_and_failback_of_a_real_guest(tmp_path: Path) -> 
             for name in ("vm", "test"):
                 qemu.stop(f._run_dir(host, p.vm), name, 0)
         f.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_unplanned_failover_of_a_real_guest_then_failback(tmp_path: Path) -> None:
+    """The primary dies (kill -9 of QEMU) and stays dead: the unplanned failover boots the latest point,
+    which the guest finds whole and continues. The old primary's disks went on past that point before it
+    died; reverse replication brings them back to the recovery site's data, and a planned failback boots
+    the guest at home on exactly what it wrote at the recovery site."""
+    from estate import reverse
+
+    from siterecovery.fabric.base import ReplicationState as S
+
+    p, disks = two_disk_vm(tmp_path)
+    f = fabric(tmp_path / "state", stop_grace=0)
+    reps = [Path(f._replica_image(p, d, None)) for d in ("vda", "vdb")]
+    pb = reverse(p)
+    src_serial = _serial(f, p.source, p.vm)
+    try:
+        f.enable_replication(p)
+        assert f.start_vm(p, side="source").changed
+        wait_for("the guest's first records", lambda: acks(src_serial) >= 3, BOOT)
+        f.start_initial_replication(p)
+        before = acks(src_serial)
+        f.replicate(p)
+        point = check_point(reps, before)
+        n = acks(src_serial)
+        wait_for("the guest to write past the point", lambda: acks(src_serial) > n + 5, BOOT)
+        os.kill(int((Path(f._run_dir(p.source, p.vm)) / "vm.pid").read_text()), signal.SIGKILL)
+        wait_for("QEMU to die", lambda: not qemu.status(f._run_dir(p.source, p.vm), "vm")["pid"], 30)
+        assert records(disks[0], "vda") > point  # the dead primary holds writes the replica never got
+
+        assert f.failover(p).state == S.FailedOverWaitingCompletion
+        assert f.start_vm(p, side="target").changed
+        at_recovery = _serial(f, p.target, p.vm)
+        wait_for("the guest at the recovery site", lambda: acks(at_recovery) >= point + 3, BOOT)
+        assert f"GUEST writing from {point + 1} ".encode() in at_recovery.read_bytes()  # the point, whole
+        assert f.commit_failover(p).state == S.FailedOver
+        assert f.reverse_replication(p).state == S.Replicating
+        before = acks(at_recovery)
+        f.replicate(pb)
+        check_point(disks, before)  # the old primary now holds the recovery site's records, not its own
+
+        assert f.prepare_planned_failover(pb).state == S.PreparedForFailover
+        held = check_point(disks, acks(at_recovery))
+        assert f.failover(pb).changed
+        assert f.start_vm(pb, side="target").changed
+        wait_for("the guest back home", lambda: f"GUEST writing from {held + 1} ".encode()
+                 in (src_serial.read_bytes() if src_serial.exists() else b""), BOOT)
+        assert f.commit_failover(pb).changed
+    finally:
+        for host in (p.source, p.target):
+            for name in ("vm", "test"):
+                qemu.stop(f._run_dir(host, p.vm), name, 0)
+        f.close()
