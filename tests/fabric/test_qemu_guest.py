@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -31,16 +32,21 @@ MiB = 1 << 20
 BOOT = 420  # seconds: TCG on a loaded 2-core machine boots the Debian kernel in ~20-60 s
 
 
-def two_disk_vm(tmp_path: Path) -> tuple[Placement, list[Path]]:
+def two_disk_vm(tmp_path: Path, vdb_qcow2: bool = False) -> tuple[Placement, list[Path]]:
+    """vdb_qcow2: the second disk is a qcow2 image at the primary (persistent dirty bitmaps)."""
     k = kit()
     a = local_host("ny-h1", "ny", tmp_path / "ra")
     b = local_host("chi-h1", "chi", tmp_path / "rb")
-    disks = [tmp_path / "vda.img", tmp_path / "vdb.img"]
+    disks = [tmp_path / "vda.img", tmp_path / ("vdb.qcow2" if vdb_qcow2 else "vdb.img")]
     for d in disks:
+        if d.suffix == ".qcow2":
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d), "16M"], check=True)
+            continue
         with open(d, "wb") as f:
             f.truncate(16 * MiB)
     compute = Compute(backend="qemu", kernel=str(k / "vmlinuz"), initrd=str(k / "initramfs.gz"), accel="tcg",
-                      append="console=ttyS0 quiet srmode={{ 'check' if test else 'write' }}")
+                      append="console=ttyS0 quiet srmode={{ 'check' if test else 'write' }}",
+                      formats={"vdb": "qcow2"} if vdb_qcow2 else {})
     p = Placement(
         vm="guest", pairing="ny-chi", source=a, target=b,
         policy=ReplicationPolicy(name="p", copy_frequency_seconds=30, recovery_history_hours=4),
@@ -201,12 +207,13 @@ def test_drill_planned_failover_and_failback_of_a_real_guest(tmp_path: Path) -> 
     - a planned failover loses nothing: the replica holds every record the guest acknowledged before
       its shutdown, and the guest started at the recovery site goes on from the next record;
     - reverse replication, then a planned failback: the primary's disks hold every record the guest
-      acknowledged at the recovery site, and the guest at home goes on from there."""
+      acknowledged at the recovery site, and the guest at home goes on from there.
+    Its second disk is qcow2 at the primary: tracked by a persistent bitmap, replicated as raw."""
     from estate import reverse
 
     from siterecovery.fabric.base import ReplicationState as S
 
-    p, disks = two_disk_vm(tmp_path)
+    p, disks = two_disk_vm(tmp_path, vdb_qcow2=True)
     f = fabric(tmp_path / "state", stop_grace=0)
     reps = [Path(f._replica_image(p, d, None)) for d in ("vda", "vdb")]
     pb = reverse(p)
@@ -217,7 +224,13 @@ def test_drill_planned_failover_and_failback_of_a_real_guest(tmp_path: Path) -> 
         f.start_initial_replication(p)
         before = acks(_serial(f, p.source, p.vm))
         f.replicate(p)
-        check_point(reps, before)
+        check_point(reps, before)  # the replica of the qcow2 disk holds the guest's bytes (raw)
+        # Pending changes of both disks, the qcow2 one too, come from their dirty bitmaps.
+        with f._vm(p) as box:
+            assert box[0] is not None
+            srcs = f._source_status(box[0], p, f._disk_status(box[0], p))
+        assert [s["how"] for s in srcs] == ["dirty bitmap"] * 2, srcs
+        wait_for("the guest's writes to show as pending", lambda: (f.replication_health(p).pending_bytes or 0) > 0, 120)
 
         # The drill: the test copy of the latest point checks its own records; production replicates on.
         f.test_failover(p)
@@ -247,7 +260,9 @@ def test_drill_planned_failover_and_failback_of_a_real_guest(tmp_path: Path) -> 
         assert rev.state == S.Replicating
         before = acks(at_recovery)
         f.replicate(pb)
-        check_point(disks, before)  # the primary's disks are now the replica
+        # The primary's disks are now the replica, raw like every replica: the qcow2 image's container
+        # was replaced by the guest's bytes (docs/ENGINE.md, Formats).
+        check_point(disks, before)
 
         # Planned failback: the same at home.
         assert f.prepare_planned_failover(pb).state == S.PreparedForFailover
