@@ -348,5 +348,10 @@ def test_qemu_vm_starts_pauses_continues_and_stops(tmp_path: Path) -> None:
         assert f.vm_control(p, "status") == {"running": False, "status": "off", "pid": None}
         assert not f.stop_vm(p, side="source").changed
     finally:
-        f.stop_vm(p, side="source")
-        f.close()
+        try:
+            f.stop_vm(p, side="source")
+        finally:  # whatever failed (even the QMP client's import), no QEMU outlives the test
+            pidfile = Path(f._run_dir(p.source, p.vm)) / "vm.pid"
+            if pidfile.exists() and alive(str(pidfile)):
+                os.kill(int(pidfile.read_text()), 9)
+            f.close()
