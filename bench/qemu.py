@@ -1,6 +1,7 @@
 """Changed-block tracking against the full-scan engine and rsync, on a disk of a running QEMU, in one run.
 
     python -m bench.qemu [--sizes 1,4,16] [--rounds 2] [--fraction 0.01] [--dir DIR] [--out FILE]
+    python -m bench.qemu --rpo [--rate 20] [--every 5] [--rpo-seconds 120] [--rpo-size 4]
 
 Per size: a random raw image attached to a running QEMU (TCG, no guest kernel: the firmware idles, so the
 machine runs and the capture's stop/cont window is real); an initial copy; then per round 1% of its 64 KiB
@@ -12,6 +13,11 @@ a replica up to date, each with its own replica:
   rsync rsync --inplace --no-whole-file of the image file.
 Also the guest's pause per capture (the stop/cont window). Page cache warmed alike before each tool.
 Writes results/qemu.json; docs/BENCHMARKS.md quotes it.
+
+--rpo: the sustained RPO instead. The guest writes --rate MB/s (1 MiB writes at random offsets through the
+VM's device) while a cycle (capture, delta of the dirty blocks, apply, teardown) starts every --every
+seconds; reports each cycle's time and the worst RPO (commit of a point minus the capture of the one
+before), and checks the last replica against the disk. Writes results/qemu-rpo.json.
 """
 
 from __future__ import annotations
@@ -163,6 +169,123 @@ def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool, 
                 p.unlink()
 
 
+class SteadyWriter:
+    """A guest writing at a steady rate: 1 MiB writes at random 1 MiB-aligned offsets through the VM's
+    device (HMP qemu-io on a second QMP monitor, so the capture's own QMP session is never kept waiting)."""
+
+    def __init__(self, sock: str, size: int, rate_mbps: float, source: Path, seed: int = 7) -> None:
+        import threading
+
+        self.sock, self.size, self.interval = sock, size, 1.0 / max(rate_mbps, 0.1)
+        # Incompressible data (1 MiB of random bytes, written at every offset): compression cannot hide
+        # the volume from the transfer.
+        source.write_bytes(os.urandom(MiB))
+        self.source = source
+        self.rnd = random.Random(seed)
+        self.written = 0
+        self.late = 0.0  # seconds the writer fell behind its schedule (the machine could not keep up)
+        self.halt = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="bench-writer")
+
+    def _run(self) -> None:
+        from qemu.qmp import QMPClient
+
+        async def go() -> None:
+            c = QMPClient("bench-writer")
+            await c.connect(self.sock)
+            try:
+                due = time.monotonic()
+                while not self.halt.is_set():
+                    off = self.rnd.randrange(self.size // MiB) * MiB
+                    out = await c.execute("human-monitor-command", {
+                        "command-line": f'qemu-io -d /machine/peripheral/vd0/virtio-backend "write -s {self.source} {off} 1M"'})
+                    assert out == "", out
+                    self.written += MiB
+                    due += self.interval
+                    lag = due - time.monotonic()
+                    if lag > 0:
+                        await asyncio.sleep(lag)
+                    else:
+                        self.late = max(self.late, -lag)
+            finally:
+                await c.disconnect()
+        try:
+            asyncio.run(go())
+        except BaseException as exc:  # noqa: BLE001 - reported by the bench
+            self.error = exc
+
+
+def bench_rpo(work: Path, size: int, seconds: float, rate_mbps: float, every: float) -> dict[str, Any]:
+    """Sustained RPO: the guest writes `rate_mbps` MB/s while a cycle starts every `every` seconds (or at
+    once when the previous one overran). RPO at a moment is its distance to the capture of the newest
+    committed point; its worst case is just before a commit: commit(k) - capture(k-1)."""
+    disk = work / "rpo-disk.img"
+    image(disk, size)
+    run = str(work / "rpo-run")
+    writer_sock = str(work / "rpo-writer.sock")
+    qemu.start(run, "vm", {"accel": "tcg", "memory_mb": 64, "disks": [{"path": str(disk), "format": "raw"}],
+                           "args": ["-qmp", f"unix:{writer_sock},server=on,wait=off"]})
+    try:
+        rep = Target(work, "rpo")
+        v = qemu.capture(run, "vm", [{"node": "d0", "format": "raw", "prev": None}], "i")
+        rep.cycle(disk, "full", nbd={"socket": v["socket"], "export": v["disks"][0]["export"]})
+        qemu.release(run, "vm", v, ok=True)
+        prev, last_capture = v["disks"][0]["new_bitmap"], time.monotonic()
+        w = SteadyWriter(writer_sock, size, rate_mbps, work / "rpo-writes.bin")
+        w.thread.start()
+        cycles: list[dict[str, Any]] = []
+        t0 = time.monotonic()
+        nxt = t0 + every
+        while time.monotonic() - t0 < seconds and w.error is None:
+            time.sleep(max(0.0, nxt - time.monotonic()))
+            t_cap = time.monotonic()
+            view = qemu.capture(run, "vm", [{"node": "d0", "format": "raw", "prev": prev}], f"c{len(cycles)}")
+            d = view["disks"][0]
+            try:
+                sent = rep.cycle(disk, "delta", nbd={"socket": view["socket"], "export": d["export"],
+                                                     "bitmap": f"qemu:dirty-bitmap:{d['bitmap']}"})
+            finally:
+                qemu.release(run, "vm", view, ok=True)
+            t_commit = time.monotonic()
+            prev = d["new_bitmap"]
+            cycles.append({"cycle_s": round(t_commit - t_cap, 2), "rpo_before_commit_s": round(t_commit - last_capture, 2),
+                           "bytes": sent["bytes"], "blocks": sent.get("blocks"), "pause_s": view["window_seconds"]})
+            log("rpo cycle", cycles[-1])
+            last_capture = t_cap
+            nxt = max(t_cap + every, time.monotonic())
+        w.halt.set()
+        w.thread.join(30)
+        if w.error is not None:
+            raise w.error
+        wrote_s = time.monotonic() - t0
+        # The replica of a last point taken with the writer stopped equals the disk.
+        view = qemu.capture(run, "vm", [{"node": "d0", "format": "raw", "prev": prev}], "last")
+        d = view["disks"][0]
+        try:
+            rep.cycle(disk, "delta", nbd={"socket": view["socket"], "export": d["export"],
+                                          "bitmap": f"qemu:dirty-bitmap:{d['bitmap']}"})
+        finally:
+            qemu.release(run, "vm", view, ok=True)
+        assert rep.rep is not None
+        same = file_digest(rep.rep.path) == file_digest(str(disk))
+        assert same, "the replica differs from the disk"
+        rpos = sorted(c["rpo_before_commit_s"] for c in cycles)
+        return {"size": size, "seconds": round(wrote_s, 1), "target_MBps": rate_mbps,
+                "written_MBps": round(w.written / wrote_s / 1e6, 1), "writer_fell_behind_s": round(w.late, 2),
+                "cycle_every_s": every, "cycles": len(cycles),
+                "sent_MBps": round(sum(c["bytes"] for c in cycles) / wrote_s / 1e6, 1),
+                "cycle_s_mean": round(sum(c["cycle_s"] for c in cycles) / max(1, len(cycles)), 2),
+                "cycle_s_max": max((c["cycle_s"] for c in cycles), default=None),
+                "rpo_s_median": rpos[len(rpos) // 2] if rpos else None,
+                "rpo_s_p95": rpos[min(len(rpos) - 1, int(len(rpos) * 0.95))] if rpos else None,
+                "rpo_s_max": rpos[-1] if rpos else None,
+                "pause_s_max": max((c["pause_s"] for c in cycles if c["pause_s"] is not None), default=None),
+                "replica_identical": same, "runs": cycles}
+    finally:
+        qemu.stop(run, "vm", 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.qemu")
     ap.add_argument("--sizes", default="1,4,16", help="GiB, comma-separated")
@@ -173,12 +296,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rsync-max", type=float, default=1e9, help="GiB: skip rsync for larger disks (its copy's space and time)")
     ap.add_argument("--dir", default=None, help="scratch directory (needs 3x the largest size free)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "qemu.json"))
+    ap.add_argument("--rpo", action="store_true", help="measure the sustained RPO instead (results/qemu-rpo.json)")
+    ap.add_argument("--rpo-size", type=float, default=4, help="GiB, with --rpo")
+    ap.add_argument("--rpo-seconds", type=float, default=120, help="how long the guest writes, with --rpo")
+    ap.add_argument("--rate", type=float, default=20, help="MB/s the guest writes, with --rpo")
+    ap.add_argument("--every", type=float, default=5, help="seconds between cycles, with --rpo")
     a = ap.parse_args(argv)
     work = Path(a.dir or tempfile.mkdtemp(prefix="sr-bench-qemu-"))
     work.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"machine": machine(), "command": "python -m bench.qemu " + " ".join(argv or sys.argv[1:]),
                            "sizes": []}
     t0 = time.time()
+    if a.rpo:
+        out = a.out if a.out != ap.get_default("out") else str(ROOT / "bench" / "results" / "qemu-rpo.json")
+        try:
+            res["rpo"] = bench_rpo(work, int(a.rpo_size * GiB), a.rpo_seconds, a.rate, a.every)
+        finally:
+            if not a.dir:
+                shutil.rmtree(work, ignore_errors=True)
+        res["wall_s"] = round(time.time() - t0, 1)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in res["rpo"].items() if k != "runs"}, indent=1))
+        return 0
     try:
         for s in a.sizes.split(","):
             res["sizes"].append(bench_size(work, int(float(s) * GiB), a.rounds, a.fraction,
