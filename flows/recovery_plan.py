@@ -50,6 +50,7 @@ from siterecovery.report import (
     ScriptRecord,
     StepRecord,
     TrendPoint,
+    VMFailure,
     positions,
     render_html,
     render_markdown,
@@ -60,6 +61,7 @@ from siterecovery.report import (
     trend_svg,
     trends_key,
     trends_markdown,
+    vm_failure,
     way_back,
 )
 from tasks.fabric import get_fabric, result_storage
@@ -151,8 +153,8 @@ class _Run:
     # VMs whose failover never started because their replication is not enabled: nothing to clean up.
     unprotected: set[str] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)
-    # Failed VMs as (vm, step label, reason), for the report's one line per cause across batches.
-    vm_failures: list[tuple[str, str, str]] = field(default_factory=list)
+    # Failed VMs, for the report's one line per cause across batches.
+    vm_failures: list[VMFailure] = field(default_factory=list)
     vm_lines: set[str] = field(default_factory=set)
     not_run: list[str] = field(default_factory=list)  # step labels skipped because a VM they boot after failed
     approvals: list[ApprovalRecord] = field(default_factory=list)
@@ -176,7 +178,7 @@ class _Run:
             self.failed_vms.add(vm)
         self.log.error("%s", what)
 
-    def fail_vms(self, failed: list[tuple[str, str, str]]) -> None:
+    def fail_vms(self, failed: list[VMFailure]) -> None:
         """VMs of one batch failed: one error line per cause (not one per VM)."""
         for what, vms in same_cause(failed):
             self.fail(what, vms[0])
@@ -327,7 +329,7 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
     _settle(futures.values())
     run.log.info("%s: done in %.2f s", batch.name, time.monotonic() - t0)
     best_effort = all(s.best_effort for s in batch.steps)
-    failed: list[tuple[str, str, str]] = []
+    failed: list[VMFailure] = []
     for vm, fut in futures.items():
         status, exc = _outcome(fut)
         if status == "failed":
@@ -339,7 +341,7 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
             elif best_effort:
                 run.log.warning("%s failed (best effort, going on): %s", todo[vm][0].label, _reason(exc))
             else:
-                failed.append((vm, todo[vm][0].label, _reason(exc)))
+                failed.append(vm_failure(vm, todo[vm][0].label, exc))
         elif status == "skipped" and not best_effort:
             # A consequence of the failure that is reported: the report lists the VM as skipped.
             run.failed_vms.add(vm)

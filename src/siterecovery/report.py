@@ -9,6 +9,7 @@ so that every report computes them the same way.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from typing import Literal
@@ -16,6 +17,7 @@ from typing import Literal
 from jinja2 import Environment, StrictUndefined, select_autoescape
 from pydantic import Field
 
+from .errors import ExecutionError, SiteRecoveryError
 from .groups import GroupPoint
 from .model.common import Frozen
 
@@ -391,29 +393,60 @@ def render_html(report: RunReport) -> str:
                                             groups=report.groups())
 
 
-def same_cause(failed: list[tuple[str, str, str]]) -> list[tuple[str, list[str]]]:
-    """(vm, step label, reason) per failed VM -> one failure line per distinct reason, with its VMs.
+@dataclass(frozen=True)
+class VMFailure:
+    """One VM that failed in a batch, with its error's own attributes (not its rendered text): `reason` is
+    what the operator reads for this VM alone; `cause` the error without this VM's context, the same for
+    every VM it hit."""
+
+    vm: str
+    label: str
+    reason: str
+    cause: str
+    operation: str | None = None
+    host: str | None = None
+    error_id: str | None = None
+    kind: str = ""
+
+    def key(self) -> tuple[str, str | None, str | None, str]:
+        """What makes two failures the same way to fail: the kind of error, the operation, the error id and
+        the message, with the VM's own name in it taken as any VM's."""
+        cause = re.sub(rf"(?<![\w-]){re.escape(self.vm)}(?![\w-])", "{vm}", self.cause) if self.vm else self.cause
+        return self.kind, self.operation, self.error_id, cause
+
+
+def vm_failure(vm: str, label: str, exc: BaseException | None) -> VMFailure:
+    """The failure of `vm`'s step `label` from the exception its task raised (None: no error was kept)."""
+    if exc is None:
+        return VMFailure(vm=vm, label=label, reason="failed", cause="failed")
+    if isinstance(exc, ExecutionError):
+        cause = " ".join([exc.message, *([f"(error id: {exc.error_id})"] if exc.error_id else []),
+                          *([f"Next: {exc.hint}"] if exc.hint else [])])
+        return VMFailure(vm=vm, label=label, reason=str(exc), cause=cause, operation=exc.operation, host=exc.host,
+                         error_id=exc.error_id, kind=type(exc).__name__)
+    text = str(exc) if isinstance(exc, SiteRecoveryError) else f"{type(exc).__name__}: {exc}"
+    return VMFailure(vm=vm, label=label, reason=text, cause=text, kind=type(exc).__name__)
+
+
+def same_cause(failed: list[VMFailure]) -> list[tuple[str, list[str]]]:
+    """Failed VMs -> one failure line per distinct cause, with its VMs.
 
     One missing precondition (replication not enabled, a host down) fails every VM of a batch the same
-    way: the operator reads one line naming the cause and the VMs, not the same error once per VM."""
-    groups: dict[str, list[tuple[str, str, str]]] = {}
-    for vm, label, reason in failed:
-        # The cause without its per-VM context ("[vm=.., host=.., operation=..]"): the same for every VM.
-        cause = re.sub(r" \[[^\]]*\]", "", reason)
-        key = re.sub(rf"(?<![\w-]){re.escape(vm)}(?![\w-])", "{vm}", cause) if vm else cause  # the name only
-        groups.setdefault(key, []).append((vm, label, reason))
+    way: the operator reads one line naming the cause, the VMs and the host(s) they failed on, not the same
+    error once per VM."""
+    groups: dict[tuple[str, str | None, str | None, str], list[VMFailure]] = {}
+    for f in failed:
+        groups.setdefault(f.key(), []).append(f)
     out: list[tuple[str, list[str]]] = []
     for members in groups.values():
-        vms = [m[0] for m in members]
+        vms = [m.vm for m in members]
         if len(members) == 1:
-            out.append((f"{members[0][1]}: {members[0][2]}", vms))
-        else:
-            cause = re.sub(r" \[[^\]]*\]", "", members[0][2])
-            # The host, when every VM of the line failed on the same one (a host down): still named.
-            hosts = {h.group(1) if (h := re.search(r"host=([^,\]]+)", m[2])) else None for m in members}
-            on = f" on host {hosts.pop()}" if len(hosts) == 1 and None not in hosts else ""
-            out.append((f"{len(members)} VMs failed the same way ({', '.join(m[1] for m in members)}){on}: {cause}",
-                        vms))
+            out.append((f"{members[0].label}: {members[0].reason}", vms))
+            continue
+        hosts = list(dict.fromkeys(m.host for m in members if m.host))
+        on = f" on host {hosts[0]}" if len(hosts) == 1 else f" on hosts {', '.join(hosts)}" if hosts else ""
+        out.append((f"{len(members)} VMs failed the same way ({', '.join(m.label for m in members)}){on}: "
+                    f"{members[0].cause}", vms))
     return out
 
 
