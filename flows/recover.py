@@ -24,19 +24,18 @@ from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from siterecovery.compile import RunOptions
 from siterecovery.estate import open_estate
 from siterecovery.intent import Intent, IntentJournal, os_user
-from siterecovery.model import Direction, FailoverType
+from siterecovery.model import Direction
 from siterecovery.placement import plan_placements
 from siterecovery.report import RunReport, StepRecord
+from siterecovery.request import ConfirmationRequired, RunRequest
 from tasks.limits import RunRefused, live_run
 from tasks.vm import vm_operation
 
 from .forms import RecoverAdvanced, fabric_of, requester
 from .recovery_plan import (
     MAX_WORKERS,
-    ConfirmationRequired,
     PlanFailed,
     _write_report,
     execute_plan,
@@ -52,15 +51,6 @@ def stopped_failover(state: Any, plan: str) -> dict[str, Any] | None:
     found = [e for e in IntentJournal(state).open_entries()
              if (e.get("params") or {}).get("plan") == plan and (e.get("params") or {}).get("failover_type") != "test"]
     return found[-1] if found else None
-
-
-def _resume(plan: str, project: str, entry: dict[str, Any], requested_by: str) -> dict[str, Any]:
-    p = dict(entry["params"])
-    return execute_plan(plan, FailoverType(p["failover_type"]), Direction(p["direction"]), p["recovery_point"],
-                        datetime.fromisoformat(p["point_in_time"]) if p.get("point_in_time") else None,
-                        RunOptions.model_validate(p["options"]), project, p.get("fabric"), plan, entry["id"],
-                        p.get("failure_policy"), p.get("fabric_options"), p.get("host_limit"), p.get("site_limit"),
-                        requested_by)
 
 
 def execute_recover(plan: str, action: Action, confirm: str = "", project: str = "plans",
@@ -80,7 +70,7 @@ def execute_recover(plan: str, action: Action, confirm: str = "", project: str =
                              "or was cancelled); start a new one from failover/" + rp.name)
         log.info("resuming intent %s (%s failover started %s)", entry["id"], entry["params"]["failover_type"],
                  entry.get("created"))
-        return _resume(rp.name, project, entry, requested_by)
+        return execute_plan(RunRequest.resume(entry["params"], entry["id"], project, requested_by))
     params = (entry or {}).get("params") or {}
     fabric = fabric or params.get("fabric")
     fabric_options = fabric_options if fabric_options is not None else params.get("fabric_options")

@@ -35,6 +35,7 @@ from siterecovery.errors import (
 )
 from siterecovery.estate import open_estate
 from siterecovery.fabric import PointChoice
+from siterecovery.fabric.base import PointKind
 from siterecovery.groups import GroupPoint, choose_group_point, group_points, member_choices
 from siterecovery.intent import Intent, IntentJournal, RunLock, StepJournal, intent_key, os_user
 from siterecovery.model import Direction, FailoverType, FailurePolicy, ManualAction, ScriptAction
@@ -64,6 +65,7 @@ from siterecovery.report import (
     vm_failure,
     way_back,
 )
+from siterecovery.request import RunRequest
 from tasks.fabric import get_fabric, result_storage
 from tasks.limits import Reservation, ensure_limits, limit_name, live_run, reclaim_and_say
 from tasks.runtime import task_outcome
@@ -75,13 +77,6 @@ from .approval import describe, request_approval
 # VM tasks mostly wait on the fabric (or on their host's slot): more threads than cores. The limits,
 # not this number, bound what runs against the estate.
 MAX_WORKERS = 32
-
-PointKind = Literal["latest", "latest_processed", "latest_app_consistent", "point_in_time"]
-
-
-class ConfirmationRequired(ConfigurationError):
-    """A planned or unplanned failover was started without `confirm` naming the plan."""
-
 
 class _ExpectedErrors(logging.Filter):
     """Prefect logs the exception that ends a flow run with its traceback. An error this project raises
@@ -122,14 +117,6 @@ def load_plan(plan: str, project: str | Path = "plans") -> tuple[Project, PlanSo
     if plan not in proj.plans:
         raise ConfigurationError(f"unknown plan '{plan}' in {proj.root} (known: {', '.join(sorted(proj.plans)) or 'none'})")
     return proj, proj.plans[plan]
-
-
-def check_confirm(plan: str, failover_type: FailoverType, confirm: str) -> None:
-    """Planned and unplanned failovers change production: the caller must name the plan to confirm."""
-    if failover_type != FailoverType.test and confirm != plan:
-        raise ConfirmationRequired(
-            f"a {failover_type.value} failover of '{plan}' changes production; confirm it by passing "
-            f"confirm='{plan}' (CLI: --confirm {plan}). Drills (test failovers) need no confirmation")
 
 
 @dataclass
@@ -547,35 +534,17 @@ def _update_trends(report: RunReport, state: Path, rpo: float | None, rto: float
                              description=f"{report.plan}: achieved RTO and RPO of the last {len(points)} drill(s)")
 
 
-def execute_plan(
-    plan: str,
-    failover_type: FailoverType = FailoverType.test,
-    direction: Direction = Direction.forward,
-    recovery_point: PointKind = "latest",
-    point_in_time: datetime | None = None,
-    options: RunOptions | None = None,
-    project: str = "plans",
-    fabric: str | None = None,
-    confirm: str = "",
-    intent: str | None = None,
-    failure_policy: FailurePolicy | None = None,
-    fabric_options: dict[str, Any] | None = None,
-    host_limit: int | None = None,
-    site_limit: int | None = None,
-    requested_by: str = "",
-) -> dict[str, Any]:
+def execute_plan(request: RunRequest) -> dict[str, Any]:
     """Run a plan inside the current flow run; the summary (a report is written either way).
-    `requested_by`: who asked (a UI form's required field); empty: the OS user (a CLI run).
+    `request.requested_by`: who asked (a UI form's required field); empty: the OS user (a CLI run).
     Raises PlanFailed (with the summary) when the run did not complete."""
     log = get_run_logger()
     started = datetime.now(UTC)
-    options = options or RunOptions()
-    proj, source = load_plan(plan, project)
+    proj, source = load_plan(request.plan, request.project)
     rp = source.plan
-    check_confirm(rp.name, failover_type, confirm)
-    if recovery_point == "point_in_time" and point_in_time is None:
-        raise ConfigurationError("recovery_point 'point_in_time' needs point_in_time")
-    point = PointChoice(kind=recovery_point, at=point_in_time)
+    request.check(rp.name)
+    failover_type, direction, options, fabric = request.failover_type, request.direction, request.options, request.fabric
+    point = request.point
     compiled = compile_plan(proj, rp, failover_type, direction, point, options)
     state = open_estate(proj.root)
     ctx = FlowRunContext.get()
@@ -585,15 +554,9 @@ def execute_plan(
                      point=point.model_dump(mode="json"), options=options.model_dump(mode="json"), fabric=fabric)
     journal_ = IntentJournal(state)
     # A test failover always cleans up after itself: nothing to resume, each drill starts afresh.
-    the_intent = journal_.begin(key, prefix=f"{rp.name}-{failover_type.value}", explicit=intent,
-                                fresh=failover_type == FailoverType.test and not intent,
-                                params={"plan": rp.name, "failover_type": failover_type.value,
-                                        "direction": direction.value, "recovery_point": recovery_point,
-                                        "point_in_time": point_in_time.isoformat() if point_in_time else None,
-                                        "options": options.model_dump(mode="json"), "fabric": fabric,
-                                        "failure_policy": failure_policy.value if failure_policy else None,
-                                        "fabric_options": fabric_options, "host_limit": host_limit,
-                                        "site_limit": site_limit})
+    the_intent = journal_.begin(key, prefix=f"{rp.name}-{failover_type.value}", explicit=request.intent,
+                                fresh=failover_type == FailoverType.test and not request.intent,
+                                params=request.params(rp.name))
     lock = RunLock(state, the_intent.id)
     earlier = lock.acquire(flow_run)
     owned = ExitStack()
@@ -607,11 +570,11 @@ def execute_plan(
         names: dict[str, int | None] = {}
         for s in steps:
             if s.kind == "vm":
-                names[limit_name("host", s.host or "")] = host_limit
-                names[limit_name("site", s.site or "")] = site_limit
+                names[limit_name("host", s.host or "")] = request.host_limit
+                names[limit_name("site", s.site or "")] = request.site_limit
         run = _Run(compiled=compiled, project=proj, source=source, state=state, intent=the_intent,
                    journal=StepJournal(state, the_intent.id), flow_run=flow_run, fabric=fabric,
-                   fabric_options=dict(fabric_options or {}), policy=failure_policy or rp.failure_policy,
+                   fabric_options=dict(request.fabric_options or {}), policy=request.failure_policy or rp.failure_policy,
                    limits=(limits := ensure_limits(names)), log=log,
                    slots=Reservation(f"{flow_run}:slots", limits, state / "leases"))
         run.dry_run = {run.kind(s.host) for s in steps if s.kind == "vm"} == {"memory"}
@@ -671,8 +634,8 @@ def execute_plan(
         where = positions(step_recs) if status != "succeeded" and failover_type != FailoverType.test else []
         choices = way_back(rp.name, where) if where else []
         report = RunReport(plan=rp.name, plan_version=rp.version, failover_type=failover_type.value,
-                           direction=direction.value, recovery_point=recovery_point + (
-                               f" at {point_in_time.isoformat()}" if point_in_time else ""),
+                           direction=direction.value, recovery_point=request.recovery_point + (
+                               f" at {request.point_in_time.isoformat()}" if request.point_in_time else ""),
                            failure_policy=run.policy.value, intent=the_intent.id, resumed=the_intent.resumed,
                            flow_run_id=flow_run, fabric=fabric or ", ".join(sorted({run.kind(s.host) for s in steps
                                                                                    if s.kind == "vm"})),
@@ -680,7 +643,7 @@ def execute_plan(
                            approvals=tuple(approvals), group_points=tuple(run.group_points), scripts=tuple(script_recs), failures=tuple(run.reported_failures()),
                            operator=os_user(), audit=tuple(_audit(run, step_recs, closed)), superseded=tuple(closed),
                            positions=tuple(where), choices=tuple(choices),
-                           requested_by=requested_by or f"{os_user()} (OS user of a command-line run)",
+                           requested_by=request.requested_by or f"{os_user()} (OS user of a command-line run)",
                            rpo_objective_seconds=rp.objectives.rpo_seconds,
                            rto_objective_seconds=rp.objectives.rto_seconds)
         path = _write_report(report, state)
@@ -742,5 +705,8 @@ def recovery_plan(
         site_limit: set the Prefect concurrency limit of each site touched (default: keep the server's; 16 when missing).
         requested_by: who asks for this run; empty: the OS user running it.
     """
-    return execute_plan(plan, failover_type, direction, recovery_point, point_in_time, options, project, fabric,
-                        confirm, intent, failure_policy, fabric_options, host_limit, site_limit, requested_by)
+    return execute_plan(RunRequest(
+        plan=plan, failover_type=failover_type, direction=direction, recovery_point=recovery_point,
+        point_in_time=point_in_time, options=options, project=project, fabric=fabric, confirm=confirm, intent=intent,
+        failure_policy=failure_policy, fabric_options=fabric_options, host_limit=host_limit, site_limit=site_limit,
+        requested_by=requested_by))
