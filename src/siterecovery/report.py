@@ -9,17 +9,22 @@ so that every report computes them the same way.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from jinja2 import Environment, StrictUndefined, select_autoescape
 from pydantic import Field
 
 from .errors import ExecutionError, SiteRecoveryError
 from .groups import GroupPoint
+from .model import ScriptAction
 from .model.common import Frozen
+
+if TYPE_CHECKING:
+    from .compile import Step
 
 StepStatus = Literal["completed", "cached", "failed", "skipped"]
 
@@ -100,6 +105,68 @@ class AuditRecord(Frozen):
 
 # Fabric operations that only read: not audited. Everything else a step does changes the estate.
 READ_OPERATIONS = frozenset({"replication_health", "recovery_points", "vm_state"})
+
+
+def run_records(steps: Iterable[Step], entries: Mapping[str, Mapping[str, Any]],
+                flow_run: str | None) -> tuple[list[StepRecord], list[ScriptRecord]]:
+    """The report's VM step and script records of one run, in plan order: the compiled `steps` (batches,
+    then cleanup) joined with the intent's journal `entries` (step id -> its latest entry). A step no run
+    of the intent finished is skipped; one an earlier run (not `flow_run`) completed is cached."""
+    out: list[StepRecord] = []
+    scripts: list[ScriptRecord] = []
+    for s in steps:
+        e = entries.get(s.id)
+        earlier = e is not None and e["flow_run"] != flow_run
+        if s.kind == "vm":
+            if e is None:
+                out.append(StepRecord(id=s.id, label=s.label, stage=s.stage, operation=s.operation, group=s.group,
+                                      vm=s.vm, host=s.host, status="skipped"))
+                continue
+            rec = StepRecord.model_validate(e["record"])
+            if earlier and rec.status == "completed":
+                rec = rec.model_copy(update={"status": "cached"})
+            out.append(rec)
+        elif s.kind == "script":
+            if e is None:
+                assert isinstance(s.action, ScriptAction)
+                scripts.append(ScriptRecord(step_id=s.id, action=s.action.name, group=s.group, vm=s.vm,
+                                            host=s.action.host, status="skipped"))
+                continue
+            srec = ScriptRecord.model_validate(e["record"])
+            if earlier and srec.status == "completed":
+                srec = srec.model_copy(update={"status": "cached"})
+            scripts.append(srec)
+    return out, scripts
+
+
+def audit_records(steps: Iterable[StepRecord], entries: Mapping[str, Mapping[str, Any]],
+                  approvals: Iterable[ApprovalRecord], closed: Iterable[str], flow_run: str | None, who: str,
+                  now: datetime) -> list[AuditRecord]:
+    """Who did what when: one row per state-changing fabric call the intent made (cached ones with the
+    run and user that made them, from the journal `entries`), per approval decision and per earlier run
+    taken over (`closed`, at `now`); by time. `who`: the user of this run, for rows the journal does not name."""
+    rows: list[AuditRecord] = [AuditRecord(at=now, who=who, flow_run=flow_run, kind="run", action="took over",
+                                           target=c, outcome="marked Crashed") for c in closed]
+    for s in steps:
+        if s.operation in READ_OPERATIONS or s.status == "skipped":
+            continue
+        e = entries.get(s.id) or {}
+        outcome: str = "cached (done by an earlier run)" if s.status == "cached" else s.status
+        if s.status == "failed" and s.error:
+            outcome = f"failed: {s.error}"
+        elif s.changed is False:
+            outcome += " (no change needed)"
+        rows.append(AuditRecord(at=s.started_at, who=e.get("user") or who, flow_run=e.get("flow_run", flow_run),
+                                kind="fabric", action=s.operation, target=f"{s.vm or ''} on {s.host or '?'}",
+                                outcome=outcome))
+    for a in approvals:
+        approver = a.approver or ("(nobody answered)" if a.decision == "timed_out" else "(unnamed)")
+        rows.append(AuditRecord(at=a.answered_at or a.requested_at, who=approver, flow_run=flow_run, kind="approval",
+                                action=a.action, target=f"group {a.group or '(plan)'}; approver group "
+                                f"{a.approver_group or 'any'}", outcome=a.decision + (f", ticket {a.ticket}"
+                                                                                      if a.ticket else "")))
+    far = datetime.max.replace(tzinfo=UTC)
+    return sorted(rows, key=lambda x: x.at or far)
 
 
 class VMPosition(Frozen):
