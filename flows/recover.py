@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from prefect import flow
-from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -30,7 +29,7 @@ from siterecovery.model import Direction
 from siterecovery.placement import plan_placements
 from siterecovery.report import RunReport, StepRecord
 from siterecovery.request import ConfirmationRequired, RunRequest
-from tasks.limits import RunRefused, live_run
+from tasks.limits import RunRefused
 from tasks.vm import vm_operation
 
 from .forms import RecoverAdvanced, fabric_of, requester
@@ -41,6 +40,7 @@ from .recovery_plan import (
     execute_plan,
     load_plan,
 )
+from .session import RunSession
 
 Action = Literal["resume", "commit", "cancel-failover"]
 OPERATION = {"commit": "commit_failover", "cancel-failover": "cancel_failover"}
@@ -75,14 +75,14 @@ def execute_recover(plan: str, action: Action, confirm: str = "", project: str =
     fabric = fabric or params.get("fabric")
     fabric_options = fabric_options if fabric_options is not None else params.get("fabric_options")
     way = direction or Direction(params.get("direction", "forward"))
-    ctx = FlowRunContext.get()
-    flow_run = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
     placements = plan_placements(proj, rp, way)
     started = datetime.now(UTC)
     op = OPERATION[action]
     records: list[StepRecord] = []
     failures: list[str] = []
-    with live_run(state, rp.name, list(placements), flow_run, action):
+    # Commit and cancel act on the stopped failover's intent; they do not run one: the session holds the plan.
+    with RunSession(state, rp.name, placements, action, log) as session:
+        flow_run = session.flow_run
         futures: dict[str, PrefectFuture[Any]] = {}
         for vm, pl in placements.items():
             kind = fabric or pl.target.fabric.value
