@@ -9,18 +9,10 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.forms import (
-    FailoverAdvanced,
-    FailoverOptions,
-    PointKind,
-    fabric_of,
-    failover_options,
-    point_in_time,
-    policy,
-    requester,
-)
+from flows.forms import FailoverAdvanced, FailoverOptions, failover_request
 from flows.recovery_plan import MAX_WORKERS, execute_plan
-from siterecovery.model import Direction, FailoverType
+from siterecovery.fabric.base import PointKind
+from siterecovery.model import Direction
 
 
 @flow(name="failover", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))  # type: ignore[arg-type]
@@ -43,8 +35,5 @@ def failover(confirm: str, failover_type: Literal["planned", "unplanned"], reque
         options: shut down the sources, commit, reverse replication.
         advanced: project, fabric, point in time, failure policy, intent, limits, driver options.
     """
-    return execute_plan(plan, FailoverType(failover_type), direction, recovery_point,
-                        point_in_time(advanced.point_in_time, recovery_point), failover_options(options),
-                        advanced.project, fabric_of(advanced.fabric), confirm, advanced.intent or None,
-                        policy(advanced.failure_policy), advanced.fabric_options or None,
-                        advanced.host_limit or None, advanced.site_limit or None, requested_by=requester(requested_by))
+    return execute_plan(failover_request(confirm, failover_type, requested_by, plan, recovery_point, direction, options,
+                                         advanced))

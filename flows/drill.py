@@ -12,10 +12,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from siterecovery.compile import RunOptions
-from siterecovery.model import FailoverType
-
-from .forms import DrillAdvanced, fabric_of, requester
+from .forms import DrillAdvanced, drill_request
 from .recovery_plan import MAX_WORKERS, execute_plan
 
 
@@ -31,7 +28,4 @@ def dr_drill(plan: str, requested_by: str, cleanup: Literal["immediate", "after_
         cleanup: immediate, or after_approval: the test VMs stay up until someone approves 'drill finished'.
         advanced: project directory, fabric, test network and driver options.
     """
-    return execute_plan(plan, FailoverType.test,
-                        options=RunOptions(cleanup=cleanup, test_network=advanced.test_network or None),
-                        project=advanced.project, fabric=fabric_of(advanced.fabric),
-                        fabric_options=advanced.fabric_options or None, requested_by=requester(requested_by))
+    return execute_plan(drill_request(plan, requested_by, cleanup, advanced))

@@ -1,7 +1,7 @@
 """The parameter forms of the deployments operators run from the Prefect UI (`dr-drill/<plan>`,
 `failover/<plan>`): everyday fields first, expert ones under `advanced`, help text on every field,
 choices instead of free text, and no optional (None) types, which the UI renders as "Property is type
-None". Pure pydantic: the flows turn these into execute_plan's arguments.
+None". Pure pydantic: the flows turn these into one RunRequest (drill_request, failover_request).
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from siterecovery.compile import RunOptions
 from siterecovery.errors import ConfigurationError
-from siterecovery.model import FailurePolicy
+from siterecovery.fabric.base import PointKind
+from siterecovery.model import Direction, FailoverType, FailurePolicy
+from siterecovery.request import RunRequest
 
 # "topology": every host on the fabric the topology gives it; otherwise every host on this kind.
 FabricChoice = Literal["topology", "memory", "linux", "hyperv"]
-PointKind = Literal["latest", "latest_processed", "latest_app_consistent", "point_in_time"]
 
 
 class _Form(BaseModel):
@@ -109,3 +110,24 @@ def requester(requested_by: str) -> str:
         raise ConfigurationError("requested_by is empty: name the person (or ticket) asking for this run; "
                                  "the Prefect UI has no login, so the report can only say what is typed here")
     return who
+
+
+def drill_request(plan: str, requested_by: str, cleanup: Literal["immediate", "after_approval"],
+                  advanced: DrillAdvanced) -> RunRequest:
+    """The `dr-drill` form as a run request: a test failover."""
+    return RunRequest(plan=plan, failover_type=FailoverType.test,
+                      options=RunOptions(cleanup=cleanup, test_network=advanced.test_network or None),
+                      project=advanced.project, fabric=fabric_of(advanced.fabric),
+                      fabric_options=advanced.fabric_options or None, requested_by=requester(requested_by))
+
+
+def failover_request(confirm: str, failover_type: Literal["planned", "unplanned"], requested_by: str, plan: str,
+                     recovery_point: PointKind, direction: Direction, options: FailoverOptions,
+                     advanced: FailoverAdvanced) -> RunRequest:
+    """The `failover` form as a run request: a planned or unplanned failover."""
+    return RunRequest(plan=plan, failover_type=FailoverType(failover_type), direction=direction,
+                      recovery_point=recovery_point, point_in_time=point_in_time(advanced.point_in_time, recovery_point),
+                      options=failover_options(options), project=advanced.project, fabric=fabric_of(advanced.fabric),
+                      confirm=confirm, intent=advanced.intent or None, failure_policy=policy(advanced.failure_policy),
+                      fabric_options=advanced.fabric_options or None, host_limit=advanced.host_limit or None,
+                      site_limit=advanced.site_limit or None, requested_by=requester(requested_by))

@@ -19,29 +19,28 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from prefect import flow
-from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from siterecovery.compile import RunOptions
 from siterecovery.estate import open_estate
 from siterecovery.intent import Intent, IntentJournal, os_user
-from siterecovery.model import Direction, FailoverType
+from siterecovery.model import Direction
 from siterecovery.placement import plan_placements
 from siterecovery.report import RunReport, StepRecord
-from tasks.limits import RunRefused, live_run
+from siterecovery.request import ConfirmationRequired, RunRequest
+from tasks.limits import RunRefused
 from tasks.vm import vm_operation
 
 from .forms import RecoverAdvanced, fabric_of, requester
 from .recovery_plan import (
     MAX_WORKERS,
-    ConfirmationRequired,
     PlanFailed,
     _write_report,
     execute_plan,
     load_plan,
 )
+from .session import RunSession
 
 Action = Literal["resume", "commit", "cancel-failover"]
 OPERATION = {"commit": "commit_failover", "cancel-failover": "cancel_failover"}
@@ -52,15 +51,6 @@ def stopped_failover(state: Any, plan: str) -> dict[str, Any] | None:
     found = [e for e in IntentJournal(state).open_entries()
              if (e.get("params") or {}).get("plan") == plan and (e.get("params") or {}).get("failover_type") != "test"]
     return found[-1] if found else None
-
-
-def _resume(plan: str, project: str, entry: dict[str, Any], requested_by: str) -> dict[str, Any]:
-    p = dict(entry["params"])
-    return execute_plan(plan, FailoverType(p["failover_type"]), Direction(p["direction"]), p["recovery_point"],
-                        datetime.fromisoformat(p["point_in_time"]) if p.get("point_in_time") else None,
-                        RunOptions.model_validate(p["options"]), project, p.get("fabric"), plan, entry["id"],
-                        p.get("failure_policy"), p.get("fabric_options"), p.get("host_limit"), p.get("site_limit"),
-                        requested_by)
 
 
 def execute_recover(plan: str, action: Action, confirm: str = "", project: str = "plans",
@@ -80,19 +70,19 @@ def execute_recover(plan: str, action: Action, confirm: str = "", project: str =
                              "or was cancelled); start a new one from failover/" + rp.name)
         log.info("resuming intent %s (%s failover started %s)", entry["id"], entry["params"]["failover_type"],
                  entry.get("created"))
-        return _resume(rp.name, project, entry, requested_by)
+        return execute_plan(RunRequest.resume(entry["params"], entry["id"], project, requested_by))
     params = (entry or {}).get("params") or {}
     fabric = fabric or params.get("fabric")
     fabric_options = fabric_options if fabric_options is not None else params.get("fabric_options")
     way = direction or Direction(params.get("direction", "forward"))
-    ctx = FlowRunContext.get()
-    flow_run = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
     placements = plan_placements(proj, rp, way)
     started = datetime.now(UTC)
     op = OPERATION[action]
     records: list[StepRecord] = []
     failures: list[str] = []
-    with live_run(state, rp.name, list(placements), flow_run, action):
+    # Commit and cancel act on the stopped failover's intent; they do not run one: the session holds the plan.
+    with RunSession(state, rp.name, placements, action, log) as session:
+        flow_run = session.flow_run
         futures: dict[str, PrefectFuture[Any]] = {}
         for vm, pl in placements.items():
             kind = fabric or pl.target.fabric.value

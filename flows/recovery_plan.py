@@ -12,7 +12,6 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -35,51 +33,46 @@ from siterecovery.errors import (
 )
 from siterecovery.estate import open_estate
 from siterecovery.fabric import PointChoice
+from siterecovery.fabric.base import PointKind
 from siterecovery.groups import GroupPoint, choose_group_point, group_points, member_choices
-from siterecovery.intent import Intent, IntentJournal, RunLock, StepJournal, intent_key, os_user
+from siterecovery.intent import Intent, StepJournal, intent_key, os_user
 from siterecovery.model import Direction, FailoverType, FailurePolicy, ManualAction, ScriptAction
 from siterecovery.paths import child
-from siterecovery.placement import plan_placements
 from siterecovery.project import PlanSource, Project, load_project
 from siterecovery.report import (
     POINT_OPERATIONS,
-    READ_OPERATIONS,
     ApprovalRecord,
-    AuditRecord,
     RunReport,
-    ScriptRecord,
-    StepRecord,
     TrendPoint,
+    VMFailure,
+    audit_records,
     positions,
     render_html,
     render_markdown,
     report_filename,
+    run_records,
     same_cause,
     stop_line,
     trend_point,
     trend_svg,
     trends_key,
     trends_markdown,
+    vm_failure,
     way_back,
 )
+from siterecovery.request import RunRequest
 from tasks.fabric import get_fabric, result_storage
-from tasks.limits import Reservation, ensure_limits, limit_name, live_run, reclaim_and_say
+from tasks.limits import Reservation, ensure_limits, limit_name
 from tasks.runtime import task_outcome
 from tasks.script import ScriptJob, run_script, script_cache_key
 from tasks.vm import VMJob, job_cache_key, run_vm_steps
 
 from .approval import describe, request_approval
+from .session import IntentStart, RunSession
 
 # VM tasks mostly wait on the fabric (or on their host's slot): more threads than cores. The limits,
 # not this number, bound what runs against the estate.
 MAX_WORKERS = 32
-
-PointKind = Literal["latest", "latest_processed", "latest_app_consistent", "point_in_time"]
-
-
-class ConfirmationRequired(ConfigurationError):
-    """A planned or unplanned failover was started without `confirm` naming the plan."""
-
 
 class _ExpectedErrors(logging.Filter):
     """Prefect logs the exception that ends a flow run with its traceback. An error this project raises
@@ -122,14 +115,6 @@ def load_plan(plan: str, project: str | Path = "plans") -> tuple[Project, PlanSo
     return proj, proj.plans[plan]
 
 
-def check_confirm(plan: str, failover_type: FailoverType, confirm: str) -> None:
-    """Planned and unplanned failovers change production: the caller must name the plan to confirm."""
-    if failover_type != FailoverType.test and confirm != plan:
-        raise ConfirmationRequired(
-            f"a {failover_type.value} failover of '{plan}' changes production; confirm it by passing "
-            f"confirm='{plan}' (CLI: --confirm {plan}). Drills (test failovers) need no confirmation")
-
-
 @dataclass
 class _Run:
     """What one run keeps while it executes."""
@@ -151,8 +136,8 @@ class _Run:
     # VMs whose failover never started because their replication is not enabled: nothing to clean up.
     unprotected: set[str] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)
-    # Failed VMs as (vm, step label, reason), for the report's one line per cause across batches.
-    vm_failures: list[tuple[str, str, str]] = field(default_factory=list)
+    # Failed VMs, for the report's one line per cause across batches.
+    vm_failures: list[VMFailure] = field(default_factory=list)
     vm_lines: set[str] = field(default_factory=set)
     not_run: list[str] = field(default_factory=list)  # step labels skipped because a VM they boot after failed
     approvals: list[ApprovalRecord] = field(default_factory=list)
@@ -176,7 +161,7 @@ class _Run:
             self.failed_vms.add(vm)
         self.log.error("%s", what)
 
-    def fail_vms(self, failed: list[tuple[str, str, str]]) -> None:
+    def fail_vms(self, failed: list[VMFailure]) -> None:
         """VMs of one batch failed: one error line per cause (not one per VM)."""
         for what, vms in same_cause(failed):
             self.fail(what, vms[0])
@@ -254,7 +239,7 @@ def _pin_group_points(run: _Run) -> str | None:
                         "(consistency_groups: each): they are NOT one moment of the application",
                         ", ".join(g.name for g in groups), c.point.describe())
         return None
-    placements = plan_placements(run.project, run.source.plan, c.direction)
+    placements = c.placements
     for g in groups:
         key = f"group-point/{g.name}"
         done = run.journal.completed(key)
@@ -284,7 +269,7 @@ def _pin_group_points(run: _Run) -> str | None:
 
 def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
                   ahead: dict[str, int] | None = None) -> None:
-    placements = plan_placements(run.project, run.source.plan, run.compiled.direction)
+    placements = run.compiled.placements
     jobs: dict[str, list[Step]] = {}
     for s in batch.steps:
         jobs.setdefault(s.vm or "", []).append(s)
@@ -327,7 +312,7 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
     _settle(futures.values())
     run.log.info("%s: done in %.2f s", batch.name, time.monotonic() - t0)
     best_effort = all(s.best_effort for s in batch.steps)
-    failed: list[tuple[str, str, str]] = []
+    failed: list[VMFailure] = []
     for vm, fut in futures.items():
         status, exc = _outcome(fut)
         if status == "failed":
@@ -339,7 +324,7 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
             elif best_effort:
                 run.log.warning("%s failed (best effort, going on): %s", todo[vm][0].label, _reason(exc))
             else:
-                failed.append((vm, todo[vm][0].label, _reason(exc)))
+                failed.append(vm_failure(vm, todo[vm][0].label, exc))
         elif status == "skipped" and not best_effort:
             # A consequence of the failure that is reported: the report lists the VM as skipped.
             run.failed_vms.add(vm)
@@ -350,20 +335,6 @@ def _run_vm_batch(run: _Run, batch: Batch, cleanup: bool = False,
         run.failed_vms.add(vm)
         run.not_run.append(todo[vm][0].label)
         run.log.warning("%s: not run (a VM it boots after did not go ahead)", todo[vm][0].label)
-
-
-def _script_context(run: _Run, step: Step) -> dict[str, Any]:
-    plan = run.source.plan
-    group = next(g for g in plan.groups if g.name == step.group)
-    ctx: dict[str, Any] = {
-        "plan": {"name": plan.name, "version": plan.version, "description": plan.description},
-        "group": {"name": group.name, "vms": list(group.vm_names)},
-        "failover_type": run.compiled.failover_type.value, "direction": run.compiled.direction.value,
-    }
-    if step.vm:
-        placement = plan_placements(run.project, plan, run.compiled.direction)[step.vm]
-        ctx["vm"] = {"name": step.vm, "source_host": placement.source.name, "target_host": placement.target.name}
-    return ctx
 
 
 def _approve(run: _Run, step: Step) -> None:
@@ -407,7 +378,7 @@ def _run_action_batch(run: _Run, batch: Batch) -> None:
             run.log.info("%s: dry run on the %s fabric, not run on %s", step.label, run.fabric, host.name)
             continue
         job = ScriptJob(id=step.id, label=step.label, action=action, plan_dir=str(run.source.file.parent),
-                        context=_script_context(run, step), host=host, dry_run=run.dry_run, state_dir=str(run.state), plan=run.compiled.plan,
+                        context=run.compiled.script_contexts[step.id], host=host, dry_run=run.dry_run, state_dir=str(run.state), plan=run.compiled.plan,
                         intent=run.intent.id)
         futures[step.id] = script_task.submit(step.label, job, run.flow_run, wait_for=deps)  # type: ignore[call-overload]
     _settle(futures.values())
@@ -417,100 +388,6 @@ def _run_action_batch(run: _Run, batch: Batch) -> None:
         if status != "completed":
             vm = next(s.vm for s in batch.steps if s.id == sid)
             run.fail(f"{label}: {_reason(exc) if status == 'failed' else 'not run (an earlier action failed)'}", vm)
-
-
-def _records(run: _Run, started: datetime) -> tuple[list[StepRecord], list[ScriptRecord], list[ApprovalRecord]]:
-    entries = run.journal.entries()
-    steps: list[StepRecord] = []
-    scripts: list[ScriptRecord] = []
-    approvals = list(run.approvals)
-    for batch in (*run.compiled.batches, *run.compiled.cleanup):
-        for s in batch.steps:
-            e = entries.get(s.id)
-            earlier = e is not None and e["flow_run"] != run.flow_run
-            if s.kind == "vm":
-                if e is None:
-                    steps.append(StepRecord(id=s.id, label=s.label, stage=s.stage, operation=s.operation, group=s.group,
-                                            vm=s.vm, host=s.host, status="skipped"))
-                    continue
-                rec = StepRecord.model_validate(e["record"])
-                if earlier and rec.status == "completed":
-                    rec = rec.model_copy(update={"status": "cached"})
-                steps.append(rec)
-            elif s.kind == "script":
-                if e is None:
-                    assert isinstance(s.action, ScriptAction)
-                    scripts.append(ScriptRecord(step_id=s.id, action=s.action.name, group=s.group, vm=s.vm,
-                                                host=s.action.host, status="skipped"))
-                    continue
-                srec = ScriptRecord.model_validate(e["record"])
-                if earlier and srec.status == "completed":
-                    srec = srec.model_copy(update={"status": "cached"})
-                scripts.append(srec)
-    return steps, scripts, approvals
-
-
-def _audit(run: _Run, steps: list[StepRecord], closed: list[str]) -> list[AuditRecord]:
-    """Who did what when: one row per state-changing fabric call the intent made (cached ones with the
-    run and user that made them), per approval decision and per earlier run taken over; by time."""
-    entries = run.journal.entries()
-    me = os_user()
-    rows: list[AuditRecord] = [AuditRecord(at=datetime.now(UTC), who=me, flow_run=run.flow_run, kind="run",
-                                           action="took over", target=c, outcome="marked Crashed") for c in closed]
-    for s in steps:
-        if s.operation in READ_OPERATIONS or s.status == "skipped":
-            continue
-        e = entries.get(s.id) or {}
-        outcome: str = "cached (done by an earlier run)" if s.status == "cached" else s.status
-        if s.status == "failed" and s.error:
-            outcome = f"failed: {s.error}"
-        elif s.changed is False:
-            outcome += " (no change needed)"
-        rows.append(AuditRecord(at=s.started_at, who=e.get("user") or me, flow_run=e.get("flow_run", run.flow_run),
-                                kind="fabric", action=s.operation, target=f"{s.vm or ''} on {s.host or '?'}",
-                                outcome=outcome))
-    for a in run.approvals:
-        who = a.approver or ("(nobody answered)" if a.decision == "timed_out" else "(unnamed)")
-        rows.append(AuditRecord(at=a.answered_at or a.requested_at, who=who, flow_run=run.flow_run, kind="approval",
-                                action=a.action, target=f"group {a.group or '(plan)'}; approver group "
-                                f"{a.approver_group or 'any'}", outcome=a.decision + (f", ticket {a.ticket}"
-                                                                                      if a.ticket else "")))
-    far = datetime.max.replace(tzinfo=UTC)
-    return sorted(rows, key=lambda x: x.at or far)
-
-
-# Flow-run states in which nobody will ever finish a run whose process is gone.
-_OPEN_STATES = ("PAUSED", "RUNNING", "PENDING", "SCHEDULED", "CANCELLING")
-
-
-def _close_abandoned(earlier: list[str], intent: str, flow_run: str | None,
-                     log: logging.Logger | logging.LoggerAdapter) -> list[str]:  # type: ignore[type-arg]
-    """Mark earlier runs of this intent that the server still shows as open Crashed, with a reason.
-
-    Only called while holding the intent's RunLock: their process is dead (a killed worker, a lost node),
-    else the lock would be taken. Without this, a run killed while waiting for an approval stays Paused on
-    the server for ever, and one killed mid-batch stays Running. Returns "<run id> (<old state>)"s."""
-    if not earlier:
-        return []
-    from prefect.client.orchestration import get_client
-    from prefect.states import Crashed
-
-    closed: list[str] = []
-    with get_client(sync_client=True) as client:
-        for run_id in earlier:
-            try:
-                fr = client.read_flow_run(run_id)  # type: ignore[arg-type]
-            except Exception as exc:  # noqa: BLE001 - an unknown or purged run: nothing to close
-                log.warning("earlier run %s of intent %s: not readable (%s)", run_id, intent, type(exc).__name__)
-                continue
-            if fr.state is None or fr.state.type.value not in _OPEN_STATES:
-                continue
-            msg = (f"its process died while {fr.state.type.value.lower()} ({fr.state.name}); flow run "
-                   f"{flow_run} of the same intent {intent} took over and resumes it")
-            client.set_flow_run_state(fr.id, Crashed(message=msg), force=True)
-            closed.append(f"{run_id} ({fr.state.name})")
-            log.warning("earlier run %s of intent %s marked Crashed: %s", run_id, intent, msg)
-    return closed
 
 
 def _write_report(report: RunReport, state: Path) -> Path:
@@ -545,71 +422,37 @@ def _update_trends(report: RunReport, state: Path, rpo: float | None, rto: float
                              description=f"{report.plan}: achieved RTO and RPO of the last {len(points)} drill(s)")
 
 
-def execute_plan(
-    plan: str,
-    failover_type: FailoverType = FailoverType.test,
-    direction: Direction = Direction.forward,
-    recovery_point: PointKind = "latest",
-    point_in_time: datetime | None = None,
-    options: RunOptions | None = None,
-    project: str = "plans",
-    fabric: str | None = None,
-    confirm: str = "",
-    intent: str | None = None,
-    failure_policy: FailurePolicy | None = None,
-    fabric_options: dict[str, Any] | None = None,
-    host_limit: int | None = None,
-    site_limit: int | None = None,
-    requested_by: str = "",
-) -> dict[str, Any]:
+def execute_plan(request: RunRequest) -> dict[str, Any]:
     """Run a plan inside the current flow run; the summary (a report is written either way).
-    `requested_by`: who asked (a UI form's required field); empty: the OS user (a CLI run).
+    `request.requested_by`: who asked (a UI form's required field); empty: the OS user (a CLI run).
     Raises PlanFailed (with the summary) when the run did not complete."""
     log = get_run_logger()
     started = datetime.now(UTC)
-    options = options or RunOptions()
-    proj, source = load_plan(plan, project)
+    proj, source = load_plan(request.plan, request.project)
     rp = source.plan
-    check_confirm(rp.name, failover_type, confirm)
-    if recovery_point == "point_in_time" and point_in_time is None:
-        raise ConfigurationError("recovery_point 'point_in_time' needs point_in_time")
-    point = PointChoice(kind=recovery_point, at=point_in_time)
+    request.check(rp.name)
+    failover_type, direction, options, fabric = request.failover_type, request.direction, request.options, request.fabric
+    point = request.point
     compiled = compile_plan(proj, rp, failover_type, direction, point, options)
     state = open_estate(proj.root)
-    ctx = FlowRunContext.get()
-    flow_run = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
-
+    steps = compiled.steps()
     key = intent_key(plan=rp.name, version=rp.version, type=failover_type.value, direction=direction.value,
                      point=point.model_dump(mode="json"), options=options.model_dump(mode="json"), fabric=fabric)
-    journal_ = IntentJournal(state)
     # A test failover always cleans up after itself: nothing to resume, each drill starts afresh.
-    the_intent = journal_.begin(key, prefix=f"{rp.name}-{failover_type.value}", explicit=intent,
-                                fresh=failover_type == FailoverType.test and not intent,
-                                params={"plan": rp.name, "failover_type": failover_type.value,
-                                        "direction": direction.value, "recovery_point": recovery_point,
-                                        "point_in_time": point_in_time.isoformat() if point_in_time else None,
-                                        "options": options.model_dump(mode="json"), "fabric": fabric,
-                                        "failure_policy": failure_policy.value if failure_policy else None,
-                                        "fabric_options": fabric_options, "host_limit": host_limit,
-                                        "site_limit": site_limit})
-    lock = RunLock(state, the_intent.id)
-    earlier = lock.acquire(flow_run)
-    owned = ExitStack()
-    try:
-        closed = _close_abandoned(earlier, the_intent.id, flow_run, log)
-        reclaim_and_say(state / "leases", log)
-        steps = compiled.steps()
-        # One live run per plan, one owner per VM: refused here, before any fabric call.
-        owned.enter_context(live_run(state, rp.name, sorted({s.vm for s in steps if s.vm}), flow_run,
-                                     f"{failover_type.value} failover"))
+    start = IntentStart(key=key, prefix=f"{rp.name}-{failover_type.value}", explicit=request.intent,
+                        fresh=failover_type == FailoverType.test and not request.intent, params=request.params(rp.name))
+    with RunSession(state, rp.name, {s.vm for s in steps if s.vm}, f"{failover_type.value} failover", log,
+                    start) as session:
+        assert session.intent is not None and session.journal is not None
+        the_intent, flow_run, closed = session.intent, session.flow_run, session.closed
         names: dict[str, int | None] = {}
         for s in steps:
             if s.kind == "vm":
-                names[limit_name("host", s.host or "")] = host_limit
-                names[limit_name("site", s.site or "")] = site_limit
+                names[limit_name("host", s.host or "")] = request.host_limit
+                names[limit_name("site", s.site or "")] = request.site_limit
         run = _Run(compiled=compiled, project=proj, source=source, state=state, intent=the_intent,
-                   journal=StepJournal(state, the_intent.id), flow_run=flow_run, fabric=fabric,
-                   fabric_options=dict(fabric_options or {}), policy=failure_policy or rp.failure_policy,
+                   journal=session.journal, flow_run=flow_run, fabric=fabric,
+                   fabric_options=dict(request.fabric_options or {}), policy=request.failure_policy or rp.failure_policy,
                    limits=(limits := ensure_limits(names)), log=log,
                    slots=Reservation(f"{flow_run}:slots", limits, state / "leases"))
         run.dry_run = {run.kind(s.host) for s in steps if s.kind == "vm"} == {"memory"}
@@ -658,7 +501,9 @@ def execute_plan(
             finally:
                 run.slots.release()
 
-        step_recs, script_recs, approvals = _records(run, started)
+        entries = session.journal.entries()
+        step_recs, script_recs = run_records(compiled.steps(), entries, flow_run)
+        approvals = list(run.approvals)
         status: Literal["succeeded", "failed", "stopped", "cancelled"] = "succeeded"
         if interrupted is not None:
             status = "cancelled"
@@ -669,23 +514,24 @@ def execute_plan(
         where = positions(step_recs) if status != "succeeded" and failover_type != FailoverType.test else []
         choices = way_back(rp.name, where) if where else []
         report = RunReport(plan=rp.name, plan_version=rp.version, failover_type=failover_type.value,
-                           direction=direction.value, recovery_point=recovery_point + (
-                               f" at {point_in_time.isoformat()}" if point_in_time else ""),
+                           direction=direction.value, recovery_point=request.recovery_point + (
+                               f" at {request.point_in_time.isoformat()}" if request.point_in_time else ""),
                            failure_policy=run.policy.value, intent=the_intent.id, resumed=the_intent.resumed,
                            flow_run_id=flow_run, fabric=fabric or ", ".join(sorted({run.kind(s.host) for s in steps
                                                                                    if s.kind == "vm"})),
                            started_at=started, finished_at=datetime.now(UTC), status=status, steps=tuple(step_recs),
                            approvals=tuple(approvals), group_points=tuple(run.group_points), scripts=tuple(script_recs), failures=tuple(run.reported_failures()),
-                           operator=os_user(), audit=tuple(_audit(run, step_recs, closed)), superseded=tuple(closed),
+                           operator=os_user(), audit=tuple(audit_records(step_recs, entries, run.approvals, closed, flow_run,
+                                                                  os_user(), datetime.now(UTC))), superseded=tuple(closed),
                            positions=tuple(where), choices=tuple(choices),
-                           requested_by=requested_by or f"{os_user()} (OS user of a command-line run)",
+                           requested_by=request.requested_by or f"{os_user()} (OS user of a command-line run)",
                            rpo_objective_seconds=rp.objectives.rpo_seconds,
                            rto_objective_seconds=rp.objectives.rto_seconds)
         path = _write_report(report, state)
         if failover_type == FailoverType.test:
             _update_trends(report, state, rp.objectives.rpo_seconds, rp.objectives.rto_seconds)
         if status == "succeeded" or failover_type == FailoverType.test:
-            journal_.complete(the_intent, status)
+            session.complete(status)
         summary = report.summary() | {"report": str(path)}
         log.info("%s: %s in %.1f s; report %s", rp.name, status, report.seconds, path)
         if interrupted is not None:
@@ -698,9 +544,6 @@ def execute_plan(
                 msg += ". " + stop_line(where, choices)
             raise PlanFailed(msg, summary=summary, report=str(path))
         return summary
-    finally:
-        owned.close()
-        lock.release()
 
 
 @flow(name="recovery-plan", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))  # type: ignore[arg-type]
@@ -740,5 +583,8 @@ def recovery_plan(
         site_limit: set the Prefect concurrency limit of each site touched (default: keep the server's; 16 when missing).
         requested_by: who asks for this run; empty: the OS user running it.
     """
-    return execute_plan(plan, failover_type, direction, recovery_point, point_in_time, options, project, fabric,
-                        confirm, intent, failure_policy, fabric_options, host_limit, site_limit, requested_by)
+    return execute_plan(RunRequest(
+        plan=plan, failover_type=failover_type, direction=direction, recovery_point=recovery_point,
+        point_in_time=point_in_time, options=options, project=project, fabric=fabric, confirm=confirm, intent=intent,
+        failure_policy=failure_policy, fabric_options=fabric_options, host_limit=host_limit, site_limit=site_limit,
+        requested_by=requested_by))

@@ -100,3 +100,20 @@ def test_step_ids_are_unique_and_stable(project) -> None:  # type: ignore[no-unt
 def test_drill_finished_approval_option(project) -> None:  # type: ignore[no-untyped-def]
     c = compile_plan(project, project.plan("web-only"), FailoverType.test, options=RunOptions(cleanup="after_approval"))
     assert c.batches[-1].stage == "drill" and c.batches[-1].steps[0].kind == "manual"
+
+
+def test_the_compiled_plan_carries_placements_and_script_contexts(project) -> None:  # type: ignore[no-untyped-def]
+    from siterecovery.placement import plan_placements
+
+    rp = project.plan("three-tier")
+    c = compile_plan(project, rp, FailoverType.planned, Direction.failback)
+    assert c.placements == plan_placements(project, rp, Direction.failback)
+    vm_steps = [s for s in c.steps() if s.kind == "vm"]
+    assert all(s.host in (c.placements[s.vm].source.name, c.placements[s.vm].target.name) for s in vm_steps if s.vm)
+    scripts = [s for s in c.steps() if s.kind == "script"]
+    assert scripts and set(c.script_contexts) == {s.id for s in scripts}
+    per_vm = next(s for s in scripts if s.vm)
+    ctx = c.script_contexts[per_vm.id]
+    assert ctx["failover_type"] == "planned" and ctx["direction"] == "failback" and ctx["group"]["name"] == per_vm.group
+    assert ctx["vm"] == {"name": per_vm.vm, "source_host": c.placements[per_vm.vm].source.name,
+                         "target_host": c.placements[per_vm.vm].target.name}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from siterecovery.errors import ConfigurationError
+from siterecovery.errors import ConfigurationError, ConnectionFailed, InvalidStateError, NotFoundError
 from siterecovery.intent import IntentJournal, StepJournal, intent_key
 from siterecovery.report import (
     ApprovalRecord,
@@ -89,15 +89,46 @@ def test_step_journal_keeps_the_latest_entry(tmp_path: Path) -> None:
     assert entry is not None and entry["flow_run"] == "run-2"
 
 
-def test_one_cause_one_line_and_the_way_back_from_a_stop() -> None:
-    from siterecovery.report import paused_note, positions, same_cause, stop_line, way_back
+def test_same_cause_groups_by_the_errors_attributes_and_names_the_host() -> None:
+    from siterecovery.report import same_cause, vm_failure
 
-    failed = [(vm, f"test failover {vm}", f"replication is not enabled for this VM [vm={vm}, host=h{i}]")
-              for i, vm in enumerate(("a", "b", "c"))] + [("d", "test failover d", "host is unreachable")]
+    def down(vm: str, host: str, op: str = "failover") -> BaseException:
+        return ConnectionFailed("host is unreachable", vm=vm, host=host, operation=op, error_id="Unreachable")
+
+    # Two VMs, one reason, one host: one line that names the host.
+    one = same_cause([vm_failure("web-1", "failover web-1", down("web-1", "dst-1")),
+                      vm_failure("web-2", "failover web-2", down("web-2", "dst-1"))])
+    assert one == [("2 VMs failed the same way (failover web-1, failover web-2) on host dst-1: host is unreachable "
+                    "(error id: Unreachable)", ["web-1", "web-2"])]
+    # The same reason on different hosts: the line names each host.
+    two = same_cause([vm_failure("web-1", "failover web-1", down("web-1", "dst-1")),
+                      vm_failure("web-2", "failover web-2", down("web-2", "dst-2"))])
+    assert len(two) == 1 and " on hosts dst-1, dst-2: host is unreachable" in two[0][0], two
+    # A message that itself holds brackets, or names the VM, is grouped and shown as the error says it.
+    odd = [vm_failure(vm, f"start {vm}", InvalidStateError(f"VM {vm}: disk [scsi0] is missing", vm=vm, host="dst-1",
+                                                           operation="start_vm", error_id="InvalidState"))
+           for vm in ("db-1", "db-2")]
+    lines = same_cause(odd)
+    assert [vms for _, vms in lines] == [["db-1", "db-2"]]
+    assert lines[0][0].endswith("on host dst-1: VM db-1: disk [scsi0] is missing (error id: InvalidState)"), lines
+    # Another operation or another error id is another cause.
+    mixed = same_cause([vm_failure("a", "failover a", down("a", "dst-1")),
+                        vm_failure("b", "start b", down("b", "dst-1", op="start_vm"))])
+    assert [vms for _, vms in mixed] == [["a"], ["b"]]
+    assert all("dst-1" in line for line, _ in mixed)
+
+
+def test_one_cause_one_line_and_the_way_back_from_a_stop() -> None:
+    from siterecovery.report import paused_note, positions, same_cause, stop_line, vm_failure, way_back
+
+    failed = [vm_failure(vm, f"test failover {vm}", NotFoundError("replication is not enabled for this VM", vm=vm,
+                                                                  host=f"h{i}", operation="test_failover"))
+              for i, vm in enumerate(("a", "b", "c"))] + [vm_failure("d", "test failover d", RuntimeError("boom"))]
     lines = same_cause(failed)
     assert [vms for _, vms in lines] == [["a", "b", "c"], ["d"]]
-    assert lines[0][0] == ("3 VMs failed the same way (test failover a, test failover b, test failover c): "
-                           "replication is not enabled for this VM")
+    assert lines[0][0] == ("3 VMs failed the same way (test failover a, test failover b, test failover c) on hosts "
+                           "h0, h1, h2: replication is not enabled for this VM")
+    assert lines[1][0] == "test failover d: RuntimeError: boom"
     t = datetime(2026, 1, 1, tzinfo=UTC)
     steps = [StepRecord(id=f"{vm}/{op}", label=f"{op} {vm}", stage="group", operation=op, vm=vm, status=st,
                         started_at=t, finished_at=t)

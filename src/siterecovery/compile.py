@@ -3,16 +3,17 @@
 plan + project + failover type + direction + recovery point choice -> batches. A batch's steps may
 run concurrently, each waiting only for the steps named in its `after`; batches run in order. Every
 step has a stable id (used for task names and for the cache keys that make a re-run resume) and names
-the host it acts on (for per-host and per-site concurrency limits).
+the host it acts on (for per-host and per-site concurrency limits). The compiled plan also carries what
+the run needs about each VM and script, resolved here once: the VMs' placements and the scripts' contexts.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
-from .fabric.base import PointChoice
+from .fabric.base import Placement, PointChoice
 from .model import Direction, FailoverType, ManualAction, RecoveryPlan, ScriptAction, VMGroup
 from .model.common import Frozen
 from .placement import plan_placements
@@ -73,9 +74,28 @@ class CompiledPlan(Frozen):
     options: RunOptions
     batches: tuple[Batch, ...]
     cleanup: tuple[Batch, ...] = Field((), description="test failover: always run, also after a failure")
+    placements: dict[str, Placement] = Field(default_factory=dict, description="each VM of the plan, in the "
+                                                                               "run's direction")
+    script_contexts: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="script step id -> what its script's template and environment see")
 
     def steps(self) -> list[Step]:
         return [s for b in (*self.batches, *self.cleanup) for s in b.steps]
+
+
+def script_context(plan: RecoveryPlan, step: Step, failover_type: FailoverType, direction: Direction,
+                   placements: dict[str, Placement]) -> dict[str, Any]:
+    """What a script step's template sees: the plan, its group, the run's kind and, per VM, its hosts."""
+    group = next(g for g in plan.groups if g.name == step.group)
+    ctx: dict[str, Any] = {
+        "plan": {"name": plan.name, "version": plan.version, "description": plan.description},
+        "group": {"name": group.name, "vms": list(group.vm_names)},
+        "failover_type": failover_type.value, "direction": direction.value,
+    }
+    if step.vm:
+        placement = placements[step.vm]
+        ctx["vm"] = {"name": step.vm, "source_host": placement.source.name, "target_host": placement.target.name}
+    return ctx
 
 
 def _actions(group: VMGroup, side: str, ftype: FailoverType, direction: Direction,
@@ -213,5 +233,8 @@ def compile_plan(
                 batches.append(Batch(name="reverse replication", stage="reverse", steps=tuple(
                     vm_step("reverse", "reverse_replication", vm, None, 0, verb="reverse replication")
                     for vm in rest)))
+    contexts = {s.id: script_context(plan, s, failover_type, direction, placements)
+                for b in batches for s in b.steps if s.kind == "script"}
     return CompiledPlan(plan=plan.name, plan_version=plan.version, failover_type=failover_type, direction=direction,
-                        point=point, options=options, batches=tuple(batches), cleanup=tuple(cleanup))
+                        point=point, options=options, batches=tuple(batches), cleanup=tuple(cleanup),
+                        placements=placements, script_contexts=contexts)

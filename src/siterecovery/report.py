@@ -9,15 +9,22 @@ so that every report computes them the same way.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import resources
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from jinja2 import Environment, StrictUndefined, select_autoescape
 from pydantic import Field
 
+from .errors import ExecutionError, SiteRecoveryError
 from .groups import GroupPoint
+from .model import ScriptAction
 from .model.common import Frozen
+
+if TYPE_CHECKING:
+    from .compile import Step
 
 StepStatus = Literal["completed", "cached", "failed", "skipped"]
 
@@ -98,6 +105,68 @@ class AuditRecord(Frozen):
 
 # Fabric operations that only read: not audited. Everything else a step does changes the estate.
 READ_OPERATIONS = frozenset({"replication_health", "recovery_points", "vm_state"})
+
+
+def run_records(steps: Iterable[Step], entries: Mapping[str, Mapping[str, Any]],
+                flow_run: str | None) -> tuple[list[StepRecord], list[ScriptRecord]]:
+    """The report's VM step and script records of one run, in plan order: the compiled `steps` (batches,
+    then cleanup) joined with the intent's journal `entries` (step id -> its latest entry). A step no run
+    of the intent finished is skipped; one an earlier run (not `flow_run`) completed is cached."""
+    out: list[StepRecord] = []
+    scripts: list[ScriptRecord] = []
+    for s in steps:
+        e = entries.get(s.id)
+        earlier = e is not None and e["flow_run"] != flow_run
+        if s.kind == "vm":
+            if e is None:
+                out.append(StepRecord(id=s.id, label=s.label, stage=s.stage, operation=s.operation, group=s.group,
+                                      vm=s.vm, host=s.host, status="skipped"))
+                continue
+            rec = StepRecord.model_validate(e["record"])
+            if earlier and rec.status == "completed":
+                rec = rec.model_copy(update={"status": "cached"})
+            out.append(rec)
+        elif s.kind == "script":
+            if e is None:
+                assert isinstance(s.action, ScriptAction)
+                scripts.append(ScriptRecord(step_id=s.id, action=s.action.name, group=s.group, vm=s.vm,
+                                            host=s.action.host, status="skipped"))
+                continue
+            srec = ScriptRecord.model_validate(e["record"])
+            if earlier and srec.status == "completed":
+                srec = srec.model_copy(update={"status": "cached"})
+            scripts.append(srec)
+    return out, scripts
+
+
+def audit_records(steps: Iterable[StepRecord], entries: Mapping[str, Mapping[str, Any]],
+                  approvals: Iterable[ApprovalRecord], closed: Iterable[str], flow_run: str | None, who: str,
+                  now: datetime) -> list[AuditRecord]:
+    """Who did what when: one row per state-changing fabric call the intent made (cached ones with the
+    run and user that made them, from the journal `entries`), per approval decision and per earlier run
+    taken over (`closed`, at `now`); by time. `who`: the user of this run, for rows the journal does not name."""
+    rows: list[AuditRecord] = [AuditRecord(at=now, who=who, flow_run=flow_run, kind="run", action="took over",
+                                           target=c, outcome="marked Crashed") for c in closed]
+    for s in steps:
+        if s.operation in READ_OPERATIONS or s.status == "skipped":
+            continue
+        e = entries.get(s.id) or {}
+        outcome: str = "cached (done by an earlier run)" if s.status == "cached" else s.status
+        if s.status == "failed" and s.error:
+            outcome = f"failed: {s.error}"
+        elif s.changed is False:
+            outcome += " (no change needed)"
+        rows.append(AuditRecord(at=s.started_at, who=e.get("user") or who, flow_run=e.get("flow_run", flow_run),
+                                kind="fabric", action=s.operation, target=f"{s.vm or ''} on {s.host or '?'}",
+                                outcome=outcome))
+    for a in approvals:
+        approver = a.approver or ("(nobody answered)" if a.decision == "timed_out" else "(unnamed)")
+        rows.append(AuditRecord(at=a.answered_at or a.requested_at, who=approver, flow_run=flow_run, kind="approval",
+                                action=a.action, target=f"group {a.group or '(plan)'}; approver group "
+                                f"{a.approver_group or 'any'}", outcome=a.decision + (f", ticket {a.ticket}"
+                                                                                      if a.ticket else "")))
+    far = datetime.max.replace(tzinfo=UTC)
+    return sorted(rows, key=lambda x: x.at or far)
 
 
 class VMPosition(Frozen):
@@ -391,29 +460,60 @@ def render_html(report: RunReport) -> str:
                                             groups=report.groups())
 
 
-def same_cause(failed: list[tuple[str, str, str]]) -> list[tuple[str, list[str]]]:
-    """(vm, step label, reason) per failed VM -> one failure line per distinct reason, with its VMs.
+@dataclass(frozen=True)
+class VMFailure:
+    """One VM that failed in a batch, with its error's own attributes (not its rendered text): `reason` is
+    what the operator reads for this VM alone; `cause` the error without this VM's context, the same for
+    every VM it hit."""
+
+    vm: str
+    label: str
+    reason: str
+    cause: str
+    operation: str | None = None
+    host: str | None = None
+    error_id: str | None = None
+    kind: str = ""
+
+    def key(self) -> tuple[str, str | None, str | None, str]:
+        """What makes two failures the same way to fail: the kind of error, the operation, the error id and
+        the message, with the VM's own name in it taken as any VM's."""
+        cause = re.sub(rf"(?<![\w-]){re.escape(self.vm)}(?![\w-])", "{vm}", self.cause) if self.vm else self.cause
+        return self.kind, self.operation, self.error_id, cause
+
+
+def vm_failure(vm: str, label: str, exc: BaseException | None) -> VMFailure:
+    """The failure of `vm`'s step `label` from the exception its task raised (None: no error was kept)."""
+    if exc is None:
+        return VMFailure(vm=vm, label=label, reason="failed", cause="failed")
+    if isinstance(exc, ExecutionError):
+        cause = " ".join([exc.message, *([f"(error id: {exc.error_id})"] if exc.error_id else []),
+                          *([f"Next: {exc.hint}"] if exc.hint else [])])
+        return VMFailure(vm=vm, label=label, reason=str(exc), cause=cause, operation=exc.operation, host=exc.host,
+                         error_id=exc.error_id, kind=type(exc).__name__)
+    text = str(exc) if isinstance(exc, SiteRecoveryError) else f"{type(exc).__name__}: {exc}"
+    return VMFailure(vm=vm, label=label, reason=text, cause=text, kind=type(exc).__name__)
+
+
+def same_cause(failed: list[VMFailure]) -> list[tuple[str, list[str]]]:
+    """Failed VMs -> one failure line per distinct cause, with its VMs.
 
     One missing precondition (replication not enabled, a host down) fails every VM of a batch the same
-    way: the operator reads one line naming the cause and the VMs, not the same error once per VM."""
-    groups: dict[str, list[tuple[str, str, str]]] = {}
-    for vm, label, reason in failed:
-        # The cause without its per-VM context ("[vm=.., host=.., operation=..]"): the same for every VM.
-        cause = re.sub(r" \[[^\]]*\]", "", reason)
-        key = re.sub(rf"(?<![\w-]){re.escape(vm)}(?![\w-])", "{vm}", cause) if vm else cause  # the name only
-        groups.setdefault(key, []).append((vm, label, reason))
+    way: the operator reads one line naming the cause, the VMs and the host(s) they failed on, not the same
+    error once per VM."""
+    groups: dict[tuple[str, str | None, str | None, str], list[VMFailure]] = {}
+    for f in failed:
+        groups.setdefault(f.key(), []).append(f)
     out: list[tuple[str, list[str]]] = []
     for members in groups.values():
-        vms = [m[0] for m in members]
+        vms = [m.vm for m in members]
         if len(members) == 1:
-            out.append((f"{members[0][1]}: {members[0][2]}", vms))
-        else:
-            cause = re.sub(r" \[[^\]]*\]", "", members[0][2])
-            # The host, when every VM of the line failed on the same one (a host down): still named.
-            hosts = {h.group(1) if (h := re.search(r"host=([^,\]]+)", m[2])) else None for m in members}
-            on = f" on host {hosts.pop()}" if len(hosts) == 1 and None not in hosts else ""
-            out.append((f"{len(members)} VMs failed the same way ({', '.join(m[1] for m in members)}){on}: {cause}",
-                        vms))
+            out.append((f"{members[0].label}: {members[0].reason}", vms))
+            continue
+        hosts = list(dict.fromkeys(m.host for m in members if m.host))
+        on = f" on host {hosts[0]}" if len(hosts) == 1 else f" on hosts {', '.join(hosts)}" if hosts else ""
+        out.append((f"{len(members)} VMs failed the same way ({', '.join(m.label for m in members)}){on}: "
+                    f"{members[0].cause}", vms))
     return out
 
 

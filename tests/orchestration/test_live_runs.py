@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from flows.recovery_plan import ConfirmationRequired, PlanFailed, recovery_plan
+from flows.recovery_plan import PlanFailed, recovery_plan
 from siterecovery.model import FailoverType
+from siterecovery.request import ConfirmationRequired
 from tasks.limits import RunRefused, _leased, live_run, plan_limit
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -12,9 +12,10 @@ import pytest
 
 from flows.forms import RecoverAdvanced
 from flows.recover import recover
-from flows.recovery_plan import ConfirmationRequired, PlanFailed, recovery_plan
+from flows.recovery_plan import PlanFailed, recovery_plan
 from siterecovery.compile import RunOptions
 from siterecovery.model import FailoverType
+from siterecovery.request import ConfirmationRequired
 from tasks.limits import RunRefused
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from flows.recovery_plan import ConfirmationRequired, PlanFailed, recovery_plan
+from flows.recovery_plan import PlanFailed, recovery_plan
 from siterecovery.compile import RunOptions
 from siterecovery.model import Direction, FailoverType
+from siterecovery.request import ConfirmationRequired
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -16,8 +16,10 @@ from typing import Annotated, Any
 import typer
 
 from ..cli import _resolve_plan, app, err, out
-from ..errors import PlanError
+from ..compile import RunOptions
+from ..errors import ConfigurationError, PlanError
 from ..model import Direction, FailoverType, FailurePolicy
+from ..request import ConfirmationRequired, RunRequest
 
 
 @app.command()
@@ -54,12 +56,18 @@ def run(
     if consistency_groups not in ("together", "each"):
         err.print(f"[red]unknown --consistency-groups {consistency_groups}[/] (together or each)")
         raise typer.Exit(2)
-    name = Path(plan).stem if plan.endswith((".yaml", ".yml")) else plan
-    if failover_type != FailoverType.test and confirm != name and not plan.endswith((".yaml", ".yml")):
-        # Refused before Prefect even loads: a planned or unplanned failover changes production.
-        err.print(f"[red]a {failover_type.value} failover of '{plan}' changes production:[/] "
-                  f"add --confirm {plan} to go ahead", highlight=False)
-        raise typer.Exit(2)
+    request = RunRequest(
+        plan=plan, failover_type=failover_type, direction=direction, recovery_point=point, point_in_time=at,  # type: ignore[arg-type]
+        options=RunOptions(reverse_replication=reverse_replication, commit=commit, cleanup=cleanup,  # type: ignore[arg-type]
+                           consistency_groups=consistency_groups),  # type: ignore[arg-type]
+        project=str(project), fabric=fabric, confirm=confirm, intent=intent, failure_policy=failure_policy,
+        fabric_options={"accept_damaged_replica": True} if accept_damaged_replica else None)
+    if not plan.endswith((".yaml", ".yml")):
+        try:  # refused before Prefect even loads: a planned or unplanned failover changes production
+            request.check(plan)
+        except ConfigurationError as exc:
+            err.print(f"[red]{exc}[/]", highlight=False)
+            raise typer.Exit(2) from None
     try:  # a missing or invalid plan is one clear error, before Prefect starts
         _resolve_plan(plan, project)
     except PlanError as exc:
@@ -68,22 +76,13 @@ def run(
         raise typer.Exit(1) from None
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        from flows.recovery_plan import ConfirmationRequired, PlanFailed, recovery_plan
+        from flows.recovery_plan import PlanFailed, recovery_plan
     except ImportError as exc:
         err.print(f"[red]cannot import the flows ({exc}):[/] install siterecovery with its orchestration extra")
         raise typer.Exit(2) from None
-    from ..compile import RunOptions
-
-    options = RunOptions(reverse_replication=reverse_replication, commit=commit, cleanup=cleanup,  # type: ignore[arg-type]
-                         consistency_groups=consistency_groups)  # type: ignore[arg-type]
-    fabric_options: dict[str, Any] | None = {"accept_damaged_replica": True} if accept_damaged_replica else None
     try:
         # Prefect's Flow.__call__ overloads: mypy cannot match keyword calls through them (nor try every union).
-        summary: dict[str, Any] = recovery_plan(  # type: ignore[call-overload,misc]
-            plan=plan, failover_type=failover_type, direction=direction, recovery_point=point,
-            point_in_time=at, options=options, project=str(project), fabric=fabric, confirm=confirm, intent=intent,
-            failure_policy=failure_policy,
-            fabric_options=fabric_options)
+        summary: dict[str, Any] = recovery_plan(**request.flow_parameters())  # type: ignore[call-overload,misc]
         code = 0
     except ConfirmationRequired as exc:
         err.print(f"[red]{exc}[/]", highlight=False)
