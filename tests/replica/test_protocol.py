@@ -14,7 +14,7 @@ import pytest
 
 from siterecovery.replica import agent
 from siterecovery.replica import protocol as P
-from siterecovery.replica.orchestrator.endpoints import LocalEndpoint
+from siterecovery.replica.orchestrator.endpoints import LocalEndpoint, agent_error
 
 POINT = {"id": "web@3", "created_at": "2026-01-01T00:00:00+00:00", "consistency": "crash", "group": None}
 SEND = dict(disk="/d/a b.img", state="/s/x", mode="base", expect_gen="ab" * 16, no_compress=True,
@@ -141,3 +141,11 @@ def test_the_agent_checks_its_own_answer(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(agent, "_run", lambda cmd, *a: {"exists": True})
     with pytest.raises(P.ProtocolError, match="exists: the answer has no 'size'"):
         LocalEndpoint().call(P.Exists(path="/p"))
+
+
+def test_a_failed_agent_is_read_through_the_failure_shape() -> None:
+    err = agent_error(b'P 1 2\nE {"error": "ENOSPC", "message": "disk full", "path": "/x"}\n', 3, "h: send", "h")
+    assert (str(err), err.code, err.path, err.host) == ("h: send: disk full", "ENOSPC", "/x", "h")
+    err = agent_error(b"Traceback ...\nBoom", 1, "h: status")
+    assert (err.code, str(err)) == ("AgentFailed", "h: status: agent exited 1: Traceback ...\nBoom")
+    assert P.parse_failure({"exists": True}) is None

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from .engine import ReplicaError, dead_link_seconds, storage_error
-from .protocol import READY, SendTo, last_json
+from .protocol import READY, SendTo, last_json, parse_failure
 
 F_SETPIPE_SZ = 1031
 CHUNK = 1 << 20
@@ -163,9 +163,9 @@ def _failure(a: SendTo, rc: int, out: bytes, err: bytes, before: bool) -> Replic
     where = f"{src} -> {dst}"
     target = f"{a.to_address}:{a.to_port}"
     said = _tail(err)
-    d = last_json(out)
-    if d is not None and "error" in d:
-        return ReplicaError(f"{dst}: receive: {d['message']}", code=str(d["error"]))
+    refused = parse_failure(last_json(out))
+    if refused is not None:
+        return ReplicaError(f"{dst}: receive: {refused['message']}", code=refused["error"])
     text = err.decode(errors="replace")
     if "Host key verification failed" in text or "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
         changed = "CHANGED" in text

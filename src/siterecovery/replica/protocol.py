@@ -699,7 +699,9 @@ def parse_result(cmd: Command[R], answer: Any) -> R:
 def parse_failure(answer: Any) -> Failure | None:
     """The Failure an answer carries, if it is one."""
     if isinstance(answer, dict) and "error" in answer:
-        return Failure(error=str(answer["error"]), message=str(answer.get("message", "")), path=answer.get("path"))
+        path = answer.get("path")
+        return Failure(error=str(answer["error"]), message=str(answer.get("message", "")),
+                       path=path if isinstance(path, str) else None)
     return None
 
 

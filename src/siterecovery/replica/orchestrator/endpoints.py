@@ -25,6 +25,7 @@ from ..protocol import (
     ProtocolError,
     last_json,
     parse_command,
+    parse_failure,
     parse_result,
 )
 
@@ -40,10 +41,9 @@ def agent_error(payload: bytes | str, rc: int, where: str, host: str | None = No
     """The ReplicaError a failed agent reported (its last `{"error": ...}` line), or its exit status."""
     text = payload.decode(errors="replace") if isinstance(payload, bytes) else payload
     for line in reversed(text.strip().splitlines()):
-        found = last_json(line, (f"{ERROR} ", f"{RESULT} "))
-        if found is not None and "error" in found:
-            return ReplicaError(f"{where}: {found.get('message', '')}", code=str(found["error"]),
-                                path=found.get("path"), host=host)
+        failed = parse_failure(last_json(line, (f"{ERROR} ", f"{RESULT} ")))
+        if failed is not None:
+            return ReplicaError(f"{where}: {failed['message']}", code=failed["error"], path=failed.get("path"), host=host)
     tail = text.strip()[-400:]
     return ReplicaError(f"{where}: agent exited {rc}: {tail or 'no output'}", code="AgentFailed", host=host)
 
