@@ -28,9 +28,9 @@ from typing import Any
 
 from siterecovery.render import sh_join
 from siterecovery.replica.engine import BLOCK, file_digest
-from siterecovery.replica.peer import send_to_args, transfer_direct
+from siterecovery.replica.orchestrator.endpoints import Endpoint, LocalEndpoint, SSHEndpoint
+from siterecovery.replica.orchestrator.transfer import send_to_args, transfer, transfer_direct
 from siterecovery.replica.selfcheck import crash_trials
-from siterecovery.replica.transport import Endpoint, LocalEndpoint, SSHEndpoint, transfer
 from siterecovery.testing.disks import rewrite_random
 
 ROOT = Path(__file__).resolve().parent.parent

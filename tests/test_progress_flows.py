@@ -158,7 +158,7 @@ def test_cli_without_a_terminal_prints_progress_lines_and_the_table(lab: Path) -
     assert re.search(r"web-01\s*│\s*resync required[^│]*│\s*yes\s*│", r.stdout), r.stdout
 
     # `vm start|stop` run the VM at its current site (the primary here) through the vm-power flow.
-    from siterecovery.replica.agent import alive
+    from siterecovery.replica.process import alive
 
     pidfile = lab.parent / "ra" / "web-01" / "run" / "vm.pid"
     r = subprocess.run([*cli, "vm", "start", "lab", "--project", str(lab)], cwd=ROOT, env=env, capture_output=True,

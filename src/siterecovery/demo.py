@@ -338,7 +338,7 @@ def _pidfiles(state: Path) -> list[Path]:
 
 def kill_vms(state: Path, grace: float = 5.0) -> list[str]:
     """TERM (then KILL) every VM process the demo's hosts started, by pid file; the names stopped."""
-    from .replica.agent import kill
+    from .replica.process import kill
 
     stopped = []
     for pf in _pidfiles(state):

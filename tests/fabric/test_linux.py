@@ -17,8 +17,8 @@ from siterecovery.fabric import Fabric, driver_for
 from siterecovery.fabric.base import Health, PointChoice, ReplicationState
 from siterecovery.model import ReplicationPolicy
 from siterecovery.model.protection import ExistingReplicaInitial, OfflineInitial
-from siterecovery.replica.agent import alive
 from siterecovery.replica.engine import BLOCK, file_digest
+from siterecovery.replica.process import alive
 from siterecovery.testing.disks import make_disk, scribble
 
 S = ReplicationState

@@ -22,7 +22,8 @@ from sshd import SSHServer
 
 from siterecovery import ssh
 from siterecovery.replica.engine import Replica, file_digest, now_iso
-from siterecovery.replica.transport import SSHEndpoint, transfer
+from siterecovery.replica.orchestrator.endpoints import SSHEndpoint
+from siterecovery.replica.orchestrator.transfer import transfer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "replica"))
 from helpers import MiB, make_disk, scribble  # noqa: E402 - tests/replica is not a package

@@ -109,7 +109,7 @@ def test_disk_totals_relayed_byte_counts_without_total_stay_within_the_known_siz
 
 
 def test_relay_reads_the_senders_progress_lines_and_keeps_the_rest() -> None:
-    from siterecovery.replica.transport import _SenderProgress
+    from siterecovery.replica.orchestrator.transfer import SenderProgress as _SenderProgress
 
     calls: list[tuple[int, int]] = []
     s = _SenderProgress(lambda d, n: calls.append((d, n)))

@@ -45,8 +45,9 @@ from ..paths import child
 from ..progress import DiskTotals
 from ..render import render_args
 from ..replica.engine import STORAGE_CODES, ReplicaError, read_json, storage_error, write_json_atomic
-from ..replica.peer import send_to_args, transfer_direct
-from ..replica.transport import Endpoint, LocalEndpoint, SSHEndpoint, transfer
+from ..replica.orchestrator.endpoints import Endpoint, LocalEndpoint, SSHEndpoint
+from ..replica.orchestrator.transfer import send_to_args, transfer, transfer_direct
+from ..replica.protocol import ReceiveResult, SendResult
 from . import FabricContext
 from .base import (
     LATEST,
@@ -557,7 +558,7 @@ class LinuxFabric:
         return "peer" if p.source.peer_ssh is not None else "relay"
 
     def _transfer(self, p: Placement, src: Endpoint, send: list[str], dst: Endpoint, recv: list[str],
-                  progress: Progress | None, prefix: bytes = b"") -> tuple[dict[str, Any], dict[str, Any]]:
+                  progress: Progress | None, prefix: bytes = b"") -> tuple[SendResult, ReceiveResult]:
         if self.data_path(p) != "peer":
             return transfer(src, send, dst, recv, progress, prefix=prefix)
         peer = p.source.peer_ssh

@@ -1,15 +1,15 @@
 """The engine's host-side entry point: `python3 -m siterecovery.replica.agent <command> ...`.
 
-The linux fabric runs it on each host (over an SSH exec channel, or in-process for local paths), so
-hashing, compression, verification and apply happen where the disks are. Control commands answer one
-JSON object on stdout; `send` writes the binary stream on stdout and its result as the last stderr
-line; `send-to` pipes it into another host's `receive` over this host's ssh (peer.py). Failures exit 3
-with {"error": code, "message": ...}. Also starts and stops `process` VMs.
+The orchestrator runs it on each host (over an SSH exec channel, or in-process for local paths), so
+hashing, compression, verification and apply happen where the disks are. protocol.py declares every
+command and answer: control commands answer one JSON object on stdout; `send` writes the binary stream
+on stdout and its result as the last stderr line; `send-to` pipes it into another host's `receive` over
+this host's ssh (peer.py). Failures exit 3 with {"error": code, "message": ...}. Host side: it imports
+only the standard library, xxhash and zstandard (a test holds it to that).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -18,140 +18,27 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
-from . import engine
+from . import engine, peer, process, qemu
+from . import protocol as P
 from .engine import Progress, Replica, ReplicaError, SourceState
 
+R = TypeVar("R")
+
 log = logging.getLogger(__name__)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="siterecovery.replica.agent")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    def rep(name: str) -> argparse.ArgumentParser:
-        s = sub.add_parser(name)
-        s.add_argument("--replica", required=True)
-        s.add_argument("--meta", required=True)
-        return s
-
-    rep("status")
-    s = rep("receive")
-    s.add_argument("--point", required=True, help="JSON: id, created_at, consistency")
-    s.add_argument("--retention-hours", type=float, default=0)
-    s.add_argument("--input", help="read the stream from this file (offline import)")
-    s.add_argument("--ready", action="store_true",
-                   help="print a ready line on stdout once this agent holds the replica (send-to waits for it)")
-    rep("rehash")
-    rep("manifest")
-    s = rep("rebuild")
-    s.add_argument("--seq", type=int, required=True)
-    s.add_argument("--dest", required=True)
-    s = rep("revert")
-    s.add_argument("--seq", type=int, required=True)
-    s = rep("prune")
-    s.add_argument("--hours", type=float, required=True)
-    rep("drop")
-    s = rep("scrub")
-    s.add_argument("--start", type=int, default=0, help="block to start from (where the last slice stopped)")
-    s.add_argument("--max-seconds", type=float, default=60.0, help="stop after this long and answer `next`")
-    s.add_argument("--rate", type=float, default=0, help="read at most this many bytes/s (0: unlimited)")
-    s.add_argument("--points", action="store_true", help="also verify the undo logs (the recovery points)")
-    # send's options, shared with send-to
-    send = argparse.ArgumentParser(add_help=False)
-    s = send
-    s.add_argument("--disk", required=True)
-    s.add_argument("--state", required=True)
-    s.add_argument("--mode", choices=["full", "delta", "base"], default="delta")
-    s.add_argument("--expect-gen")
-    s.add_argument("--no-compress", action="store_true")
-    s.add_argument("--freeze", default="[]")
-    s.add_argument("--thaw", default="[]")
-    s.add_argument("--quiesce", default="[]")
-    s.add_argument("--seq", type=int, default=0)
-    s.add_argument("--nbd", default=None, help="JSON {socket, export, bitmap}: read this point-in-time view over NBD")
-    s.add_argument("--offline-format", default=None, choices=["raw", "qcow2"],
-                   help="the disk of a QEMU VM that is off: read its guest-visible bytes through qemu-nbd")
-    s.add_argument("--keepalive", type=float, default=None,
-                   help="seconds of silence after which a NOP record goes out (default: dead-link deadline / 3)")
-    s.add_argument("--bandwidth", type=float, default=None,
-                   help="cap in bytes/s on everything this host sends, shared through --bandwidth-bucket")
-    s.add_argument("--bandwidth-bucket", default=None, help="the host's token bucket file (one per host)")
-    sub.add_parser("send", parents=[send]).add_argument("--output", help="write the stream to this file (offline export)")
-    s = sub.add_parser("send-to", parents=[send], add_help=False,
-                       help="send, piped into `receive` on another host over this host's own ssh")
-    s.add_argument("--from-name", required=True, help="this host's name (for messages)")
-    s.add_argument("--to-name", required=True, help="the receiving host's name (for messages)")
-    s.add_argument("--to-address", required=True)
-    s.add_argument("--to-port", type=int, default=22)
-    s.add_argument("--to-user", required=True)
-    s.add_argument("--identity-file", required=True, help="private key file on this host")
-    s.add_argument("--known-hosts", required=True, help="known_hosts file on this host")
-    s.add_argument("--connect-timeout", type=int, default=15)
-    s.add_argument("--remote-argv", required=True, help="JSON list: the receive command at the other host")
-    s = sub.add_parser("source-commit")
-    s.add_argument("--state", required=True)
-    s.add_argument("--gen", required=True)
-    s = sub.add_parser("source-drop")
-    s.add_argument("--state", required=True)
-    s = sub.add_parser("source-status")
-    s.add_argument("--disk", required=True)
-    s.add_argument("--state", required=True)
-    s.add_argument("--gen", default=None, help="the generation the replica holds")
-    s.add_argument("--scan-limit", type=int, default=1 << 30, help="hash disks up to this size to count pending bytes")
-    s = sub.add_parser("digest")
-    s.add_argument("--path", required=True)
-    s = sub.add_parser("copy")
-    s.add_argument("--src", required=True)
-    s.add_argument("--dst", required=True)
-    s = sub.add_parser("remove")
-    s.add_argument("paths", nargs="+")
-    s = sub.add_parser("spawn")
-    s.add_argument("--pidfile", required=True)
-    s.add_argument("--log", required=True)
-    s.add_argument("argv", nargs=argparse.REMAINDER)
-    s = sub.add_parser("kill")
-    s.add_argument("--pidfile", required=True)
-    s.add_argument("--grace", type=float, default=10)
-    s = sub.add_parser("alive")
-    s.add_argument("--pidfile", required=True)
-    s = sub.add_parser("exists")
-    s.add_argument("--path", required=True)
-    s = sub.add_parser("hook", help="run a VM's freeze, thaw or quiesce command (a consistency group's hold)")
-    s.add_argument("--what", required=True, choices=("freeze", "thaw", "quiesce"))
-    s.add_argument("--argv", required=True, help="the command as a JSON list")
-    for name in ("qemu-start", "qemu-stop", "qemu-status", "qemu-control", "qemu-capture", "qemu-release"):
-        s = sub.add_parser(name)
-        s.add_argument("--run", required=True, help="the VM's run directory on this host")
-        s.add_argument("--name", required=True, help="vm or test")
-        if name == "qemu-start":
-            s.add_argument("--spec", required=True, help="JSON: memory_mb, vcpus, kernel, initrd, append, disks, args")
-        elif name == "qemu-stop":
-            s.add_argument("--grace", type=float, default=30)
-        elif name == "qemu-control":
-            s.add_argument("--action", required=True, choices=["pause", "cont"])
-        elif name == "qemu-capture":
-            s.add_argument("--disks", required=True, help="JSON: [{node, format, prev}]")
-            s.add_argument("--tag", required=True)
-        elif name == "qemu-release":
-            s.add_argument("--view", required=True, help="JSON: what qemu-capture answered")
-            s.add_argument("--failed", action="store_true", help="the cycle failed: keep the bitmap chain")
-    return p
 
 
 # How long a command waits for another agent working on the same replica or source state (an agent
 # orphaned by a dropped connection finishes or fails within seconds; a live cycle may take longer).
 LOCK_WAIT = float(os.environ.get("SITERECOVERY_AGENT_LOCK_WAIT", "300"))
-_REPLICA_CMDS = frozenset({"status", "receive", "rehash", "manifest", "rebuild", "revert", "prune", "drop"})
-_SOURCE_CMDS = frozenset({"send", "send-to", "source-commit", "source-drop"})
 
 
 def _boot_id() -> str:
@@ -274,41 +161,44 @@ def _exclusive(path: str, what: str, cmd: str) -> Iterator[None]:
 
 
 def run_command(argv: list[str], stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None = None) -> dict[str, Any]:
-    """Run one agent command in this process; its JSON result (send also writes its stream)."""
-    a = _parser().parse_args(argv)
+    """Run the agent command `argv` names in this process; its JSON answer (send also writes its stream)."""
+    return dict(execute(P.parse_command(argv), stdin, stdout, progress))
+
+
+def execute(cmd: P.Command[R], stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None = None) -> R:
+    """Run one command in this process; its answer, checked against the protocol's shape for it."""
     try:
-        return _locked(a, stdin, stdout, progress)
+        return P.parse_result(cmd, _locked(cmd, stdin, stdout, progress))
     except OSError as exc:
         # A full or read-only filesystem is said as such, with its path (the command's directory
         # when the OS names no file, as for a failed write), never as the torn stream it causes.
-        err = engine.storage_error(exc, getattr(a, "meta", None) or getattr(a, "state", None))
+        err = engine.storage_error(exc, getattr(cmd, "meta", None) or getattr(cmd, "state", None))
         if err is None:
             raise
         raise err from None
 
 
-def _locked(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None) -> dict[str, Any]:
-    if a.cmd in _REPLICA_CMDS:
-        with _exclusive(a.meta, "the replica", a.cmd):
-            if getattr(a, "ready", False):
+def _locked(cmd: P.Command[Any], stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None) -> dict[str, Any]:
+    if isinstance(cmd, P._ReplicaCommand) and not isinstance(cmd, P.Scrub):
+        with _exclusive(cmd.meta, "the replica", cmd.command):
+            if isinstance(cmd, P.Receive) and cmd.ready:
                 # From here on no other agent touches this replica until this one is done: a sender
                 # that waited for this line cannot race a newer cycle's status check.
-                from .peer import READY
-                stdout.write(READY + b"\n")
+                stdout.write(P.READY + b"\n")
                 stdout.flush()
-            return _run(a, stdin, stdout, progress)
-    if a.cmd in _SOURCE_CMDS:
-        with _exclusive(a.state, "the source state", a.cmd):
-            return _run(a, stdin, stdout, progress)
-    return _run(a, stdin, stdout, progress)
+            return _run(cmd, stdin, stdout, progress)
+    if isinstance(cmd, (P.Send, P.SendTo, P.SourceCommit, P.SourceDrop)):
+        with _exclusive(cmd.state, "the source state", cmd.command):
+            return _run(cmd, stdin, stdout, progress)
+    return _run(cmd, stdin, stdout, progress)
 
 
-def _read_base(a: argparse.Namespace, stdin: BinaryIO) -> str | None:
+def _read_base(cmd: P.Send | P.SendTo, stdin: BinaryIO) -> str | None:
     """The replica's own manifest arrives first on stdin (resynchronization); its path here."""
-    if a.mode != "base":
+    if cmd.mode != "base":
         return None
-    base = os.path.join(a.state, "base.manifest")
-    os.makedirs(a.state, exist_ok=True)
+    base = os.path.join(cmd.state, "base.manifest")
+    os.makedirs(cmd.state, exist_ok=True)
     with open(base, "wb") as f:
         (n,) = engine.struct.unpack("<Q", engine._read_exact(stdin, 8))
         while n:
@@ -320,209 +210,133 @@ def _read_base(a: argparse.Namespace, stdin: BinaryIO) -> str | None:
     return base
 
 
-def _send(a: argparse.Namespace, base: str | None, out: BinaryIO, progress: Progress | None) -> dict[str, Any]:
-    if a.bandwidth:
-        if not a.bandwidth_bucket:
-            raise ReplicaError("--bandwidth needs --bandwidth-bucket (the host's shared bucket file)")
-        out = engine.Throttled(out, engine.HostBucket(a.bandwidth_bucket, a.bandwidth))  # type: ignore[assignment]
+def _send(cmd: P.Send | P.SendTo, base: str | None, out: BinaryIO, progress: Progress | None) -> dict[str, Any]:
+    if cmd.bandwidth:
+        if not cmd.bandwidth_bucket:
+            raise P.ProtocolError(f"{cmd.command}: --bandwidth needs --bandwidth-bucket (the host's shared bucket file)",
+                                  "--bandwidth-bucket")
+        out = engine.Throttled(out, engine.HostBucket(cmd.bandwidth_bucket, cmd.bandwidth))  # type: ignore[assignment]
 
     def go(nbd: dict[str, Any] | None) -> dict[str, Any]:
-        return engine.send(a.disk, a.state, out, mode=a.mode,
-                           expect_gen=bytes.fromhex(a.expect_gen) if a.expect_gen else None,
-                           base_manifest=base, compress=not a.no_compress, progress=progress,
-                           freeze=json.loads(a.freeze), thaw=json.loads(a.thaw), quiesce=json.loads(a.quiesce),
-                           seq=a.seq, nbd=nbd, keepalive=a.keepalive)
-    if a.offline_format:
-        from .qemu import offline_export
-        os.makedirs(a.state, exist_ok=True)
-        with offline_export(a.disk, a.offline_format, os.path.join(a.state, "offline.nbd")) as view:
+        return engine.send(cmd.disk, cmd.state, out, mode=cmd.mode,
+                           expect_gen=bytes.fromhex(cmd.expect_gen) if cmd.expect_gen else None,
+                           base_manifest=base, compress=not cmd.no_compress, progress=progress,
+                           freeze=list(cmd.freeze), thaw=list(cmd.thaw), quiesce=list(cmd.quiesce),
+                           seq=cmd.seq, nbd=nbd, keepalive=cmd.keepalive)
+    if cmd.offline_format:
+        os.makedirs(cmd.state, exist_ok=True)
+        with qemu.offline_export(cmd.disk, cmd.offline_format, os.path.join(cmd.state, "offline.nbd")) as view:
             return go({**view, "view": "qemu-off"})
-    return go(json.loads(a.nbd) if a.nbd else None)
+    return go(cmd.nbd)
 
 
-def _run(a: argparse.Namespace, stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None) -> dict[str, Any]:
-    cmd = a.cmd
-    if cmd == "send":
-        if a.output:
-            os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
-        out_f: Any = open(a.output, "wb") if a.output else stdout  # noqa: SIM115 - closed below
-        try:
-            return _send(a, _read_base(a, stdin), out_f, progress)
-        finally:
-            if a.output:
-                out_f.close()
-    if cmd == "send-to":
-        from .peer import send_to
-        base = _read_base(a, stdin)
-        return send_to(a, stdin, lambda out: _send(a, base, out, progress))
-    if cmd == "source-commit":
-        return {"committed": SourceState(a.state).commit(bytes.fromhex(a.gen))}
-    if cmd == "source-status":
-        # Read-only and without the source lock: health must not wait for a running cycle.
-        return engine.source_status(a.disk, a.state, bytes.fromhex(a.gen) if a.gen else None, a.scan_limit)
-    if cmd == "source-drop":
-        import shutil
-        shutil.rmtree(a.state, ignore_errors=True)
-        return {"dropped": True}
-    if cmd == "digest":
-        return {"digest": engine.file_digest(a.path)}
-    if cmd == "copy":
-        os.makedirs(os.path.dirname(os.path.abspath(a.dst)), exist_ok=True)
-        return {"copy": engine.copy_file(a.src, a.dst)}
-    if cmd == "remove":
-        import shutil
-        removed = []
-        for path in a.paths:
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-            elif os.path.exists(path):
-                os.unlink(path)
-                removed.append(path)
-        return {"removed": removed}
-    if cmd == "exists":
-        # The size lets the orchestrator show a copy's total before the first byte moves.
-        return {"exists": os.path.exists(a.path), "size": os.path.getsize(a.path) if os.path.isfile(a.path) else None}
-    if cmd == "hook":
-        argv = json.loads(a.argv)
-        engine.run_argv(argv, a.what)
-        return {"ran": bool(argv)}
-    if cmd == "spawn":
-        return spawn(a.pidfile, a.log, [x for x in a.argv if x != "--"] if a.argv[:1] == ["--"] else a.argv)
-    if cmd == "kill":
-        return kill(a.pidfile, a.grace)
-    if cmd == "alive":
-        return {"pid": alive(a.pidfile)}
-    if cmd.startswith("qemu-"):
-        from . import qemu
-        if cmd == "qemu-start":
-            return qemu.start(a.run, a.name, json.loads(a.spec))
-        if cmd == "qemu-stop":
-            return qemu.stop(a.run, a.name, a.grace)
-        if cmd == "qemu-status":
-            return qemu.status(a.run, a.name)
-        if cmd == "qemu-control":
-            return qemu.control(a.run, a.name, a.action)
-        if cmd == "qemu-capture":
-            return qemu.capture(a.run, a.name, json.loads(a.disks), a.tag)
-        if cmd == "qemu-release":
-            return qemu.release(a.run, a.name, json.loads(a.view), ok=not a.failed)
-    r = Replica(a.replica, a.meta)
-    if cmd == "scrub":
-        # Not under the replica's lock for its long read pass (cycles go on); it takes the lock to
-        # confirm what it found and to record it (Replica.scrub).
-        return r.scrub(lambda: _exclusive(a.meta, "the replica", a.cmd), start=a.start, max_seconds=a.max_seconds,
-                       rate=a.rate or None, points=a.points)
-    if cmd == "status":
-        return r.status()
-    if cmd == "receive":
-        point = json.loads(a.point)
-        if a.input:
-            with open(a.input, "rb") as f:
-                return r.receive(f, point, a.retention_hours, progress)
-        return r.receive(stdin, point, a.retention_hours, progress)
-    if cmd == "rehash":
-        return r.rehash()
-    if cmd == "manifest":
-        r.recover()
-        with open(r.manifest, "rb") as f:
-            data = f.read()
-        stdout.write(engine.struct.pack("<Q", len(data)) + data)
-        return {"bytes": len(data)}
-    if cmd == "rebuild":
-        return r.rebuild(a.seq, a.dest)
-    if cmd == "revert":
-        return r.revert(a.seq)
-    if cmd == "prune":
-        r.recover()
-        return {"dropped": r.prune(a.hours)}
-    if cmd == "drop":
-        r.drop()
-        return {"dropped": True}
-    raise ReplicaError(f"unknown command {cmd}")
+def _remove(paths: list[str]) -> dict[str, Any]:
+    removed = []
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif os.path.exists(path):
+            os.unlink(path)
+            removed.append(path)
+    return {"removed": removed}
 
 
-# ---- process VMs ----------------------------------------------------------------------------------
+def _run(cmd: P.Command[Any], stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None) -> dict[str, Any]:
+    match cmd:
+        case P.Send():
+            if cmd.output:
+                os.makedirs(os.path.dirname(os.path.abspath(cmd.output)), exist_ok=True)
+            out_f: Any = open(cmd.output, "wb") if cmd.output else stdout  # noqa: SIM115 - closed below
+            try:
+                return _send(cmd, _read_base(cmd, stdin), out_f, progress)
+            finally:
+                if cmd.output:
+                    out_f.close()
+        case P.SendTo():
+            base = _read_base(cmd, stdin)
+            send_cmd = cmd
+            return peer.send_to(cmd, stdin, lambda out: _send(send_cmd, base, out, progress))
+        case P.SourceCommit():
+            return {"committed": SourceState(cmd.state).commit(bytes.fromhex(cmd.gen))}
+        case P.SourceStatus():
+            # Read-only and without the source lock: health must not wait for a running cycle.
+            return engine.source_status(cmd.disk, cmd.state, bytes.fromhex(cmd.gen) if cmd.gen else None,
+                                        cmd.scan_limit)
+        case P.SourceDrop():
+            shutil.rmtree(cmd.state, ignore_errors=True)
+            return {"dropped": True}
+        case P.Digest():
+            return {"digest": engine.file_digest(cmd.path)}
+        case P.Copy():
+            os.makedirs(os.path.dirname(os.path.abspath(cmd.dst)), exist_ok=True)
+            return {"copy": engine.copy_file(cmd.src, cmd.dst)}
+        case P.Remove():
+            return _remove(cmd.paths)
+        case P.Exists():
+            # The size lets the orchestrator show a copy's total before the first byte moves.
+            return {"exists": os.path.exists(cmd.path),
+                    "size": os.path.getsize(cmd.path) if os.path.isfile(cmd.path) else None}
+        case P.Hook():
+            engine.run_argv(list(cmd.argv_), cmd.what)
+            return {"ran": bool(cmd.argv_)}
+        case P.Spawn():
+            return process.spawn(cmd.pidfile, cmd.log, list(cmd.argv_))
+        case P.Kill():
+            return process.kill(cmd.pidfile, cmd.grace)
+        case P.Alive():
+            return {"pid": process.alive(cmd.pidfile)}
+        case P.QemuStart():
+            return qemu.start(cmd.run, cmd.name, cmd.spec)
+        case P.QemuStop():
+            return qemu.stop(cmd.run, cmd.name, cmd.grace)
+        case P.QemuStatus():
+            return qemu.status(cmd.run, cmd.name)
+        case P.QemuControl():
+            return qemu.control(cmd.run, cmd.name, cmd.action)
+        case P.QemuCapture():
+            return qemu.capture(cmd.run, cmd.name, cmd.disks, cmd.tag)
+        case P.QemuRelease():
+            return qemu.release(cmd.run, cmd.name, cmd.view, ok=not cmd.failed)
+        case P._ReplicaCommand():
+            return _replica(cmd, stdin, stdout, progress)
+    raise P.ProtocolError(f"the agent has no handler for {cmd.command!r}", "command")
 
 
-def alive(pidfile: str) -> int | None:
-    try:
-        with open(pidfile) as f:
-            pid = int(f.read().split()[0])
-    except (FileNotFoundError, ValueError, IndexError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    # A zombie or a reused pid is not our VM.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().split(")")[-1].split()[0] == "Z":
-                return None
-    except FileNotFoundError:
-        return None
-    return pid
-
-
-# VMs this process started (the agent in-process for local hosts): kept so they are reaped, not
-# left as zombies or reported as leaked by Popen's finalizer.
-_children: dict[int, subprocess.Popen[bytes]] = {}
-
-
-def spawn(pidfile: str, log: str, argv: list[str]) -> dict[str, Any]:
-    """Start `argv` detached (own session, stdin closed, stdout/stderr appended to `log`)."""
-    pid = alive(pidfile)
-    if pid:
-        return {"pid": pid, "started": False}
-    os.makedirs(os.path.dirname(os.path.abspath(pidfile)), exist_ok=True)
-    with open(log, "ab") as lf:
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
-                             start_new_session=True, close_fds=True)
-    _children[p.pid] = p
-    with open(pidfile + ".tmp", "w") as f:
-        f.write(f"{p.pid}\n")
-    os.replace(pidfile + ".tmp", pidfile)
-    time.sleep(0.05)
-    rc = p.poll()
-    if rc is not None:
-        _children.pop(p.pid, None)
-        raise ReplicaError(f"{argv[0]} exited at once with status {rc}; see {log}", code="StartFailed")
-    return {"pid": p.pid, "started": True}
-
-
-def kill(pidfile: str, grace: float) -> dict[str, Any]:
-    """TERM the process group, KILL it after `grace` seconds."""
-    pid = alive(pidfile)
-    if pid is None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(pidfile)
-        return {"stopped": False}
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    how = "TERM"
-    while alive(pidfile) and time.monotonic() < deadline:
-        child = _children.get(pid)
-        if child is not None and child.poll() is not None:
-            break
-        time.sleep(0.02)
-    if alive(pidfile):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        how = "KILL"
-        while alive(pidfile):
-            child = _children.get(pid)
-            if child is not None and child.poll() is not None:
-                break
-            time.sleep(0.02)
-    child = _children.pop(pid, None)
-    if child is not None:
-        child.wait()
-    os.unlink(pidfile)
-    return {"stopped": True, "signal": how}
+def _replica(cmd: P._ReplicaCommand[Any], stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None) -> dict[str, Any]:
+    r = Replica(cmd.replica, cmd.meta)
+    match cmd:
+        case P.Scrub():
+            # Not under the replica's lock for its long read pass (cycles go on); it takes the lock to
+            # confirm what it found and to record it (Replica.scrub).
+            return r.scrub(lambda: _exclusive(cmd.meta, "the replica", cmd.command), start=cmd.start,
+                           max_seconds=cmd.max_seconds, rate=cmd.rate or None, points=cmd.points)
+        case P.Status():
+            return r.status()
+        case P.Receive():
+            if cmd.input:
+                with open(cmd.input, "rb") as f:
+                    return r.receive(f, cmd.point, cmd.retention_hours, progress)
+            return r.receive(stdin, cmd.point, cmd.retention_hours, progress)
+        case P.Rehash():
+            return r.rehash()
+        case P.Manifest():
+            r.recover()
+            with open(r.manifest, "rb") as f:
+                data = f.read()
+            stdout.write(engine.struct.pack("<Q", len(data)) + data)
+            return {"bytes": len(data)}
+        case P.Rebuild():
+            return r.rebuild(cmd.seq, cmd.dest)
+        case P.Revert():
+            return r.revert(cmd.seq)
+        case P.Prune():
+            r.recover()
+            return {"dropped": r.prune(cmd.hours)}
+        case P.Drop():
+            r.drop()
+            return {"dropped": True}
+    raise P.ProtocolError(f"the agent has no handler for {cmd.command!r}", "command")
 
 
 F_SETPIPE_SZ = 1031
@@ -582,14 +396,16 @@ class _Deadline(io.RawIOBase):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _widen_pipes()
-    dead = engine.dead_link_seconds()
     out: Any = sys.stdout.buffer
     inp: Any = sys.stdin.buffer
-    if dead > 0 and argv[:1] in (["receive"], ["send"], ["manifest"]) and not sys.stdin.isatty():
-        # Streams over the SSH channel get the deadline (send-to's stdin is watched in peer.py).
-        inp = io.BufferedReader(_Deadline(0, False, dead), 1 << 20)
-        out = io.BufferedWriter(_Deadline(1, True, dead), 1 << 20)
     err = sys.stderr
+    cmd: P.Command[Any] | None = None
+
+    def answer(payload: dict[str, Any], on_stderr: bool, prefix: str) -> None:
+        if on_stderr:
+            err.write(f"{prefix} {json.dumps(payload)}\n")
+        else:
+            out.write(json.dumps(payload).encode() + b"\n")
 
     last = [-REMOTE_PROGRESS_EVERY]
 
@@ -599,16 +415,21 @@ def main(argv: list[str] | None = None) -> int:
         if done - last[0] < REMOTE_PROGRESS_EVERY and not (total and done >= total):
             return
         last[0] = done
-        err.write(f"P {done} {total}\n")
+        err.write(P.progress_line(done, total))
         err.flush()
 
-    is_send = bool(argv) and argv[0] == "send"
     try:
-        res = run_command(argv, inp, out, progress)
+        cmd = P.parse_command(argv)
+        dead = engine.dead_link_seconds()
+        if dead > 0 and isinstance(cmd, (P.Receive, P.Send, P.Manifest)) and not sys.stdin.isatty():
+            # Streams over the SSH channel get the deadline (send-to's stdin is watched in peer.py).
+            inp = io.BufferedReader(_Deadline(0, False, dead), 1 << 20)
+            out = io.BufferedWriter(_Deadline(1, True, dead), 1 << 20)
+        res = execute(cmd, inp, out, progress)
     except ReplicaError as exc:
-        msg = json.dumps({"error": exc.code, "message": str(exc), "path": exc.path})
+        streaming = isinstance(cmd, P.Send)  # its stdout is the stream: the answer goes to stderr
         with contextlib.suppress(ReplicaError, OSError):  # a stdout nobody reads: the exit status says it
-            (err.write("E " + msg + "\n") if is_send else out.write(msg.encode() + b"\n"))
+            answer(dict(P.failure(exc.code, str(exc), exc.path)), streaming, P.ERROR)
             err.flush()
             out.flush()
         return 3
@@ -617,16 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         # the step that failed when the OS gives no file name (a failed write).
         code = errno.errorcode.get(exc.errno or 0, "OSError")
         where = exc.filename or f"during {argv[0] if argv else 'the command'}"
-        msg = json.dumps({"error": code, "message": f"{exc.strerror or exc} ({code}): {where}"})
-        (err.write("E " + msg + "\n") if is_send else out.write(msg.encode() + b"\n"))
+        answer({"error": code, "message": f"{exc.strerror or exc} ({code}): {where}"}, isinstance(cmd, P.Send), P.ERROR)
         err.flush()
         out.flush()
         return 3
-    if is_send and not any(x.startswith("--output") for x in argv):
+    if isinstance(cmd, P.Send) and not cmd.output:
         out.flush()
-        err.write("R " + json.dumps(res) + "\n")
-    else:
-        out.write(json.dumps(res).encode() + b"\n")
+    answer(dict(res), isinstance(cmd, P.Send) and not cmd.output, P.RESULT)
     out.flush()
     err.flush()
     return 0

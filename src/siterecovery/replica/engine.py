@@ -31,6 +31,8 @@ from typing import Any, BinaryIO
 import xxhash
 import zstandard
 
+from .nbd import NBDClient, NBDError
+
 BLOCK = 64 * 1024
 CHUNK = 64 * BLOCK  # 4 MiB reads: few syscalls, memory flat in disk size
 MAP_WINDOW = 16 * CHUNK  # 64 MiB of the disk mapped at a time
@@ -658,7 +660,6 @@ def _source(disk: str, state_dir: str, freeze: list[str], thaw: list[str], quies
             finally:
                 os.close(fd)
         return
-    from .nbd import NBDClient, NBDError
     bitmap = nbd.get("bitmap")
     try:
         client = NBDClient(nbd["socket"], nbd["export"], contexts=(bitmap,) if bitmap else (),

@@ -2,11 +2,10 @@
 
 `send_to` runs on the source host inside the agent (stdlib only): it starts OpenSSH's client with the
 host's own identity and known_hosts files (strict host key checking, batch mode), waits until the
-receiving agent holds the replica's lock, then sends. `transfer_direct` runs at the orchestrator: it
-starts `send-to` over the source host's exec channel and only reads its progress lines and result; no
-disk byte crosses the orchestrator. It keeps the channel's stdin open: when it closes (the orchestrator
-died or gave up) send-to kills its ssh, so no cycle lands that nobody waits for. Errors keep
-transfer()'s meaning (see transport.py).
+receiving agent holds the replica's lock, then sends. The orchestrator's side (orchestrator/transfer.py,
+transfer_direct) only starts `send-to` and reads its progress lines and result; no disk byte crosses
+it. It keeps the channel's stdin open: when it closes (the orchestrator died or gave up) send-to kills
+its ssh, so no cycle lands that nobody waits for. Errors keep transfer()'s meaning.
 """
 
 from __future__ import annotations
@@ -14,29 +13,22 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
-import json
 import os
 import shlex
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
-from .engine import Progress, ReplicaError, storage_error
+from .engine import ReplicaError, dead_link_seconds, storage_error
+from .protocol import READY, SendTo, last_json, parse_failure
 
-if TYPE_CHECKING:
-    import argparse
-
-    from .transport import SSHEndpoint
-
-READY = b"SITERECOVERY-PEER-READY"
 F_SETPIPE_SZ = 1031
 CHUNK = 1 << 20
 
 
-def ssh_argv(a: argparse.Namespace, remote: str) -> list[str]:
+def ssh_argv(a: SendTo, remote: str) -> list[str]:
     """OpenSSH client argv for `send-to`: nothing from ~/.ssh or an agent decides trust or identity."""
-    from .engine import dead_link_seconds
     alive = max(1, round(dead_link_seconds() / 3))
     o = [f"UserKnownHostsFile={a.known_hosts}", "GlobalKnownHostsFile=/dev/null", "StrictHostKeyChecking=yes",
          "UpdateHostKeys=no", "CheckHostIP=no", "BatchMode=yes", "IdentitiesOnly=yes", "IdentityAgent=none",
@@ -58,7 +50,7 @@ def _tail(text: bytes, n: int = 600) -> str:
     return " | ".join(lines)[-n:]
 
 
-def send_to(a: argparse.Namespace, stdin: BinaryIO,
+def send_to(a: SendTo, stdin: BinaryIO,
             run_send: Callable[[BinaryIO], dict[str, Any]]) -> dict[str, Any]:
     """Start ssh to the target, wait for its receiver, run the send into it; {"sent": ..., "received": ...}.
 
@@ -72,7 +64,7 @@ def send_to(a: argparse.Namespace, stdin: BinaryIO,
     if not os.path.isfile(a.identity_file):
         raise ReplicaError(f"{where}: peer_ssh.identity_file {a.identity_file} does not exist on {src} (it is "
                            "read there, by the host's ssh)", code="PeerConfig")
-    remote = shlex.join(json.loads(a.remote_argv))
+    remote = shlex.join(a.remote_argv)
     try:
         proc = subprocess.Popen(ssh_argv(a, remote), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, bufsize=0, close_fds=True)
@@ -158,31 +150,22 @@ def send_to(a: argparse.Namespace, stdin: BinaryIO,
         raise _failure(a, rc, bytes(out), bytes(err), before=False)
     if send_exc is not None:
         raise send_exc
-    got = _last_json(bytes(out))
+    got = last_json(bytes(out))
     if got is None:
         raise ReplicaError(f"{where}: receive at {dst} answered no JSON: {_tail(bytes(out) + bytes(err))}",
                            code="AgentFailed")
     return {"sent": sent, "received": got}
 
 
-def _last_json(out: bytes) -> dict[str, Any] | None:
-    for line in reversed(out.decode(errors="replace").splitlines()):
-        with contextlib.suppress(ValueError):
-            d = json.loads(line)
-            if isinstance(d, dict):
-                return d
-    return None
-
-
-def _failure(a: argparse.Namespace, rc: int, out: bytes, err: bytes, before: bool) -> ReplicaError:
+def _failure(a: SendTo, rc: int, out: bytes, err: bytes, before: bool) -> ReplicaError:
     """The ReplicaError for a failed ssh / receive: a host key, login or link problem, or the receiver's refusal."""
     src, dst = a.from_name, a.to_name
     where = f"{src} -> {dst}"
     target = f"{a.to_address}:{a.to_port}"
     said = _tail(err)
-    d = _last_json(out)
-    if d is not None and "error" in d:
-        return ReplicaError(f"{dst}: receive: {d['message']}", code=str(d["error"]))
+    refused = parse_failure(last_json(out))
+    if refused is not None:
+        return ReplicaError(f"{dst}: receive: {refused['message']}", code=refused["error"])
     text = err.decode(errors="replace")
     if "Host key verification failed" in text or "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
         changed = "CHANGED" in text
@@ -202,47 +185,3 @@ def _failure(a: argparse.Namespace, rc: int, out: bytes, err: bytes, before: boo
                             code="PeerLinkLost")
     said = _tail(out + b"\n" + err) or "no output"
     return ReplicaError(f"{where}: receive at {dst} exited {rc}: {said}", code="AgentFailed")
-
-
-# ---- at the orchestrator ---------------------------------------------------------------------------
-
-
-def send_to_args(send_args: Sequence[str], src: SSHEndpoint, dst: SSHEndpoint, recv_args: Sequence[str],
-                 address: str, port: int, user: str, identity_file: str, known_hosts: str,
-                 connect_timeout: int = 15) -> list[str]:
-    assert send_args[0] == "send" and recv_args[0] == "receive"
-    return ["send-to", *send_args[1:], "--from-name", src.name, "--to-name", dst.name, "--to-address", address,
-            "--to-port", str(port), "--to-user", user, "--identity-file", identity_file,
-            "--known-hosts", known_hosts, "--connect-timeout", str(connect_timeout),
-            "--remote-argv", json.dumps(dst.argv([*recv_args, "--ready"]))]
-
-
-def transfer_direct(src: SSHEndpoint, args: list[str], progress: Progress | None = None,
-                    prefix: bytes = b"") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run `send-to` (args from send_to_args) at the source host; (sent, received) as transfer() answers.
-
-    Only the prefix (a resynchronization's manifest), progress lines and two JSON results cross the
-    orchestrator's connection. stdin stays open until the agent is done (its EOF aborts send-to).
-    """
-    from .transport import _error, _SenderProgress
-    chan = src.channel(args)
-    lines = _SenderProgress(progress)
-    try:
-        if prefix:
-            chan.sendall(prefix)
-        while True:
-            d = chan.recv_stderr(1 << 16)
-            if not d:
-                break
-            lines.feed(d)
-        out = chan.makefile("rb").read()
-        rc = chan.recv_exit_status()
-    finally:
-        chan.close()
-    where = f"{src.name}: send-to"
-    if rc != 0:
-        raise _error(bytes(out) + b"\n" + lines.kept()[-4096:], rc, where, src.name)
-    res = _last_json(bytes(out))
-    if res is None or "sent" not in res or "received" not in res:
-        raise ReplicaError(f"{where} answered no result", code="AgentFailed")
-    return res["sent"], res["received"]

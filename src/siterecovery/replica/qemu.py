@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from . import process
 from .engine import ReplicaError
 
 T = TypeVar("T")
@@ -112,19 +113,18 @@ def command_line(spec: dict[str, Any], p: dict[str, str]) -> list[str]:
 
 def start(run: str, name: str, spec: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
     """Start the VM detached unless it runs; answers once its QMP socket answers."""
-    from . import agent
     p = paths(run, name)
-    if agent.alive(p["pid"]):
-        return {"started": False, "pid": agent.alive(p["pid"])}
+    if process.alive(p["pid"]):
+        return {"started": False, "pid": process.alive(p["pid"])}
     os.makedirs(run, exist_ok=True)
     for k in ("qmp", "nbd"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p[k])
     argv = command_line(spec, p)
-    out = agent.spawn(p["pid"], p["log"], argv)
+    out = process.spawn(p["pid"], p["log"], argv)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not agent.alive(p["pid"]):
+        if not process.alive(p["pid"]):
             if argv[2] == "kvm" and not spec.get("accel"):
                 # /dev/kvm opened but KVM does not work here (nested hosts): TCG, said in the answer.
                 res = start(run, name, {**spec, "accel": "tcg"}, timeout)
@@ -135,16 +135,15 @@ def start(run: str, name: str, spec: dict[str, Any], timeout: float = 30) -> dic
                 st = qmp(p["qmp"], "query-status")
                 return {"started": True, "pid": out["pid"], "status": st.get("status"), "accel": argv[2]}
         time.sleep(0.05)
-    agent.kill(p["pid"], 0)
+    process.kill(p["pid"], 0)
     raise QemuError(f"QEMU's QMP socket did not answer within {timeout:.0f} s; see {p['log']}", code="StartFailed")
 
 
 def stop(run: str, name: str, grace: float) -> dict[str, Any]:
     """ACPI power-off, wait up to `grace` seconds, then kill (TERM, then KILL)."""
-    from . import agent
     p = paths(run, name)
-    if not agent.alive(p["pid"]):
-        return agent.kill(p["pid"], 0)
+    if not process.alive(p["pid"]):
+        return process.kill(p["pid"], 0)
     how = "powerdown"
     try:
         if grace > 0:
@@ -152,21 +151,20 @@ def stop(run: str, name: str, grace: float) -> dict[str, Any]:
     except QemuError:
         how = "kill"
     deadline = time.monotonic() + grace
-    while grace > 0 and agent.alive(p["pid"]) and time.monotonic() < deadline:
-        child = agent._children.get(agent.alive(p["pid"]) or -1)
+    while grace > 0 and process.alive(p["pid"]) and time.monotonic() < deadline:
+        child = process.children.get(process.alive(p["pid"]) or -1)
         if child is not None and child.poll() is not None:
             break
         time.sleep(0.05)
-    if agent.alive(p["pid"]):
+    if process.alive(p["pid"]):
         how = "kill"
-    res = agent.kill(p["pid"], 2)
+    res = process.kill(p["pid"], 2)
     return {"stopped": True, "how": how if res.get("stopped") else "powerdown", **{k: v for k, v in res.items() if k != "stopped"}}
 
 
 def status(run: str, name: str) -> dict[str, Any]:
-    from . import agent
     p = paths(run, name)
-    pid = agent.alive(p["pid"])
+    pid = process.alive(p["pid"])
     if not pid:
         return {"running": False, "status": "off", "pid": None}
     try:
