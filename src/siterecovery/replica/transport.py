@@ -19,6 +19,8 @@ from typing import Any
 
 import paramiko
 
+from .. import ssh
+from ..model import Host
 from ..render import sh_join
 from . import agent
 from .engine import Progress, ReplicaError
@@ -80,10 +82,12 @@ class LocalEndpoint(Endpoint):
 
 @dataclass
 class SSHEndpoint(Endpoint):
-    """An agent reached over SSH: `python -m siterecovery.replica.agent` on the host."""
+    """An agent reached over SSH: `python -m siterecovery.replica.agent` on the host, through the
+    orchestrator's one connection pool (ssh.Pool) for both commands and streams."""
 
     name: str
-    client: paramiko.SSHClient
+    pool: ssh.Pool
+    host: Host
     python: str = "python3"
     local: bool = False
     timeout: float = 600.0
@@ -94,15 +98,13 @@ class SSHEndpoint(Endpoint):
         return [*pre, self.python, "-m", "siterecovery.replica.agent", *args]
 
     def channel(self, args: Sequence[str]) -> paramiko.Channel:
-        from ..ssh import exec_channel
-        return exec_channel(self.client, self.argv(args), timeout=self.timeout)
+        return self.pool.channel(self.host, self.argv(args), timeout=self.timeout)
 
     def raw(self, args: Sequence[str], stdin: bytes = b"") -> bytes:
-        from ..ssh import run
-        rc, out, err = run(self.client, self.argv(args), stdin=stdin or None, timeout=self.timeout)
-        if rc != 0:
-            raise _error(out + b"\n" + err, rc, f"{self.name}: {args[0]}", self.name)
-        return out
+        r = self.pool.run(self.host, self.argv(args), stdin=stdin or None, deadline=self.timeout)
+        if r.rc != 0:
+            raise _error(r.stdout + b"\n" + r.stderr, r.rc, f"{self.name}: {args[0]}", self.name)
+        return r.stdout
 
     def call(self, args: Sequence[str], stdin: bytes = b"") -> dict[str, Any]:
         out = self.raw(args, stdin)
