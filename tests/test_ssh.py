@@ -10,7 +10,13 @@ import pytest
 from sshd import SSHServer, keygen
 
 from siterecovery import ssh
-from siterecovery.errors import CommandTimedOut, ConnectionFailed, FabricError, HostKeyError, TransientFabricError
+from siterecovery.errors import (
+    CommandTimedOut,
+    ConnectionFailed,
+    FabricError,
+    HostKeyError,
+    TransientFabricError,
+)
 
 pytestmark = pytest.mark.sshd
 
@@ -53,12 +59,17 @@ def test_deadline_stops_a_hung_command_and_names_the_host(sshd_server: SSHServer
         assert e.value.host == "slow-1" and "slow-1" in str(e.value) and "1.5 s" in e.value.message
         assert e.value.sent  # it had its (empty) stdin: it may have acted
         assert isinstance(e.value, TransientFabricError)
+        # Output that keeps flowing does not extend the deadline (a per-read timeout would never fire).
+        t1 = time.monotonic()
+        with pytest.raises(CommandTimedOut):
+            pool.run(h, ["sh", "-c", "while true; do echo tick; sleep 0.2; done"], deadline=1.5)
+        assert time.monotonic() - t1 < 5
         # The same pooled connection still serves the next command.
         assert pool.run(h, ["true"]).rc == 0 and pool.connects == 1
         # Deadline on write: stdin the command never reads, more than the windows hold.
         with pytest.raises(CommandTimedOut) as e:
             pool.run(h, ["sleep", "30"], stdin=b"z" * (64 << 20), deadline=1.5)
-        assert not e.value.sent and time.monotonic() - t0 < 10
+        assert not e.value.sent and time.monotonic() - t0 < 15
 
 
 def test_one_connection_for_two_runs(sshd_server: SSHServer) -> None:
@@ -113,7 +124,7 @@ def test_windows_command_line_is_plain_tokens() -> None:
     from siterecovery.fabric.hyperv import COMMAND
     from siterecovery.model import Host
     hv = Host(name="hv1", site="s", fabric="hyperv", address="hv1.example")
-    assert ssh.command_line(hv, COMMAND) == "powershell.exe -NoProfile -NonInteractive -Command -"
+    assert ssh.command_line(hv, COMMAND.split()) == COMMAND
     with pytest.raises(ValueError, match="plain tokens"):
         ssh.command_line(hv, ["powershell.exe", "-Command", "Get-VM 'a b'"])
     lx = Host(name="l1", site="s", fabric="linux", address="l1.example")

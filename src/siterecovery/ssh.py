@@ -410,7 +410,6 @@ class _Slot:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.client: paramiko.SSHClient | None = None
-        self.name = "?"
 
 
 class Pool:
@@ -462,7 +461,7 @@ class Pool:
                 c.close()
                 slot.client = None
             c = _connect_pinned(host, self.secrets, limit, self.dead_after)
-            slot.client, slot.name = c, host.name
+            slot.client = c
             self.connects += 1
             return c, True
 
@@ -515,8 +514,8 @@ class Pool:
                                               timeout=max(0.1, end - time.monotonic()))
                 return client, chan
             except (paramiko.SSHException, EOFError, OSError) as exc:
-                self.check_link(host)
                 if fresh or attempt:
+                    self.check_link(host)
                     raise ConnectionFailed(f"cannot open an SSH session to {host.name}: {exc or type(exc).__name__}",
                                            host=host.name, hint="check the host and the network, then retry") from None
                 log.info("SSH connection to %s dropped while pooled; reconnecting", host.name)

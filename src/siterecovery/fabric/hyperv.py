@@ -73,7 +73,7 @@ EMIT = "ConvertTo-Json -Depth 4 -Compress"
 # shell (cmd.exe, 8,191 characters at most, or PowerShell). The script goes on stdin as one ASCII line
 # that decodes the UTF-8 script from base64, so neither the console's input code page nor a shell's
 # quoting ever sees a script character.
-COMMAND = ("powershell.exe", "-NoProfile", "-NonInteractive", "-Command", "-")
+COMMAND = "powershell.exe -NoProfile -NonInteractive -Command -"
 BOOTSTRAP = ("$s = [System.Text.Encoding]::UTF8.GetString([System.Convert]::FromBase64String('{}')); "
              "Invoke-Expression $s\n\n")
 
@@ -668,7 +668,7 @@ class HyperVFabric:
         try:
             # The command line is short and fixed; the script goes on stdin (cmd.exe, Windows' default
             # SSH shell, cuts command lines at 8191 characters).
-            result = self.pool.run(host, COMMAND, stdin=payload, deadline=limit)
+            result = self.pool.run(host, COMMAND.split(), stdin=payload, deadline=limit)
         except CommandTimedOut as exc:
             if exc.sent:
                 raise FabricError(f"no answer within {limit:.0f} s; the script may still be running on the host",
