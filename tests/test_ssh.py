@@ -84,7 +84,7 @@ def test_one_connection_for_two_runs(sshd_server: SSHServer) -> None:
         assert ssh.identity(other) != ssh.identity(sshd_server.host())
 
 
-def test_dropped_connection_reconnects_once(sshd_server: SSHServer) -> None:
+def test_dropped_connection_reconnects_once(sshd_server: SSHServer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     h = sshd_server.host()
     with ssh.Pool() as pool:
         first = pool.run(h, ["sh", "-c", 'echo "$SSH_CONNECTION"']).stdout
@@ -97,6 +97,11 @@ def test_dropped_connection_reconnects_once(sshd_server: SSHServer) -> None:
         # Dropped silently under the pool (no one saw it close): the next run still gets through.
         pool.client(h).get_transport().sock.close()  # type: ignore[union-attr]
         assert pool.run(h, ["echo", "ok"]).stdout == b"ok\n" and pool.connects == 3
+        # Dropped although the check before use passed (it closed just after): opening the session
+        # fails, and the pool reconnects once before anything was sent.
+        pool.client(h).get_transport().close()  # type: ignore[union-attr]
+        monkeypatch.setattr(pool, "_usable", lambda client, timeout: True)
+        assert pool.run(h, ["echo", "ok"]).stdout == b"ok\n" and pool.connects == 4
 
 
 def test_pool_refuses_a_changed_host_key(sshd_server: SSHServer, tmp_path) -> None:  # type: ignore[no-untyped-def]
