@@ -120,7 +120,7 @@ def test_secrets_stay_out_of_logs_and_errors(sshd_server: SSHServer, monkeypatch
     with ssh.Pool() as pool:
         assert pool.run(h, ["echo", "s3cr3t-value"]).rc == 0
         with pytest.raises(CommandTimedOut) as e:
-            pool.run(h, ["sleep", "10", "s3cr3t-value"], deadline=0.5)
+            pool.run(h, ["sh", "-c", "sleep 10", "s3cr3t-value"], deadline=0.5)
     text = caplog.text + str(e.value)
     assert "s3cr3t-value" not in text and "PRIVATE KEY" not in text
 
