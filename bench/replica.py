@@ -150,7 +150,6 @@ def bench_ssh(work: Path, size: int, rounds: int = 3) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "tests"))
     from sshd import running_sshd  # the same real sshd the tests use
 
-    from siterecovery import ssh
     disk = work / "ssh-src.img"
     log(f"ssh: writing a {size // GiB} GiB random (incompressible) image")
     random_image(disk, size, seed=3)
@@ -158,16 +157,15 @@ def bench_ssh(work: Path, size: int, rounds: int = 3) -> dict[str, Any]:
     remote.mkdir(exist_ok=True)
     with running_sshd() as srv:
         host = srv.host("target", "chi", root=str(remote))
-        client = ssh.connect(host)
-        cipher = client.get_transport().remote_cipher  # type: ignore[union-attr]
-        dst = SSHEndpoint(name="target", client=client, python=sys.executable)
+        dst = _endpoint("target", host)
+        cipher = dst.pool.client(host).get_transport().remote_cipher  # type: ignore[union-attr]
         c = Cycle(LocalEndpoint(), dst, disk, work / "ssh-local", remote)
         (work / "ssh-local").mkdir(exist_ok=True)
         warm(disk)
         t_full, full = timed(lambda: c.run("full"))
         log(f"ssh initial {size / t_full / 1e6:.0f} MB/s")
         # both sides remote: the orchestrator only relays bytes between two exec channels
-        src_remote = SSHEndpoint(name="source", client=ssh.connect(host), python=sys.executable)
+        src_remote = _endpoint("source", host)
         relay_dir = work / "ssh-relay"
         relay_dir.mkdir(exist_ok=True)
         c2 = Cycle(src_remote, dst, disk, relay_dir)
@@ -190,11 +188,18 @@ def bench_ssh(work: Path, size: int, rounds: int = 3) -> dict[str, Any]:
                          "changed_bytes": changed, "engine_bytes": out["bytes"], "rsync_sent": st.get("sent")})
             log("ssh round", runs[-1])
         assert file_digest(str(remote / "replica.img")) == file_digest(str(disk)) == file_digest(str(rs))
-        client.close()
-        src_remote.client.close()
+        dst.pool.close()
+        src_remote.pool.close()
     med = sorted(runs, key=lambda x: x["ratio"])[len(runs) // 2]
     return {"size": size, "cipher": cipher, "initial_s": round(t_full, 2), "initial_MBps": round(size / t_full / 1e6, 1),
             "relay_initial_MBps": round(size / t_relay / 1e6, 1), "runs": runs, "median": med}
+
+
+def _endpoint(name: str, host: Any, env: dict[str, str] | None = None) -> SSHEndpoint:
+    """An agent over SSH with a pool of its own: source and target on one sshd still get a connection
+    each, as two hosts would."""
+    from siterecovery import ssh
+    return SSHEndpoint(name=name, pool=ssh.Pool(), host=host, python=sys.executable, env=env or {})
 
 
 def _sock_bytes(*clients: Any) -> int:
@@ -221,15 +226,13 @@ def bench_direct(work: Path, size: int, rounds: int = 3) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "tests"))
     from sshd import running_sshd
 
-    from siterecovery import ssh
     disk = work / "direct-src.img"
     log(f"direct: writing a {size / GiB:g} GiB random (incompressible) image")
     random_image(disk, size, seed=4)
     with running_sshd() as srv:
         host = srv.host("target", "chi", root=str(work))
         peer = srv.peer_ssh(work / "peer-keys")
-        src = SSHEndpoint(name="source", client=ssh.connect(host), python=sys.executable)
-        dst = SSHEndpoint(name="target", client=ssh.connect(host), python=sys.executable)
+        src, dst = _endpoint("source", host), _endpoint("target", host)
         kw = {"address": "127.0.0.1", "port": srv.port, "user": srv.user, **peer}
         cycles = {}
         for name in ("relay", "peer"):
@@ -237,9 +240,9 @@ def bench_direct(work: Path, size: int, rounds: int = 3) -> dict[str, Any]:
             cycles[name] = Cycle(src, dst, disk, work / f"direct-{name}", peer=kw if name == "peer" else None)
 
         def one(name: str, mode: str) -> dict[str, Any]:
-            b0, c0 = _sock_bytes(src.client, dst.client), _cpu()
+            b0, c0 = _sock_bytes(src.pool.client(host), dst.pool.client(host)), _cpu()
             t, out = timed(lambda: cycles[name].run(mode))
-            return {"s": round(t, 3), "orch_kB": round((_sock_bytes(src.client, dst.client) - b0) / 1e3),
+            return {"s": round(t, 3), "orch_kB": round((_sock_bytes(src.pool.client(host), dst.pool.client(host)) - b0) / 1e3),
                     "orch_cpu_s": round(_cpu() - c0, 2), "bytes": out["bytes"]}
 
         runs: dict[str, list[dict[str, Any]]] = {"full": [], "delta": []}
@@ -258,8 +261,8 @@ def bench_direct(work: Path, size: int, rounds: int = 3) -> dict[str, Any]:
                 log(f"direct {mode}", row)
         for name in ("relay", "peer"):
             assert file_digest(str(work / f"direct-{name}" / "replica.img")) == file_digest(str(disk))
-        src.client.close()
-        dst.client.close()
+        src.pool.close()
+        dst.pool.close()
     ratios = sorted(x["relay_over_peer"] for x in runs["delta"])
     return {"size": size, "full": runs["full"][0], "delta": runs["delta"], "delta_median_ratio": ratios[len(ratios) // 2],
             "full_relay_MBps": round(size / runs["full"][0]["relay"]["s"] / 1e6, 1),
@@ -275,7 +278,6 @@ def bench_cap(work: Path, caps_mbps: list[float], each: int, disks: int = 3) -> 
     sys.path.insert(0, str(ROOT / "tests"))
     from sshd import running_sshd
 
-    from siterecovery import ssh
     images = [work / f"cap-{i}.img" for i in range(disks)]
     for i, img in enumerate(images):
         random_image(img, each, seed=40 + i)  # random: zstd cannot shrink it, stream bytes ~ disk bytes
@@ -283,8 +285,7 @@ def bench_cap(work: Path, caps_mbps: list[float], each: int, disks: int = 3) -> 
     with running_sshd() as srv:
         host = srv.host("target", "chi", root=str(work))
         peer = srv.peer_ssh(work / "peer-keys")
-        src = SSHEndpoint(name="source", client=ssh.connect(host), python=sys.executable)
-        dst = SSHEndpoint(name="target", client=ssh.connect(host), python=sys.executable)
+        src, dst = _endpoint("source", host), _endpoint("target", host)
         kw = {"address": "127.0.0.1", "port": srv.port, "user": srv.user, **peer}
 
         def batch(path: str, cap: float | None) -> dict[str, Any]:
@@ -346,22 +347,20 @@ def bench_cap(work: Path, caps_mbps: list[float], each: int, disks: int = 3) -> 
             for path in ("relay", "peer"):
                 rows.append(batch(path, cap))
             rows.append(rsync_ref(cap))
-        src.client.close()
-        dst.client.close()
+        src.pool.close()
+        dst.pool.close()
     return {"disks": disks, "each": each, "rows": rows}
 
 
 def _engine_copy_child(spec: dict[str, Any]) -> dict[str, Any]:
     """One initial copy, local source -> target over SSH, run in a child process so that the code under
     test (orchestrator side and remote agent alike) comes from `spec["code"]` (PYTHONPATH)."""
-    from siterecovery import ssh
     from siterecovery.model import Host
     host = Host.model_validate(spec["host"])
-    client = ssh.connect(host)
-    t = client.get_transport()
-    assert t is not None
     env = {"PYTHONPATH": spec["code"]} if spec.get("code") else {}
-    dst = SSHEndpoint(name="target", client=client, python=sys.executable, env=env)
+    dst = _endpoint("target", host, env)
+    t = dst.pool.client(host).get_transport()
+    assert t is not None
     remote, state = Path(spec["remote"]), Path(spec["state"])
     shutil.rmtree(remote, ignore_errors=True)
     shutil.rmtree(state, ignore_errors=True)
@@ -371,7 +370,7 @@ def _engine_copy_child(spec: dict[str, Any]) -> dict[str, Any]:
                                      dst, ["receive", "--replica", str(remote / "replica.img"), "--meta", str(remote / "meta"),
                                            "--point", json.dumps(point)]))
     ok = file_digest(str(remote / "replica.img")) == spec["digest"]
-    client.close()
+    dst.pool.close()
     shutil.rmtree(remote, ignore_errors=True)
     return {"s": secs, "ok": ok, "cipher_out": t.local_cipher, "cipher_in": t.remote_cipher}
 

@@ -134,6 +134,16 @@ class LinkDown(ConnectionFailed):
     """A network path went silent: nothing from the host within the dead-link deadline."""
 
 
+class CommandTimedOut(TransientFabricError):
+    """A remote command (siterecovery.ssh.Pool.run) passed its deadline and was killed. `sent`: whether
+    it had received all its stdin, i.e. may have acted; a caller for whom that is not safe to retry
+    says so (the Hyper-V driver's OperationTimeout)."""
+
+    def __init__(self, message: str, *, sent: bool = False, **kw: Any) -> None:
+        super().__init__(message, sent=sent, **kw)
+        self.sent = sent
+
+
 class StorageError(FabricError):
     """A filesystem refused a write: full (ENOSPC, EDQUOT) or read-only (EROFS). `error_id` is the
     errno's name; `path` the file or directory, `host` where it lives ("orchestrator" for the state

@@ -1,33 +1,39 @@
-"""SSH to managed hosts: one verified paramiko connection and one way to run a command on it.
+"""SSH to managed hosts: one pool of verified paramiko connections and one way to run a command.
 
-Shared by the hyperv and linux drivers. Host keys are always verified (the topology's pinned key, else
-its known_hosts file); an unknown or changed key raises HostKeyError, never trust-on-first-use.
-Commands are argv lists quoted through render.sh_join; secrets never reach a log or an error.
+Every remote call (the hyperv and linux drivers, the replication agents' channels, plan scripts) goes
+through a `Pool`: `run(host, argv, stdin, deadline)` for a command, `channel` for a stream. Host keys
+are always verified (the topology's pinned key, else its known_hosts file); an unknown or changed key
+raises HostKeyError, never trust-on-first-use. argv is quoted for the host's shell (render.sh_join on
+POSIX hosts); secrets never reach a log or an error.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import io
 import logging
 import os
+import re
+import select
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import paramiko
 from paramiko.packet import Packetizer
 
 from .errors import (
+    CommandTimedOut,
     ConfigurationError,
     ConnectionFailed,
     FabricError,
     HostKeyError,
     LinkDown,
-    TransientFabricError,
 )
 from .model import Host
 from .model.topology import Credential
@@ -76,7 +82,6 @@ class _PinnedOrKnown(paramiko.MissingHostKeyPolicy):
 
 
 def _fingerprint(key: paramiko.PKey) -> str:
-    import hashlib
     return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
 
 
@@ -339,64 +344,283 @@ def connect(host: Host, secrets: Secrets | None = None, timeout: float = 15.0,
     return client
 
 
-def dead_reason(client: paramiko.SSHClient | None) -> str | None:
-    """Why `client`'s connection was closed as dead (no traffic within the deadline), else None."""
-    t = client.get_transport() if client is not None else None
-    return t.dead_reason if isinstance(t, Transport) else None
+
+def _connect_pinned(host: Host, secrets: Secrets | None, timeout: float, dead_after: float | None) -> paramiko.SSHClient:
+    """connect; a Replica Broker's client access point answers with the key of whichever node owns it
+    now, so each node's pinned key (`node_host_keys`) is accepted, and nothing else."""
+    pins = [k for k in (host.host_key, *host.node_host_keys) if k] if host.broker else []
+    if len(pins) < 2:
+        return connect(host, secrets, timeout, dead_after)
+    changed: HostKeyError | None = None
+    for key in pins:
+        try:
+            return connect(host.model_copy(update={"host_key": key}), secrets, timeout, dead_after)
+        except HostKeyError as exc:
+            changed = exc  # another node's key: try the next pin
+    assert changed is not None
+    raise HostKeyError(f"SSH host key of broker {host.name} matches none of its {len(pins)} pinned node keys: "
+                       f"{changed.message}", host=host.name, operation="connect", hint=changed.hint) from None
 
 
-def usable(client: paramiko.SSHClient, timeout: float) -> bool:
-    """A cached connection checked before use: active, and answering within `timeout` s when it has
-    been quiet (an idle connection whose path died would otherwise cost the next caller its channel
-    timeout)."""
-    t = client.get_transport()
-    if t is None or not t.is_active():
-        return False
-    return t.probe(timeout) if isinstance(t, Transport) else True
+# ---- one pool, one way to run a command ------------------------------------------------------------
+def identity(host: Host) -> tuple[object, ...]:
+    """What makes two hosts one SSH connection: where (address, port), who (user and a fingerprint of
+    the credential's reference, never of the secret) and which host keys are trusted. The host's name
+    and its other settings are not part of it."""
+    cred = host.credential
+    fp = hashlib.sha256(cred.model_dump_json().encode()).hexdigest()[:16] if cred is not None else None
+    kh = os.path.expanduser(host.known_hosts) if host.known_hosts else None
+    return (host.address, host.port, host.user, fp, kh, host.host_key, host.broker, host.node_host_keys)
 
 
-def exec_channel(client: paramiko.SSHClient, argv: Sequence[object], timeout: float | None = None) -> paramiko.Channel:
-    """An exec channel running `argv` (quoted through sh_join); the caller streams stdin/stdout."""
-    transport = client.get_transport()
-    if transport is None or not transport.is_active():
-        raise ConnectionFailed("the SSH connection is closed", operation="exec",
-                               hint="reconnect and retry")
-    chan = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=32768, timeout=timeout)
-    chan.settimeout(timeout)
-    chan.exec_command(sh_join(argv))
-    return chan
+# Windows' default SSH shell (cmd.exe) has its own quoting rules; a command for it is plain tokens only,
+# and anything else (a PowerShell script, with its values) goes on stdin, which also keeps the command
+# line far below cmd.exe's 8191-character limit.
+_WINDOWS_TOKEN = re.compile(r"^[A-Za-z0-9_.:/\\=+-]+$")
 
 
-def run(client: paramiko.SSHClient, argv: Sequence[object], stdin: bytes | None = None,
-        timeout: float | None = 120.0) -> tuple[int, bytes, bytes]:
-    """Run `argv` on the host; (exit status, stdout, stderr). A timeout raises TransientFabricError."""
-    chan = exec_channel(client, argv, timeout=timeout)
-    try:
-        if stdin:
-            chan.sendall(stdin)
-        chan.shutdown_write()
-        # Blocking reads (the channel's timeout bounds them); stderr is small and the wide window
-        # holds it while stdout drains.
-        out = chan.makefile("rb").read()
-        err = chan.makefile_stderr("rb").read()
-        rc = chan.recv_exit_status()
-    except TimeoutError:
-        raise TransientFabricError(f"command {argv[0]!s} timed out after {timeout} s", operation="exec",
-                                   hint="the host may be overloaded; retry or raise the timeout") from None
-    except (OSError, EOFError) as exc:
-        check_link(client)
-        raise TransientFabricError(f"SSH channel failed: {type(exc).__name__}", operation="exec",
-                                   hint="retry; check the connection") from None
-    finally:
-        chan.close()
-    check_link(client)  # a connection closed as dead leaves a channel with no exit status (-1)
-    return rc, bytes(out), bytes(err)
+def command_line(host: Host, argv: Sequence[object]) -> str:
+    """argv as the command line the host's shell runs: POSIX sh quoting (render.sh_join) for every host
+    but a Hyper-V (Windows) one, whose command is plain tokens."""
+    if not argv:
+        raise ValueError("an empty command")
+    if host.fabric != "hyperv":
+        return sh_join(argv)
+    words = [str(a) for a in argv]
+    bad = [w for w in words if not _WINDOWS_TOKEN.match(w)]
+    if bad:
+        raise ValueError(f"a Windows host's command takes plain tokens only ({len(bad)} not); send data on stdin")
+    return " ".join(words)
 
 
-def check_link(client: paramiko.SSHClient | None, host: str | None = None) -> None:
-    """Raise LinkDown when `client`'s connection was closed as dead: the error names the network."""
-    reason = dead_reason(client)
-    if reason:
-        raise LinkDown(reason, host=host, operation="exec", error_id="NoTraffic",
-                       hint="check the network path to that host (firewall, routing, link); the operation "
-                            "can be retried once it answers")
+@dataclass(frozen=True)
+class Result:
+    """One finished remote command. `rc` is -1 when it died by a signal (no exit status)."""
+
+    host: str
+    rc: int
+    stdout: bytes
+    stderr: bytes
+    seconds: float
+
+
+class _Slot:
+    """One pooled connection and the lock that serialises (re)connecting it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.client: paramiko.SSHClient | None = None
+
+
+class Pool:
+    """Verified SSH connections to hosts, one per identity(), shared by everything that talks to them:
+    commands (`run`), streaming channels (`channel`, the replication agents) and their link checks.
+
+    A pooled connection is checked before use (active, and answering within the dead-link deadline if
+    it was quiet); one that dropped is replaced by a new connection, once, before a command is sent.
+    """
+
+    def __init__(self, secrets: Secrets | None = None, connect_timeout: float = 15.0,
+                 dead_after: float | None = None) -> None:
+        self.secrets = secrets
+        self.connect_timeout = connect_timeout
+        self.dead_after = dead_link_seconds() if dead_after is None else dead_after
+        self._slots: dict[tuple[object, ...], _Slot] = {}
+        self._lock = threading.Lock()
+        self.connects = 0  # connections opened (a reused one is not counted again)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _slot(self, host: Host) -> _Slot:
+        with self._lock:
+            return self._slots.setdefault(identity(host), _Slot())
+
+    def _usable(self, client: paramiko.SSHClient, timeout: float) -> bool:
+        t = client.get_transport()
+        if t is None or not t.is_active():
+            return False
+        return t.probe(timeout) if isinstance(t, Transport) else True
+
+    def client(self, host: Host, timeout: float | None = None) -> paramiko.SSHClient:
+        """The pooled, verified connection to `host` (connected now if there is none or it dropped);
+        `timeout` bounds the connect and the liveness check."""
+        return self._client(host, timeout)[0]
+
+    def _client(self, host: Host, timeout: float | None) -> tuple[paramiko.SSHClient, bool]:
+        limit = self.connect_timeout if timeout is None else max(0.1, min(timeout, self.connect_timeout))
+        slot = self._slot(host)
+        with slot.lock:
+            c = slot.client
+            if c is not None and self._usable(c, min(limit, self.dead_after or limit)):
+                return c, False
+            if c is not None:
+                c.close()
+                slot.client = None
+            c = _connect_pinned(host, self.secrets, limit, self.dead_after)
+            slot.client = c
+            self.connects += 1
+            return c, True
+
+    def drop(self, host: Host) -> None:
+        """Close the pooled connection to `host` (the next use connects again)."""
+        slot = self._slot(host)
+        with slot.lock:
+            c, slot.client = slot.client, None
+        if c is not None:
+            c.close()
+
+    def close(self) -> None:
+        with self._lock:
+            slots, self._slots = list(self._slots.values()), {}
+        for slot in slots:
+            with slot.lock:
+                c, slot.client = slot.client, None
+            if c is not None:
+                c.close()
+
+    def dead_reason(self, host: Host) -> str | None:
+        """Why the pooled connection to `host` was closed as dead (no traffic within the deadline)."""
+        with self._lock:
+            slot = self._slots.get(identity(host))
+        t = slot.client.get_transport() if slot is not None and slot.client is not None else None
+        return t.dead_reason if isinstance(t, Transport) else None
+
+    def check_link(self, host: Host) -> None:
+        """Raise LinkDown when the connection to `host` was closed as dead: the error names the network."""
+        reason = self.dead_reason(host)
+        if reason:
+            raise LinkDown(reason, host=host.name, error_id="NoTraffic",
+                           hint="check the network path to that host (firewall, routing, link); the operation "
+                                "can be retried once it answers")
+
+    def _open(self, host: Host, end: float) -> tuple[paramiko.SSHClient, paramiko.Channel]:
+        """A session channel on the pooled connection; a pooled connection that turns out to have
+        dropped is replaced once (nothing was sent on it yet)."""
+        for attempt in (0, 1):
+            left = end - time.monotonic()
+            if left <= 0:
+                raise CommandTimedOut(f"no SSH session to {host.name} within the deadline", host=host.name,
+                                      sent=False, hint="check the host and the network, then retry")
+            client, fresh = self._client(host, left)
+            transport = client.get_transport()
+            try:
+                if transport is None:
+                    raise EOFError("no transport")
+                chan = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=32768,
+                                              timeout=max(0.1, end - time.monotonic()))
+                return client, chan
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                if fresh or attempt:
+                    self.check_link(host)
+                    raise ConnectionFailed(f"cannot open an SSH session to {host.name}: {exc or type(exc).__name__}",
+                                           host=host.name, hint="check the host and the network, then retry") from None
+                log.info("SSH connection to %s dropped while pooled; reconnecting", host.name)
+                self.drop(host)
+        raise AssertionError("unreachable")
+
+    def channel(self, host: Host, argv: Sequence[object], timeout: float | None = None) -> paramiko.Channel:
+        """An exec channel running `argv` on `host`, for a caller that streams stdin and stdout itself
+        (the replication agents); `timeout` bounds opening it and each of the caller's reads and writes."""
+        end = time.monotonic() + (timeout if timeout is not None else self.connect_timeout)
+        _, chan = self._open(host, end)
+        try:
+            chan.settimeout(timeout)
+            chan.exec_command(command_line(host, argv))
+        except BaseException:
+            chan.close()
+            raise
+        return chan
+
+    def run(self, host: Host, argv: Sequence[object], stdin: bytes | None = None, deadline: float = 120.0) -> Result:
+        """Run `argv` on `host` and wait for it, everything within `deadline` seconds: connecting, sending
+        stdin, reading the output. A command still running then is sent KILL and its channel closed
+        (CommandTimedOut, naming the host; `sent` says whether it had all its stdin). A connection lost
+        while it ran is ConnectionFailed (LinkDown when the path went silent). Output that keeps flowing
+        does not extend the deadline."""
+        t0 = time.monotonic()
+        end = t0 + deadline
+        line = command_line(host, argv)
+        client, chan = self._open(host, end)
+        sent = False
+        out, err = bytearray(), bytearray()
+        try:
+            chan.settimeout(max(0.1, end - time.monotonic()))
+            chan.exec_command(line)
+            data = memoryview(stdin or b"")
+            pos = 0
+            while True:
+                moved = False
+                while chan.recv_ready():
+                    out += chan.recv(1 << 16)
+                    moved = True
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(1 << 16)
+                    moved = True
+                if chan.closed or (chan.eof_received and chan.exit_status_ready()):
+                    break
+                if not sent:
+                    if pos < len(data):
+                        if chan.send_ready():
+                            pos += chan.send(data[pos:pos + 32768])
+                            moved = True
+                    else:
+                        chan.shutdown_write()
+                        sent = True
+                if time.monotonic() >= end:
+                    raise TimeoutError
+                if not moved:
+                    # stdout, stderr and close wake the select; a send window that opens does not, so
+                    # poll briefly while stdin is pending.
+                    select.select([chan], [], [], min(max(0.0, end - time.monotonic()), 0.01 if not sent else 0.5))
+            # Whatever arrived with the close (the exit status can come before the last data).
+            while chan.recv_ready():
+                out += chan.recv(1 << 16)
+            while chan.recv_stderr_ready():
+                err += chan.recv_stderr(1 << 16)
+            rc = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        except TimeoutError:
+            _kill(chan)
+            raise CommandTimedOut(f"{_program(argv)} on {host.name} still running after {deadline:g} s: "
+                                  "killed and its channel closed", host=host.name, sent=sent,
+                                  hint="the host may be overloaded or the command hung; raise the deadline "
+                                       "or check the host") from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            self.check_link(host)
+            raise ConnectionFailed(f"SSH session to {host.name} failed while {_program(argv)} ran: "
+                                   f"{exc or type(exc).__name__}", host=host.name, error_id="ConnectionLost",
+                                   hint="check the host and the network, then retry") from None
+        finally:
+            chan.close()
+        t = client.get_transport()
+        if rc == -1 and (t is None or not t.is_active()):
+            # No exit status because the connection, not the command, died.
+            self.check_link(host)
+            raise ConnectionFailed(f"the connection to {host.name} closed before {_program(argv)} finished",
+                                   host=host.name, error_id="ConnectionLost",
+                                   hint="check the host; retry (the command may or may not have run)")
+        seconds = time.monotonic() - t0
+        log.debug("ssh %s: %s exited %d in %.3f s", host.name, _program(argv), rc, seconds)
+        return Result(host=host.name, rc=rc, stdout=bytes(out), stderr=bytes(err), seconds=seconds)
+
+
+def _program(argv: Sequence[object]) -> str:
+    """The command's name for messages and logs: never its arguments (they can hold values a plan passes)."""
+    return os.path.basename(str(argv[0])) or "command"
+
+
+def _kill(chan: paramiko.Channel) -> None:
+    """Ask sshd to KILL the command's process group (RFC 4254 "signal"), best effort: OpenSSH honours it
+    for privilege-separated sessions only (not a root login), so the channel is closed right after in
+    any case, and a command that then writes gets SIGPIPE."""
+    with contextlib.suppress(Exception):
+        m = paramiko.Message()
+        m.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+        m.add_int(chan.remote_chanid)
+        m.add_string("signal")
+        m.add_boolean(False)
+        m.add_string("KILL")
+        chan.transport._send_user_message(m)  # type: ignore[union-attr]

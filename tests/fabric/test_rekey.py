@@ -33,12 +33,13 @@ CYCLES = 30
 
 
 def _endpoint(srv: SSHServer, name: str, root: Path) -> SSHEndpoint:
-    client = ssh.connect(srv.host(name, "s", root=str(root)))
-    t = client.get_transport()
+    # A pool each: both hosts are this one sshd, and each side must have a connection of its own.
+    host, pool = srv.host(name, "s", root=str(root)), ssh.Pool()
+    t = pool.client(host).get_transport()
     assert isinstance(t, ssh.Transport)
     t.packetizer.REKEY_BYTES = REKEY_BYTES  # read through self: this connection only
     t.clear_to_send_timeout = 10.0
-    return SSHEndpoint(name=name, client=client, python=sys.executable, timeout=60.0)
+    return SSHEndpoint(name=name, pool=pool, host=host, python=sys.executable, timeout=60.0)
 
 
 @pytest.mark.sshd
@@ -74,9 +75,9 @@ def test_cycles_survive_constant_rekeying(sshd_server: SSHServer, tmp_path: Path
             # #822's own pattern on the connection the next cycle uses: output that crosses the
             # threshold just before the command ends, so sshd's CHANNEL_CLOSE meets our KEXINIT.
             for _ in range(3):
-                rc, out, _err = ssh.run(src.client, ["head", "-c", str(REKEY_BYTES + 4096), "/dev/zero"], timeout=60)
-                assert rc == 0 and len(out) == REKEY_BYTES + 4096
-        transports = [e.client.get_transport() for e in (src, dst)]
+                r = src.pool.run(src.host, ["head", "-c", str(REKEY_BYTES + 4096), "/dev/zero"], deadline=60)
+                assert r.rc == 0 and len(r.stdout) == REKEY_BYTES + 4096
+        transports = [e.pool.client(e.host).get_transport() for e in (src, dst)]
         assert all(isinstance(t, ssh.Transport) for t in transports)
         rekeys = sum(t.rekeys for t in transports if isinstance(t, ssh.Transport))
         held = sum(t.held_messages for t in transports if isinstance(t, ssh.Transport))
@@ -84,8 +85,8 @@ def test_cycles_survive_constant_rekeying(sshd_server: SSHServer, tmp_path: Path
         # The race of #822 really happened (answers the transport thread had to hold back).
         assert held >= 1, (rekeys, held)
     finally:
-        src.client.close()
-        dst.client.close()
+        src.pool.close()
+        dst.pool.close()
     r = Replica(str(rep_path), str(meta))
     assert r.status()["disk_matches"]
     for seq in (1, CYCLES // 2, CYCLES - 1):

@@ -12,18 +12,17 @@ import base64
 import ipaddress
 import json
 import re
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import paramiko
-
 from .. import ssh
 from ..errors import (
+    CommandTimedOut,
     ConfigurationError,
     ConnectionFailed,
+    ExecutionError,
     FabricError,
     HostKeyError,
     InvalidStateError,
@@ -652,48 +651,10 @@ class HyperVFabric:
     def __init__(self, context: FabricContext | None = None) -> None:
         self.context = context or FabricContext()
         self.timeout = float(self.context.options.get("timeout", 120.0))
-        self._clients: dict[str, paramiko.SSHClient] = {}
-        self._lock = threading.Lock()
-        self.connect: Callable[[Host], paramiko.SSHClient] = self._connect
-
-    def _connect(self, host: Host) -> paramiko.SSHClient:
-        """ssh.connect; a Replica Broker's client access point answers with the key of whichever node owns
-        it now, so each node's pinned key (`node_host_keys`) is accepted, and nothing else."""
-        pins = [k for k in (host.host_key, *host.node_host_keys) if k] if host.broker else []
-        if len(pins) < 2:
-            return ssh.connect(host, self.context.secrets)
-        changed: HostKeyError | None = None
-        for key in pins:
-            try:
-                return ssh.connect(host.model_copy(update={"host_key": key}), self.context.secrets)
-            except HostKeyError as exc:
-                changed = exc  # another node's key: try the next pin
-        assert changed is not None
-        raise HostKeyError(f"SSH host key of broker {host.name} matches none of its {len(pins)} pinned node keys: "
-                           f"{changed.message}", host=host.name, operation="connect",
-                           hint=changed.hint) from None
+        # One connection per host identity (ssh.identity); brokers accept each node's pinned key.
+        self.pool = ssh.Pool(self.context.secrets)
 
     # ---- transport ---------------------------------------------------------------------------
-    def _client(self, host: Host) -> paramiko.SSHClient:
-        key = host.model_dump_json()  # a different pinned key or credential is a different connection
-        with self._lock:
-            c = self._clients.get(key)
-            t = c.get_transport() if c is not None else None
-            if c is not None and t is not None and t.is_active():
-                return c
-            if c is not None:
-                c.close()
-            c = self.connect(host)
-            self._clients[key] = c
-            return c
-
-    def _drop(self, host: Host) -> None:
-        key = host.model_dump_json()
-        with self._lock:
-            c = self._clients.pop(key, None)
-        if c is not None:
-            c.close()
-
     def run(self, host: Host, lines: list[str], operation: str, vm: str | None = None,
             timeout: float | None = None) -> dict[str, Any]:
         """Run one script on `host` and return its answer's sections; errors carry vm, host and operation.
@@ -704,53 +665,31 @@ class HyperVFabric:
         payload = stdin_payload(script([*lines, ps_quote("#end")]))
         ctx = {"vm": vm, "host": host.name, "operation": operation}
         limit = timeout or self.timeout
-        sent = False
         try:
-            transport = self._client(host).get_transport()
-            if transport is None:
-                raise paramiko.SSHException("no transport")
-            chan = transport.open_session(timeout=self.timeout)
-            try:
-                chan.settimeout(self.timeout)
-                chan.exec_command(COMMAND)
-                chan.sendall(payload)
-                chan.shutdown_write()
-                sent = True
-                chan.settimeout(limit)
-                out, err = bytearray(), bytearray()
-                while True:
-                    data = chan.recv(65536)
-                    if not data:
-                        break
-                    out += data
-                while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
-                status = chan.recv_exit_status() if chan.exit_status_ready() or not chan.closed else -1
-            finally:
-                chan.close()
-        except SiteRecoveryError as exc:
-            if isinstance(exc, FabricError | HostKeyError) and exc.operation is None:
-                raise exc.with_context(vm=vm, host=host.name, operation=operation) from None
-            raise
-        except TimeoutError:
-            self._drop(host)
-            if sent:
+            # The command line is short and fixed; the script goes on stdin (cmd.exe, Windows' default
+            # SSH shell, cuts command lines at 8191 characters).
+            result = self.pool.run(host, COMMAND.split(), stdin=payload, deadline=limit)
+        except CommandTimedOut as exc:
+            if exc.sent:
                 raise FabricError(f"no answer within {limit:.0f} s; the script may still be running on the host",
                                   error_id="OperationTimeout", hint="read the VM's state (siterecovery status) "
                                   "before re-running the step; raise the operation's timeout if it is legitimately "
                                   "slow", **ctx) from None
             raise ConnectionFailed(f"SSH session to {host.name} timed out before the script was sent",
                                    hint="check the host and the network, then re-run (transient)", **ctx) from None
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            self._drop(host)
-            raise ConnectionFailed(f"SSH session to {host.name} failed: {exc or type(exc).__name__}",
-                                   hint="check the host and the network, then re-run (transient)", **ctx) from None
-        if status == -1:
-            self._drop(host)
+        except SiteRecoveryError as exc:
+            if isinstance(exc, ExecutionError) and exc.error_id == "ConnectionLost":
+                raise ConnectionFailed("the connection closed before the script finished", error_id="ConnectionLost",
+                                       hint="check the host; re-run the step (it is idempotent)", **ctx) from None
+            if isinstance(exc, FabricError | HostKeyError) and exc.operation is None:
+                raise exc.with_context(vm=vm, host=host.name, operation=operation) from None
+            raise
+        status = result.rc
+        if status == -1:  # killed by a signal: no answer
             raise ConnectionFailed("the connection closed before the script finished", error_id="ConnectionLost",
                                    hint="check the host; re-run the step (it is idempotent)", **ctx)
         try:
-            return decode_answer(out.decode("utf-8", "replace"), status)
+            return decode_answer(result.stdout.decode("utf-8", "replace"), status)
         except FabricError as exc:
             message = exc.message
             if exc.error_id in ("ObjectNotFound", "AmbiguousName") and vm is not None:
@@ -761,10 +700,7 @@ class HyperVFabric:
             raise type(exc)(message, hint=exc.hint, error_id=exc.error_id, **ctx) from None
 
     def close(self) -> None:
-        with self._lock:
-            clients, self._clients = list(self._clients.values()), {}
-        for c in clients:
-            c.close()
+        self.pool.close()
 
     # ---- reading state -----------------------------------------------------------------------
     def vm_state(self, host: Host, vm: str, operation: str = "read_state") -> VMState:

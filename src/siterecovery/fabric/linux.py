@@ -170,8 +170,10 @@ class LinuxFabric:
             raise ConfigurationError("the linux fabric needs the project's state directory (FabricContext.state_dir, "
                                      "from siterecovery.estate): it holds the VM records and the default host roots")
         self.root = Path(self.context.state_dir) / "linux"
-        self._clients: dict[str, paramiko.SSHClient] = {}
         self._lock = threading.RLock()
+        # Every SSH connection of this driver, commands and agent streams alike (one per host identity).
+        self.pool = ssh.Pool(self.context.secrets, connect_timeout=float(self.opts.get("ssh_timeout", 15)),
+                             dead_after=self.dead_link)
 
     # ---- plumbing ----------------------------------------------------------------------------
     def _is_local(self, host: Host) -> bool:
@@ -192,23 +194,14 @@ class LinuxFabric:
         return ssh.dead_link_seconds(self.opts.get("dead_link_seconds"))
 
     def _client(self, host: Host) -> paramiko.SSHClient:
-        with self._lock:
-            c = self._clients.get(host.name)
-            # A cached connection is checked first: one whose path died while it sat idle would
-            # otherwise cost the next operation its whole channel timeout.
-            if c is None or not ssh.usable(c, self.dead_link):
-                if c is not None:
-                    c.close()
-                c = ssh.connect(host, self.context.secrets, timeout=float(self.opts.get("ssh_timeout", 15)),
-                                dead_after=self.dead_link)
-                self._clients[host.name] = c
-            return c
+        """The pooled connection to `host` (checked before use, reconnected when it dropped)."""
+        return self.pool.client(host)
 
     def _ep(self, host: Host) -> Endpoint:
         if self._is_local(host):
             return LocalEndpoint(name=host.name)
         # The agent gets the same deadline: it gives up on a stream that went silent (agent.py).
-        return SSHEndpoint(name=host.name, client=self._client(host), python=self._python(host),
+        return SSHEndpoint(name=host.name, pool=self.pool, host=host, python=self._python(host),
                            env={ssh.DEAD_LINK_ENV: f"{self.dead_link:g}"})
 
     def _sh(self, host: Host, argv: list[str], stdin: bytes | None = None, timeout: float = 120) -> tuple[int, str, str]:
@@ -219,8 +212,8 @@ class LinuxFabric:
             except FileNotFoundError:
                 return 127, "", f"{argv[0]}: not found"
             return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
-        rc, out, err = ssh.run(self._client(host), argv, stdin=stdin, timeout=timeout)
-        return rc, out.decode(errors="replace"), err.decode(errors="replace")
+        res = self.pool.run(host, argv, stdin=stdin, deadline=timeout)
+        return res.rc, res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
 
     @contextlib.contextmanager
     def _errors(self, p: Placement, operation: str, host: Host) -> Iterator[None]:
@@ -251,7 +244,7 @@ class LinuxFabric:
         without exit status): raise LinkDown, naming the network rather than the consequence."""
         for h in (p.source, p.target):
             if not self._is_local(h):
-                ssh.check_link(self._clients.get(h.name), h.name)
+                self.pool.check_link(h)
 
     def _cause(self, p: Placement, exc: BaseException) -> BaseException:
         try:
@@ -1570,7 +1563,4 @@ class LinuxFabric:
             vm.networks.setdefault(host.name, {n.nic: n.target_network for n in p.nics})[nic] = network
 
     def close(self) -> None:
-        with self._lock:
-            for c in self._clients.values():
-                c.close()
-            self._clients.clear()
+        self.pool.close()

@@ -14,7 +14,8 @@ from typing import Any, TypeVar, overload
 
 import paramiko
 
-from ...ssh import exec_channel, run
+from ... import ssh
+from ...model import Host
 from .. import agent
 from ..engine import ReplicaError
 from ..protocol import (
@@ -99,10 +100,12 @@ class LocalEndpoint(Endpoint):
 
 @dataclass
 class SSHEndpoint(Endpoint):
-    """An agent reached over SSH: `python -m siterecovery.replica.agent` on the host."""
+    """An agent reached over SSH: `python -m siterecovery.replica.agent` on the host, through the
+    orchestrator's one connection pool (ssh.Pool) for both commands and streams."""
 
     name: str
-    client: paramiko.SSHClient
+    pool: ssh.Pool
+    host: Host
     python: str = "python3"
     local: bool = False
     timeout: float = 600.0
@@ -114,14 +117,14 @@ class SSHEndpoint(Endpoint):
         return [*pre, self.python, "-m", AGENT_MODULE, *command(cmd).argv()]
 
     def channel(self, cmd: Command[Any] | Sequence[str]) -> paramiko.Channel:
-        return exec_channel(self.client, self.argv(cmd), timeout=self.timeout)
+        return self.pool.channel(self.host, self.argv(cmd), timeout=self.timeout)
 
     def raw(self, cmd: Command[Any] | Sequence[str], stdin: bytes = b"") -> bytes:
         c = command(cmd)
-        rc, out, err = run(self.client, self.argv(c), stdin=stdin or None, timeout=self.timeout)
-        if rc != 0:
-            raise agent_error(out + b"\n" + err, rc, f"{self.name}: {c.command}", self.name)
-        return out
+        r = self.pool.run(self.host, self.argv(c), stdin=stdin or None, deadline=self.timeout)
+        if r.rc != 0:
+            raise agent_error(r.stdout + b"\n" + r.stderr, r.rc, f"{self.name}: {c.command}", self.name)
+        return r.stdout
 
     def _call(self, cmd: Command[R], stdin: bytes) -> R:
         out = self.raw(cmd, stdin)
