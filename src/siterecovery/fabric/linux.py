@@ -1,9 +1,9 @@
 """The linux fabric: file-backed VMs on Linux hosts (local or over SSH), replicated by the built-in engine.
 
 Data (replica images, manifests, undo logs, test copies, pid files and logs) lives under each host's
-`root`; the VM's replication state machine lives in a JSON file under the context's state_dir, guarded
-by a lock, so flows in other processes see one estate. Semantics follow memory.py: idempotent
-operations answer changed=False, a state that forbids an operation raises InvalidStateError.
+`root`; each VM's record lives in the state machine's locked file store (fabric.states) under the
+context's state_dir, so flows in other processes see one estate. The transitions are the ones the memory
+fabric runs: idempotent operations answer changed=False, a state that forbids one raises InvalidStateError.
 Compute backends: `process` (a detached command with a pid file and log) and `libvirt` (virsh).
 """
 
