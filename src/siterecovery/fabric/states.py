@@ -238,12 +238,9 @@ class MappingRecords(RecordStore[T]):
                  dump: Callable[[T], dict[str, Any]], keep_on_error: bool = False) -> None:
         super().__init__(load, dump, keep_on_error)
         self.mapping = mapping
-        self._lock = threading.RLock()
 
-    @contextlib.contextmanager
-    def _locked(self, name: str, operation: str, vm: str) -> Iterator[None]:
-        with self._lock:
-            yield
+    def _locked(self, name: str, operation: str, vm: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the caller holds the mapping's lock
 
     def _read(self, name: str, operation: str, vm: str) -> T | None:
         raw = self.mapping.get(name)
