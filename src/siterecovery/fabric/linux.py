@@ -1,9 +1,9 @@
 """The linux fabric: file-backed VMs on Linux hosts (local or over SSH), replicated by the built-in engine.
 
 Data (replica images, manifests, undo logs, test copies, pid files and logs) lives under each host's
-`root`; the VM's replication state machine lives in a JSON file under the context's state_dir, guarded
-by a lock, so flows in other processes see one estate. Semantics follow memory.py: idempotent
-operations answer changed=False, a state that forbids an operation raises InvalidStateError.
+`root`; each VM's record lives in the state machine's locked file store (fabric.states) under the
+context's state_dir, so flows in other processes see one estate. The transitions are the ones the memory
+fabric runs: idempotent operations answer changed=False, a state that forbids one raises InvalidStateError.
 Compute backends: `process` (a detached command with a pid file and log) and `libvirt` (virsh).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -65,6 +64,7 @@ from .base import (
     result,
     utcnow,
 )
+from .states import TRANSITIONS, FileRecords, VMRecord, begin, codec, finish, need, working
 
 S = ReplicationState
 log = logging.getLogger(__name__)
@@ -132,26 +132,14 @@ class GroupPart:
 
 
 @dataclass
-class _VM:
-    primary: str
-    replica: str
-    state: str = S.ReadyForInitialReplication.value
+class _VM(VMRecord):
+    """The linux fabric's VM record: the state machine's record and the data path's own fields."""
+
     paths: dict[str, dict[str, str]] = field(default_factory=dict)  # disk -> host -> image path
-    running: list[str] = field(default_factory=list)
-    test_active: bool = False
-    test_point: str | None = None
-    failover_point: str | None = None
-    last_replication: str | None = None
     last_app_point: str | None = None
-    cycles_ok: int = 0
-    cycles_missed: int = 0
-    resync_required: bool = False
-    network_applied: bool = False
-    networks: dict[str, dict[str, str | None]] = field(default_factory=dict)  # host -> NIC -> network (None: unplugged)
     pending_bytes: int = 0  # unused (health measures it at the source); kept so older records load
     gens: dict[str, str] = field(default_factory=dict)  # disk -> generation the replica holds (a cache)
     sizes: dict[str, int] = field(default_factory=dict)  # disk -> bytes at the last look (progress totals)
-    seq: int = 0
     last_error: str = ""
     formats: dict[str, dict[str, str]] = field(default_factory=dict)  # disk -> host -> qemu format (raw if absent)
     cbt: dict[str, dict[str, Any]] = field(default_factory=dict)  # disk -> {bitmap, since: [gens it covers]}
@@ -174,6 +162,8 @@ class LinuxFabric:
         # Every SSH connection of this driver, commands and agent streams alike (one per host identity).
         self.pool = ssh.Pool(self.context.secrets, connect_timeout=float(self.opts.get("ssh_timeout", 15)),
                              dead_after=self.dead_link)
+        self.records = FileRecords(self.root / "vms", *codec(_VM), wait=float(self.opts.get("vm_lock_wait", 300)),
+                                   state_dir=self.root)
 
     # ---- plumbing ----------------------------------------------------------------------------
     def _is_local(self, host: Host) -> bool:
@@ -254,122 +244,10 @@ class LinuxFabric:
         return exc
 
     # ---- VM state ----------------------------------------------------------------------------
-    def _state_path(self, vm: str) -> Path:
-        return child(self.root, "vms", vm, suffix=".json")
-
-    @contextlib.contextmanager
-    def _vm(self, p: Placement, op: str | None = None) -> Iterator[list[_VM | None]]:
-        """The VM's record under an exclusive lock; whatever the block leaves in box[0] is saved.
-
-        A wait for the lock says what it waits for (the holder's pid and operation, from the lock
-        file) and gives up after the option `vm_lock_wait` (300 s) with a Busy error naming them.
-        `op` names the operation; by default the with-statement's caller (the driver operation)."""
-        path = self._state_path(p.vm)
-        op = op or sys._getframe(2).f_code.co_name
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lf = open(path.with_suffix(".lock"), "a+")  # noqa: SIM115 - closed below
-        except OSError as exc:
-            raise self._state_error(exc, p, op) from None
-        with lf:
-            self._lock_vm(lf, p, op)
-            try:
-                with contextlib.suppress(OSError):
-                    lf.truncate(0)
-                    lf.write(json.dumps({"pid": os.getpid(), "operation": op, "since": utcnow().isoformat()}))
-                    lf.flush()
-                raw = json.loads(path.read_text()) if path.exists() else None
-                box: list[_VM | None] = [_VM(**raw) if raw else None]
-                try:
-                    yield box
-                finally:
-                    self._save(path, box[0], p, op)
-            finally:
-                fcntl.flock(lf, fcntl.LOCK_UN)
-                self._lock.release()
-
-    def _lock_vm(self, lf: Any, p: Placement, op: str) -> None:
-        wait = float(self.opts.get("vm_lock_wait", 300))
-        t0 = time.monotonic()
-        told = False
-        if not self._lock.acquire(timeout=wait):
-            raise TransientFabricError(f"another operation of this process has held VM {p.vm}'s record for over "
-                                       f"{wait:g} s", vm=p.vm, operation=op, error_id="Busy",
-                                       hint="wait for it to finish, or raise the fabric option vm_lock_wait")
-        try:
-            while True:
-                try:
-                    fcntl.flock(lf, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return
-                except BlockingIOError:
-                    lf.seek(0)
-                    holder = lf.read(300).strip() or "unknown"
-                    waited = time.monotonic() - t0
-                    if not told and waited > 1:
-                        log.info("%s: %s waits for the VM record lock, held by %s", p.vm, op, holder)
-                        told = True
-                    if waited > wait:
-                        raise TransientFabricError(
-                            f"VM {p.vm}'s record has been locked for over {wait:g} s by {holder} (lock file "
-                            f"{lf.name})", vm=p.vm, operation=op, error_id="Busy",
-                            hint="that operation is still running or stuck; wait for it, or stop that process") from None
-                    time.sleep(0.05)
-        except BaseException:
-            self._lock.release()
-            raise
-
-    def _state_error(self, exc: OSError, p: Placement, op: str) -> ExecutionError:
-        err = storage_error(exc, str(self.root))
-        if err is None:
-            return TransientFabricError(f"the orchestrator's state directory failed: {exc}", vm=p.vm, operation=op,
-                                        host="orchestrator", hint="check the state directory")
-        return StorageError(f"orchestrator state directory: {err}", path=err.path, vm=p.vm, host="orchestrator",
-                            operation=op, error_id=err.code,
-                            hint=f"free space in (or remount read-write) the state directory {self.root}")
-
-    def _save(self, path: Path, vm: _VM | None, p: Placement, op: str) -> None:
-        if vm is None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            return
-        data = json.dumps(asdict(vm))
-        tmp = path.with_suffix(".tmp")
-        try:
-            tmp.write_text(data)
-            tmp.replace(path)
-            return
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
-                raise self._state_error(exc, p, op) from None
-        # A full state directory: the record is rewritten in place, in the blocks it already has, so
-        # a failed cycle is still counted and health can say why (not atomic; only this fallback).
-        try:
-            with open(path, "r+") as f:
-                f.write(data)
-                f.truncate()
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            raise self._state_error(exc, p, op) from None
-
-    def _need(self, vm: _VM | None, p: Placement, operation: str, *allowed: S) -> _VM:
-        if vm is None:
-            raise NotFoundError("replication is not enabled for this VM", vm=p.vm, operation=operation,
-                                host=p.source.name, hint="enable protection first (siterecovery protect)",
-                                error_id="ObjectNotFound")
-        if vm.primary != p.source.name or vm.replica != p.target.name:
-            raise InvalidStateError(
-                f"replication runs {vm.primary} -> {vm.replica}, not {p.source.name} -> {p.target.name}",
-                vm=p.vm, operation=operation, host=p.target.name, error_id="InvalidState",
-                hint="check the direction: failback needs reverse replication first")
-        if allowed and vm.state not in {a.value for a in allowed}:
-            raise InvalidStateError(
-                f"state {vm.state} does not allow {operation} (needs {' or '.join(a.value for a in allowed)})",
-                vm=p.vm, operation=operation, host=p.target.name, error_id="InvalidState",
-                hint="read replication health and bring the VM to a valid state first")
-        return vm
+    def _vm(self, p: Placement, op: str | None = None) -> contextlib.AbstractContextManager[list[_VM | None]]:
+        """The VM's record under an exclusive lock (states.FileRecords); whatever the block leaves in
+        box[0] is saved. `op` names the operation; by default the with-statement's caller."""
+        return self.records.open(p.vm, op or sys._getframe(1).f_code.co_name)
 
     # ---- paths on hosts ----------------------------------------------------------------------
     # Every path below is built from names through paths.child: a VM or disk name that bypassed
@@ -409,8 +287,9 @@ class LinuxFabric:
         t0 = utcnow()
         with self._vm(p) as box, self._errors(p, "enable_replication", p.source):
             vm = box[0]
-            if vm is not None and vm.state != S.Disabled.value:
-                return result(p, "enable_replication", False, S(vm.state), "already enabled", t0, host=p.source.name)
+            if vm is not None and not begin(vm, p, "enable_replication"):
+                return result(p, "enable_replication", False, S(vm.state), TRANSITIONS["enable_replication"].said, t0,
+                              host=p.source.name)
             if not p.disks:
                 raise InvalidStateError("the VM has no disks to replicate", vm=p.vm, host=p.source.name,
                                         operation="enable_replication", hint="declare the VM's disks in the topology")
@@ -427,9 +306,9 @@ class LinuxFabric:
                      for d in p.disks}
             fmts = p.compute.formats if p.compute is not None else {}
             formats = {d.disk: {p.source.name: str(fmts.get(d.disk, "raw")), p.target.name: "raw"} for d in p.disks}
-            box[0] = _VM(primary=p.source.name, replica=p.target.name, paths=paths, running=[p.source.name],
-                         sizes=sizes, formats=formats)
-            return result(p, "enable_replication", True, S.ReadyForInitialReplication, "replication enabled", t0,
+            box[0] = new = _VM(primary=p.source.name, replica=p.target.name, paths=paths, running=[p.source.name],
+                               sizes=sizes, formats=formats)
+            return result(p, "enable_replication", True, finish(new, "enable_replication"), "replication enabled", t0,
                           host=p.source.name)
 
     def _new_point(self, vm: _VM, p: Placement, consistency: str, when: datetime) -> dict[str, Any]:
@@ -609,7 +488,7 @@ class LinuxFabric:
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
-                raise self._state_error(exc, p, operation) from None
+                raise self.records.error(exc, operation, p.vm) from None
             # One count over the VM's disks, so a caller sees one total and done never going back.
             totals = DiskTotals(progress, self._sizes(vm, p)) if progress is not None else None
             cap = part.cap if part is not None else self._capture(vm, p, point)
@@ -732,17 +611,15 @@ class LinuxFabric:
         t0 = utcnow()
         op = "start_initial_replication"
         with self._vm(p) as box, self._errors(p, op, p.target):
-            vm = self._need(box[0], p, op)
-            if vm.state == S.Replicating.value:
-                return result(p, op, False, S.Replicating, "initial replication already done", t0)
-            self._need(vm, p, op, S.ReadyForInitialReplication, S.InitialReplicationInProgress)
+            vm = need(box[0], p, op)
+            if not begin(vm, p, op):
+                return result(p, op, False, S(vm.state), TRANSITIONS[op].said, t0)
             method = p.policy.initial_replication.method
             if method == "offline":
                 return self._offline(vm, p, progress, t0)
-            vm.state = S.InitialReplicationInProgress.value
+            working(vm, op)
             point, sent, notes = self._cycle(vm, p, "crash", progress, "resync" if method == "existing_replica" else "full", op)
-            vm.state = S.Replicating.value
-            return result(p, op, True, S.Replicating, "; ".join([f"initial copy complete ({method})", *notes]), t0,
+            return result(p, op, True, finish(vm, op), "; ".join([f"initial copy complete ({method})", *notes]), t0,
                           point=self._rp(p, point), bytes_sent=sent,
                           details={"method": method, "data_path": self.data_path(p)})
 
@@ -763,7 +640,7 @@ class LinuxFabric:
                                 "--output", str(child(ir.export_path, p.vm, d.disk, suffix=".srstream")),
                                 *self._view_args(p, "crash", vm, d.disk)])
                 gens[d.disk] = out["gen"]
-            vm.state = S.InitialReplicationInProgress.value
+            working(vm, "start_initial_replication")
             vm.paths["_offline"] = {"point": json.dumps(point), **gens}
         missing = [d.disk for d in p.disks
                    if not dst.call(["exists", "--path", str(child(ir.import_path, p.vm, d.disk, suffix=".srstream"))])["exists"]]
@@ -778,10 +655,9 @@ class LinuxFabric:
             src.call(["source-commit", "--state", self._src_state(p.source, p.vm, d.disk),
                       "--gen", vm.paths["_offline"][d.disk]])
         del vm.paths["_offline"]
-        vm.state = S.Replicating.value
         vm.cycles_ok += 1
         vm.last_replication = point["created_at"]
-        return result(p, "start_initial_replication", True, S.Replicating, f"imported from {ir.import_path}", t0,
+        return result(p, "start_initial_replication", True, finish(vm, "start_initial_replication"), f"imported from {ir.import_path}", t0,
                       point=self._rp(p, point), details={"method": "offline"})
 
     def replicate_group(self, ps: list[Placement], group: str, consistency: Consistency = "crash",
@@ -802,7 +678,7 @@ class LinuxFabric:
             for p in ps:
                 box = stack.enter_context(self._vm(p, f"replicate_group {group}"))
                 with self._errors(p, "replicate", p.source):
-                    vms.append(self._need(box[0], p, "replicate", S.Replicating))
+                    vms.append(need(box[0], p, "replicate", *TRANSITIONS["replicate"].allowed))
                 if vms[-1].resync_required:
                     raise InvalidStateError("its replica needs resynchronization before it can join a group point",
                                             vm=p.vm, host=p.source.name, operation="replicate", error_id="ResyncRequired",
@@ -896,7 +772,7 @@ class LinuxFabric:
         replication traffic (both are shared by every transfer the host sends at once)."""
         t0 = utcnow()
         with self._vm(p) as box, self._errors(p, "replicate", p.source):
-            vm = self._need(box[0], p, "replicate", S.Replicating)
+            vm = need(box[0], p, "replicate", *TRANSITIONS["replicate"].allowed)
             mode = "resync" if vm.resync_required else "delta"
             point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate",
                                              bandwidth_bytes_per_second)
@@ -908,54 +784,52 @@ class LinuxFabric:
     def resynchronize(self, p: Placement, progress: Progress | None = None) -> OpResult:
         t0 = utcnow()
         with self._vm(p) as box, self._errors(p, "resynchronize", p.source):
-            vm = self._need(box[0], p, "resynchronize", S.Replicating, S.WaitingForStartResynchronize, S.Suspended, S.Error)
+            op = "resynchronize"
+            vm = need(box[0], p, op)
+            begin(vm, p, op)
             needed = vm.resync_required or vm.state != S.Replicating.value
             if not needed:
                 statuses = self._disk_status(vm, p)
                 needed = not all(st["disk_matches"] for st in statuses) or not all(
                     src["tracked"] for src in self._source_status(vm, p, statuses))
             if not needed:
-                return result(p, "resynchronize", False, S.Replicating, "no resynchronization needed", t0)
-            vm.state = S.Resynchronizing.value
-            point, sent, notes = self._cycle(vm, p, "crash", progress, "resync", "resynchronize")
-            vm.state = S.Replicating.value
-            return result(p, "resynchronize", True, S.Replicating,
+                return result(p, op, False, S.Replicating, TRANSITIONS[op].said, t0)
+            working(vm, op)
+            point, sent, notes = self._cycle(vm, p, "crash", progress, "resync", op)
+            return result(p, op, True, finish(vm, op),
                           "; ".join(["resynchronized (only differing blocks sent)", *notes]), t0,
                           point=self._rp(p, point), bytes_sent=sent, details={"data_path": self.data_path(p)})
 
     def mark_resync_required(self, p: Placement) -> None:
         with self._vm(p) as box:
-            vm = self._need(box[0], p, "mark_resync_required")
+            vm = need(box[0], p, "mark_resync_required")
+            begin(vm, p, "mark_resync_required")
             vm.resync_required = True
-            vm.state = S.WaitingForStartResynchronize.value
+            finish(vm, "mark_resync_required")
 
     def suspend(self, p: Placement) -> OpResult:
         t0 = utcnow()
         with self._vm(p) as box:
-            vm = self._need(box[0], p, "suspend")
-            if vm.state == S.Suspended.value:
-                return result(p, "suspend", False, S.Suspended, "already suspended", t0)
-            self._need(vm, p, "suspend", S.Replicating, S.Resynchronizing, S.InitialReplicationInProgress)
-            vm.state = S.Suspended.value
-            return result(p, "suspend", True, S.Suspended, "replication suspended", t0)
+            vm = need(box[0], p, "suspend")
+            if not begin(vm, p, "suspend"):
+                return result(p, "suspend", False, S(vm.state), TRANSITIONS["suspend"].said, t0)
+            return result(p, "suspend", True, finish(vm, "suspend"), "replication suspended", t0)
 
     def resume(self, p: Placement) -> OpResult:
         t0 = utcnow()
         with self._vm(p) as box:
-            vm = self._need(box[0], p, "resume")
-            if vm.state == S.Replicating.value:
-                return result(p, "resume", False, S.Replicating, "already replicating", t0)
-            self._need(vm, p, "resume", S.Suspended, S.Error, S.WaitingForStartResynchronize)
-            vm.state = S.Replicating.value
-            return result(p, "resume", True, S.Replicating, "replication resumed", t0)
+            vm = need(box[0], p, "resume")
+            if not begin(vm, p, "resume"):
+                return result(p, "resume", False, S(vm.state), TRANSITIONS["resume"].said, t0)
+            return result(p, "resume", True, finish(vm, "resume"), "replication resumed", t0)
 
     def disable_replication(self, p: Placement, delete_replica: bool = False) -> OpResult:
         t0 = utcnow()
         with self._vm(p) as box, self._errors(p, "disable_replication", p.source):
             vm = box[0]
-            if vm is None:
-                return result(p, "disable_replication", False, S.Disabled, "replication is not enabled", t0)
-            self._need(vm, p, "disable_replication")
+            if not begin(vm, p, "disable_replication"):
+                return result(p, "disable_replication", False, S.Disabled, TRANSITIONS["disable_replication"].said, t0)
+            vm = need(vm, p, "disable_replication")
             if vm.test_active:
                 self._cleanup_test(vm, p)
             src_host = p.source
@@ -965,7 +839,7 @@ class LinuxFabric:
                     vm.paths[d][p.target.name] for d in vm.paths if p.target.name in vm.paths[d]]
                 self._ep(p.target).call(["remove", *paths])
             box[0] = None
-            return result(p, "disable_replication", True, S.Disabled,
+            return result(p, "disable_replication", True, finish(vm, "disable_replication"),
                           "replication disabled" + ("; replica deleted" if delete_replica else ""), t0)
 
     def _disk_status(self, vm: _VM, p: Placement) -> list[dict[str, Any]]:
@@ -1032,7 +906,7 @@ class LinuxFabric:
         t0 = utcnow()
         op = "scrub"
         with self._vm(p) as box:
-            vm = self._need(box[0], p, op)
+            vm = need(box[0], p, op)
             if vm.state not in (S.Replicating.value, S.Suspended.value) or vm.primary != p.source.name:
                 return result(p, op, False, S(vm.state), f"not scrubbed: state {vm.state} has no replica to check", t0)
             snapshot = _VM(**json.loads(json.dumps(asdict(vm))))
@@ -1178,7 +1052,7 @@ class LinuxFabric:
 
     def recovery_points(self, p: Placement) -> tuple[RecoveryPoint, ...]:
         with self._vm(p) as box, self._errors(p, "recovery_points", p.target):
-            vm = self._need(box[0], p, "recovery_points")
+            vm = need(box[0], p, "recovery_points")
             return tuple(rp for rp, _ in self._points(vm, p))
 
     # ---- failover ----------------------------------------------------------------------------
@@ -1195,10 +1069,9 @@ class LinuxFabric:
     def test_failover(self, p: Placement, point: PointChoice = LATEST, network: str | None = None) -> OpResult:
         t0 = utcnow()
         with self._vm(p) as box, self._errors(p, "test_failover", p.target):
-            vm = self._need(box[0], p, "test_failover")
-            if vm.test_active:
-                return result(p, "test_failover", False, S(vm.state), "test failover already running", t0)
-            self._need(vm, p, "test_failover", S.Replicating, S.Suspended)
+            vm = need(box[0], p, "test_failover")
+            if not begin(vm, p, "test_failover"):
+                return result(p, "test_failover", False, S(vm.state), TRANSITIONS["test_failover"].said, t0)
             self._refuse_mismatched(vm, p, "test_failover")
             rp, seqs, _ = self._pick(vm, p, point, "test_failover")
             dst = self._ep(p.target)
@@ -1223,7 +1096,7 @@ class LinuxFabric:
                 self._start(vm, p, p.target, test=True, network=net)
                 vm.running.append(f"{p.target.name}#test")
                 msg += f", started on {net or 'no network'}"
-            return result(p, "test_failover", True, S(vm.state), msg, t0, point=rp, details={"network": net})
+            return result(p, "test_failover", True, finish(vm, "test_failover"), msg, t0, point=rp, details={"network": net})
 
     def _cleanup_test(self, vm: _VM, p: Placement) -> None:
         if p.compute is not None:
@@ -1236,39 +1109,33 @@ class LinuxFabric:
     def cleanup_test_failover(self, p: Placement) -> OpResult:
         t0 = utcnow()
         with self._vm(p) as box, self._errors(p, "cleanup_test_failover", p.target):
-            vm = self._need(box[0], p, "cleanup_test_failover")
-            if not vm.test_active:
-                return result(p, "cleanup_test_failover", False, S(vm.state), "no test failover to clean up", t0)
+            vm = need(box[0], p, "cleanup_test_failover")
+            if not begin(vm, p, "cleanup_test_failover"):
+                return result(p, "cleanup_test_failover", False, S(vm.state), TRANSITIONS["cleanup_test_failover"].said, t0)
             self._cleanup_test(vm, p)
-            return result(p, "cleanup_test_failover", True, S(vm.state), "test VM stopped and its disks deleted", t0)
+            return result(p, "cleanup_test_failover", True, finish(vm, "cleanup_test_failover"), "test VM stopped and its disks deleted", t0)
 
     def prepare_planned_failover(self, p: Placement) -> OpResult:
         t0 = utcnow()
         op = "prepare_planned_failover"
         with self._vm(p) as box, self._errors(p, op, p.source):
-            vm = self._need(box[0], p, op)
-            if vm.state in (S.PreparedForFailover.value, S.FailedOverWaitingCompletion.value, S.FailedOver.value):
-                return result(p, op, False, S(vm.state), "already prepared", t0)
-            self._need(vm, p, op, S.Replicating)
+            vm = need(box[0], p, op)
+            if not begin(vm, p, op):
+                return result(p, op, False, S(vm.state), TRANSITIONS[op].said, t0)
             if p.compute is not None:
                 self._stop(vm, p, p.source, test=False)
             vm.running = [h for h in vm.running if h != p.source.name]
             point, sent, _ = self._cycle(vm, p, "crash", None, "resync" if vm.resync_required else "delta", op)
-            vm.state = S.PreparedForFailover.value
-            return result(p, op, True, S.PreparedForFailover, "source shut down, pending changes sent", t0,
+            return result(p, op, True, finish(vm, op), "source shut down, pending changes sent", t0,
                           point=self._rp(p, point), bytes_sent=sent)
 
     def failover(self, p: Placement, point: PointChoice = LATEST) -> OpResult:
         t0 = utcnow()
         with self._vm(p) as box, self._errors(p, "failover", p.target):
-            vm = self._need(box[0], p, "failover")
-            if vm.state in (S.FailedOverWaitingCompletion.value, S.FailedOver.value):
-                return result(p, "failover", False, S(vm.state), "already failed over", t0,
+            vm = need(box[0], p, "failover")
+            if not begin(vm, p, "failover"):
+                return result(p, "failover", False, S(vm.state), TRANSITIONS["failover"].said, t0,
                               details={"point": vm.failover_point})
-            self._need(vm, p, "failover", S.Replicating, S.PreparedForFailover, S.Suspended)
-            if vm.test_active:
-                raise InvalidStateError("a test failover is running", vm=p.vm, host=p.target.name, operation="failover",
-                                        hint="clean up the test failover first", error_id="InvalidState")
             damaged = self._refuse_mismatched(vm, p, "failover")
             rp, seqs, newest = self._pick(vm, p, point, "failover")
             if not newest:
@@ -1277,47 +1144,43 @@ class LinuxFabric:
                 for d in self._disks(vm):
                     dst.call(["revert", *self._rep_args(vm, p, d, p.target), "--seq", str(seqs[d])])
             vm.failover_point = rp.id
-            vm.state = S.FailedOverWaitingCompletion.value
             msg = f"failed over to {rp.id}" + (f"; DAMAGED REPLICA ACCEPTED (accept_damaged_replica): {damaged}"
                                                if damaged else "")
-            return result(p, "failover", True, S.FailedOverWaitingCompletion, msg, t0, point=rp)
+            return result(p, "failover", True, finish(vm, "failover"), msg, t0, point=rp)
 
     def commit_failover(self, p: Placement) -> OpResult:
         t0 = utcnow()
         with self._vm(p) as box, self._errors(p, "commit_failover", p.target):
-            vm = self._need(box[0], p, "commit_failover")
-            if vm.state == S.FailedOver.value:
-                return result(p, "commit_failover", False, S.FailedOver, "already committed", t0)
-            self._need(vm, p, "commit_failover", S.FailedOverWaitingCompletion)
+            vm = need(box[0], p, "commit_failover")
+            if not begin(vm, p, "commit_failover"):
+                return result(p, "commit_failover", False, S(vm.state), TRANSITIONS["commit_failover"].said, t0)
             dst = self._ep(p.target)
             for d in self._disks(vm):
                 dst.call(["prune", *self._rep_args(vm, p, d, p.target), "--hours", "0"])
-            vm.state = S.FailedOver.value
-            return result(p, "commit_failover", True, S.FailedOver, "failover committed; other points deleted", t0)
+            return result(p, "commit_failover", True, finish(vm, "commit_failover"), "failover committed; other points deleted", t0)
 
     def cancel_failover(self, p: Placement) -> OpResult:
         t0 = utcnow()
         with self._vm(p) as box, self._errors(p, "cancel_failover", p.target):
-            vm = self._need(box[0], p, "cancel_failover")
-            if vm.state == S.Replicating.value:
-                return result(p, "cancel_failover", False, S.Replicating, "no failover to cancel", t0)
-            self._need(vm, p, "cancel_failover", S.FailedOverWaitingCompletion, S.PreparedForFailover)
+            vm = need(box[0], p, "cancel_failover")
+            if not begin(vm, p, "cancel_failover"):
+                return result(p, "cancel_failover", False, S(vm.state), TRANSITIONS["cancel_failover"].said, t0)
             if p.compute is not None and p.target.name in vm.running:
                 self._stop(vm, p, p.target, test=False)
             vm.running = [h for h in vm.running if h != p.target.name]
-            vm.state, vm.failover_point = S.Replicating.value, None
+            vm.failover_point = None
             # A replica the VM wrote to, or one reverted to an older point, no longer matches the
             # source's manifest: the next cycle notices and resynchronizes by block compare.
-            return result(p, "cancel_failover", True, S.Replicating, "failover cancelled", t0)
+            return result(p, "cancel_failover", True, finish(vm, "cancel_failover"), "failover cancelled", t0)
 
     def reverse_replication(self, p: Placement) -> OpResult:
         t0 = utcnow()
         op = "reverse_replication"
         with self._vm(p) as box, self._errors(p, op, p.target):
             vm0 = box[0]
-            if vm0 is not None and vm0.primary == p.target.name and vm0.replica == p.source.name:
-                return result(p, op, False, S(vm0.state), "replication already reversed", t0)
-            vm = self._need(vm0, p, op, S.FailedOver, S.FailedOverWaitingCompletion)
+            if vm0 is not None and not begin(vm0, p, op):
+                return result(p, op, False, S(vm0.state), TRANSITIONS[op].said, t0)
+            vm = need(vm0, p, op, *TRANSITIONS[op].allowed)
             if p.compute is not None and p.source.name in vm.running:
                 self._stop(vm, p, p.source, test=False)  # two live copies must never share one identity
             vm.running = [h for h in vm.running if h != p.source.name]
@@ -1336,9 +1199,8 @@ class LinuxFabric:
             point, sent, _ = self._cycle(vm, rp, "crash", None, "resync", op)
             self._ep(new_src).call(["remove", old_meta])
             self._ep(new_dst).call(["remove", old_state])
-            vm.state = S.Replicating.value
             box[0] = vm
-            return result(p, op, True, S.Replicating, f"now replicating {new_src.name} -> {new_dst.name} "
+            return result(p, op, True, finish(vm, op), f"now replicating {new_src.name} -> {new_dst.name} "
                           "(resynchronized by block compare)", t0, point=self._rp(rp, point), bytes_sent=sent)
 
     # ---- compute -----------------------------------------------------------------------------
@@ -1491,7 +1353,7 @@ class LinuxFabric:
         t0 = utcnow()
         host = p.target if side == "target" else p.source
         with self._vm(p) as box, self._errors(p, "start_vm", host):
-            vm = self._need(box[0], p, "start_vm")
+            vm = need(box[0], p, "start_vm")
             if test and not vm.test_active:
                 raise InvalidStateError("no test VM to start", vm=p.vm, host=host.name, operation="start_vm",
                                         hint="run the test failover first", error_id="InvalidState")
@@ -1513,7 +1375,7 @@ class LinuxFabric:
         t0 = utcnow()
         host = p.target if side == "target" else p.source
         with self._vm(p) as box, self._errors(p, "stop_vm", host):
-            vm = self._need(box[0], p, "stop_vm")
+            vm = need(box[0], p, "stop_vm")
             if p.compute is None:
                 changed = host.name in vm.running
             else:
@@ -1536,7 +1398,7 @@ class LinuxFabric:
     def apply_network(self, p: Placement) -> OpResult:
         t0 = utcnow()
         with self._vm(p) as box:
-            vm = self._need(box[0], p, "apply_network")
+            vm = need(box[0], p, "apply_network")
             want = {n.nic: n.target_network for n in p.nics}
             if vm.networks.get(p.target.name) == want:
                 return result(p, "apply_network", False, S(vm.state), "network settings already applied", t0)
@@ -1551,7 +1413,7 @@ class LinuxFabric:
         were applied or changed there (None: never recorded)."""
         host = p.source if side == "source" else p.target
         with self._vm(p) as box:
-            vm = self._need(box[0], p, "vm_networks")
+            vm = need(box[0], p, "vm_networks")
             nets = vm.networks.get(host.name)
             return dict(nets) if nets is not None else None
 
@@ -1559,7 +1421,7 @@ class LinuxFabric:
         """An operator's change of a VM's NIC at one side: it takes effect at the VM's next start."""
         host = p.source if side == "source" else p.target
         with self._vm(p) as box:
-            vm = self._need(box[0], p, "connect_network")
+            vm = need(box[0], p, "connect_network")
             vm.networks.setdefault(host.name, {n.nic: n.target_network for n in p.nics})[nic] = network
 
     def close(self) -> None:

@@ -1,21 +1,19 @@
 """The in-memory fabric: Hyper-V Replica's state machine without hosts, for dry runs, flow tests and
 benchmarks (like httpx's MockTransport).
 
-It enforces the same preconditions as the real fabrics, records every call, and has knobs for latency
-and failure injection. With `context.options["state_file"]` its state lives in a JSON file guarded by
-a lock, so several processes (a flow run, a re-run, a test asserting afterwards) see one estate.
+It runs the state machine the linux fabric runs (fabric.states), records every call, and has knobs for
+latency and failure injection. With `context.options["state_file"]` its estate (VM records, calls, faults)
+is one record of the state machine's locked file store, so several processes (a flow run, a re-run, a
+test asserting afterwards) see one estate.
 """
 
 from __future__ import annotations
 
-import copy
-import fcntl
-import json
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,28 +37,24 @@ from .base import (
     result,
     utcnow,
 )
+from .states import TRANSITIONS, FileRecords, MappingRecords, VMRecord, begin, codec, finish, need
 
 S = ReplicationState
 
 
 @dataclass
-class _VM:
-    primary: str
-    replica: str
-    state: str = S.ReadyForInitialReplication.value
+class _VM(VMRecord):
+    """The memory fabric's VM record: the state machine's record and its recovery points."""
+
     points: list[dict[str, Any]] = field(default_factory=list)
-    running: list[str] = field(default_factory=list)  # hosts where the VM (or its test copy) runs
-    test_active: bool = False
-    test_point: str | None = None
-    failover_point: str | None = None
-    last_replication: str | None = None
-    cycles_ok: int = 0
-    cycles_missed: int = 0
-    resync_required: bool = False
-    network_applied: bool = False
-    networks: dict[str, dict[str, str | None]] = field(default_factory=dict)  # host -> NIC -> network (None: unplugged)
-    needs_resync_after_reverse: bool = False
-    seq: int = 0
+    needs_resync_after_reverse: bool = False  # unused; kept so older estates load
+
+
+def _estate(raw: dict[str, Any] | None) -> dict[str, Any]:
+    st = dict(raw or {})
+    for key, empty in (("vms", {}), ("faults", {}), ("unreachable", []), ("calls", [])):
+        st.setdefault(key, empty)
+    return st
 
 
 class MemoryFabric:
@@ -71,6 +65,11 @@ class MemoryFabric:
         opts = self.context.options
         self.latency: dict[str, float] = dict(opts.get("latency", {}))  # operation -> seconds ("*" for all)
         self.state_file: Path | None = Path(opts["state_file"]) if opts.get("state_file") else None
+        self._estate: FileRecords[dict[str, Any]] | None = None
+        if self.state_file is not None:
+            self._estate = FileRecords(self.state_file.parent, _estate, dict, suffix=self.state_file.suffix,
+                                       wait=float(opts.get("vm_lock_wait", 300)),
+                                       what=lambda name: f"the memory fabric's estate {name}")
         self._lock = threading.RLock()
         self.calls: list[tuple[float, str, str, str]] = []  # (time, operation, vm, host)
         # Without a state file the estate is this dict, in the same shape as the file's JSON:
@@ -93,7 +92,7 @@ class MemoryFabric:
 
     def seed(self, p: Placement, points: int = 3, every: timedelta = timedelta(minutes=5)) -> None:
         """Put a VM straight into Replicating with `points` recovery points (for flow tests)."""
-        with self._state() as st:
+        with self._state() as st, self._records(st).open(p.vm, "seed") as box:
             vm = _VM(primary=p.source.name, replica=p.target.name, state=S.Replicating.value, running=[p.source.name])
             now = utcnow()
             for i in range(points):
@@ -101,7 +100,7 @@ class MemoryFabric:
                 vm.points.append(_point(p.vm, vm.seq, now - every * (points - 1 - i), "app" if i == 0 else "crash"))
             vm.last_replication = now.isoformat()
             vm.cycles_ok = points
-            st["vms"][p.vm] = asdict(vm)
+            box[0] = vm
 
     def vm_state(self, vm: str) -> dict[str, Any]:
         with self._state() as st:
@@ -110,50 +109,32 @@ class MemoryFabric:
     # ---- state plumbing ---------------------------------------------------------------------
     @contextmanager
     def _state(self) -> Iterator[dict[str, Any]]:
-        """The estate as a dict, committed when the block ends. A failed operation changes no VM but
-        still records its call and uses up its injected fault."""
+        """The estate as a dict, saved when the block ends, even when it fails: a failed operation
+        changes no VM (its record is saved only on success, _records) but still records its call and
+        uses up its injected fault."""
         with self._lock:
-            if self.state_file is None:
+            if self._estate is None or self.state_file is None:
                 st = self._mem
                 st["calls"] = []
                 try:
-                    with self._commit(st):
-                        yield st
+                    yield st
                 finally:
                     self.calls.extend(tuple(c) for c in st["calls"])  # type: ignore[misc]
                     st["calls"] = []
                 return
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.state_file.with_suffix(".lock"), "a+") as lockf:
-                fcntl.flock(lockf, fcntl.LOCK_EX)
+            with self._estate.open(self.state_file.stem, "memory fabric") as box:
+                st = box[0] = _estate(box[0])
+                before = len(st["calls"])
                 try:
-                    st = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
-                    assert isinstance(st, dict)
-                    for key, empty in (("vms", {}), ("faults", {}), ("unreachable", []), ("calls", [])):
-                        st.setdefault(key, empty)
-                    before = len(st["calls"])
-                    try:
-                        with self._commit(st):
-                            yield st
-                    finally:
-                        self.calls.extend(tuple(c) for c in st["calls"][before:])  # type: ignore[misc]
-                        tmp = self.state_file.with_suffix(".tmp")
-                        tmp.write_text(json.dumps(st, default=str))
-                        tmp.replace(self.state_file)
+                    yield st
                 finally:
-                    fcntl.flock(lockf, fcntl.LOCK_UN)
+                    self.calls.extend(tuple(c) for c in st["calls"][before:])  # type: ignore[misc]
 
     @staticmethod
-    @contextmanager
-    def _commit(st: dict[str, Any]) -> Iterator[None]:
-        # A shallow copy is enough: operations replace a VM's entry, never change it in place (_op works
-        # on a deep copy of the one VM it touches), so restoring the mapping undoes adds and deletes.
-        vms = dict(st["vms"])
-        try:
-            yield
-        except BaseException:
-            st["vms"] = vms
-            raise
+    def _records(st: dict[str, Any]) -> MappingRecords[_VM]:
+        """The estate's VM records. Kept as dicts between calls (converted only for the one VM a call
+        touches): a 1,000-VM plan stays linear."""
+        return MappingRecords(st["vms"], *codec(_VM))
 
     def all_calls(self) -> list[tuple[float, str, str, str]]:
         """Every call recorded (from the state file when there is one, so other processes' calls count)."""
@@ -163,7 +144,7 @@ class MemoryFabric:
             return [tuple(c) for c in st["calls"]]  # type: ignore[misc]
 
     @contextmanager
-    def _op(self, operation: str, p: Placement, host: str) -> Iterator[tuple[dict[str, Any], _VM | None]]:
+    def _op(self, operation: str, p: Placement, host: str) -> Iterator[tuple[dict[str, Any], list[_VM | None]]]:
         delay = self.latency.get(operation, self.latency.get("*", 0.0))
         if delay:
             time.sleep(delay)
@@ -182,44 +163,27 @@ class MemoryFabric:
             # Records are keyed by name, not by path, but the rule is the same on every fabric: a
             # name the linux fabric would refuse (`./web-01`, `../x`) is refused here too.
             check_ident(p.vm, "VM name")
-            raw = st["vms"].get(p.vm)
-            vm = _VM(**copy.deepcopy(raw)) if raw else None
-            yield st, vm
-            if vm is not None and p.vm in st["vms"]:
-                st["vms"][p.vm] = asdict(vm)
+            with self._records(st).open(p.vm, operation) as box:
+                yield st, box
 
-    def _either_way(self, vm: _VM | None, p: Placement, operation: str) -> _VM:
+    @staticmethod
+    def _either_way(vm: _VM | None, p: Placement, operation: str) -> _VM:
         """The VM of a placement's pair of hosts, whichever way replication runs between them now (a VM's
         networks belong to a host, not to a direction)."""
         if vm is not None and vm.primary == p.target.name and vm.replica == p.source.name:
             return vm
-        return self._need(vm, p, operation)
-
-    def _need(self, vm: _VM | None, p: Placement, operation: str, *allowed: ReplicationState) -> _VM:
-        if vm is None:
-            raise NotFoundError("replication is not enabled for this VM", vm=p.vm, operation=operation,
-                                host=p.source.name, hint="enable protection first (siterecovery protect)",
-                                error_id="ObjectNotFound")
-        if vm.primary != p.source.name or vm.replica != p.target.name:
-            raise InvalidStateError(
-                f"replication runs {vm.primary} -> {vm.replica}, not {p.source.name} -> {p.target.name}",
-                vm=p.vm, operation=operation, host=p.target.name, error_id="InvalidState",
-                hint="check the direction: failback needs reverse replication first")
-        if allowed and vm.state not in {a.value for a in allowed}:
-            raise InvalidStateError(
-                f"state {vm.state} does not allow {operation} (needs {' or '.join(a.value for a in allowed)})",
-                vm=p.vm, operation=operation, host=p.target.name, error_id="InvalidState",
-                hint="read replication health and bring the VM to a valid state first")
-        return vm
+        return need(vm, p, operation)
 
     # ---- protection -------------------------------------------------------------------------
     def enable_replication(self, p: Placement) -> OpResult:
         t0 = utcnow()
-        with self._op("enable_replication", p, p.source.name) as (st, vm):
-            if vm is not None and vm.state != S.Disabled.value:
-                return result(p, "enable_replication", False, S(vm.state), "already enabled", t0, host=p.source.name)
-            st["vms"][p.vm] = asdict(_VM(primary=p.source.name, replica=p.target.name, running=[p.source.name]))
-            return result(p, "enable_replication", True, S.ReadyForInitialReplication, "replication enabled", t0,
+        with self._op("enable_replication", p, p.source.name) as (_, box):
+            vm = box[0]
+            if vm is not None and not begin(vm, p, "enable_replication"):
+                return result(p, "enable_replication", False, S(vm.state), TRANSITIONS["enable_replication"].said, t0,
+                              host=p.source.name)
+            box[0] = new = _VM(primary=p.source.name, replica=p.target.name, running=[p.source.name])
+            return result(p, "enable_replication", True, finish(new, "enable_replication"), "replication enabled", t0,
                           host=p.source.name)
 
     def _add_point(self, vm: _VM, name: str, consistency: str = "crash", when: datetime | None = None,
@@ -235,23 +199,23 @@ class MemoryFabric:
 
     def start_initial_replication(self, p: Placement, progress: Progress | None = None) -> OpResult:
         t0 = utcnow()
-        with self._op("start_initial_replication", p, p.source.name) as (_, vm):
-            vm = self._need(vm, p, "start_initial_replication")
-            if vm.state == S.Replicating.value:
-                return result(p, "start_initial_replication", False, S.Replicating, "initial replication already done", t0)
-            self._need(vm, p, "start_initial_replication", S.ReadyForInitialReplication)
+        with self._op("start_initial_replication", p, p.source.name) as (_, box):
+            vm = need(box[0], p, "start_initial_replication")
+            if not begin(vm, p, "start_initial_replication"):
+                return result(p, "start_initial_replication", False, S(vm.state),
+                              TRANSITIONS["start_initial_replication"].said, t0)
             total = sum(d.source_path.__len__() for d in p.disks) or 1
             if progress:
                 progress(total, total)
             pt = self._add_point(vm, p.vm)
-            vm.state = S.Replicating.value
-            return result(p, "start_initial_replication", True, S.Replicating, "initial copy complete", t0,
+            return result(p, "start_initial_replication", True, finish(vm, "start_initial_replication"),
+                          "initial copy complete", t0,
                           point=_rp(pt))
 
     def replicate(self, p: Placement, consistency: Consistency = "crash", progress: Progress | None = None) -> OpResult:
         t0 = utcnow()
-        with self._op("replicate", p, p.source.name) as (_, vm):
-            vm = self._need(vm, p, "replicate", S.Replicating)
+        with self._op("replicate", p, p.source.name) as (_, box):
+            vm = need(box[0], p, "replicate", *TRANSITIONS["replicate"].allowed)
             pt = self._add_point(vm, p.vm, consistency)
             return result(p, "replicate", True, S.Replicating, "delta cycle complete", t0, point=_rp(pt))
 
@@ -267,59 +231,60 @@ class MemoryFabric:
         gid = f"{group}@{seq}"
         out = []
         for p in ps:
-            with self._op("replicate", p, p.source.name) as (_, vm):
-                vm = self._need(vm, p, "replicate", S.Replicating)
+            with self._op("replicate", p, p.source.name) as (_, box):
+                vm = need(box[0], p, "replicate", *TRANSITIONS["replicate"].allowed)
                 pt = self._add_point(vm, p.vm, consistency, when=t0, group=gid)
                 out.append(result(p, "replicate", True, S.Replicating, f"part of group point {gid}", t0, point=_rp(pt)))
         return out
 
     def resynchronize(self, p: Placement, progress: Progress | None = None) -> OpResult:
         t0 = utcnow()
-        with self._op("resynchronize", p, p.source.name) as (_, vm):
-            vm = self._need(vm, p, "resynchronize", S.Replicating, S.WaitingForStartResynchronize, S.Suspended, S.Error)
+        with self._op("resynchronize", p, p.source.name) as (_, box):
+            vm = need(box[0], p, "resynchronize")
+            begin(vm, p, "resynchronize")
             if not vm.resync_required and vm.state == S.Replicating.value:
-                return result(p, "resynchronize", False, S.Replicating, "no resynchronization needed", t0)
+                return result(p, "resynchronize", False, S.Replicating, TRANSITIONS["resynchronize"].said, t0)
             vm.resync_required = False
-            vm.state = S.Replicating.value
             pt = self._add_point(vm, p.vm)
-            return result(p, "resynchronize", True, S.Replicating, "resynchronized", t0, point=_rp(pt))
+            return result(p, "resynchronize", True, finish(vm, "resynchronize"), "resynchronized", t0, point=_rp(pt))
 
     def mark_resync_required(self, p: Placement) -> None:
-        with self._state() as st:
-            st["vms"][p.vm]["resync_required"] = True
-            st["vms"][p.vm]["state"] = S.WaitingForStartResynchronize.value
+        with self._state() as st, self._records(st).open(p.vm, "mark_resync_required") as box:
+            vm = need(box[0], p, "mark_resync_required")
+            begin(vm, p, "mark_resync_required")
+            vm.resync_required = True
+            finish(vm, "mark_resync_required")
 
     def suspend(self, p: Placement) -> OpResult:
         t0 = utcnow()
-        with self._op("suspend", p, p.source.name) as (_, vm):
-            vm = self._need(vm, p, "suspend")
-            if vm.state == S.Suspended.value:
-                return result(p, "suspend", False, S.Suspended, "already suspended", t0)
-            self._need(vm, p, "suspend", S.Replicating, S.Resynchronizing, S.InitialReplicationInProgress)
-            vm.state = S.Suspended.value
-            return result(p, "suspend", True, S.Suspended, "replication suspended", t0)
+        with self._op("suspend", p, p.source.name) as (_, box):
+            vm = need(box[0], p, "suspend")
+            if not begin(vm, p, "suspend"):
+                return result(p, "suspend", False, S(vm.state), TRANSITIONS["suspend"].said, t0)
+            return result(p, "suspend", True, finish(vm, "suspend"), "replication suspended", t0)
 
     def resume(self, p: Placement) -> OpResult:
         t0 = utcnow()
-        with self._op("resume", p, p.source.name) as (_, vm):
-            vm = self._need(vm, p, "resume")
-            if vm.state == S.Replicating.value:
-                return result(p, "resume", False, S.Replicating, "already replicating", t0)
-            self._need(vm, p, "resume", S.Suspended, S.Error, S.WaitingForStartResynchronize)
-            vm.state = S.Replicating.value
-            return result(p, "resume", True, S.Replicating, "replication resumed", t0)
+        with self._op("resume", p, p.source.name) as (_, box):
+            vm = need(box[0], p, "resume")
+            if not begin(vm, p, "resume"):
+                return result(p, "resume", False, S(vm.state), TRANSITIONS["resume"].said, t0)
+            return result(p, "resume", True, finish(vm, "resume"), "replication resumed", t0)
 
     def disable_replication(self, p: Placement, delete_replica: bool = False) -> OpResult:
         t0 = utcnow()
-        with self._op("disable_replication", p, p.source.name) as (st, vm):
-            if vm is None:
-                return result(p, "disable_replication", False, S.Disabled, "replication is not enabled", t0)
-            del st["vms"][p.vm]
-            return result(p, "disable_replication", True, S.Disabled,
+        with self._op("disable_replication", p, p.source.name) as (_, box):
+            vm = box[0]
+            if not begin(vm, p, "disable_replication"):
+                return result(p, "disable_replication", False, S.Disabled, TRANSITIONS["disable_replication"].said, t0)
+            vm = need(vm, p, "disable_replication")
+            box[0] = None
+            return result(p, "disable_replication", True, finish(vm, "disable_replication"),
                           "replication disabled" + ("; replica deleted" if delete_replica else ""), t0)
 
     def replication_health(self, p: Placement) -> ReplicationHealth:
-        with self._op("replication_health", p, p.source.name) as (_, vm):
+        with self._op("replication_health", p, p.source.name) as (_, box):
+            vm = box[0]
             if vm is None:
                 return ReplicationHealth(vm=p.vm, state=S.Disabled, health=Health.NotApplicable, mode=ReplicationMode.None_)
             last = datetime.fromisoformat(vm.last_replication) if vm.last_replication else None
@@ -341,8 +306,8 @@ class MemoryFabric:
                                      test_failover_active=vm.test_active, details=details)
 
     def recovery_points(self, p: Placement) -> tuple[RecoveryPoint, ...]:
-        with self._op("recovery_points", p, p.target.name) as (_, vm):
-            vm = self._need(vm, p, "recovery_points")
+        with self._op("recovery_points", p, p.target.name) as (_, box):
+            vm = need(box[0], p, "recovery_points")
             return tuple(_rp(x) for x in vm.points)
 
     # ---- failover ---------------------------------------------------------------------------
@@ -357,100 +322,90 @@ class MemoryFabric:
 
     def test_failover(self, p: Placement, point: PointChoice = LATEST, network: str | None = None) -> OpResult:
         t0 = utcnow()
-        with self._op("test_failover", p, p.target.name) as (_, vm):
-            vm = self._need(vm, p, "test_failover")
-            if vm.test_active:
+        with self._op("test_failover", p, p.target.name) as (_, box):
+            vm = need(box[0], p, "test_failover")
+            if not begin(vm, p, "test_failover"):
                 pt = next((x for x in vm.points if x["id"] == vm.test_point), None)
-                return result(p, "test_failover", False, S(vm.state), "test failover already running", t0,
+                return result(p, "test_failover", False, S(vm.state), TRANSITIONS["test_failover"].said, t0,
                               point=_rp(pt) if pt else None)
-            self._need(vm, p, "test_failover", S.Replicating, S.Suspended)
             pt = self._pick(vm, p, point, "test_failover")
             vm.test_active, vm.test_point = True, pt["id"]
-            return result(p, "test_failover", True, S(vm.state), f"test VM created from {pt['id']}", t0,
+            return result(p, "test_failover", True, finish(vm, "test_failover"), f"test VM created from {pt['id']}", t0,
                           point=_rp(pt), details={"network": network})
 
     def cleanup_test_failover(self, p: Placement) -> OpResult:
         t0 = utcnow()
-        with self._op("cleanup_test_failover", p, p.target.name) as (_, vm):
-            vm = self._need(vm, p, "cleanup_test_failover")
-            if not vm.test_active:
-                return result(p, "cleanup_test_failover", False, S(vm.state), "no test failover to clean up", t0)
+        with self._op("cleanup_test_failover", p, p.target.name) as (_, box):
+            vm = need(box[0], p, "cleanup_test_failover")
+            if not begin(vm, p, "cleanup_test_failover"):
+                return result(p, "cleanup_test_failover", False, S(vm.state), TRANSITIONS["cleanup_test_failover"].said, t0)
             vm.test_active, vm.test_point = False, None
             test_host = f"{p.target.name}#test"
             vm.running = [h for h in vm.running if h != test_host]
-            return result(p, "cleanup_test_failover", True, S(vm.state), "test VM deleted", t0)
+            return result(p, "cleanup_test_failover", True, finish(vm, "cleanup_test_failover"), "test VM deleted", t0)
 
     def prepare_planned_failover(self, p: Placement) -> OpResult:
         t0 = utcnow()
-        with self._op("prepare_planned_failover", p, p.source.name) as (_, vm):
-            vm = self._need(vm, p, "prepare_planned_failover")
-            if vm.state in (S.PreparedForFailover.value, S.FailedOverWaitingCompletion.value, S.FailedOver.value):
-                return result(p, "prepare_planned_failover", False, S(vm.state), "already prepared", t0)
-            self._need(vm, p, "prepare_planned_failover", S.Replicating)
+        with self._op("prepare_planned_failover", p, p.source.name) as (_, box):
+            vm = need(box[0], p, "prepare_planned_failover")
+            if not begin(vm, p, "prepare_planned_failover"):
+                return result(p, "prepare_planned_failover", False, S(vm.state),
+                              TRANSITIONS["prepare_planned_failover"].said, t0)
             vm.running = [h for h in vm.running if h != p.source.name]
             pt = self._add_point(vm, p.vm)
-            vm.state = S.PreparedForFailover.value
-            return result(p, "prepare_planned_failover", True, S.PreparedForFailover,
+            return result(p, "prepare_planned_failover", True, finish(vm, "prepare_planned_failover"),
                           "source shut down, pending changes sent", t0, point=_rp(pt))
 
     def failover(self, p: Placement, point: PointChoice = LATEST) -> OpResult:
         t0 = utcnow()
-        with self._op("failover", p, p.target.name) as (_, vm):
-            vm = self._need(vm, p, "failover")
-            if vm.state in (S.FailedOverWaitingCompletion.value, S.FailedOver.value):
+        with self._op("failover", p, p.target.name) as (_, box):
+            vm = need(box[0], p, "failover")
+            if not begin(vm, p, "failover"):
                 pt = next((x for x in vm.points if x["id"] == vm.failover_point), None)
-                return result(p, "failover", False, S(vm.state), "already failed over", t0,
+                return result(p, "failover", False, S(vm.state), TRANSITIONS["failover"].said, t0,
                               point=_rp(pt) if pt else None)
-            self._need(vm, p, "failover", S.Replicating, S.PreparedForFailover, S.Suspended)
-            if vm.test_active:
-                raise InvalidStateError("a test failover is running", vm=p.vm, host=p.target.name, operation="failover",
-                                        hint="clean up the test failover first", error_id="InvalidState")
             pt = self._pick(vm, p, point, "failover")
             vm.failover_point = pt["id"]
-            vm.state = S.FailedOverWaitingCompletion.value
-            return result(p, "failover", True, S.FailedOverWaitingCompletion, f"failed over to {pt['id']}", t0,
+            return result(p, "failover", True, finish(vm, "failover"), f"failed over to {pt['id']}", t0,
                           point=_rp(pt))
 
     def commit_failover(self, p: Placement) -> OpResult:
         t0 = utcnow()
-        with self._op("commit_failover", p, p.target.name) as (_, vm):
-            vm = self._need(vm, p, "commit_failover")
-            if vm.state == S.FailedOver.value:
-                return result(p, "commit_failover", False, S.FailedOver, "already committed", t0)
-            self._need(vm, p, "commit_failover", S.FailedOverWaitingCompletion)
-            vm.state = S.FailedOver.value
+        with self._op("commit_failover", p, p.target.name) as (_, box):
+            vm = need(box[0], p, "commit_failover")
+            if not begin(vm, p, "commit_failover"):
+                return result(p, "commit_failover", False, S(vm.state), TRANSITIONS["commit_failover"].said, t0)
             vm.points = [x for x in vm.points if x["id"] == vm.failover_point]
-            return result(p, "commit_failover", True, S.FailedOver, "failover committed", t0)
+            return result(p, "commit_failover", True, finish(vm, "commit_failover"), "failover committed", t0)
 
     def cancel_failover(self, p: Placement) -> OpResult:
         t0 = utcnow()
-        with self._op("cancel_failover", p, p.target.name) as (_, vm):
-            vm = self._need(vm, p, "cancel_failover")
-            if vm.state == S.Replicating.value:
-                return result(p, "cancel_failover", False, S.Replicating, "no failover to cancel", t0)
-            self._need(vm, p, "cancel_failover", S.FailedOverWaitingCompletion, S.PreparedForFailover)
+        with self._op("cancel_failover", p, p.target.name) as (_, box):
+            vm = need(box[0], p, "cancel_failover")
+            if not begin(vm, p, "cancel_failover"):
+                return result(p, "cancel_failover", False, S(vm.state), TRANSITIONS["cancel_failover"].said, t0)
             vm.running = [h for h in vm.running if h != p.target.name]
-            vm.state, vm.failover_point = S.Replicating.value, None
-            return result(p, "cancel_failover", True, S.Replicating, "failover cancelled", t0)
+            vm.failover_point = None
+            return result(p, "cancel_failover", True, finish(vm, "cancel_failover"), "failover cancelled", t0)
 
     def reverse_replication(self, p: Placement) -> OpResult:
         t0 = utcnow()
-        with self._op("reverse_replication", p, p.target.name) as (_, vm):
-            if vm is not None and vm.primary == p.target.name and vm.replica == p.source.name:
-                return result(p, "reverse_replication", False, S(vm.state), "replication already reversed", t0)
-            vm = self._need(vm, p, "reverse_replication", S.FailedOver, S.FailedOverWaitingCompletion)
+        with self._op("reverse_replication", p, p.target.name) as (_, box):
+            vm0 = box[0]
+            if vm0 is not None and not begin(vm0, p, "reverse_replication"):
+                return result(p, "reverse_replication", False, S(vm0.state), TRANSITIONS["reverse_replication"].said, t0)
+            vm = need(vm0, p, "reverse_replication", *TRANSITIONS["reverse_replication"].allowed)
             vm.primary, vm.replica = p.target.name, p.source.name
-            vm.state = S.Replicating.value
             vm.failover_point = None
             pt = self._add_point(vm, p.vm)
-            return result(p, "reverse_replication", True, S.Replicating,
+            return result(p, "reverse_replication", True, finish(vm, "reverse_replication"),
                           f"now replicating {p.target.name} -> {p.source.name}", t0, point=_rp(pt))
 
     def start_vm(self, p: Placement, side: Side = "target", test: bool = False) -> OpResult:
         t0 = utcnow()
         host = p.target.name if side == "target" else p.source.name
-        with self._op("start_vm", p, host) as (_, vm):
-            vm = self._need(vm, p, "start_vm") if vm is None else vm
+        with self._op("start_vm", p, host) as (_, box):
+            vm = need(box[0], p, "start_vm") if box[0] is None else box[0]
             where = f"{host}#test" if test else host
             if test and not vm.test_active:
                 raise InvalidStateError("no test VM to start", vm=p.vm, host=host, operation="start_vm",
@@ -463,8 +418,8 @@ class MemoryFabric:
     def stop_vm(self, p: Placement, side: Side = "source") -> OpResult:
         t0 = utcnow()
         host = p.target.name if side == "target" else p.source.name
-        with self._op("stop_vm", p, host) as (_, vm):
-            vm = self._need(vm, p, "stop_vm") if vm is None else vm
+        with self._op("stop_vm", p, host) as (_, box):
+            vm = need(box[0], p, "stop_vm") if box[0] is None else box[0]
             if host not in vm.running:
                 return result(p, "stop_vm", False, S(vm.state), "already off", t0, host=host)
             vm.running.remove(host)
@@ -472,9 +427,9 @@ class MemoryFabric:
 
     def apply_network(self, p: Placement) -> OpResult:
         t0 = utcnow()
-        with self._op("apply_network", p, p.target.name) as (_, vm):
+        with self._op("apply_network", p, p.target.name) as (_, box):
             # Hyper-V's planned order reverses replication before the network is applied and the VM starts.
-            vm = self._either_way(vm, p, "apply_network")
+            vm = self._either_way(box[0], p, "apply_network")
             want = {n.nic: n.target_network for n in p.nics}
             if vm.networks.get(p.target.name) == want:
                 return result(p, "apply_network", False, S(vm.state), "network settings already applied", t0)
@@ -486,16 +441,16 @@ class MemoryFabric:
     def vm_networks(self, p: Placement, side: Side = "source") -> dict[str, str | None] | None:
         """The networks the VM's NICs are on at that side's host (None: never recorded there)."""
         host = p.source if side == "source" else p.target
-        with self._op("vm_networks", p, host.name) as (_, vm):
-            vm = self._either_way(vm, p, "vm_networks")
+        with self._op("vm_networks", p, host.name) as (_, box):
+            vm = self._either_way(box[0], p, "vm_networks")
             nets = vm.networks.get(host.name)
             return dict(nets) if nets is not None else None
 
     def connect_network(self, p: Placement, side: Side, nic: str, network: str | None) -> None:
         """An operator's change of a VM's NIC at one side (Connect-/Disconnect-VMNetworkAdapter)."""
         host = p.source if side == "source" else p.target
-        with self._op("connect_network", p, host.name) as (_, vm):
-            vm = self._either_way(vm, p, "connect_network")
+        with self._op("connect_network", p, host.name) as (_, box):
+            vm = self._either_way(box[0], p, "connect_network")
             vm.networks.setdefault(host.name, {n.nic: n.target_network for n in p.nics})[nic] = network
 
     def close(self) -> None:
