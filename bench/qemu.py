@@ -100,6 +100,19 @@ class Target:
         return sent
 
 
+def cbt_cycle(run: str, target: Target, disk: Path, prev: str, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One qemu-backend cycle: a point-in-time view of the running VM, a delta reading only the dirty
+    bitmap's blocks, the view torn down; (what was sent, the view)."""
+    view = qemu.capture(run, "vm", [{"node": "d0", "format": "raw", "prev": prev}], tag)
+    d = view["disks"][0]
+    try:
+        sent = target.cycle(disk, "delta", nbd={"socket": view["socket"], "export": d["export"],
+                                                "bitmap": f"qemu:dirty-bitmap:{d['bitmap']}"})
+    finally:
+        qemu.release(run, "vm", view, ok=True)
+    return sent, view
+
+
 def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool, with_rsync: bool = True) -> dict[str, Any]:
     disk = work / "disk.img"
     if disk.exists() and disk.stat().st_size == size:
@@ -129,16 +142,7 @@ def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool, 
             for path in (disk, rs) if with_rsync else (disk,):
                 warm(path)
 
-            def by_cbt(prev: str = prev, r: int = r) -> tuple[dict[str, Any], dict[str, Any]]:
-                view = qemu.capture(run, "vm", [{"node": "d0", "format": "raw", "prev": prev}], f"r{r}")
-                d = view["disks"][0]
-                try:
-                    sent = cbt.cycle(disk, "delta", nbd={"socket": view["socket"], "export": d["export"],
-                                                         "bitmap": f"qemu:dirty-bitmap:{d['bitmap']}"})
-                finally:
-                    qemu.release(run, "vm", view, ok=True)
-                return sent, view
-            t_cbt, (s_cbt, view) = timed(by_cbt)
+            t_cbt, (s_cbt, view) = timed(lambda prev=prev, r=r: cbt_cycle(run, cbt, disk, prev, f"r{r}"))
             prev = view["disks"][0]["new_bitmap"]
             assert s_cbt["cbt"], s_cbt
             warm(disk)
@@ -240,15 +244,9 @@ def bench_rpo(work: Path, size: int, seconds: float, rate_mbps: float, every: fl
         while time.monotonic() - t0 < seconds and w.error is None:
             time.sleep(max(0.0, nxt - time.monotonic()))
             t_cap = time.monotonic()
-            view = qemu.capture(run, "vm", [{"node": "d0", "format": "raw", "prev": prev}], f"c{len(cycles)}")
-            d = view["disks"][0]
-            try:
-                sent = rep.cycle(disk, "delta", nbd={"socket": view["socket"], "export": d["export"],
-                                                     "bitmap": f"qemu:dirty-bitmap:{d['bitmap']}"})
-            finally:
-                qemu.release(run, "vm", view, ok=True)
+            sent, view = cbt_cycle(run, rep, disk, prev, f"c{len(cycles)}")
             t_commit = time.monotonic()
-            prev = d["new_bitmap"]
+            prev = view["disks"][0]["new_bitmap"]
             cycles.append({"cycle_s": round(t_commit - t_cap, 2), "rpo_before_commit_s": round(t_commit - last_capture, 2),
                            "bytes": sent["bytes"], "blocks": sent.get("blocks"), "pause_s": view["window_seconds"]})
             log("rpo cycle", cycles[-1])
@@ -260,13 +258,7 @@ def bench_rpo(work: Path, size: int, seconds: float, rate_mbps: float, every: fl
             raise w.error
         wrote_s = time.monotonic() - t0
         # The replica of a last point taken with the writer stopped equals the disk.
-        view = qemu.capture(run, "vm", [{"node": "d0", "format": "raw", "prev": prev}], "last")
-        d = view["disks"][0]
-        try:
-            rep.cycle(disk, "delta", nbd={"socket": view["socket"], "export": d["export"],
-                                          "bitmap": f"qemu:dirty-bitmap:{d['bitmap']}"})
-        finally:
-            qemu.release(run, "vm", view, ok=True)
+        cbt_cycle(run, rep, disk, prev, "last")
         assert rep.rep is not None
         same = file_digest(rep.rep.path) == file_digest(str(disk))
         assert same, "the replica differs from the disk"
