@@ -560,14 +560,17 @@ def _report_dead_runs(state: Path, plan: str, mine: Path, flow_run: str | None,
             continue
         dead = meta.get("flow_run")
         entries = [e for e in StepJournal(state, meta["intent"]).entries().values() if e.get("flow_run") == dead]
-        steps = tuple(StepRecord.model_validate(e["record"]) for e in entries if e["kind"] == "vm")
+        steps = tuple(StepRecord.model_validate(e["record"]) for e in entries if e["kind"] == "step")
         scripts = tuple(ScriptRecord.model_validate(e["record"]) for e in entries if e["kind"] == "script")
         found = datetime.now(UTC)
         ends = [s.finished_at for s in steps if s.finished_at]
         test = meta["failover_type"] == FailoverType.test.value
         where = [] if test else positions(list(steps))
-        choices = ([f"the test VMs it left are cleaned up by the next drill of '{plan}'"] if test
-                   else way_back(plan, where) if where else [])
+        done = {(st.vm, st.operation) for st in steps if st.status == "completed"}
+        left = sorted({vm for vm, op in done if op == "test_failover" and (vm, "cleanup_test_failover") not in done
+                       and vm})
+        choices = ([f"the next drill of '{plan}' cleans up the test failover(s) it left: {', '.join(left) or 'none'}"]
+                   if test else way_back(plan, where) if where else [])
         report = RunReport(
             plan=plan, plan_version=meta.get("plan_version", "?"), failover_type=meta["failover_type"],
             direction=meta.get("direction", "forward"), recovery_point=meta.get("recovery_point", "?"),
@@ -575,7 +578,7 @@ def _report_dead_runs(state: Path, plan: str, mine: Path, flow_run: str | None,
             fabric=meta.get("fabric", ""), started_at=datetime.fromisoformat(meta["started"]),
             finished_at=max(ends) if ends else datetime.fromisoformat(meta["started"]), status="crashed",
             steps=steps, scripts=scripts, operator=meta.get("operator", ""), requested_by=meta.get("requested_by", ""),
-            failures=(f"the run's process died (worker or node lost) after {len(entries)} finished step(s); "
+            failures=(f"the run's process died (worker or node lost) after {len(steps) + len(scripts)} finished step(s); "
                       f"found by flow run {flow_run} at {found.isoformat(timespec='seconds')}, which wrote this "
                       "report from the run's step journal",),
             positions=tuple(where), choices=tuple(choices),
