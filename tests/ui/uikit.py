@@ -209,7 +209,11 @@ def open_deployment(page: Any, stack: Stack, flow: str, name: str) -> None:
     from playwright.sync_api import expect
 
     page.goto(f"{stack.url}/deployments")
-    row = page.locator("tr").filter(has_text=flow).filter(has=page.locator(f"a[title='{name}']"))
+    # The list shows ten to a page: search, as a person would.
+    page.get_by_placeholder("Search deployments").fill(name)
+    # The flow's name exactly: every row's tags hold "siterecovery", which contains "recover".
+    row = page.locator("tr").filter(has=page.get_by_text(flow, exact=True)).filter(
+        has=page.locator(f"a[title='{name}']"))
     expect(row).to_have_count(1)
     row.locator(f"a[title='{name}']").click()
     page.wait_for_url("**/deployments/deployment/**")
@@ -276,4 +280,5 @@ def resume(stack: Stack, run_id: Any, run_input: dict[str, Any]) -> None:
             assert time.monotonic() < deadline, "the paused run never saved its approval form"
             time.sleep(0.5)
     with temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api"}):
-        resume_flow_run(run_id, run_input=run_input)
+        # Synchronously, also inside a Playwright block (whose event loop would make it return a coroutine).
+        resume_flow_run(run_id, run_input=run_input, _sync=True)  # type: ignore[call-arg]
