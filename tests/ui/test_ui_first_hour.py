@@ -7,6 +7,7 @@ SITERECOVERY_UPDATE_DOCS_IMG=1)."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -39,7 +40,7 @@ def test_first_window_of_every_schedule_has_no_failed_run(request: pytest.Fixtur
             state = r.state.type.value if r.state else "?"
             by_dep.setdefault(names.get(r.deployment_id, "?"), []).append(state)
             with_ids[str(r.id)] = (names.get(r.deployment_id), state, r.state.message if r.state else "")
-        print({k: sorted(v) for k, v in by_dep.items()})
+        print({k: dict(Counter(v)) for k, v in by_dep.items()})
         bad = {k: v for k, v in with_ids.items() if v[1] in ("FAILED", "CRASHED")}
         assert not bad, f"{bad}\n{stack.logs()}"
         # Each schedule's first window went by with a run that did its work.
@@ -48,6 +49,7 @@ def test_first_window_of_every_schedule_has_no_failed_run(request: pytest.Fixtur
         with browser_page(stack, request.node.name) as (page, shot):
             page.goto(f"{stack.url}/dashboard")
             expect(page.get_by_text("Flow Runs").first).to_be_visible()
+            expect(page.get_by_text("You currently have 0 failed or crashed runs")).to_be_visible()
             page.wait_for_timeout(3000)  # the dashboard's cards load one by one
             shot("dashboard")
         shot.publish("first-hour")
