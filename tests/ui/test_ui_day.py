@@ -89,6 +89,7 @@ def test_two_drills_at_once_from_the_ui_the_second_is_refused(stack: Stack, requ
             form = custom_run(page)
             form_field(form, page, "requested_by").locator("textarea, input").first.fill(who)
             names.append(submit_run(page))
+        assert len(set(names)) == 2, names
         runs = [_run_by_name(stack, n) for n in names]
         ends = [wait_state(stack, r.id, {"PAUSED", "FAILED", "COMPLETED", "CRASHED"}) for r in runs]
         states = [r.state.type.value for r in ends]

@@ -229,9 +229,18 @@ def custom_run(page: Any) -> Any:
 
 def submit_run(page: Any) -> str:
     """Submit a custom run's form; the new run's name, from the toast."""
+    toasts = page.locator(".toast-flow-run-create__message--emphasized")
+    # An earlier submission's toast may still be showing: the new run's is the one not seen before.
+    seen = {t.strip() for t in toasts.all_inner_texts()}
     page.get_by_role("button", name="Submit").click()
-    toast = page.locator(".toast-flow-run-create__message--emphasized").first
-    run_name = str(toast.inner_text().strip())
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        new = [t.strip() for t in toasts.all_inner_texts() if t.strip() and t.strip() not in seen]
+        if new:
+            break
+        assert time.monotonic() < deadline, "no toast named the new run"
+        page.wait_for_timeout(200)
+    run_name = new[0]
     assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)+", run_name), run_name
     return run_name
 
