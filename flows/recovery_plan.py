@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from siterecovery.report import (
     POINT_OPERATIONS,
     ApprovalRecord,
     RunReport,
+    ScriptRecord,
+    StepRecord,
     TrendPoint,
     VMFailure,
     audit_records,
@@ -390,13 +393,79 @@ def _run_action_batch(run: _Run, batch: Batch) -> None:
             run.fail(f"{label}: {_reason(exc) if status == 'failed' else 'not run (an earlier action failed)'}", vm)
 
 
-def _write_report(report: RunReport, state: Path) -> Path:
+def _write_report(report: RunReport, state: Path, for_run: str | None = None) -> Path:
+    """The report's HTML and JSON files, and its artifact: on the current flow run, or on `for_run` (the
+    report of a dead run, written by the run that found it)."""
     out = child(state, "reports", report_filename(report))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(report), encoding="utf-8")
     out.with_suffix(".json").write_text(report.model_dump_json(indent=1), encoding="utf-8")
-    create_markdown_artifact(key=report.artifact_key, markdown=render_markdown(report),
-                             description=f"{report.plan} {report.failover_type} failover: {report.status}")
+    description = f"{report.plan} {report.failover_type} failover: {report.status}"
+    if for_run is None:
+        create_markdown_artifact(key=report.artifact_key, markdown=render_markdown(report), description=description)
+    else:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import ArtifactCreate
+
+        with get_client(sync_client=True) as client:
+            client.create_artifact(ArtifactCreate(key=report.artifact_key, type="markdown", data=render_markdown(report),
+                                                  description=description, flow_run_id=for_run))  # type: ignore[arg-type]
+    return out
+
+
+# ---- a report for every run, also one whose process died ----------------------------------------------
+# A run leaves runs/<intent>/unreported-<flow run>.json while it holds its plan and removes it once its
+# report is written. A killed process (worker and flow process lost) writes no report: the next run of the
+# plan, which holds the plan and so knows that run is dead, writes it from the marker and the step journal.
+
+
+def _unreported(state: Path, intent: str, flow_run: str | None) -> Path:
+    return child(state, "runs", intent, f"unreported-{flow_run or os.getpid()}.json")
+
+
+def _report_dead_runs(state: Path, plan: str, mine: Path, flow_run: str | None,
+                      log: logging.Logger | logging.LoggerAdapter) -> list[Path]:  # type: ignore[type-arg]
+    """Write the report of each earlier run of `plan` that died before writing its own (called while
+    holding the plan, so no other run of it is alive); the reports' paths."""
+    out = []
+    for marker in sorted((state / "runs").glob("*/unreported-*.json")):
+        if marker == mine:
+            continue
+        try:
+            meta = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("plan") != plan:
+            continue
+        dead = meta.get("flow_run")
+        entries = [e for e in StepJournal(state, meta["intent"]).entries().values() if e.get("flow_run") == dead]
+        steps = tuple(StepRecord.model_validate(e["record"]) for e in entries if e["kind"] == "step")
+        scripts = tuple(ScriptRecord.model_validate(e["record"]) for e in entries if e["kind"] == "script")
+        found = datetime.now(UTC)
+        ends = [s.finished_at for s in steps if s.finished_at]
+        test = meta["failover_type"] == FailoverType.test.value
+        where = [] if test else positions(list(steps))
+        done = {(st.vm, st.operation) for st in steps if st.status == "completed"}
+        left = sorted({vm for vm, op in done if op == "test_failover" and (vm, "cleanup_test_failover") not in done
+                       and vm})
+        choices = ([f"the next drill of '{plan}' cleans up the test failover(s) it left: {', '.join(left) or 'none'}"]
+                   if test else way_back(plan, where) if where else [])
+        report = RunReport(
+            plan=plan, plan_version=meta.get("plan_version", "?"), failover_type=meta["failover_type"],
+            direction=meta.get("direction", "forward"), recovery_point=meta.get("recovery_point", "?"),
+            failure_policy=meta.get("failure_policy", "?"), intent=meta["intent"], flow_run_id=dead,
+            fabric=meta.get("fabric", ""), started_at=datetime.fromisoformat(meta["started"]),
+            finished_at=max(ends) if ends else datetime.fromisoformat(meta["started"]), status="crashed",
+            steps=steps, scripts=scripts, operator=meta.get("operator", ""), requested_by=meta.get("requested_by", ""),
+            failures=(f"the run's process died (worker or node lost) after {len(steps) + len(scripts)} finished step(s); "
+                      f"found by flow run {flow_run} at {found.isoformat(timespec='seconds')}, which wrote this "
+                      "report from the run's step journal",),
+            positions=tuple(where), choices=tuple(choices),
+            rpo_objective_seconds=meta.get("rpo_objective_seconds"), rto_objective_seconds=meta.get("rto_objective_seconds"))
+        path = _write_report(report, state, for_run=dead)
+        marker.unlink(missing_ok=True)
+        log.warning("earlier run %s of plan %s died without a report; its report (crashed): %s", dead, plan, path)
+        out.append(path)
     return out
 
 
@@ -450,6 +519,16 @@ def execute_plan(request: RunRequest) -> dict[str, Any]:
             if s.kind == "vm":
                 names[limit_name("host", s.host or "")] = request.host_limit
                 names[limit_name("site", s.site or "")] = request.site_limit
+        # Until this run's report is written: the next run of the plan writes it if this process dies.
+        marker = _unreported(state, the_intent.id, flow_run)
+        _report_dead_runs(state, rp.name, marker, flow_run, log)
+        marker.write_text(json.dumps({
+            "plan": rp.name, "plan_version": rp.version, "failover_type": failover_type.value,
+            "direction": direction.value, "recovery_point": request.recovery_point, "intent": the_intent.id,
+            "flow_run": flow_run, "fabric": fabric or "", "started": started.isoformat(), "operator": os_user(),
+            "failure_policy": (request.failure_policy or rp.failure_policy).value,
+            "requested_by": request.requested_by or f"{os_user()} (OS user of a command-line run)",
+            "rpo_objective_seconds": rp.objectives.rpo_seconds, "rto_objective_seconds": rp.objectives.rto_seconds}))
         run = _Run(compiled=compiled, project=proj, source=source, state=state, intent=the_intent,
                    journal=session.journal, flow_run=flow_run, fabric=fabric,
                    fabric_options=dict(request.fabric_options or {}), policy=request.failure_policy or rp.failure_policy,
@@ -528,6 +607,7 @@ def execute_plan(request: RunRequest) -> dict[str, Any]:
                            rpo_objective_seconds=rp.objectives.rpo_seconds,
                            rto_objective_seconds=rp.objectives.rto_seconds)
         path = _write_report(report, state)
+        marker.unlink(missing_ok=True)
         if failover_type == FailoverType.test:
             _update_trends(report, state, rp.objectives.rpo_seconds, rp.objectives.rto_seconds)
         if status == "succeeded" or failover_type == FailoverType.test:

@@ -190,7 +190,8 @@ class RunReport(Frozen):
     fabric: str = ""
     started_at: datetime
     finished_at: datetime
-    status: Literal["succeeded", "failed", "stopped", "cancelled"]
+    # crashed: the run's process died; the next run of the plan wrote this report from its step journal.
+    status: Literal["succeeded", "failed", "stopped", "cancelled", "crashed"]
     steps: tuple[StepRecord, ...] = ()
     approvals: tuple[ApprovalRecord, ...] = ()
     scripts: tuple[ScriptRecord, ...] = ()
