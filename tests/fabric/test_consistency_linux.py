@@ -118,7 +118,8 @@ def consistent(db: int, app: int) -> bool:
     return app <= db <= app + 1
 
 
-@pytest.mark.parametrize("trials", [pytest.param(1, id="ci"), pytest.param(10, id="long", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("trials", [pytest.param(1, id="ci"), pytest.param(10, id="long", marks=[pytest.mark.slow,
+                                                                                          pytest.mark.timeout(1800)])])
 def test_group_points_keep_an_invariant_across_two_vms(sshd_server: SSHServer, tmp_path: Path, trials: int) -> None:
     rng = random.Random(1130)
     grouped = [trial(sshd_server, tmp_path / f"group-{i}", True, rng) for i in range(trials)]
