@@ -95,9 +95,14 @@ class ExecutionError(SiteRecoveryError):
         self.vm, self.host, self.operation, self.hint, self.error_id = vm, host, operation, hint, error_id
 
     def __str__(self) -> str:
+        return self.render()
+
+    def render(self, context: bool = True) -> str:
+        """The message, then (with `context`) the VM, host and operation, the error id and the hint. Without
+        context it reads the same for every VM it hit (a report's shared failure line)."""
         parts = [self.message]
         ctx = ", ".join(f"{k}={v}" for k, v in (("vm", self.vm), ("host", self.host), ("operation", self.operation)) if v)
-        if ctx:
+        if ctx and context:
             parts.append(f"[{ctx}]")
         if self.error_id:
             parts.append(f"(error id: {self.error_id})")

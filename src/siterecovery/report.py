@@ -488,9 +488,7 @@ def vm_failure(vm: str, label: str, exc: BaseException | None) -> VMFailure:
     if exc is None:
         return VMFailure(vm=vm, label=label, reason="failed", cause="failed")
     if isinstance(exc, ExecutionError):
-        cause = " ".join([exc.message, *([f"(error id: {exc.error_id})"] if exc.error_id else []),
-                          *([f"Next: {exc.hint}"] if exc.hint else [])])
-        return VMFailure(vm=vm, label=label, reason=str(exc), cause=cause, operation=exc.operation, host=exc.host,
+        return VMFailure(vm=vm, label=label, reason=str(exc), cause=exc.render(context=False), operation=exc.operation, host=exc.host,
                          error_id=exc.error_id, kind=type(exc).__name__)
     text = str(exc) if isinstance(exc, SiteRecoveryError) else f"{type(exc).__name__}: {exc}"
     return VMFailure(vm=vm, label=label, reason=text, cause=text, kind=type(exc).__name__)
