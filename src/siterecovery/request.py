@@ -20,6 +20,11 @@ class ConfirmationRequired(ConfigurationError):
     """A planned or unplanned failover was started without `confirm` naming the plan."""
 
 
+# Not kept with an intent: where the project is, who asks and the confirmation belong to the run that
+# resumes it, and the intent's id is the intent itself.
+PER_RUN = frozenset({"project", "confirm", "intent", "requested_by"})
+
+
 class RunRequest(Frozen):
     plan: str
     failover_type: FailoverType = FailoverType.test
@@ -57,22 +62,14 @@ class RunRequest(Frozen):
 
     def params(self, plan: str) -> dict[str, Any]:
         """What an open intent keeps (JSON), so that `recover/<plan>` can resume it without the operator
-        repeating the parameters; `plan` is the plan's name (the request may name its file)."""
-        return {"plan": plan, "failover_type": self.failover_type.value, "direction": self.direction.value,
-                "recovery_point": self.recovery_point,
-                "point_in_time": self.point_in_time.isoformat() if self.point_in_time else None,
-                "options": self.options.model_dump(mode="json"), "fabric": self.fabric,
-                "failure_policy": self.failure_policy.value if self.failure_policy else None,
-                "fabric_options": self.fabric_options, "host_limit": self.host_limit, "site_limit": self.site_limit}
+        repeating the parameters; `plan` is the plan's name (the request may name its file). Every field
+        but the per-run ones, so a field added to the request is kept without another list to update."""
+        return {**self.model_dump(mode="json", exclude=set(PER_RUN)), "plan": plan}
 
     @classmethod
     def resume(cls, params: dict[str, Any], intent: str, project: str, requested_by: str = "") -> RunRequest:
         """The request that runs the open intent `intent` again, from the `params` it keeps: confirmed, since
         resuming was confirmed by naming the plan."""
-        return cls(plan=params["plan"], failover_type=FailoverType(params["failover_type"]),
-                   direction=Direction(params["direction"]), recovery_point=params["recovery_point"],
-                   point_in_time=datetime.fromisoformat(params["point_in_time"]) if params.get("point_in_time") else None,
-                   options=RunOptions.model_validate(params["options"]), project=project, fabric=params.get("fabric"),
-                   confirm=params["plan"], intent=intent, failure_policy=params.get("failure_policy"),
-                   fabric_options=params.get("fabric_options"), host_limit=params.get("host_limit"),
-                   site_limit=params.get("site_limit"), requested_by=requested_by)
+        kept = {k: v for k, v in params.items() if k not in PER_RUN}
+        return cls.model_validate({**kept, "project": project, "confirm": params["plan"], "intent": intent,
+                                   "requested_by": requested_by})
