@@ -40,15 +40,15 @@ from siterecovery.intent import Intent, StepJournal, intent_key, os_user
 from siterecovery.model import Direction, FailoverType, FailurePolicy, ManualAction, ScriptAction
 from siterecovery.paths import child
 from siterecovery.project import PlanSource, Project, load_project
+from siterecovery.replica.engine import write_json_atomic
 from siterecovery.report import (
     POINT_OPERATIONS,
     ApprovalRecord,
     RunReport,
-    ScriptRecord,
-    StepRecord,
     TrendPoint,
     VMFailure,
     audit_records,
+    crashed_report,
     positions,
     render_html,
     render_markdown,
@@ -420,7 +420,9 @@ def _write_report(report: RunReport, state: Path, for_run: str | None = None) ->
 
 
 def _unreported(state: Path, intent: str, flow_run: str | None) -> Path:
-    return child(state, "runs", intent, f"unreported-{flow_run or os.getpid()}.json")
+    path = child(state, "runs", intent, f"unreported-{flow_run or os.getpid()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _report_dead_runs(state: Path, plan: str, mine: Path, flow_run: str | None,
@@ -439,29 +441,7 @@ def _report_dead_runs(state: Path, plan: str, mine: Path, flow_run: str | None,
             continue
         dead = meta.get("flow_run")
         entries = [e for e in StepJournal(state, meta["intent"]).entries().values() if e.get("flow_run") == dead]
-        steps = tuple(StepRecord.model_validate(e["record"]) for e in entries if e["kind"] == "step")
-        scripts = tuple(ScriptRecord.model_validate(e["record"]) for e in entries if e["kind"] == "script")
-        found = datetime.now(UTC)
-        ends = [s.finished_at for s in steps if s.finished_at]
-        test = meta["failover_type"] == FailoverType.test.value
-        where = [] if test else positions(list(steps))
-        done = {(st.vm, st.operation) for st in steps if st.status == "completed"}
-        left = sorted({vm for vm, op in done if op == "test_failover" and (vm, "cleanup_test_failover") not in done
-                       and vm})
-        choices = ([f"the next drill of '{plan}' cleans up the test failover(s) it left: {', '.join(left) or 'none'}"]
-                   if test else way_back(plan, where) if where else [])
-        report = RunReport(
-            plan=plan, plan_version=meta.get("plan_version", "?"), failover_type=meta["failover_type"],
-            direction=meta.get("direction", "forward"), recovery_point=meta.get("recovery_point", "?"),
-            failure_policy=meta.get("failure_policy", "?"), intent=meta["intent"], flow_run_id=dead,
-            fabric=meta.get("fabric", ""), started_at=datetime.fromisoformat(meta["started"]),
-            finished_at=max(ends) if ends else datetime.fromisoformat(meta["started"]), status="crashed",
-            steps=steps, scripts=scripts, operator=meta.get("operator", ""), requested_by=meta.get("requested_by", ""),
-            failures=(f"the run's process died (worker or node lost) after {len(steps) + len(scripts)} finished step(s); "
-                      f"found by flow run {flow_run} at {found.isoformat(timespec='seconds')}, which wrote this "
-                      "report from the run's step journal",),
-            positions=tuple(where), choices=tuple(choices),
-            rpo_objective_seconds=meta.get("rpo_objective_seconds"), rto_objective_seconds=meta.get("rto_objective_seconds"))
+        report = crashed_report(meta, entries, found_by=flow_run, now=datetime.now(UTC))
         path = _write_report(report, state, for_run=dead)
         marker.unlink(missing_ok=True)
         log.warning("earlier run %s of plan %s died without a report; its report (crashed): %s", dead, plan, path)
@@ -522,13 +502,13 @@ def execute_plan(request: RunRequest) -> dict[str, Any]:
         # Until this run's report is written: the next run of the plan writes it if this process dies.
         marker = _unreported(state, the_intent.id, flow_run)
         _report_dead_runs(state, rp.name, marker, flow_run, log)
-        marker.write_text(json.dumps({
+        write_json_atomic(str(marker), {
             "plan": rp.name, "plan_version": rp.version, "failover_type": failover_type.value,
             "direction": direction.value, "recovery_point": request.recovery_point, "intent": the_intent.id,
             "flow_run": flow_run, "fabric": fabric or "", "started": started.isoformat(), "operator": os_user(),
             "failure_policy": (request.failure_policy or rp.failure_policy).value,
             "requested_by": request.requested_by or f"{os_user()} (OS user of a command-line run)",
-            "rpo_objective_seconds": rp.objectives.rpo_seconds, "rto_objective_seconds": rp.objectives.rto_seconds}))
+            "rpo_objective_seconds": rp.objectives.rpo_seconds, "rto_objective_seconds": rp.objectives.rto_seconds})
         run = _Run(compiled=compiled, project=proj, source=source, state=state, intent=the_intent,
                    journal=session.journal, flow_run=flow_run, fabric=fabric,
                    fabric_options=dict(request.fabric_options or {}), policy=request.failure_policy or rp.failure_policy,

@@ -53,3 +53,33 @@ def test_run_records_join_the_compiled_steps_with_the_journal() -> None:
     ]
     assert rows[1].outcome == "cached (done by an earlier run)" and rows[3].outcome == "approved, ticket CHG-1"
     assert rows[1].target == f"{first.vm} on {first.host}"
+
+
+def test_a_crashed_runs_report_says_what_it_finished_and_what_is_left() -> None:
+    """A run whose process died: its report (written by the next run of the plan) is `crashed`, lists the
+    steps it finished, and says what it left: a drill's test failovers, a failover's VM positions."""
+    from siterecovery.report import crashed_report
+
+    def step(vm: str, op: str, at: datetime) -> dict:  # type: ignore[type-arg]
+        return {"kind": "step", "record": StepRecord(id=f"{op}-{vm}", label=f"{op} {vm}", stage="failover",
+                                                     operation=op, vm=vm, host="h1", status="completed",
+                                                     started_at=at, finished_at=at).model_dump(mode="json")}
+
+    meta = {"plan": "shop", "plan_version": "1", "failover_type": "test", "direction": "forward",
+            "recovery_point": "latest", "intent": "shop-test-1", "flow_run": "dead-run",
+            "started": T0.isoformat(), "operator": "ops", "requested_by": "ann"}
+    drill = crashed_report(meta, [step("db", "test_failover", T0 + timedelta(seconds=3)),
+                                  step("web", "test_failover", T0 + timedelta(seconds=4)),
+                                  step("web", "cleanup_test_failover", T0 + timedelta(seconds=6))],
+                           found_by="next-run", now=T0 + timedelta(minutes=5))
+    assert drill.status == "crashed" and drill.flow_run_id == "dead-run" and len(drill.steps) == 3
+    assert drill.finished_at == T0 + timedelta(seconds=6)  # its last finished step, not when it was found
+    assert drill.choices == ("the next drill of 'shop' cleans up the test failover(s) it left: db",)
+    assert "found by flow run next-run" in drill.failures[0] and "3 finished step(s)" in drill.failures[0]
+
+    failover = crashed_report({**meta, "failover_type": "unplanned"}, [step("db", "failover", T0)],
+                              found_by="next-run", now=T0)
+    assert [(p.vm, p.pending) for p in failover.positions] == [("db", True)]
+    assert failover.choices and any("cancel-failover" in c for c in failover.choices), failover.choices
+    nothing = crashed_report(meta, [], found_by="next-run", now=T0)
+    assert nothing.finished_at == T0 and nothing.steps == () and "0 finished step(s)" in nothing.failures[0]

@@ -567,6 +567,38 @@ def way_back(plan: str, where: list[VMPosition]) -> list[str]:
     return out
 
 
+def crashed_report(meta: Mapping[str, Any], entries: Iterable[Mapping[str, Any]], found_by: str | None,
+                   now: datetime) -> RunReport:
+    """The report of a run whose process died before it wrote its own: from what it recorded when it
+    started (`meta`, its marker) and its step journal `entries`, found by the flow run `found_by` at `now`.
+    It says the run crashed, lists the steps it finished, and where a failover left each VM (for a drill:
+    the test failovers the next drill cleans up)."""
+    plan = str(meta["plan"])
+    entries = list(entries)
+    steps = tuple(StepRecord.model_validate(e["record"]) for e in entries if e["kind"] == "step")
+    scripts = tuple(ScriptRecord.model_validate(e["record"]) for e in entries if e["kind"] == "script")
+    started = datetime.fromisoformat(meta["started"])
+    ends = [s.finished_at for s in steps if s.finished_at]
+    test = meta["failover_type"] == "test"
+    where = [] if test else positions(list(steps))
+    done = {(st.vm, st.operation) for st in steps if st.status == "completed"}
+    left = sorted({vm for vm, op in done if vm and op == "test_failover" and (vm, "cleanup_test_failover") not in done})
+    choices = ([f"the next drill of '{plan}' cleans up the test failover(s) it left: {', '.join(left) or 'none'}"]
+               if test else way_back(plan, where) if where else [])
+    return RunReport(
+        plan=plan, plan_version=meta.get("plan_version", "?"), failover_type=meta["failover_type"],
+        direction=meta.get("direction", "forward"), recovery_point=meta.get("recovery_point", "?"),
+        failure_policy=meta.get("failure_policy", "?"), intent=meta["intent"], flow_run_id=meta.get("flow_run"),
+        fabric=meta.get("fabric", ""), started_at=started, finished_at=max(ends) if ends else started,
+        status="crashed", steps=steps, scripts=scripts, operator=meta.get("operator", ""),
+        requested_by=meta.get("requested_by", ""),
+        failures=(f"the run's process died (worker or node lost) after {len(steps) + len(scripts)} finished step(s); "
+                  f"found by flow run {found_by} at {now.isoformat(timespec='seconds')}, which wrote this "
+                  "report from the run's step journal",),
+        positions=tuple(where), choices=tuple(choices),
+        rpo_objective_seconds=meta.get("rpo_objective_seconds"), rto_objective_seconds=meta.get("rto_objective_seconds"))
+
+
 def stop_line(where: list[VMPosition], choices: list[str]) -> str:
     """One line for the log: each VM's state and the choices."""
     states: dict[str, list[str]] = {}
