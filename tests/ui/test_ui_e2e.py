@@ -63,7 +63,7 @@ def test_drill_from_the_ui(stack: Stack, request: pytest.FixtureRequest) -> None
         page.get_by_role("button", name="Submit").click()
         toast = page.locator(".toast-flow-run-create__message--emphasized").first
         run_name = toast.inner_text().strip()
-        assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)+", run_name), run_name
+        assert run_name, "the toast named no run"
 
         # 3. The run pauses at the manual action (check-db, after the database group).
         # The custom run's toast offers "View run" (the quick run's names the run as a link).

@@ -240,9 +240,9 @@ def submit_run(page: Any) -> str:
             break
         assert time.monotonic() < deadline, "no toast named the new run"
         page.wait_for_timeout(200)
-    run_name = new[0]
-    assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)+", run_name), run_name
-    return run_name
+    # Whatever its shape: the server names runs "adjective-animal", but a run submitted from the UI's
+    # form was once named "epsilon156" (CI, stop 22); the name is only used to find the run's link.
+    return new[0]
 
 
 def flow_runs(stack: Stack, deployment: str | None = None) -> list[Any]:
