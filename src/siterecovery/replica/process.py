@@ -17,6 +17,7 @@ from .engine import ReplicaError
 
 
 def alive(pidfile: str) -> int | None:
+    _reap()
     try:
         with open(pidfile) as f:
             pid = int(f.read().split()[0])
@@ -41,6 +42,14 @@ def alive(pidfile: str) -> int | None:
 # VMs this process started (the agent in-process for local hosts): kept so they are reaped, not
 # left as zombies or reported as leaked by Popen's finalizer.
 children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _reap() -> None:
+    """Collect the children that exited on their own (a test copy that powered itself off): without a
+    wait they stay zombies for as long as this process lives."""
+    for pid, child in list(children.items()):
+        if child.poll() is not None:
+            children.pop(pid, None)
 
 
 def spawn(pidfile: str, log: str, argv: list[str]) -> dict[str, Any]:
