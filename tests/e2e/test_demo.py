@@ -33,7 +33,9 @@ def _with_env(entry: str) -> list[str]:
 
 @pytest.mark.sshd
 @pytest.mark.prefect_server
-@pytest.mark.timeout(240)
+# The demo takes ~2 min on an idle 2-core machine (DEMO.md) and 7 min was seen under load ~12: a hang
+# is still caught, a slow machine is not failed.
+@pytest.mark.timeout(600)
 def test_demo_end_to_end(tmp_path: Path) -> None:
     if not os.path.exists("/usr/sbin/sshd"):
         pytest.skip("/usr/sbin/sshd is missing (scripts/setup-system.sh installs it)")
@@ -53,7 +55,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
 
 
 def _check_demo(cli: list[str], env: dict[str, str], state: Path, tmp_path: Path) -> None:
-    proc = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=230, check=False)
+    proc = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=520, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     summary = json.loads((state / "summary.json").read_text())
