@@ -3,6 +3,7 @@
     python -m bench.replica [local|ssh|direct|rss|crash|sustained|all] [--dir DIR] [--size-gib 2] [--out FILE]
     python -m bench.replica tput [--reps 5] [--before OTHER_CHECKOUT/src]   (SSH initial copy vs OpenSSH, rsync)
     python -m bench.replica cap [--cap-mbps 16 80] [--cap-mib 32]   (bandwidth cap: achieved rate, rsync --bwlimit)
+    python -m bench.replica reverse [--size-gib 2]   (reverse replication: no block compare against block compare)
 
 Each part prints one JSON object and `all` writes bench/results/replica.json, from which
 docs/BENCHMARKS.md quotes. Timings are wall clock on a warm page cache for both tools alike.
@@ -609,6 +610,49 @@ def _ok(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def bench_reverse(work: Path, size: int) -> dict[str, Any]:
+    """Reverse replication after a planned failover, 1% of the blocks written at the recovery site: with
+    the old primary adopted (no block compare) and with it compared block by block (its ctime moved by
+    a no-op utime, so the proof fails on identical bytes). Linux fabric, local hosts, no QEMU."""
+    from bench.soak import placement
+    from siterecovery.fabric import FabricContext
+    from siterecovery.fabric.linux import LinuxFabric
+    from siterecovery.model import Host
+
+    out: dict[str, Any] = {"size": size}
+    for how in ("adopt", "compare"):
+        d = work / f"reverse-{how}"
+        shutil.rmtree(d, ignore_errors=True)
+        (d / "a").mkdir(parents=True)
+        disk = d / "a" / "vm.img"
+        random_image(disk, size)
+        hosts = [Host(name=f"{s}-h1", site=s, fabric="linux", address="local", root=str(d / f"r{s}")) for s in "ab"]
+        f = LinuxFabric(FabricContext(state_dir=d / "state", options={"python": sys.executable}))
+        p = placement("rev-01", hosts[0], hosts[1], disk, 1.0, 30)
+        f.enable_replication(p)
+        f.start_initial_replication(p)
+        rewrite(disk, 0.01, 1)
+        f.replicate(p)
+        f.prepare_planned_failover(p)
+        f.failover(p)
+        f.commit_failover(p)
+        replica = d / "rb" / "rev-01" / "replica" / "os.img"
+        changed = rewrite(replica, 0.01, 2)  # the failed-over VM writes at the recovery site
+        if how == "compare":
+            st = os.stat(disk)
+            os.utime(disk, ns=(st.st_atime_ns, st.st_mtime_ns))
+        warm(disk)
+        warm(replica)
+        secs, r = timed(lambda: f.reverse_replication(p))  # noqa: B023 - called at once
+        assert file_digest(str(disk)) == file_digest(str(replica)), "the reversed replica differs"
+        out[how] = {"seconds": round(secs, 3), "bytes_sent": r.bytes_sent, "changed_bytes": changed,
+                    "compared": r.details.get("compared"), "message": r.message}
+        log(f"reverse ({how}): {secs:.2f} s, {r.bytes_sent} bytes sent; {r.message}")
+        shutil.rmtree(d, ignore_errors=True)
+    out["compare_over_adopt"] = round(out["compare"]["seconds"] / out["adopt"]["seconds"], 2)
+    return out
+
+
 def report(res: dict[str, Any]) -> str:
     """docs/BENCHMARKS.md's replication section from a results file."""
     m = res["machine"]
@@ -701,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.replica")
     ap.add_argument("what", nargs="?", default="all",
                     choices=["local", "ssh", "direct", "rss", "crash", "sustained", "all", "report", "tput", "tput-child",
-                             "cap"])
+                             "cap", "reverse"])
     ap.add_argument("--dir", default=None, help="scratch directory (needs ~8 GiB free)")
     ap.add_argument("--size-gib", type=float, default=2)
     ap.add_argument("--crash-trials", type=int, default=50)
@@ -740,11 +784,13 @@ def main(argv: list[str] | None = None) -> int:
             res["tput"] = bench_tput(work, size, a.reps, a.before)
         if a.what == "cap":
             res["cap"] = bench_cap(work, a.cap_mbps, a.cap_mib * MiB)
+        if a.what == "reverse":
+            res["reverse"] = bench_reverse(work, size)
     finally:
         if not a.dir:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(res, indent=1))
-    if a.what in ("all", "tput", "cap"):
+    if a.what in ("all", "tput", "cap", "reverse"):
         out = Path(a.out) if a.what == "all" else Path(a.out).with_name(f"{a.what}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")
