@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from estate import fabric, local_host
@@ -201,17 +202,29 @@ def _serial(f: object, host: object, vm: str, name: str = "vm") -> Path:
 
 
 @pytest.mark.timeout(1800)  # four boots under TCG: ~1.5 min unloaded, far longer on a loaded box
-def test_drill_planned_failover_and_failback_of_a_real_guest(tmp_path: Path) -> None:
+def test_drill_planned_failover_and_failback_of_a_real_guest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 15's lifecycle with a real guest, each step judged by the guest's own records:
     - a drill boots the test copy (it checks its records and powers off) while replication goes on;
     - a planned failover loses nothing: the replica holds every record the guest acknowledged before
       its shutdown, and the guest started at the recovery site goes on from the next record;
     - reverse replication, then a planned failback: the primary's disks hold every record the guest
       acknowledged at the recovery site, and the guest at home goes on from there.
-    Its second disk is qcow2 at the primary: tracked by a persistent bitmap, replicated as raw."""
+    Its second disk is qcow2 at the primary: tracked by a persistent bitmap, replicated as raw.
+    Reverse replication compares no blocks where both sites hold the failover point (vda), and reads
+    only what the guest wrote since its start at the recovery site (its dirty bitmap)."""
     from estate import reverse
 
     from siterecovery.fabric.base import ReplicationState as S
+    from siterecovery.replica import engine
+
+    sends: list[tuple[str, str, bool]] = []
+    real_send = engine.send
+
+    def spy(disk: str, state_dir: str, out: Any, **kw: Any) -> dict[str, Any]:
+        sends.append((os.path.basename(disk), kw.get("mode", "delta"), bool((kw.get("nbd") or {}).get("bitmap"))))
+        return real_send(disk, state_dir, out, **kw)
+
+    monkeypatch.setattr(engine, "send", spy)
 
     p, disks = two_disk_vm(tmp_path, vdb_qcow2=True)
     f = fabric(tmp_path / "state", stop_grace=0)
@@ -256,8 +269,13 @@ def test_drill_planned_failover_and_failback_of_a_real_guest(tmp_path: Path) -> 
         wait_for("the guest at the recovery site", lambda: acks(at_recovery) >= held + 3, BOOT)
         assert f"GUEST writing from {held + 1} ".encode() in at_recovery.read_bytes()  # it found all it wrote
         assert f.commit_failover(p).state == S.FailedOver
+        sends.clear()
         rev = f.reverse_replication(p)
         assert rev.state == S.Replicating
+        assert sorted(sends) == [("vda.img", "delta", True), ("vdb.img", "base", False)], sends
+        # vda (raw at both sites) needs no block compare; vdb was qcow2 at the primary, whose file is not
+        # the guest's bytes: it is compared, and becomes a raw replica.
+        assert rev.details["compared"] == "vdb" and "vda: no block compare" in rev.message, rev.message
         before = acks(at_recovery)
         f.replicate(pb)
         # The primary's disks are now the replica, raw like every replica: the qcow2 image's container
@@ -274,7 +292,8 @@ def test_drill_planned_failover_and_failback_of_a_real_guest(tmp_path: Path) -> 
         wait_for("the guest back home", lambda: f"GUEST writing from {held + 1} ".encode()
                  in (at_home.read_bytes() if at_home.exists() else b""), BOOT)
         assert f.commit_failover(pb).changed
-        assert f.reverse_replication(pb).changed
+        home = f.reverse_replication(pb)
+        assert home.changed and home.details["compared"] == "none", home.message  # both raw now: no compare
         wait_for("the guest at home to write on", lambda: acks(at_home) > held + 2, BOOT)
         before = acks(at_home)
         f.replicate(p)

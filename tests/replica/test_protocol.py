@@ -20,13 +20,15 @@ POINT = {"id": "web@3", "created_at": "2026-01-01T00:00:00+00:00", "consistency"
 SEND = dict(disk="/d/a b.img", state="/s/x", mode="base", expect_gen="ab" * 16, no_compress=True,
             freeze=["fsfreeze", "-f", "/"], thaw=[], quiesce=["sync"], seq=7,
             nbd={"socket": "/run/v.nbd", "export": "e", "bitmap": None}, offline_format=None, keepalive=2.5,
-            bandwidth=1e6, bandwidth_bucket="/b")
+            bandwidth=1e6, bandwidth_bucket="/b", settle=2.1)
 REP = dict(replica="/r/x.img", meta="/r/x.meta")
 QEMU = dict(run="/run/vm", name="vm")
 
 SAMPLES: list[P.Command[Any]] = [
     P.Status(**REP), P.Receive(**REP, point=POINT, retention_hours=24.0, input="/in", ready=True),
-    P.Rehash(**REP), P.Manifest(**REP), P.Rebuild(**REP, seq=3, dest="/t/x.img"), P.Revert(**REP, seq=2),
+    P.Rehash(**REP), P.SeedSource(**REP, state="/s/x"),
+    P.Adopt(**REP, state="/s/x", gen="ab" * 16, manifest="0f" * 16, point={**POINT, "seq": 3, "gen": "ab" * 16}),
+    P.Manifest(**REP), P.Rebuild(**REP, seq=3, dest="/t/x.img"), P.Revert(**REP, seq=2),
     P.Prune(**REP, hours=0.5), P.Drop(**REP), P.Scrub(**REP, start=10, max_seconds=5.0, rate=100.0, points=True),
     P.Send(**SEND, output="/out/x.srstream"),  # type: ignore[arg-type]
     P.SendTo(**SEND, from_name="a", to_name="b", to_address="10.0.0.2", to_port=2222, to_user="sr",  # type: ignore[arg-type]
@@ -68,7 +70,7 @@ def test_the_argv_the_fabric_writes_by_hand_reads_the_same() -> None:
 
 @pytest.mark.parametrize(("argv", "field", "said"), [
     ([], "command", "no command given"),
-    (["statuz", "--replica", "x"], "command", "unknown command 'statuz' (known: alive, copy"),
+    (["statuz", "--replica", "x"], "command", "unknown command 'statuz' (known: adopt, alive, copy"),
     (["status", "--replica", "/r"], "--meta", "status: --meta is missing"),
     (["status", "--replica", "/r", "--meta", "/m", "--bogus", "1"], "--bogus", "unknown option --bogus"),
     (["status", "--replica", "/r", "--meta"], "--meta", "--meta needs a value"),

@@ -43,7 +43,7 @@ from ..model import Host
 from ..paths import child
 from ..progress import DiskTotals
 from ..render import render_args
-from ..replica.engine import STORAGE_CODES, ReplicaError, read_json, storage_error, write_json_atomic
+from ..replica.engine import RACY_NS, STORAGE_CODES, ReplicaError, read_json, storage_error, write_json_atomic
 from ..replica.orchestrator.endpoints import Endpoint, LocalEndpoint, SSHEndpoint
 from ..replica.orchestrator.transfer import send_to_args, transfer, transfer_direct
 from ..replica.protocol import ReceiveResult, SendResult
@@ -356,16 +356,20 @@ class LinuxFabric:
 
     def _ship(self, vm: _VM, p: Placement, disk: str, point: dict[str, Any], consistency: str,
               progress: Progress | None, mode: str, cap: dict[str, Any] | None = None,
-              bw: int | None = None, held: bool = False) -> dict[str, Any]:
+              bw: int | None = None, held: bool = False, settle: bool = False) -> dict[str, Any]:
         """One disk's cycle: 'full' copy, 'delta', or 'resync' (block compare against the replica's disk).
         cap: the cycle's capture (_capture): a QEMU view of every disk, or a QEMU VM that is off.
-        bw: bytes/s overriding the policy's bandwidth cap on the source host."""
+        bw: bytes/s overriding the policy's bandwidth cap on the source host.
+        settle: the VM is off for good (a planned failover's final cycle): let the disk's stat settle
+        before it is recorded, so reverse replication can prove this disk unchanged (_adopt)."""
         src, dst = self._ep(p.source), self._ep(p.target)
         rep = self._rep_args(vm, p, disk, p.target)
         state = self._src_state(p.source, p.vm, disk)
         send = ["send", "--disk", vm.paths[disk][p.source.name], "--state", state,
                 "--keepalive", f"{self.dead_link / 3:g}", *self._view_args(p, consistency, vm, disk, held),
                 *self._bandwidth_args(p, self.bandwidth_cap(p, bw))]
+        if settle:
+            send += ["--settle", f"{RACY_NS / 1e9 + 0.1:g}"]
         dview = (cap or {}).get("disks", {}).get(disk)
         if cap is not None and cap["kind"] == "off":
             send += ["--offline-format", self._format(vm, disk, p.source)]
@@ -462,9 +466,11 @@ class LinuxFabric:
             return None
 
     def _cycle(self, vm: _VM, p: Placement, consistency: str, progress: Progress | None, mode: str,
-               operation: str, bw: int | None = None, part: GroupPart | None = None) -> tuple[dict[str, Any], int, list[str]]:
+               operation: str, bw: int | None = None, part: GroupPart | None = None,
+               modes: dict[str, str] | None = None) -> tuple[dict[str, Any], int, list[str]]:
         """Ship every disk as one recovery point; (point, bytes, notes). part: this VM's part of a group
-        point (replicate_group): its id and instant, and the capture the group already made."""
+        point (replicate_group): its id and instant, and the capture the group already made. modes: a
+        disk's own mode instead of `mode` (reverse replication: adopted disks delta, the others resync)."""
         t0 = utcnow()
         marker = self._inflight_path(p.vm)
         dead = self._interrupted(p.vm)
@@ -495,8 +501,9 @@ class LinuxFabric:
             ok = False
             try:
                 for i, d in enumerate(p.disks):
-                    out = self._ship(vm, p, d.disk, point, consistency, totals.disk(i) if totals else None, mode, cap, bw,
-                                     held=part is not None)
+                    out = self._ship(vm, p, d.disk, point, consistency, totals.disk(i) if totals else None,
+                                     (modes or {}).get(d.disk, mode), cap, bw, held=part is not None,
+                                     settle=operation == "prepare_planned_failover")
                     shipped.append(out)
                     if totals:
                         size = out.get("size")
@@ -1192,16 +1199,49 @@ class LinuxFabric:
             old_meta = os.path.join(self._vm_dir(p.target, p.vm), "meta")
             old_state = os.path.join(self._vm_dir(p.source, p.vm), "source")
             self._ep(new_dst).call(["remove", os.path.join(self._vm_dir(new_dst, p.vm), "meta")])
+            # Each disk whose two copies are proved to hold the failover point needs no block compare.
+            compared = {d: why for d in self._disks(vm) if (why := self._adopt(vm, p, d)) is not None}
             vm.primary, vm.replica = new_src.name, new_dst.name
             vm.failover_point = None
+            # vm.cbt stays: a VM started on its replica tracks changes from the failover point (_qemu_start);
+            # a bitmap of the old primary's QEMU is not found in the new source's, and is not used.
+            for d in compared:
+                vm.gens.pop(d, None)
             for fm in vm.formats.values():
                 fm[new_dst.name] = "raw"  # the old primary's disk now receives the guest's bytes: a raw replica
-            point, sent, _ = self._cycle(vm, rp, "crash", None, "resync", op)
+            point, sent, notes = self._cycle(vm, rp, "crash", None, "delta", op,
+                                             modes={d: "resync" for d in compared})
             self._ep(new_src).call(["remove", old_meta])
             self._ep(new_dst).call(["remove", old_state])
             box[0] = vm
-            return result(p, op, True, finish(vm, op), f"now replicating {new_src.name} -> {new_dst.name} "
-                          "(resynchronized by block compare)", t0, point=self._rp(rp, point), bytes_sent=sent)
+            how = [f"{d}: block compare ({why})" for d, why in compared.items()]
+            kept = [d for d in self._disks(vm) if d not in compared]
+            if kept:
+                how.insert(0, f"{', '.join(kept)}: no block compare (both sites held the failover point; only "
+                              "what the VM wrote since was sent)")
+            return result(p, op, True, finish(vm, op), f"now replicating {new_src.name} -> {new_dst.name}; "
+                          + "; ".join([*how, *notes]), t0, point=self._rp(rp, point), bytes_sent=sent,
+                          details={"compared": ", ".join(compared) or "none"})
+
+    def _adopt(self, vm: _VM, p: Placement, disk: str) -> str | None:
+        """Reverse one disk without a block compare: the old replica (at p.target) becomes a source whose
+        base is the failover point, and the old primary (at p.source) becomes the replica of that point,
+        when its disk is proved unchanged since it shipped that point (engine.adopt). None when done;
+        otherwise why not (the caller resynchronizes that disk by block compare)."""
+        fmt = self._format(vm, disk, p.source)
+        if fmt != "raw":
+            return f"the disk at {p.source.name} is {fmt}: it becomes a raw replica"
+        seed = self._ep(p.target).call(["seed-source", *self._rep_args(vm, p, disk, p.target),
+                                        "--state", self._src_state(p.target, p.vm, disk)])
+        if seed["point"] is None:
+            return "the replica no longer lists the failover point"
+        got = self._ep(p.source).call(["adopt", *self._rep_args(vm, p, disk, p.source),
+                                       "--state", self._src_state(p.source, p.vm, disk), "--gen", seed["gen"],
+                                       "--manifest", seed["manifest"], "--point", json.dumps(seed["point"])])
+        if not got["adopted"]:
+            return str(got["reason"])
+        vm.gens[disk] = seed["gen"]
+        return None
 
     # ---- compute -----------------------------------------------------------------------------
     def _run_dir(self, host: Host, vm: str) -> str:
@@ -1254,12 +1294,29 @@ class LinuxFabric:
                 # Test copies and replicas are raw; the primary's disks have the topology's format.
                 "disks": [{"path": path, "format": "raw" if test else self._format(vm, d, host)}
                           for d, path in zip(names, disks, strict=True)]}
+        # Started on its replica (a failover): the replica disks hold a known point, so dirty bitmaps added
+        # before the guest runs track every change since that point, and the first reversed cycle reads
+        # only those blocks. Only disks whose replica is proved intact (status: disk_matches) count.
+        since: dict[str, str] = {}
+        if not test and host.name == vm.replica:
+            for d in names:
+                st = self._ep(host).call(["status", *self._rep_args(vm, p, d, host)])
+                if st["disk_matches"] and st["gen"]:
+                    since[d] = st["gen"]
+            spec["track"] = bool(since)
         out = self._ep(host).call(["qemu-start", "--run", self._run_dir(host, p.vm), "--name", "test" if test else "vm",
                                    "--spec", json.dumps(spec)])
         if out.get("started") and not test:
             # A new QEMU has no bitmaps of the old one (raw disks), or only inconsistent ones after a
             # crash: the capture finds out and the next cycle reads everything once.
             log.info("%s: QEMU started at %s (%s)", p.vm, host.name, out.get("accel"))
+            if out.get("track_error"):
+                log.warning("%s: no dirty bitmaps from the start at %s (%s): its first cycle reads every disk",
+                            p.vm, host.name, out["track_error"])
+            bitmaps = out.get("bitmaps") or {}
+            for i, d in enumerate(names):
+                if d in since and f"d{i}" in bitmaps:
+                    vm.cbt[d] = {"bitmap": bitmaps[f"d{i}"], "since": [since[d]]}
         return bool(out.get("started"))
 
     @staticmethod

@@ -222,7 +222,7 @@ def _send(cmd: P.Send | P.SendTo, base: str | None, out: BinaryIO, progress: Pro
                            expect_gen=bytes.fromhex(cmd.expect_gen) if cmd.expect_gen else None,
                            base_manifest=base, compress=not cmd.no_compress, progress=progress,
                            freeze=list(cmd.freeze), thaw=list(cmd.thaw), quiesce=list(cmd.quiesce),
-                           seq=cmd.seq, nbd=nbd, keepalive=cmd.keepalive)
+                           seq=cmd.seq, nbd=nbd, keepalive=cmd.keepalive, settle=cmd.settle)
     if cmd.offline_format:
         os.makedirs(cmd.state, exist_ok=True)
         with qemu.offline_export(cmd.disk, cmd.offline_format, os.path.join(cmd.state, "offline.nbd")) as view:
@@ -320,6 +320,12 @@ def _replica(cmd: P._ReplicaCommand[Any], stdin: BinaryIO, stdout: BinaryIO, pro
             return r.receive(stdin, cmd.point, cmd.retention_hours, progress)
         case P.Rehash():
             return r.rehash()
+        case P.SeedSource():
+            with _exclusive(cmd.state, "the source state", cmd.command):
+                return engine.seed_source(r, cmd.state)
+        case P.Adopt():
+            with _exclusive(cmd.state, "the source state", cmd.command):
+                return engine.adopt(r, cmd.state, bytes.fromhex(cmd.gen), cmd.manifest, dict(cmd.point))
         case P.Manifest():
             r.recover()
             with open(r.manifest, "rb") as f:

@@ -744,9 +744,15 @@ class Throttled:
 def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expect_gen: bytes | None = None,
          base_manifest: str | None = None, compress: bool = True, progress: Progress | None = None,
          freeze: list[str] | None = None, thaw: list[str] | None = None, quiesce: list[str] | None = None,
-         seq: int = 0, nbd: dict[str, Any] | None = None, keepalive: float | None = None) -> dict[str, Any]:
+         seq: int = 0, nbd: dict[str, Any] | None = None, keepalive: float | None = None,
+         settle: float = 0) -> dict[str, Any]:
     """Write the stream of one cycle to `out` (a NOP record after `keepalive` s without output,
     default a third of the dead-link deadline).
+
+    settle: the disk is still (its VM is off, the final cycle of a planned failover): wait up to this
+    many seconds for its last write to leave the racy window (RACY_NS) before its stat is recorded, so
+    that the record can later prove the disk unchanged (adopt: reverse replication without a block
+    compare). The wait is at most RACY_NS and only when the disk was written that recently.
 
     nbd: read a point-in-time view over NBD instead of the file ({socket, export, bitmap: the dirty
     bitmap exported with it or None}); the bitmap is used only in 'delta' mode, where the base is the
@@ -773,6 +779,8 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
         raise ManifestMismatch("the base manifest is unreadable: resynchronize")
     new_gen = uuid.uuid4().bytes
     started = time.time()
+    if settle > 0:
+        _settle(disk, settle)
     # Taken before the view, so a write racing the read changes the file's times after this record:
     # source_status then rescans instead of reporting nothing pending.
     read_stat = _disk_stat(disk)
@@ -851,6 +859,34 @@ def _disk_stat(disk: str) -> dict[str, int]:
             "taken_ns": time.time_ns()}
 
 
+def _settle(disk: str, most: float) -> None:
+    """Wait (at most `most` s) until the disk's last write is older than the racy window."""
+    end = time.monotonic() + most
+    while True:
+        st = os.stat(disk)
+        left = (st.st_mtime_ns + RACY_NS + 1_000_000 - time.time_ns()) / 1e9
+        if left <= 0 or time.monotonic() >= end:
+            return
+        time.sleep(min(left, max(0.0, end - time.monotonic()), 0.5))
+
+
+def _unchanged_since(rec: dict[str, int] | None, now: dict[str, int]) -> str | None:
+    """Why a stat record does not prove the disk unchanged since it was taken (None: it does).
+
+    Proof: size, mtime, ctime and inode are as recorded, and the record is not racily clean (its mtime
+    lies more than RACY_NS before the moment it was taken): any write after that moment gives the file a
+    later mtime and ctime. ctime cannot be set back by anyone, so a write with its mtime reset is caught."""
+    if not rec:
+        return "no record of the disk as the last cycle read it"
+    keys = ("size", "mtime_ns", "ctime_ns", "ino")
+    moved = [k for k in keys if rec.get(k) != now[k]]
+    if moved:
+        return f"the disk changed after the last cycle read it ({', '.join(moved)} differ)"
+    if rec["mtime_ns"] >= rec["taken_ns"] - RACY_NS:
+        return "the disk was written less than 2 s before the last cycle read it (racily clean)"
+    return None
+
+
 def _record_read(state_dir: str, gen: bytes, stat: dict[str, int]) -> None:
     """Remember the disk's stat as a cycle read it, per generation; only generations the manifests still
     hold are kept (the acknowledged one and the one in flight)."""
@@ -884,8 +920,7 @@ def source_status(disk: str, state_dir: str, gen: bytes | None, scan_limit: int)
         return {"tracked": False, "pending_bytes": None, "how": "untracked"}
     now = _disk_stat(disk)
     rec = (read_json(os.path.join(state_dir, READS), {}) or {}).get(gen.hex() if gen else "")
-    keys = ("size", "mtime_ns", "ctime_ns", "ino")
-    if rec and all(rec.get(k) == now[k] for k in keys) and rec["mtime_ns"] < rec["taken_ns"] - RACY_NS:
+    if _unchanged_since(rec, now) is None:
         return {"tracked": True, "pending_bytes": 0, "how": "unchanged", "size": now["size"]}
     size = now["size"]
     if size > scan_limit:
@@ -1539,6 +1574,94 @@ def _staged_indexes(sf: BinaryIO) -> Iterator[int]:
         if length:
             sf.seek(length, os.SEEK_CUR)
         yield index
+
+
+# ---- reversing a failover without a block compare ---------------------------------------------------
+#
+# After a planned failover the two disks hold the same point: the old replica is that point (its manifest
+# says so) and the old primary is what the final cycle read (its source state says so, and its stat
+# proves it has not been written since). Reverse replication then needs no block compare of two identical
+# disks: the old replica's manifest becomes the new source's base (seed_source: the first cycle ships
+# only what the failed-over VM wrote), and the old primary becomes the replica of that point (adopt).
+# Whatever cannot be proved is refused with the reason, and the caller falls back to the block compare.
+
+
+def manifest_digest(path: str) -> str:
+    """xxh3-128 of a manifest's digests (its header aside: seq and generation say nothing of content)."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        f.seek(MHDR.size)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy_manifest(src: str, dst: str, header: ManifestHeader) -> None:
+    """`src`'s digests under `header`, written to `dst` atomically and durably."""
+    tmp = dst + ".tmp"
+    with open(src, "rb") as f, open(tmp, "wb") as out:
+        f.seek(MHDR.size)
+        out.write(header.pack())
+        shutil.copyfileobj(f, out, 1 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, dst)
+    fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+def seed_source(replica: Replica, state_dir: str) -> dict[str, Any]:
+    """The replica's disk becomes a source whose acknowledged manifest is the replica's newest point
+    (the failover point): a delta from it ships exactly the blocks that differ from that point, whatever
+    wrote them. The disk is not read. Answers the point's generation, seq, size, manifest digest and
+    recovery-point record (None when the replica no longer lists it)."""
+    replica.recover()
+    h = replica.header()
+    if h is None:
+        raise NoReplica("there is no replica to make a source of")
+    src = SourceState(state_dir)
+    _copy_manifest(replica.manifest, src.manifest, h)
+    for name in ("manifest.pending", READS, "base.manifest"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(state_dir, name))
+    fsync_dir(state_dir)
+    point = next((p for p in replica.state()["points"] if p.get("seq") == h.seq), None)
+    return {"gen": h.gen.hex(), "seq": h.seq, "size": h.size, "manifest": manifest_digest(src.manifest),
+            "point": point}
+
+
+def adopt(replica: Replica, state_dir: str, gen: bytes, manifest: str, point: dict[str, Any]) -> dict[str, Any]:
+    """Make a source disk the replica of the point it last shipped, without reading it: when its source
+    state (`state_dir`) holds the manifest of generation `gen` with the digest `manifest` (the other
+    side's copy of the same point), and the disk's stat proves it unchanged since the cycle of `gen`
+    read it. Answers {adopted, reason}; on refusal nothing is written."""
+    for name in ("manifest.pending", "manifest"):
+        path = os.path.join(state_dir, name)
+        h = read_manifest_header(path)
+        if h is not None and h.gen == gen:
+            break
+    else:
+        return {"adopted": False, "reason": "this disk's source state has no manifest of the failover point"}
+    if manifest_digest(path) != manifest:
+        return {"adopted": False, "reason": "the failover point's manifests differ at the two sites"}
+    try:
+        now = _disk_stat(replica.path)
+    except FileNotFoundError:
+        return {"adopted": False, "reason": "the disk is missing"}
+    if now["size"] != h.size:
+        return {"adopted": False, "reason": f"the disk is {now['size']} bytes, the point {h.size}"}
+    why = _unchanged_since((read_json(os.path.join(state_dir, READS), {}) or {}).get(gen.hex()), now)
+    if why is not None:
+        return {"adopted": False, "reason": why}
+    replica.drop()
+    replica._mkdirs()
+    _copy_manifest(path, replica.manifest, ManifestHeader(size=h.size, seq=int(point["seq"]), gen=gen))
+    write_json_atomic(replica.state_file, {"points": [point]})
+    replica._set_stat()
+    after = _disk_stat(replica.path)
+    if any(after[k] != now[k] for k in ("size", "mtime_ns", "ctime_ns", "ino")):
+        replica.drop()  # written while it was being adopted: not proved after all
+        return {"adopted": False, "reason": "the disk changed while it was being adopted"}
+    return {"adopted": True, "reason": ""}
 
 
 def copy_file(src: str, dst: str) -> str:

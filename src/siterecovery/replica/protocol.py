@@ -108,6 +108,19 @@ class RehashResult(TypedDict):
     points_kept: Any
 
 
+class SeedResult(TypedDict):
+    gen: str
+    seq: int
+    size: int
+    manifest: str  # the digest of the manifest's digests
+    point: Point | None
+
+
+class AdoptResult(TypedDict):
+    adopted: bool
+    reason: str
+
+
 class ManifestResult(TypedDict):
     bytes: int
 
@@ -194,6 +207,8 @@ class QemuStartResult(TypedDict):
     status: NotRequired[str | None]
     accel: NotRequired[str]
     kvm_failed: NotRequired[bool]
+    bitmaps: NotRequired[dict[str, str]]  # spec track: node -> the dirty bitmap added before the guest ran
+    track_error: NotRequired[str]  # spec track: why no bitmaps were added (the guest runs untracked)
 
 
 class QemuStopResult(TypedDict):
@@ -291,6 +306,27 @@ class Rehash(_ReplicaCommand[RehashResult]):
 
 
 @dataclass(frozen=True)
+class SeedSource(_ReplicaCommand[SeedResult]):
+    """Make the replica's disk a source whose base is its newest point (reverse replication)."""
+
+    command = "seed-source"
+    result = SeedResult
+    state: str  # the source state to write on this host
+
+
+@dataclass(frozen=True)
+class Adopt(_ReplicaCommand[AdoptResult]):
+    """Make a source disk, proved unchanged since it shipped generation `gen`, the replica of that point."""
+
+    command = "adopt"
+    result = AdoptResult
+    state: str  # the disk's source state on this host
+    gen: str
+    manifest: str  # the digest of the other side's manifest of `gen`
+    point: dict[str, Any]  # the recovery point the disk holds
+
+
+@dataclass(frozen=True)
 class Manifest(_ReplicaCommand[ManifestResult]):
     """The replica's manifest on stdout (8-byte length first); resynchronization sends it to the source."""
 
@@ -354,6 +390,7 @@ class _SendOptions(Command[R]):
     keepalive: float | None = None  # seconds of silence before a NOP record (default: dead-link deadline / 3)
     bandwidth: float | None = None  # bytes/s cap on everything this host sends, shared through the bucket
     bandwidth_bucket: str | None = None  # the host's token bucket file
+    settle: float = 0  # the disk is still: wait up to this long for its stat to prove it later (engine.send)
 
 
 @dataclass(frozen=True)
@@ -489,7 +526,7 @@ class _QemuCommand(Command[R]):
 class QemuStart(_QemuCommand[QemuStartResult]):
     command = "qemu-start"
     result = QemuStartResult
-    spec: dict[str, Any]  # memory_mb, vcpus, kernel, initrd, append, disks, args
+    spec: dict[str, Any]  # memory_mb, vcpus, kernel, initrd, append, disks, args, track
 
 
 @dataclass(frozen=True)
@@ -529,7 +566,7 @@ class QemuRelease(_QemuCommand[QemuReleaseResult]):
 
 
 COMMANDS: dict[str, type[Command[Any]]] = {c.command: c for c in (
-    Status, Receive, Rehash, Manifest, Rebuild, Revert, Prune, Drop, Scrub, Send, SendTo, SourceCommit,
+    Status, Receive, Rehash, SeedSource, Adopt, Manifest, Rebuild, Revert, Prune, Drop, Scrub, Send, SendTo, SourceCommit,
     SourceDrop, SourceStatus, Digest, Copy, Remove, Exists, Hook, Spawn, Kill, Alive, QemuStart, QemuStop,
     QemuStatus, QemuControl, QemuCapture, QemuRelease)}
 REPLICA_COMMANDS = frozenset(n for n, c in COMMANDS.items() if issubclass(c, _ReplicaCommand))
