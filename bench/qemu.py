@@ -12,11 +12,11 @@ a replica up to date, each with its own replica:
   scan  the full-scan engine over the image file (what the process backend does: reads and hashes it all);
   rsync rsync --inplace --no-whole-file of the image file.
 Also the guest's pause per capture (the stop/cont window) and where a CBT cycle's time goes (capture,
-send: extents, NBD reads and hashing, apply on the replica, teardown). The scan runs twice per round: with
-the image in the page cache (warm) and after posix_fadvise(DONTNEED) dropped it (cold, checked with
-mincore); CBT runs cold (its dirty blocks dropped from the cache too), rsync warm. Then one more round
-rewrites the same --fixed-mib at every size: CBT's time should not grow with the disk. The load average
-is recorded with every round (other sessions may share the machine). Writes results/qemu.json;
+send: extents, NBD reads and hashing, apply on the replica, teardown). Rounds alternate warm (the image
+read into the page cache before each method) and cold (posix_fadvise(DONTNEED) on the image before each,
+checked with fincore); rsync runs in the warm rounds only. Then one more cold round rewrites the same
+--fixed-mib at every size: CBT's time should follow the change, not the disk. The load average is
+recorded with every round (other sessions may share the machine). Writes results/qemu.json;
 docs/BENCHMARKS.md quotes it.
 
 --rpo: the sustained RPO instead. The guest writes --rate MB/s (1 MiB writes at random offsets through the
@@ -167,6 +167,11 @@ def cbt_cycle(run: str, target: Target, disk: Path, prev: str, tag: str,
     return sent, view
 
 
+def warm_cache(path: Path) -> float:
+    warm(path)
+    return resident(path)
+
+
 def drop_cache(path: Path) -> float:
     """Evict the file from the page cache (posix_fadvise DONTNEED after a sync); the fraction of it still
     resident afterwards (util-linux fincore, which asks mincore; -1 without it), so "cold" is checked."""
@@ -176,6 +181,10 @@ def drop_cache(path: Path) -> float:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+    return resident(path)
+
+
+def resident(path: Path) -> float:
     try:
         out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
                              capture_output=True, text=True, check=True).stdout
@@ -219,47 +228,43 @@ def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool, 
         rnd = random.Random()  # fresh changes every run: a reused image must not get its old bytes again
         nblocks = size // BLOCK
         runs = []
-        plan = [(f"{fraction:.0%}", max(1, int(nblocks * fraction)))] * rounds
+        # Rounds alternate warm (the image in the page cache for both methods) and cold (dropped before
+        # each); then one cold round of a fixed size. Both methods bring their replica over the same change.
+        plan = [(f"{fraction:.0%}", max(1, int(nblocks * fraction)), r % 2 == 0) for r in range(rounds)]
         if fixed_mib:
-            plan.append((f"{fixed_mib:g} MiB", int(fixed_mib * MiB) // BLOCK))
-        for r, (kind, count) in enumerate(plan):
-            fixed = kind.endswith("MiB")
+            plan.append((f"{fixed_mib:g} MiB", int(fixed_mib * MiB) // BLOCK, False))
+        same = True
+        last_rsync = max((r for r, (_, _, w) in enumerate(plan) if w), default=-1) if with_rsync else -1
+        for r, (kind, count, is_warm) in enumerate(plan):
             blocks = rnd.sample(range(nblocks), count)
             guest_writes(run, blocks)
             load0 = load()
-            # CBT cold: the image (the dirty blocks QEMU just wrote included) out of the page cache.
-            cold_cbt = drop_cache(disk)
+            cache = warm_cache(disk) if is_warm else drop_cache(disk)
             ph = Phases()
             t0 = time.perf_counter()
             s_cbt, view = cbt_cycle(run, cbt, disk, prev, f"r{r}", ph)
             t_cbt = time.perf_counter() - t0
             prev = view["disks"][0]["new_bitmap"]
             assert s_cbt["cbt"], s_cbt
-            warm(disk)
+            cache_scan = warm_cache(disk) if is_warm else drop_cache(disk)
             t_scan, s_scan = timed(lambda: scan.cycle(disk, "delta"))
             assert s_cbt["blocks"] == s_scan["blocks"] <= len(blocks), (s_cbt, s_scan)  # the same changes
             row: dict[str, Any] = {
-                "changed": kind, "cbt_s": round(t_cbt, 3), "scan_warm_s": round(t_scan, 3),
-                "scan_warm_over_cbt": round(t_scan / t_cbt, 1), "pause_s": view["window_seconds"],
-                "changed_bytes": len(blocks) * BLOCK, "cbt_bytes": s_cbt["bytes"], "scan_bytes": s_scan["bytes"],
-                "cbt_cold_resident": round(cold_cbt, 4),
+                "changed": kind, "cache": "warm" if is_warm else "cold", "resident": [round(cache, 3), round(cache_scan, 3)],
+                "cbt_s": round(t_cbt, 3), "scan_s": round(t_scan, 3), "scan_over_cbt": round(t_scan / t_cbt, 1),
+                "pause_s": view["window_seconds"], "changed_bytes": len(blocks) * BLOCK,
+                "cbt_bytes": s_cbt["bytes"], "scan_bytes": s_scan["bytes"],
                 "cbt_phases_s": {k: round(v, 3) for k, v in ph.t.items()}}
-            if not fixed:
-                # The scan again with nothing to ship, from a cold cache: it reads and hashes all of the
-                # disk either way, which is what the comparison is about.
-                row["scan_cold_resident"] = round(drop_cache(disk), 4)
-                t_cold, s_cold = timed(lambda: scan.cycle(disk, "delta"))
-                assert s_cold["blocks"] == 0, s_cold
-                row.update(scan_cold_s=round(t_cold, 3), scan_cold_over_cbt=round(t_cold / t_cbt, 1))
-                if with_rsync:
-                    warm(disk)
-                    warm(rs)
-                    t_rs, st = rsync_run([str(disk), str(rs)])
-                    row.update(rsync_s=round(t_rs, 3), rsync_over_cbt=round(t_rs / t_cbt, 1), rsync_sent=st.get("sent"))
+            if r <= last_rsync and is_warm:
+                warm(disk)
+                warm(rs)
+                t_rs, st = rsync_run([str(disk), str(rs)])
+                row.update(rsync_s=round(t_rs, 3), rsync_over_cbt=round(t_rs / t_cbt, 1), rsync_sent=st.get("sent"))
+                if r == last_rsync:
+                    same = file_digest(str(disk)) == file_digest(str(rs))
             row["load"] = [load0, load()]
             runs.append(row)
             log(f"{size / GiB:g} GiB round {r}", runs[-1])
-        same = file_digest(str(disk)) == file_digest(str(rs)) if with_rsync else True
         if cbt.rep is not None and scan.rep is not None:
             same = same and file_digest(cbt.rep.path) == file_digest(scan.rep.path) == file_digest(str(disk))
         assert same, "the replicas differ"
