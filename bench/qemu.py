@@ -1,6 +1,6 @@
 """Changed-block tracking against the full-scan engine and rsync, on a disk of a running QEMU, in one run.
 
-    python -m bench.qemu [--sizes 1,4,16] [--rounds 2] [--fraction 0.01] [--dir DIR] [--out FILE]
+    python -m bench.qemu [--sizes 1,4,16] [--rounds 2] [--fraction 0.01] [--fixed-mib 64] [--dir DIR] [--out FILE]
     python -m bench.qemu --rpo [--rate 20] [--every 5] [--rpo-seconds 120] [--rpo-size 4]
 
 Per size: a random raw image attached to a running QEMU (TCG, no guest kernel: the firmware idles, so the
@@ -11,8 +11,13 @@ a replica up to date, each with its own replica:
         (what the qemu backend does each cycle, capture and teardown included);
   scan  the full-scan engine over the image file (what the process backend does: reads and hashes it all);
   rsync rsync --inplace --no-whole-file of the image file.
-Also the guest's pause per capture (the stop/cont window). Page cache warmed alike before each tool.
-Writes results/qemu.json; docs/BENCHMARKS.md quotes it.
+Also the guest's pause per capture (the stop/cont window) and where a CBT cycle's time goes (capture,
+send: extents, NBD reads and hashing, apply on the replica, teardown). Rounds alternate warm (the image
+read into the page cache before each method) and cold (posix_fadvise(DONTNEED) on the image before each,
+checked with fincore); rsync runs in the warm rounds only. Then one more cold round rewrites the same
+--fixed-mib at every size: CBT's time should follow the change, not the disk. The load average is
+recorded with every round (other sessions may share the machine). Writes results/qemu.json;
+docs/BENCHMARKS.md quotes it.
 
 --rpo: the sustained RPO instead. The guest writes --rate MB/s (1 MiB writes at random offsets through the
 VM's device) while a cycle (capture, delta of the dirty blocks, apply, teardown) starts every --every
@@ -28,6 +33,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.replica import machine, rsync_run, timed, warm
-from siterecovery.replica import qemu
+from siterecovery.replica import nbd, qemu
 from siterecovery.replica.engine import BLOCK, Replica, SourceState, file_digest, now_iso, send
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,20 +106,106 @@ class Target:
         return sent
 
 
-def cbt_cycle(run: str, target: Target, disk: Path, prev: str, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+class Phases:
+    """Where a CBT cycle's time goes: wall-clock seconds per phase, and the seconds send() spent waiting
+    for NBD replies (the reads) and asking for the bitmap's extents."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+        self.real_reply = nbd.NBDClient._read_reply
+        self.real_extents = nbd.NBDClient.extents
+        phases = self
+
+        def reply(client: nbd.NBDClient, inflight: Any) -> None:
+            t = time.perf_counter()
+            try:
+                phases.real_reply(client, inflight)
+            finally:
+                phases.add("nbd_wait", time.perf_counter() - t)
+
+        def extents(client: nbd.NBDClient, *a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                yield from phases.real_extents(client, *a, **k)
+            finally:
+                phases.add("extents", time.perf_counter() - t)
+        self.reply, self.extents = reply, extents
+
+    def add(self, k: str, dt: float) -> None:
+        self.t[k] = self.t.get(k, 0.0) + dt
+
+    def __enter__(self) -> Phases:
+        setattr(nbd.NBDClient, "_read_reply", self.reply)  # noqa: B010 - patched for the measure only
+        setattr(nbd.NBDClient, "extents", self.extents)  # noqa: B010
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        setattr(nbd.NBDClient, "_read_reply", self.real_reply)  # noqa: B010
+        setattr(nbd.NBDClient, "extents", self.real_extents)  # noqa: B010
+
+
+def cbt_cycle(run: str, target: Target, disk: Path, prev: str, tag: str,
+              phases: Phases | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """One qemu-backend cycle: a point-in-time view of the running VM, a delta reading only the dirty
     bitmap's blocks, the view torn down; (what was sent, the view)."""
+    ph = phases or Phases()
+    t = time.perf_counter()
     view = qemu.capture(run, "vm", [{"node": "d0", "format": "raw", "prev": prev}], tag)
+    ph.add("capture", time.perf_counter() - t)
     d = view["disks"][0]
     try:
-        sent = target.cycle(disk, "delta", nbd={"socket": view["socket"], "export": d["export"],
-                                                "bitmap": f"qemu:dirty-bitmap:{d['bitmap']}"})
+        with ph:
+            t = time.perf_counter()
+            sent = target.cycle(disk, "delta", nbd={"socket": view["socket"], "export": d["export"],
+                                                    "bitmap": f"qemu:dirty-bitmap:{d['bitmap']}"})
+            ph.add("send_and_apply", time.perf_counter() - t)
+            ph.add("send", sent["send_seconds"])
     finally:
+        t = time.perf_counter()
         qemu.release(run, "vm", view, ok=True)
+        ph.add("release", time.perf_counter() - t)
     return sent, view
 
 
-def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool, with_rsync: bool = True) -> dict[str, Any]:
+def warm_cache(path: Path) -> float:
+    warm(path)
+    return resident(path)
+
+
+def drop_cache(path: Path) -> float:
+    """Evict the file from the page cache (posix_fadvise DONTNEED after a sync); the fraction of it still
+    resident afterwards (util-linux fincore, which asks mincore; -1 without it), so "cold" is checked."""
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return resident(path)
+
+
+def resident(path: Path) -> float:
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split()[0]) / max(1, path.stat().st_size)
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return -1.0
+
+
+def git_commit() -> str:
+    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return r.stdout.strip() + ("+changes" if dirty else "")
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 1)
+
+
+def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool, with_rsync: bool = True,
+               fixed_mib: float = 0) -> dict[str, Any]:
     disk = work / "disk.img"
     if disk.exists() and disk.stat().st_size == size:
         log(f"{size / GiB:g} GiB: reusing the image left in {work}")
@@ -133,32 +225,46 @@ def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool, 
         rs = work / "rsync-copy.img"
         if with_rsync:
             shutil.copyfile(disk, rs)
-        rnd = random.Random(size)
+        rnd = random.Random()  # fresh changes every run: a reused image must not get its old bytes again
         nblocks = size // BLOCK
         runs = []
-        for r in range(rounds):
-            blocks = rnd.sample(range(nblocks), max(1, int(nblocks * fraction)))
+        # Rounds alternate warm (the image in the page cache for both methods) and cold (dropped before
+        # each); then one cold round of a fixed size. Both methods bring their replica over the same change.
+        plan = [(f"{fraction:.0%}", max(1, int(nblocks * fraction)), r % 2 == 0) for r in range(rounds)]
+        if fixed_mib:
+            plan.append((f"{fixed_mib:g} MiB", int(fixed_mib * MiB) // BLOCK, False))
+        same = True
+        last_rsync = max((r for r, (_, _, w) in enumerate(plan) if w), default=-1) if with_rsync else -1
+        for r, (kind, count, is_warm) in enumerate(plan):
+            blocks = rnd.sample(range(nblocks), count)
             guest_writes(run, blocks)
-            for path in (disk, rs) if with_rsync else (disk,):
-                warm(path)
-
-            t_cbt, (s_cbt, view) = timed(lambda prev=prev, r=r: cbt_cycle(run, cbt, disk, prev, f"r{r}"))
+            load0 = load()
+            cache = warm_cache(disk) if is_warm else drop_cache(disk)
+            ph = Phases()
+            t0 = time.perf_counter()
+            s_cbt, view = cbt_cycle(run, cbt, disk, prev, f"r{r}", ph)
+            t_cbt = time.perf_counter() - t0
             prev = view["disks"][0]["new_bitmap"]
             assert s_cbt["cbt"], s_cbt
-            warm(disk)
+            cache_scan = warm_cache(disk) if is_warm else drop_cache(disk)
             t_scan, s_scan = timed(lambda: scan.cycle(disk, "delta"))
             assert s_cbt["blocks"] == s_scan["blocks"] <= len(blocks), (s_cbt, s_scan)  # the same changes
-            t_rs, st = 0.0, {}
-            if with_rsync:
+            row: dict[str, Any] = {
+                "changed": kind, "cache": "warm" if is_warm else "cold", "resident": [round(cache, 3), round(cache_scan, 3)],
+                "cbt_s": round(t_cbt, 3), "scan_s": round(t_scan, 3), "scan_over_cbt": round(t_scan / t_cbt, 1),
+                "pause_s": view["window_seconds"], "changed_bytes": len(blocks) * BLOCK,
+                "cbt_bytes": s_cbt["bytes"], "scan_bytes": s_scan["bytes"],
+                "cbt_phases_s": {k: round(v, 3) for k, v in ph.t.items()}}
+            if r <= last_rsync and is_warm:
                 warm(disk)
+                warm(rs)
                 t_rs, st = rsync_run([str(disk), str(rs)])
-            runs.append({"cbt_s": round(t_cbt, 3), "scan_s": round(t_scan, 3), "rsync_s": round(t_rs, 3),
-                         "scan_over_cbt": round(t_scan / t_cbt, 1),
-                         "rsync_over_cbt": round(t_rs / t_cbt, 1) if with_rsync else None,
-                         "pause_s": view["window_seconds"], "changed_bytes": len(blocks) * BLOCK,
-                         "cbt_bytes": s_cbt["bytes"], "scan_bytes": s_scan["bytes"], "rsync_sent": st.get("sent")})
+                row.update(rsync_s=round(t_rs, 3), rsync_over_cbt=round(t_rs / t_cbt, 1), rsync_sent=st.get("sent"))
+                if r == last_rsync:
+                    same = file_digest(str(disk)) == file_digest(str(rs))
+            row["load"] = [load0, load()]
+            runs.append(row)
             log(f"{size / GiB:g} GiB round {r}", runs[-1])
-        same = file_digest(str(disk)) == file_digest(str(rs)) if with_rsync else True
         if cbt.rep is not None and scan.rep is not None:
             same = same and file_digest(cbt.rep.path) == file_digest(scan.rep.path) == file_digest(str(disk))
         assert same, "the replicas differ"
@@ -244,11 +350,13 @@ def bench_rpo(work: Path, size: int, seconds: float, rate_mbps: float, every: fl
         while time.monotonic() - t0 < seconds and w.error is None:
             time.sleep(max(0.0, nxt - time.monotonic()))
             t_cap = time.monotonic()
-            sent, view = cbt_cycle(run, rep, disk, prev, f"c{len(cycles)}")
+            ph = Phases()
+            sent, view = cbt_cycle(run, rep, disk, prev, f"c{len(cycles)}", ph)
             t_commit = time.monotonic()
             prev = view["disks"][0]["new_bitmap"]
             cycles.append({"cycle_s": round(t_commit - t_cap, 2), "rpo_before_commit_s": round(t_commit - last_capture, 2),
-                           "bytes": sent["bytes"], "blocks": sent.get("blocks"), "pause_s": view["window_seconds"]})
+                           "bytes": sent["bytes"], "blocks": sent.get("blocks"), "pause_s": view["window_seconds"],
+                           "phases_s": {k: round(v, 3) for k, v in ph.t.items()}, "load": load()})
             log("rpo cycle", cycles[-1])
             last_capture = t_cap
             nxt = max(t_cap + every, time.monotonic())
@@ -283,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1,4,16", help="GiB, comma-separated")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--fraction", type=float, default=0.01)
+    ap.add_argument("--fixed-mib", type=float, default=64, help="one more round rewriting this much at every size (0: none)")
     ap.add_argument("--send-only-above", type=float, default=8,
                     help="GiB: larger disks measure the senders only (no replicas: disk space)")
     ap.add_argument("--rsync-max", type=float, default=1e9, help="GiB: skip rsync for larger disks (its copy's space and time)")
@@ -297,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.dir or tempfile.mkdtemp(prefix="sr-bench-qemu-"))
     work.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"machine": machine(), "command": "python -m bench.qemu " + " ".join(argv or sys.argv[1:]),
-                           "sizes": []}
+                           "commit": git_commit(), "load_at_start": load(), "sizes": []}
     t0 = time.time()
     if a.rpo:
         out = a.out if a.out != ap.get_default("out") else str(ROOT / "bench" / "results" / "qemu-rpo.json")
@@ -314,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for s in a.sizes.split(","):
             res["sizes"].append(bench_size(work, int(float(s) * GiB), a.rounds, a.fraction,
-                                           keep=float(s) <= a.send_only_above, with_rsync=float(s) <= a.rsync_max))
+                                           keep=float(s) <= a.send_only_above, with_rsync=float(s) <= a.rsync_max,
+                                           fixed_mib=a.fixed_mib))
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     finally:
