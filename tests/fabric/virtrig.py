@@ -3,7 +3,7 @@
 A privileged libvirtd keeps its state in fixed places (/run/libvirt, /var/lib/libvirt, /etc/libvirt/qemu,
 /var/log/libvirt), so two of them, or one beside the machine's own, would share domains. Each daemon
 here runs under `unshare --mount` with those directories bind-mounted from its own temporary directory
-and its sockets in that directory: two daemons on one machine are two independent hosts, and nothing of
+(and a tmpfs on /run/libvirt) and its sockets in that directory: two daemons on one machine are two independent hosts, and nothing of
 the machine's libvirt is touched. Skips (with the reason) where this cannot run: not root, no libvirtd
 or libvirt-python, no mount namespaces.
 """
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-BINDS = {"run": "/run/libvirt", "lib": "/var/lib/libvirt", "etc": "/etc/libvirt/qemu", "log": "/var/log/libvirt",
+# /run/libvirt is a tmpfs of its own, as /run is on a real host (libvirtd rewrites a domain's status
+# file there on every state change, inside a view's pause window); the rest are bound from the temp dir.
+BINDS = {"lib": "/var/lib/libvirt", "etc": "/etc/libvirt/qemu", "log": "/var/log/libvirt",
          "cache": "/var/cache/libvirt"}
 
 
@@ -62,7 +64,8 @@ def libvirtd(d: Path, timeout: float = 60) -> Iterator[str]:
     conf = d / "libvirtd.conf"
     conf.write_text(f'unix_sock_dir = "{d / "sock"}"\nunix_sock_rw_perms = "0700"\n'
                     'auth_unix_rw = "none"\nauth_unix_ro = "none"\n')
-    mounts = "\n".join(f"mount --bind '{d / sub}' '{target}'" for sub, target in BINDS.items())
+    mounts = "\n".join(["mkdir -p /run/libvirt", "mount -t tmpfs -o mode=0755 tmpfs /run/libvirt",
+                        *(f"mount --bind '{d / sub}' '{target}'" for sub, target in BINDS.items())])
     script = (f"set -e\n{mounts}\nvirtlogd -d -p '{d / 'virtlogd.pid'}'\n"
               f"exec libvirtd -f '{conf}' -p '{d / 'libvirtd.pid'}'\n")
     log = open(d / "libvirtd.log", "wb")  # noqa: SIM115 - closed below
