@@ -19,11 +19,12 @@ export PYTHONPATH := $(CURDIR)
 
 all: test
 
+# The `libvirt` extra (libvirt-python) builds against libvirt-dev, so it is installed only where that is
+# present (`make system` installs it, hence `test: system venv`); elsewhere the libvirt tests skip.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/pip install -q -e '.[orchestration,test]' 2>&1 | grep -v "^WARNING: Location" || true
-	# libvirt-python builds against libvirt-dev: without it the libvirt tests skip with a reason.
 	if pkg-config --exists libvirt 2>/dev/null; then $(BIN)/pip install -q -e '.[libvirt]' 2>&1 | grep -v "^WARNING: Location" || true; fi
 	mkdir -p $(PREFECT_HOME)
 	$(BIN)/python -c "import siterecovery, prefect, paramiko, xxhash, zstandard"

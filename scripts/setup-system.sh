@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite and the demo use, when missing and when we can
-# (root with apt-get). Without them the tests that need sshd, rsync, virsh or chromium skip with a reason.
+# (root with apt-get). Without them the tests that need sshd, rsync, virsh, libvirtd or chromium skip with a reason.
 set -euo pipefail
 need=()
 command -v /usr/sbin/sshd >/dev/null 2>&1 || need+=(openssh-server)

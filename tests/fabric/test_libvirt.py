@@ -1,7 +1,7 @@
 """The linux fabric's libvirt backend (replica/virt.py, libvirt-python).
 
-Lifecycle calls against libvirt's own test driver (test:///default: a real libvirt driver without a
-daemon; every connection starts from the same estate, where the domain "test" runs), and the tiny test
+Lifecycle calls against libvirt's own test driver (a real libvirt driver without a daemon; given a
+node file, every connection starts from that file's estate, where the domain "test" runs), and the tiny test
 guest as a libvirt domain under two private libvirtds (virtrig.py, one per site): start, pause and
 resume, point-in-time views through the QEMU monitor passthrough with every point a clean prefix of what
 the guest acknowledged on both disks, a drill whose replica boots and checks its own records, and a stop
@@ -29,22 +29,32 @@ from siterecovery.testing.disks import make_disk
 
 MiB = 1 << 20
 BOOT = 420  # seconds: TCG on a loaded 2-core machine boots the Debian kernel in ~20-60 s
-TEST = "test:///default"
+# test:///default would share one estate among this process's connections for as long as any of them
+# lives (an exception kept by a test keeps one): a node file gives every connection a fresh estate.
+NODE = """<node><domain type='test'><name>test</name><memory>131072</memory><vcpu>1</vcpu><os><type>hvm</type></os>
+<devices><disk type='file' device='disk'><source file='/guest/diskimage1'/><target dev='vda' bus='virtio'/></disk>
+<interface type='network'><source network='default'/></interface></devices></domain></node>"""
+
+
+@pytest.fixture
+def TEST(tmp_path: Path) -> str:  # noqa: N802 - a constant to the tests
+    need_libvirt()
+    (tmp_path / "node.xml").write_text(NODE)
+    return f"test://{tmp_path / 'node.xml'}"
 
 
 # ---- libvirt's test driver: no daemon, no QEMU ------------------------------------------------------
 
-def test_lifecycle_calls_against_libvirts_test_driver() -> None:
-    need_libvirt()
+def test_lifecycle_calls_against_libvirts_test_driver(TEST: str) -> None:  # noqa: N803
     assert virt.status(TEST, "no-such-domain") == {"running": False, "status": "absent", "active": False}
     st = virt.status(TEST, "test")
     assert st["status"] == "running" and st["active"]
     assert virt.start(TEST, "test") == {"started": False, "status": "running"}  # already running: a no-op
     assert virt.control(TEST, "test", "pause")["status"] == "paused"
-    assert virt.control(TEST, "test", "cont")["status"] == "running"
+    assert virt.control(TEST, "test", "cont")["status"] == "running"  # (a fresh estate: already running, a no-op)
     # The test driver honours the ACPI shutdown at once: no destroy needed.
     assert virt.stop(TEST, "test", 5) == {"stopped": True, "how": "shutdown"}
-    assert virt.stop(TEST, "test", 0) == {"stopped": True, "how": "destroy"}  # no grace: destroyed
+    assert virt.stop(TEST, "test", 0) == {"stopped": True, "how": "destroy"}  # no grace (a fresh estate): destroyed
     assert virt.stop(TEST, "no-such-domain", 5)["stopped"] is False
     with pytest.raises(virt.LibvirtError, match="no domain no-such-domain") as e:
         virt.start(TEST, "no-such-domain")
@@ -90,11 +100,10 @@ def test_a_test_copy_is_the_definition_on_the_test_disks_and_network() -> None:
     assert all(i.find("source") is None for i in t.iter("interface"))
 
 
-def test_the_fabric_drives_libvirt_domains_and_never_reads_one_live(tmp_path: Path) -> None:
+def test_the_fabric_drives_libvirt_domains_and_never_reads_one_live(tmp_path: Path, TEST: str) -> None:  # noqa: N803
     """Through the fabric: start and stop at the recovery site (the test driver's running domain), a
     missing domain is NotFound, and neither a running domain that is not QEMU (it cannot be viewed) nor
     a missing one is protected by reading its disks live over time: both fail at the source."""
-    need_libvirt()
     disk = tmp_path / "disk.img"
     make_disk(disk, 4 * MiB)
     a, b = local_host("a", "ny", tmp_path / "ra"), local_host("b", "chi", tmp_path / "rb")

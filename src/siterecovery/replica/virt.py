@@ -66,7 +66,9 @@ def _call(what: str, fn: Callable[..., T], *args: Any, timeout: float = CALL_TIM
     if t.is_alive():
         raise LibvirtError(f"libvirt did not answer {what} within {timeout:.0f} s", code="LibvirtTimeout")
     if "err" in box:
-        exc = box["err"]
+        # Popped: the error's traceback holds the worker's frame, which holds box; a cycle would keep the
+        # connection (fn's object) open until the garbage collector runs.
+        exc = box.pop("err")
         if isinstance(exc, ReplicaError):
             raise exc
         msg = exc.get_error_message() if hasattr(exc, "get_error_message") else str(exc)
@@ -118,17 +120,21 @@ def _dirty(dom: Any) -> dict[str, int]:
 def status(uri: str, domain: str) -> dict[str, Any]:
     """{running, status (virsh's words, 'absent' without a domain), active (a QEMU process exists), dirty}."""
     with _connect(uri) as conn:
-        dom = _lookup(conn, domain)
-        if dom is None:
-            return {"running": False, "status": "absent", "active": False}
-        st = _state(dom)
-        out: dict[str, Any] = {"running": st in (1, 2), "status": STATES.get(st, str(st)), "active": st not in _OFF}
-        if out["active"]:
-            try:
-                out["dirty"] = _dirty(dom)
-            except ReplicaError as exc:
-                out["error"] = str(exc)
-        return out
+        return _status(conn, domain)
+
+
+def _status(conn: Any, domain: str) -> dict[str, Any]:
+    dom = _lookup(conn, domain)
+    if dom is None:
+        return {"running": False, "status": "absent", "active": False}
+    st = _state(dom)
+    out: dict[str, Any] = {"running": st in (1, 2), "status": STATES.get(st, str(st)), "active": st not in _OFF}
+    if out["active"]:
+        try:
+            out["dirty"] = _dirty(dom)
+        except ReplicaError as exc:
+            out["error"] = str(exc)
+    return out
 
 
 def start(uri: str, domain: str, copy_of: str = "", disks: list[str] | None = None, network: str = "") -> dict[str, Any]:
@@ -183,16 +189,17 @@ def stop(uri: str, domain: str, grace: float) -> dict[str, Any]:
 
 
 def control(uri: str, domain: str, action: str) -> dict[str, Any]:
-    """pause (virDomainSuspend) or cont (virDomainResume)."""
+    """pause (virDomainSuspend) or cont (virDomainResume); a no-op when the domain already is (as QMP's)."""
+    if action not in ("pause", "cont"):
+        raise LibvirtError(f"unknown action {action!r} (pause or cont)", code="BadAction")
     with _connect(uri) as conn:
         dom = _need(conn, domain)
-        if action == "pause":
+        st = _state(dom)
+        if action == "pause" and st != 3:
             _call(f"suspend domain {domain}", dom.suspend)
-        elif action == "cont":
+        elif action == "cont" and st == 3:
             _call(f"resume domain {domain}", dom.resume)
-        else:
-            raise LibvirtError(f"unknown action {action!r} (pause or cont)", code="BadAction")
-    return status(uri, domain)
+        return _status(conn, domain)
 
 
 def test_copy_xml(xml: str, name: str, disks: list[str], network: str) -> str:
