@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite and the demo use, when missing and when we can
-# (root with apt-get). Without them the tests that need sshd, rsync, virsh or chromium skip with a reason.
+# (root with apt-get). Without them the tests that need sshd, rsync, virsh, libvirtd or chromium skip with a reason.
 set -euo pipefail
 need=()
 command -v /usr/sbin/sshd >/dev/null 2>&1 || need+=(openssh-server)
@@ -14,6 +14,12 @@ fi
 if [ "${1:-}" != "--ssh-only" ] && [ "${1:-}" != "--postgres-only" ]; then
   command -v rsync >/dev/null 2>&1 || need+=(rsync)
   command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
+  # the libvirt backend's tests: a private libvirtd with its QEMU driver (the tests start it), and
+  # libvirt-dev, pkg-config and gcc to build libvirt-python (the venv's `libvirt` extra)
+  [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system)
+  dpkg-query -W -f='${Status}' libvirt-daemon-driver-qemu 2>/dev/null | grep -q "ok installed" || need+=(libvirt-daemon-driver-qemu)
+  pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev pkg-config)
+  command -v gcc >/dev/null 2>&1 || need+=(gcc)
   [ -x /usr/bin/chromium ] || need+=(chromium)
   [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
   # the qemu backend's tests: QEMU (TCG), qemu-img/qemu-nbd, and the tiny guest's kernel and busybox

@@ -239,7 +239,7 @@ def test_linux_vm_without_consistent_capture_is_refused(tmp_path: Path) -> None:
     assert len(found) == 1 and "no consistent way to capture" in found[0].message, found
     assert found[0].line == line_of(bare, "compute: {command") and found[0].file.endswith("topology.yaml")
     for ok in ("{command: [sleep, '1000'], consistency: none}", "{command: [sleep, '1000'], freeze: ['true'], thaw: ['true']}",
-               "{backend: qemu, kernel: /boot/vmlinuz}"):
+               "{backend: qemu, kernel: /boot/vmlinuz}", "{backend: libvirt, domain: web, uri: 'qemu:///system'}"):
         write(tmp_path, topology=topo.replace("    cloud: c-east\n", f"    cloud: c-east\n    compute: {ok}\n", 1))
         assert not [p for p in problems(tmp_path) if p.path.startswith("vms[0].compute")], ok
 

@@ -140,11 +140,11 @@ def check_topology(p: Project) -> list[Problem]:
             out.append(src.problem(("vms", i), f"VM '{vm.name}' is on linux host '{vm.host}' and needs 'compute' "
                                                "(how to start it: backend qemu, process or libvirt)"))
         comp = vm.compute
-        if (host is not None and host.fabric == FabricKind.linux and comp is not None and comp.backend != "qemu"
-                and not comp.freeze and comp.consistency != "none"):
+        if (host is not None and host.fabric == FabricKind.linux and comp is not None
+                and comp.backend not in ("qemu", "libvirt") and not comp.freeze and comp.consistency != "none"):
             out.append(src.problem(("vms", i, "compute"), f"VM '{vm.name}' has no consistent way to capture a recovery "
                                    f"point: backend {comp.backend} without a freeze command reads its disks over time, so a "
-                                   "point can be torn; use backend qemu, give compute.freeze/thaw, or say "
+                                   "point can be torn; use backend qemu or libvirt, give compute.freeze/thaw, or say "
                                    "'consistency: none' to accept torn points (unsafe)"))
         if comp is not None and comp.formats:
             names = {d.name for d in vm.disks}
@@ -256,10 +256,10 @@ def check_consistency_groups(p: Project) -> list[Problem]:
                                             "a consistency group needs the linux fabric"))
             elif host is not None and host.fabric == FabricKind.linux:
                 comp = vm.compute
-                if comp is not None and comp.backend != "qemu" and not comp.freeze:
+                if comp is not None and comp.backend not in ("qemu", "libvirt") and not comp.freeze:
                     out.append(src.problem(loc, f"VM '{name}' has no freeze command and does not run under QEMU: "
                                                 "a group point holds every member still at one instant, give it "
-                                                "compute.freeze/thaw or backend qemu"))
+                                                "compute.freeze/thaw or backend qemu or libvirt"))
         if len(clouds) > 1:
             out.append(src.problem(("consistency_groups", gi, "vms"),
                                    f"the members are in different clouds ({', '.join(sorted(clouds))}); a group's "

@@ -1,5 +1,5 @@
 """The linux fabric end to end: over a real sshd (both hosts remote: the orchestrator only relays) and
-on local paths; process and libvirt compute backends; idempotency and state checks as in memory.py."""
+on local paths; the process compute backend (libvirt: test_libvirt.py); idempotency and state checks as in memory.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from estate import fabric, local_host, placement, reverse
 from sshd import SSHServer
 
-from siterecovery.errors import FabricError, InvalidStateError, NotFoundError
+from siterecovery.errors import InvalidStateError, NotFoundError
 from siterecovery.fabric import Fabric, driver_for
 from siterecovery.fabric.base import Health, PointChoice, ReplicationState
 from siterecovery.model import ReplicationPolicy
@@ -264,33 +264,6 @@ def test_offline_and_existing_replica_initial(tmp_path: Path) -> None:
     r = f.start_initial_replication(p2)
     assert r.state == S.Replicating and r.bytes_sent < 4 * (BLOCK + 100)
     assert file_digest(str(seeded)) == file_digest(str(disk2))
-    f.close()
-
-
-@pytest.mark.skipif(shutil.which("virsh") is None, reason="virsh (libvirt-clients) is not installed")
-def test_libvirt_backend(tmp_path: Path) -> None:
-    from siterecovery.model import Compute
-    disk = tmp_path / "disk.img"
-    make_disk(disk, 4 * MiB)
-    a, b = local_host("a", "ny", tmp_path / "ra"), local_host("b", "chi", tmp_path / "rb")
-    # virsh's built-in test driver: no daemon; each connection starts from the same default estate,
-    # where the domain "test" is running.
-    f = fabric(tmp_path / "state", libvirt_uri="test:///default", stop_grace=0.3)
-    p = placement(a, b, disk, compute=Compute(backend="libvirt", domain="test"), test_network="default")
-    f.enable_replication(p)
-    f.start_initial_replication(p)
-    r = f.start_vm(p, "target")
-    assert not r.changed and r.message == "already running"
-    assert f.stop_vm(p, "target").changed  # shutdown, then destroy after the grace
-    t = f.test_failover(p)
-    assert t.changed and "started on default" in t.message
-    assert f.cleanup_test_failover(p).changed
-    bad = placement(a, b, disk, compute=Compute(backend="libvirt", domain="no-such-domain"))
-    bad = bad.model_copy(update={"vm": "other"})
-    f.enable_replication(bad)
-    f.start_initial_replication(bad)
-    with pytest.raises(FabricError, match="virsh start no-such-domain failed"):
-        f.start_vm(bad, "target")
     f.close()
 
 

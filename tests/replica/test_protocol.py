@@ -42,6 +42,11 @@ SAMPLES: list[P.Command[Any]] = [
     P.QemuStop(**QEMU, grace=3.0), P.QemuStatus(**QEMU), P.QemuControl(**QEMU, action="pause"),
     P.QemuCapture(**QEMU, disks=[{"node": "d0", "format": "raw", "prev": None}], tag="t1"),
     P.QemuRelease(**QEMU, view={"socket": "/s", "disks": []}, failed=True),
+    P.LibvirtStart(uri="", domain="web", copy_of="web-prod", disks=["/t/a.img"], network="isolated"),
+    P.LibvirtStop(uri="qemu:///system?socket=/x y", domain="web", grace=2.0), P.LibvirtStatus(uri="", domain="web"),
+    P.LibvirtControl(uri="test:///default", domain="web", action="cont"),
+    P.LibvirtCapture(uri="", domain="web", run="/run/vm", disks=[{"path": "/d", "format": "raw", "prev": None}], tag="t"),
+    P.LibvirtRelease(uri="", domain="web", run="/run/vm", view={"socket": "/s", "disks": []}, failed=True),
 ]
 
 

@@ -4,7 +4,8 @@ Data (replica images, manifests, undo logs, test copies, pid files and logs) liv
 `root`; each VM's record lives in the state machine's locked file store (fabric.states) under the
 context's state_dir, so flows in other processes see one estate. The transitions are the ones the memory
 fabric runs: idempotent operations answer changed=False, a state that forbids one raises InvalidStateError.
-Compute backends: `process` (a detached command with a pid file and log) and `libvirt` (virsh).
+Compute backends: `process` (a detached command with a pid file and log), `qemu` (QEMU over QMP) and
+`libvirt` (libvirt domains through libvirt-python); the last two run on each host's agent.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -73,6 +72,7 @@ _CODES: dict[str, type[ExecutionError]] = {
     "ManifestMismatch": InvalidStateError, "NoReplica": InvalidStateError, "NoSuchPoint": NotFoundError,
     "CorruptTransfer": TransientFabricError, "Busy": TransientFabricError,
     "PeerHostKey": HostKeyError, "PeerLinkLost": TransientFabricError,
+    "LibvirtTimeout": TransientFabricError, "NoDomain": NotFoundError,
 }
 # Scrub slices: one agent call reads for at most this long (well inside the channel's timeout), then
 # the fabric calls again from where it stopped.
@@ -102,12 +102,20 @@ _HINTS = {
     "QmpUnreachable": "QEMU's QMP socket (run/vm.qmp under the VM's directory) did not answer: is the VM's QEMU alive?",
     "QmpFailed": "QEMU refused a command; read the message and the VM's log (run/vm.log)",
     "CaptureFailed": "the point-in-time view could not be made; the guest was resumed; retry the cycle",
+    "LibvirtMissing": "install libvirt-python on that host (pip install 'siterecovery[libvirt]', with libvirt-dev)",
+    "LibvirtTimeout": "libvirtd did not answer in time: check the daemon on that host (virsh -c URI list)",
+    "LibvirtFailed": "libvirt refused the call; read the message and the domain's log (/var/log/libvirt/qemu/)",
+    "NoDomain": "define the domain at that host (virsh define), with the VM's disks at the paths the topology names",
+    "DomainExists": "remove the leftover domain (virsh undefine NAME) and retry",
+    "FormatMismatch": "make the VM's compute.formats match the domain's <driver type> for that disk",
 }
 
 
 # Failures that happen at the source host whatever host the operation is attributed to.
 _SOURCE_CODES = frozenset({"freezeFailed", "thawFailed", "quiesceFailed", "ViewFailed", "QemuError", "QmpFailed",
-                           "QmpUnreachable", "CaptureFailed", "QemuNoDisk"})
+                           "QmpUnreachable", "CaptureFailed", "QemuNoDisk", "FormatMismatch"})
+# Backends whose VMs run under QEMU that the agent reaches: point-in-time views, pause, dirty bitmaps.
+HYPERVISORS = ("qemu", "libvirt")
 
 
 def _error_id(exc: BaseException) -> str:
@@ -551,33 +559,36 @@ class LinuxFabric:
         c = p.compute
         if c is None:
             return "live"
-        if c.backend == "qemu":
-            st = self._ep(p.source).call(["qemu-status", "--run", self._run_dir(p.source, p.vm), "--name", "vm"])
-            return "view" if st.get("pid") else "off"
-        if c.backend == "libvirt":
-            running = self._domstate(p.source, self._domain(p, False)) not in ("shut off", "absent")
-        else:
-            pidfile = os.path.join(self._run_dir(p.source, p.vm), "vm.pid")
-            ep = self._ep(p.source)
-            running = (bool(ep.call(["alive", "--pidfile", pidfile])["pid"]) if ep.call(["exists", "--path", pidfile])["exists"]
-                       else p.source.name in vm.running)
+        if c.backend in HYPERVISORS:
+            st = self._hv(p, p.source, "status")
+            if st.get("status") == "absent":
+                # A misnamed domain is not a VM that is off: its disks may be written by a domain of
+                # another name, so they are not read as still.
+                raise ReplicaError(f"libvirt at {p.source.name} has no domain {self._domain(p, False)}", code="NoDomain",
+                                   host=p.source.name)
+            return "view" if st.get("pid") or st.get("active") else "off"
+        pidfile = os.path.join(self._run_dir(p.source, p.vm), "vm.pid")
+        ep = self._ep(p.source)
+        running = (bool(ep.call(["alive", "--pidfile", pidfile])["pid"]) if ep.call(["exists", "--path", pidfile])["exists"]
+                   else p.source.name in vm.running)
         if not running:
             return "off"
         return "freeze" if c.freeze else "live"
 
     def _capture(self, vm: _VM, p: Placement, point: dict[str, Any]) -> dict[str, Any] | None:
-        """A QEMU VM's point-in-time view of all its disks at one instant (None for other backends)."""
-        if p.compute is None or p.compute.backend != "qemu":
+        """A QEMU VM's (or libvirt domain's) point-in-time view of all its disks at one instant (None for
+        other backends)."""
+        if p.compute is None or p.compute.backend not in HYPERVISORS:
             return None
         kind = self._capture_kind(vm, p)
         if kind == "off":
             return {"kind": "off"}
         disks = self._disks(vm)
-        spec = [{"node": f"d{i}", "format": self._format(vm, d, p.source), "prev": (vm.cbt.get(d) or {}).get("bitmap")}
-                for i, d in enumerate(disks)]
+        # node: the QEMU backend's node names; path: libvirt's disks are found by their file.
+        spec = [{"node": f"d{i}", "path": vm.paths[d][p.source.name], "format": self._format(vm, d, p.source),
+                 "prev": (vm.cbt.get(d) or {}).get("bitmap")} for i, d in enumerate(disks)]
         tag = f"{point['id'].rsplit('@', 1)[-1]}-{uuid.uuid4().hex[:6]}"
-        view = self._ep(p.source).call(["qemu-capture", "--run", self._run_dir(p.source, p.vm), "--name", "vm",
-                                        "--disks", json.dumps(spec), "--tag", tag])
+        view = self._hv(p, p.source, "capture", "--disks", json.dumps(spec), "--tag", tag)
         vm.view_seconds = view.get("window_seconds")
         by_disk = {d: v for d, v in zip(disks, view["disks"], strict=True)}
         return {"kind": "view", "socket": view["socket"], "disks": by_disk, "raw": view}
@@ -586,9 +597,9 @@ class LinuxFabric:
         """Tear the views down; move each disk's changed-block tracking to the bitmap this capture started."""
         if cap is None or cap["kind"] != "view":
             return
-        argv = ["qemu-release", "--run", self._run_dir(p.source, p.vm), "--name", "vm", "--view", json.dumps(cap["raw"])]
+        argv = ["--view", json.dumps(cap["raw"])]
         try:
-            self._ep(p.source).call(argv if ok else [*argv, "--failed"])
+            self._hv(p, p.source, "release", *(argv if ok else [*argv, "--failed"]))
         except (ReplicaError, OSError, paramiko.SSHException, EOFError) as exc:
             # A view left behind costs scratch space, not correctness; the next capture removes stale
             # bitmaps. Tracking restarts from a full read.
@@ -714,8 +725,7 @@ class LinuxFabric:
                 for vm, p, kind in zip(vms, ps, kinds, strict=True):
                     with self._errors(p, "replicate", p.source):
                         if kind == "view":
-                            self._ep(p.source).call(["qemu-control", "--run", self._run_dir(p.source, p.vm), "--name", "vm",
-                                                     "--action", "pause"])
+                            self._hv(p, p.source, "control", "--action", "pause")
                             paused.append(p)
                         elif kind == "freeze":
                             self._ep(p.source).call(["hook", "--what", "freeze", "--argv", json.dumps(self._hook(p, "freeze", vm))])
@@ -726,8 +736,7 @@ class LinuxFabric:
                         caps[p.vm] = self._capture(vm, p, {"id": gid})
                 for p in reversed(paused):  # the views hold the instant: the QEMU members run on
                     with self._errors(p, "replicate", p.source):
-                        self._ep(p.source).call(["qemu-control", "--run", self._run_dir(p.source, p.vm), "--name", "vm",
-                                                 "--action", "cont"])
+                        self._hv(p, p.source, "control", "--action", "cont")
                 paused.clear()
                 for vm, p in zip(vms, ps, strict=True):
                     shipped.add(p.vm)
@@ -746,8 +755,7 @@ class LinuxFabric:
                 thaw_errors = []
                 for p in reversed(paused):
                     try:
-                        self._ep(p.source).call(["qemu-control", "--run", self._run_dir(p.source, p.vm), "--name", "vm",
-                                                 "--action", "cont"])
+                        self._hv(p, p.source, "control", "--action", "cont")
                     except Exception as exc:  # noqa: BLE001 - every member must get its chance to run on
                         thaw_errors.append(f"{p.vm}: continue failed: {exc}")
                 for vm, p in reversed(frozen):
@@ -876,10 +884,10 @@ class LinuxFabric:
         return out
 
     def _dirty_counts(self, vm: _VM, p: Placement) -> dict[str, int]:
-        """Running QEMU VM: bytes written per dirty bitmap (qemu.status); {} otherwise."""
-        if p.compute is None or p.compute.backend != "qemu" or not vm.cbt:
+        """Running QEMU VM or libvirt domain: bytes written per dirty bitmap (qemu.status); {} otherwise."""
+        if p.compute is None or p.compute.backend not in HYPERVISORS or not vm.cbt:
             return {}
-        st = self._ep(p.source).call(["qemu-status", "--run", self._run_dir(p.source, p.vm), "--name", "vm"])
+        st = self._hv(p, p.source, "status")
         return dict(st.get("dirty") or {})
 
     def _mismatches(self, vm: _VM, p: Placement, statuses: list[dict[str, Any]]) -> list[str]:
@@ -1247,19 +1255,30 @@ class LinuxFabric:
     def _run_dir(self, host: Host, vm: str) -> str:
         return os.path.join(self._vm_dir(host, vm), "run")
 
-    def _virsh(self, host: Host) -> list[str]:
+    def _libvirt_uri(self, p: Placement, host: Host) -> str:
+        """The libvirt URI at host: the VM's compute.uri, else the option libvirt_uri (one URI, or host ->
+        URI), else libvirt's default ("")."""
         uri = self.opts.get("libvirt_uri")
         if isinstance(uri, dict):
             uri = uri.get(host.name)
-        return ["virsh", "-c", uri] if uri else ["virsh"]
+        return str((p.compute.uri if p.compute else None) or uri or "")
 
     def _domain(self, p: Placement, test: bool) -> str:
         base = (p.compute.domain if p.compute and p.compute.domain else p.vm)
         return f"{base}-test" if test else base
 
-    def _domstate(self, host: Host, dom: str) -> str:
-        rc, out, _ = self._sh(host, [*self._virsh(host), "domstate", dom])
-        return out.strip() if rc == 0 else "absent"
+    def _hv(self, p: Placement, host: Host, verb: str, *args: str, test: bool = False) -> dict[str, Any]:
+        """One call to the VM's hypervisor at host, through the agent there: qemu-<verb> (QMP) or
+        libvirt-<verb> (libvirt-python); both answer alike (replica/qemu.py, replica/virt.py)."""
+        assert p.compute is not None
+        if p.compute.backend == "libvirt":
+            argv = [f"libvirt-{verb}", "--uri", self._libvirt_uri(p, host), "--domain", self._domain(p, test)]
+            if verb in ("capture", "release"):
+                argv += ["--run", self._run_dir(host, p.vm)]
+        else:
+            argv = [f"qemu-{verb}", "--run", self._run_dir(host, p.vm), "--name", "test" if test else "vm"]
+        out: dict[str, Any] = self._ep(host).call([*argv, *args])
+        return out
 
     def _start(self, vm: _VM, p: Placement, host: Host, test: bool, network: str | None) -> bool:
         c = p.compute
@@ -1267,7 +1286,11 @@ class LinuxFabric:
         disks = ([self._test_image(host, p.vm, d, vm.test_dir) for d in self._disks(vm)] if test
                  else [vm.paths[d][host.name] for d in self._disks(vm)])
         if c.backend == "libvirt":
-            return self._virsh_start(p, host, test, disks, network)
+            # A test copy: the production definition, transient, its disks swapped for the test copies and
+            # its NICs on the isolated network (virt.test_copy_xml), so cleanup leaves nothing behind.
+            extra = (["--copy-of", self._domain(p, False), "--disks", json.dumps(disks), "--network", network or ""]
+                     if test else [])
+            return bool(self._hv(p, host, "start", *extra, test=test)["started"])
         if c.backend == "qemu":
             return self._qemu_start(vm, p, host, test, disks, network)
         if not c.command:
@@ -1333,69 +1356,13 @@ class LinuxFabric:
             return str(nic.source_ip or "")
         return str(nic.ip.address) if nic.ip else ""
 
-    def _virsh_start(self, p: Placement, host: Host, test: bool, disks: list[str], network: str | None) -> bool:
-        dom = self._domain(p, test)
-        if self._domstate(host, dom) == "running":
-            return False
-        if not test:
-            rc, _, err = self._sh(host, [*self._virsh(host), "start", dom])
-            if rc != 0:
-                raise FabricError(f"virsh start {dom} failed: {err.strip()[-300:]}", vm=p.vm, host=host.name,
-                                  operation="start_vm", hint="check the domain with virsh dominfo")
-            return True
-        # A test VM: the production definition with its disks swapped for the test copies, its NICs on
-        # the isolated network, a new name and no UUID; transient, so cleanup leaves nothing behind.
-        prod = self._domain(p, False)
-        rc, xml, err = self._sh(host, [*self._virsh(host), "dumpxml", prod])
-        if rc != 0:
-            raise FabricError(f"virsh dumpxml {prod} failed: {err.strip()[-300:]}", vm=p.vm, host=host.name,
-                              operation="test_failover", hint="define the production domain at the target")
-        tree = ET.fromstring(xml)
-        name_el = tree.find("name")
-        if name_el is not None:
-            name_el.text = dom
-        for u in tree.findall("uuid"):
-            tree.remove(u)
-        file_disks = [d for d in tree.iter("disk") if d.get("device", "disk") == "disk"]
-        for el, path in zip(file_disks, disks, strict=False):
-            src = el.find("source")
-            if src is not None:
-                src.attrib.clear()
-                src.set("file", path)
-                el.set("type", "file")
-        for nic in tree.iter("interface"):
-            src = nic.find("source")
-            if network and src is not None:
-                src.attrib.clear()
-                src.set("network" if nic.get("type") == "network" else "bridge", network)
-            elif src is not None:
-                nic.remove(src)  # no isolated network named: leave the NIC unplugged
-        rc, _, err = self._sh(host, [*self._virsh(host), "create", "/dev/stdin"], stdin=ET.tostring(tree))
-        if rc != 0:
-            raise FabricError(f"virsh create {dom} failed: {err.strip()[-300:]}", vm=p.vm, host=host.name,
-                              operation="test_failover", hint="check the domain XML and the test network")
-        return True
-
     def _stop(self, vm: _VM, p: Placement, host: Host, test: bool) -> bool:
         c = p.compute
         assert c is not None
         grace = float(self.opts.get("stop_grace", 10))
         if c.backend == "libvirt":
-            dom = self._domain(p, test)
-            if self._domstate(host, dom) in ("shut off", "absent"):
-                return False
-            if not test:
-                self._sh(host, [*self._virsh(host), "shutdown", dom])
-                deadline = time.monotonic() + grace
-                while time.monotonic() < deadline:
-                    if self._domstate(host, dom) in ("shut off", "absent"):
-                        return True
-                    time.sleep(0.2)
-            rc, _, err = self._sh(host, [*self._virsh(host), "destroy", dom])
-            if rc != 0 and self._domstate(host, dom) not in ("shut off", "absent"):
-                raise FabricError(f"virsh destroy {dom} failed: {err.strip()[-300:]}", vm=p.vm, host=host.name,
-                                  operation="stop_vm", hint="stop the domain by hand (virsh destroy)")
-            return True
+            # ACPI shutdown, destroy after the grace; a test copy is thrown away at once.
+            return bool(self._hv(p, host, "stop", "--grace", "0" if test else str(grace), test=test)["stopped"])
         name = "test" if test else "vm"
         if c.backend == "qemu":
             # A test copy is thrown away: no need to wait for the guest's shutdown.
@@ -1441,16 +1408,16 @@ class LinuxFabric:
             return result(p, "stop_vm", changed, S(vm.state), "stopped" if changed else "already off", t0, host=host.name)
 
     def vm_control(self, p: Placement, action: str, side: Side = "source") -> dict[str, Any]:
-        """A QEMU VM's run state ('status'), or pause it ('pause': QMP stop) / continue it ('cont')."""
+        """A QEMU VM's or libvirt domain's run state ('status'), or pause it ('pause': QMP stop, libvirt
+        suspend) / continue it ('cont': QMP cont, libvirt resume)."""
         host = p.target if side == "target" else p.source
-        if p.compute is None or p.compute.backend != "qemu" or action not in ("status", "pause", "cont"):
-            raise InvalidStateError(f"{action} needs a VM with compute backend qemu", vm=p.vm, host=host.name,
-                                    operation="vm_control", hint="pause and continue are for QEMU VMs")
-        run = ["--run", self._run_dir(host, p.vm), "--name", "vm"]
+        if p.compute is None or p.compute.backend not in HYPERVISORS or action not in ("status", "pause", "cont"):
+            raise InvalidStateError(f"{action} needs a VM with compute backend qemu or libvirt", vm=p.vm, host=host.name,
+                                    operation="vm_control", hint="pause and continue are for QEMU VMs and libvirt domains")
         with self._errors(p, "vm_control", host):
             if action == "status":
-                return self._ep(host).call(["qemu-status", *run])
-            return self._ep(host).call(["qemu-control", *run, "--action", action])
+                return self._hv(p, host, "status")
+            return self._hv(p, host, "control", "--action", action)
 
     def apply_network(self, p: Placement) -> OpResult:
         t0 = utcnow()

@@ -208,17 +208,20 @@ class Disk(Frozen):
 
 class Compute(Frozen):
     """How a linux-fabric VM runs: a QEMU VM driven over QMP, a process started with its disks, or a
-    libvirt domain."""
+    libvirt domain (QEMU under libvirtd, through libvirt-python)."""
 
     backend: Literal["process", "libvirt", "qemu"] = "process"
     command: tuple[str, ...] = Field((), description="argv; jinja2 placeholders: disks, disk, vm, site, network, ip, test, host")
-    domain: str | None = None
+    domain: str | None = Field(None, description="libvirt: the domain's name at every host (default: the VM's name)")
+    uri: str | None = Field(None, description="libvirt: the connection URI at the VM's host, e.g. qemu:///system "
+                                              "(default: the fabric option libvirt_uri, else libvirt's default)")
     freeze: tuple[str, ...] = Field((), description="argv that makes the disks consistent before a point")
     thaw: tuple[str, ...] = ()
     health: tuple[str, ...] = Field((), description="argv that exits 0 once the VM is healthy")
     consistency: Literal["auto", "none"] = Field(
         "auto", description="none: accept recovery points read from the live disks over time (UNSAFE: they can "
-                            "be torn and lose acknowledged writes); auto: qemu's point-in-time views, or the freeze hook")
+                            "be torn and lose acknowledged writes); auto: QEMU's point-in-time views (qemu, libvirt), "
+                            "or the freeze hook")
     # backend qemu
     kernel: str | None = Field(None, description="qemu: -kernel (path on the host)")
     initrd: str | None = Field(None, description="qemu: -initrd (path on the host)")
@@ -226,7 +229,8 @@ class Compute(Frozen):
     accel: Literal["auto", "kvm", "tcg"] = Field("auto", description="qemu: auto is KVM when /dev/kvm works, else TCG")
     args: tuple[str, ...] = Field((), description="qemu: more arguments (NICs...); the placeholders of command")
     formats: dict[str, Literal["raw", "qcow2"]] = Field(
-        default_factory=dict, description="qemu: disk name -> format at the primary (default raw); replicas are raw")
+        default_factory=dict, description="qemu, libvirt: disk name -> format at the primary (default raw); replicas "
+                                          "are raw")
 
 
 class VM(Frozen):

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO, TypeVar
 
-from . import engine, peer, process, qemu
+from . import engine, peer, process, qemu, virt
 from . import protocol as P
 from .engine import Progress, Replica, ReplicaError, SourceState
 
@@ -298,6 +298,18 @@ def _run(cmd: P.Command[Any], stdin: BinaryIO, stdout: BinaryIO, progress: Progr
             return qemu.capture(cmd.run, cmd.name, cmd.disks, cmd.tag)
         case P.QemuRelease():
             return qemu.release(cmd.run, cmd.name, cmd.view, ok=not cmd.failed)
+        case P.LibvirtStart():
+            return virt.start(cmd.uri, cmd.domain, cmd.copy_of, cmd.disks, cmd.network)
+        case P.LibvirtStop():
+            return virt.stop(cmd.uri, cmd.domain, cmd.grace)
+        case P.LibvirtStatus():
+            return virt.status(cmd.uri, cmd.domain)
+        case P.LibvirtControl():
+            return virt.control(cmd.uri, cmd.domain, cmd.action)
+        case P.LibvirtCapture():
+            return virt.capture(cmd.uri, cmd.domain, cmd.run, cmd.disks, cmd.tag)
+        case P.LibvirtRelease():
+            return virt.release(cmd.uri, cmd.domain, cmd.run, cmd.view, ok=not cmd.failed)
         case P._ReplicaCommand():
             return _replica(cmd, stdin, stdout, progress)
     raise P.ProtocolError(f"the agent has no handler for {cmd.command!r}", "command")

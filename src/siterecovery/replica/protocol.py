@@ -565,10 +565,77 @@ class QemuRelease(_QemuCommand[QemuReleaseResult]):
     failed: bool = False  # the cycle failed: keep the bitmap chain
 
 
+class LibvirtStartResult(TypedDict):
+    started: bool
+    status: NotRequired[str]
+
+
+class LibvirtStatusResult(TypedDict):
+    running: bool
+    status: str  # virsh's words; "absent" when libvirt has no such domain
+    active: bool  # a QEMU process exists (running or paused)
+    dirty: NotRequired[dict[str, int]]
+    error: NotRequired[str]
+
+
+@dataclass(frozen=True)
+class _LibvirtCommand(Command[R]):
+    uri: str  # the connection URI at this host ("" for libvirt's default)
+    domain: str
+
+
+@dataclass(frozen=True)
+class LibvirtStart(_LibvirtCommand[LibvirtStartResult]):
+    command = "libvirt-start"
+    result = LibvirtStartResult
+    copy_of: str = ""  # a test copy: a transient copy of this domain...
+    disks: list[str] = field(default_factory=list)  # ...on these disks...
+    network: str = ""  # ...with its NICs on this network
+
+
+@dataclass(frozen=True)
+class LibvirtStop(_LibvirtCommand[QemuStopResult]):
+    command = "libvirt-stop"
+    result = QemuStopResult
+    grace: float = 30
+
+
+@dataclass(frozen=True)
+class LibvirtStatus(_LibvirtCommand[LibvirtStatusResult]):
+    command = "libvirt-status"
+    result = LibvirtStatusResult
+
+
+@dataclass(frozen=True)
+class LibvirtControl(_LibvirtCommand[LibvirtStatusResult]):
+    command = "libvirt-control"
+    result = LibvirtStatusResult
+    action: Literal["pause", "cont"]
+
+
+@dataclass(frozen=True)
+class LibvirtCapture(_LibvirtCommand[QemuCaptureResult]):
+    command = "libvirt-capture"
+    result = QemuCaptureResult
+    run: str  # where the view's NBD socket and scratch files go
+    disks: list[dict[str, Any]]  # [{path, format, prev}]
+    tag: str
+
+
+@dataclass(frozen=True)
+class LibvirtRelease(_LibvirtCommand[QemuReleaseResult]):
+    command = "libvirt-release"
+    result = QemuReleaseResult
+    run: str
+    view: dict[str, Any]  # what libvirt-capture answered
+    failed: bool = False
+
+
 COMMANDS: dict[str, type[Command[Any]]] = {c.command: c for c in (
     Status, Receive, Rehash, SeedSource, Adopt, Manifest, Rebuild, Revert, Prune, Drop, Scrub, Send, SendTo, SourceCommit,
     SourceDrop, SourceStatus, Digest, Copy, Remove, Exists, Hook, Spawn, Kill, Alive, QemuStart, QemuStop,
-    QemuStatus, QemuControl, QemuCapture, QemuRelease)}
+    QemuStatus, QemuControl, QemuCapture, QemuRelease, LibvirtStart, LibvirtStop, LibvirtStatus, LibvirtControl,
+    LibvirtCapture, LibvirtRelease)}
 REPLICA_COMMANDS = frozenset(n for n, c in COMMANDS.items() if issubclass(c, _ReplicaCommand))
 
 

@@ -230,14 +230,19 @@ def _node_bitmaps(nodes: list[dict[str, Any]], node: str) -> dict[str, dict[str,
     return {}
 
 
-def capture(run: str, name: str, disks: list[dict[str, Any]], tag: str) -> dict[str, Any]:
+Session = Callable[[Callable[[Any], Awaitable[Any]]], Any]
+
+
+def capture(run: str, name: str, disks: list[dict[str, Any]], tag: str, session: Session | None = None) -> dict[str, Any]:
     """A view of all the VM's disks at one instant, exported over NBD; the previous bitmaps rotated.
 
-    disks: [{node, format, prev}] where prev is the bitmap the last capture started (or None).
+    disks: [{node, format, prev[, key]}] where prev is the bitmap the last capture started (or None).
     Answers {socket, window_seconds, was_running, disks: [{node, export, size, bitmap (usable prev or
     None), new_bitmap, qdev, scratch}]}; release() takes the same answer back.
+    session: how to reach the VM's monitor (default: its QMP socket; virt.py: libvirt's passthrough).
     """
     p = paths(run, name)
+    sess: Session = session or (lambda fn: _session(p["qmp"], fn))
     scratch_dir = os.path.join(run, "views")
     os.makedirs(scratch_dir, exist_ok=True)
 
@@ -257,10 +262,7 @@ def capture(run: str, name: str, disks: list[dict[str, Any]], tag: str) -> dict[
             stale = [b for b, info in have.items() if b.startswith(BITMAP_PREFIX) and b != usable]
             view["disks"].append({"node": node, "qdev": qdev[node], "size": sizes[node], "bitmap": usable,
                                   "new_bitmap": f"{BITMAP_PREFIX}{tag}", "stale": stale,
-                                  "persistent": d.get("format") == "qcow2",
-                                  "scratch": os.path.join(scratch_dir, f"{tag}-{node}.qcow2"),
-                                  "tmp": f"sr-tmp-{tag}-{node}", "cbw": f"sr-cbw-{tag}-{node}",
-                                  "acc": f"sr-acc-{tag}-{node}", "export": f"sr-view-{tag}-{node}"})
+                                  "persistent": d.get("format") == "qcow2", **_names(d, tag, scratch_dir)})
         for v in view["disks"]:
             # Bitmaps of an older QEMU life or an earlier failed chain (inconsistent after a crash) go.
             for b in v["stale"]:
@@ -312,22 +314,29 @@ def capture(run: str, name: str, disks: list[dict[str, Any]], tag: str) -> dict[
         return view
 
     try:
-        return _session(p["qmp"], go)
-    except QemuError:
+        view: dict[str, Any] = sess(go)
+        return view
+    except ReplicaError:  # QemuError, or LibvirtError (virt.py) reaching the domain
         # Tear down whatever the failed capture made (best effort), so the next cycle starts clean.
-        with contextlib.suppress(QemuError):
-            release(run, name, {"socket": p["nbd"], "disks": _guess(disks, tag, scratch_dir)}, ok=False)
+        with contextlib.suppress(ReplicaError):
+            release(run, name, {"socket": p["nbd"], "disks": _guess(disks, tag, scratch_dir)}, ok=False, session=session)
         raise
+
+
+def _names(d: dict[str, Any], tag: str, scratch_dir: str) -> dict[str, str]:
+    """The names a view adds for one disk; `key` (default: the node) keeps them within QEMU's 31
+    characters where the node's own name is long (libvirt's libvirt-N-format)."""
+    k = d.get("key") or d["node"]
+    return {"scratch": os.path.join(scratch_dir, f"{tag}-{k}.qcow2"), "tmp": f"sr-tmp-{tag}-{k}",
+            "cbw": f"sr-cbw-{tag}-{k}", "acc": f"sr-acc-{tag}-{k}", "export": f"sr-view-{tag}-{k}"}
 
 
 def _guess(disks: list[dict[str, Any]], tag: str, scratch_dir: str) -> list[dict[str, Any]]:
     return [{"node": d["node"], "qdev": None, "bitmap": d.get("prev"), "new_bitmap": f"{BITMAP_PREFIX}{tag}",
-             "scratch": os.path.join(scratch_dir, f"{tag}-{d['node']}.qcow2"), "tmp": f"sr-tmp-{tag}-{d['node']}",
-             "cbw": f"sr-cbw-{tag}-{d['node']}", "acc": f"sr-acc-{tag}-{d['node']}",
-             "export": f"sr-view-{tag}-{d['node']}"} for d in disks]
+             **_names(d, tag, scratch_dir)} for d in disks]
 
 
-def release(run: str, name: str, view: dict[str, Any], ok: bool) -> dict[str, Any]:
+def release(run: str, name: str, view: dict[str, Any], ok: bool, session: Session | None = None) -> dict[str, Any]:
     """Tear a view down in the order QEMU 7.2 needs: export, snapshot-access, the device back on its
     disk, the filter, the scratch node; then the previous bitmap. ok=False (the cycle failed): the
     previous bitmap is merged into the new one instead, so the new one still covers every change since
@@ -369,7 +378,8 @@ def release(run: str, name: str, view: dict[str, Any], ok: bool) -> dict[str, An
                 os.unlink(v["scratch"])
         return {"released": True, "errors": errors}
 
-    return _session(p["qmp"], go)
+    out: dict[str, Any] = (session or (lambda fn: _session(p["qmp"], fn)))(go)
+    return out
 
 
 # ---- a disk of a VM that is off -------------------------------------------------------------------
