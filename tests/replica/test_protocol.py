@@ -18,7 +18,7 @@ from siterecovery.replica.orchestrator.endpoints import LocalEndpoint, agent_err
 
 POINT = {"id": "web@3", "created_at": "2026-01-01T00:00:00+00:00", "consistency": "crash", "group": None}
 SEND = dict(disk="/d/a b.img", state="/s/x", mode="base", expect_gen="ab" * 16, no_compress=True,
-            freeze=["fsfreeze", "-f", "/"], thaw=[], quiesce=["sync"], seq=7,
+            freeze=["fsfreeze", "-f", "/"], thaw=[], seq=7,
             nbd={"socket": "/run/v.nbd", "export": "e", "bitmap": None}, offline_format=None, keepalive=2.5,
             bandwidth=1e6, bandwidth_bucket="/b")
 REP = dict(replica="/r/x.img", meta="/r/x.meta")
@@ -40,6 +40,7 @@ SAMPLES: list[P.Command[Any]] = [
     P.QemuStop(**QEMU, grace=3.0), P.QemuStatus(**QEMU), P.QemuControl(**QEMU, action="pause"),
     P.QemuCapture(**QEMU, disks=[{"node": "d0", "format": "raw", "prev": None}], tag="t1"),
     P.QemuRelease(**QEMU, view={"socket": "/s", "disks": []}, failed=True),
+    P.QemuAgent(**QEMU, execute="guest-fsfreeze-freeze", timeout=2.5),
 ]
 
 
