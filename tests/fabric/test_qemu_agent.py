@@ -116,7 +116,7 @@ def app_cycles(tmp_path: Path, cycles: int) -> None:
         r = f.replicate(p, consistency="app")
         assert r.details["consistency"] == "crash" and r.point is not None and r.point.consistency == "crash"
         assert "crash-consistent point, not app-consistent: the guest agent did not freeze" in r.message, r.message
-        assert "no answer in time" in r.message, r.message
+        assert "no answer in time" in r.message and "thaw failed" not in r.message, r.message
         assert fs_state(rep)["needs_recovery"]  # really not frozen: the label tells the truth
         wait_for("the guest to write on", lambda: acks(serial) > before + 2, 120)
     finally:
@@ -152,6 +152,7 @@ def test_a_guest_without_an_agent_gives_crash_points_that_say_why(tmp_path: Path
         r = f.replicate(p, consistency="app")
         assert r.point is not None and r.point.consistency == "crash" and r.details["consistency"] == "crash"
         assert "not app-consistent: the guest agent did not freeze the guest's filesystems" in r.message, r.message
+        assert "thaw failed" not in r.message  # the freeze never reached a guest: nothing to thaw, no false alarm
         assert time.monotonic() - t0 < 120  # the agent's deadline bounded the wait, not a hang
         assert not [x for x in f.recovery_points(p) if x.consistency == "app"]
     finally:
@@ -207,5 +208,31 @@ def test_a_vm_read_live_never_gets_an_app_label(tmp_path: Path) -> None:
         r = f.replicate(p, consistency="app")
         assert r.point is not None and r.point.consistency == "crash"
         assert "not app-consistent: its disks are read live over time" in r.message
+    finally:
+        f.close()
+
+
+def test_a_group_point_is_app_consistent_only_if_every_member_was_quiesced(tmp_path: Path) -> None:
+    a = local_host("ny-h1", "ny", tmp_path / "ra")
+    b = local_host("chi-h1", "chi", tmp_path / "rb")
+    events = tmp_path / "events"
+    ps = []
+    for name in ("db", "app"):
+        disk = tmp_path / f"{name}.img"
+        disk.write_bytes(name.encode() * (1 << 14))
+        ps.append(placement(a, b, disk, events).model_copy(update={"vm": name}))
+    f = fabric(tmp_path / "state")
+    try:
+        for p in ps:
+            f.enable_replication(p)
+            f.start_initial_replication(p)
+        out = f.replicate_group(ps, "orders", "app")
+        assert [r.point.consistency for r in out if r.point] == ["app", "app"]
+        # One member's quiesce fails: the group point is still taken, every part crash-consistent.
+        ps[0] = ps[0].model_copy(update={"quiesce": (sys.executable, "-c", "import sys; sys.exit('busy')")})
+        out = f.replicate_group(ps, "orders", "app")
+        assert [r.point.consistency for r in out if r.point] == ["crash", "crash"]
+        assert [r.details["consistency"] for r in out] == ["crash", "crash"]
+        assert any("its quiesce command failed" in r.message for r in out), [r.message for r in out]
     finally:
         f.close()

@@ -115,9 +115,11 @@ def test_an_agent_error_is_a_guest_agent_error_with_its_description(fake: Any) -
 
 
 def test_a_guest_without_an_agent_times_out(fake: Any) -> None:
-    path, _ = fake(lambda req: None)  # QEMU's port is there, nothing in the guest answers
-    with pytest.raises(qga.GuestAgentTimeout, match="no answer in time"):
+    path, got = fake(lambda req: None)  # QEMU's port is there, nothing in the guest answers
+    with pytest.raises(qga.GuestAgentError, match="no answer in time") as e:
         qga.call(path, "guest-fsfreeze-freeze", timeout=0.3)
+    # The freeze itself never went out: nothing to thaw.
+    assert e.value.code == qga.NOT_SENT and b"guest-fsfreeze-freeze" not in b"".join(got)
 
 
 def test_an_answer_to_the_sync_then_silence_times_out(fake: Any) -> None:
@@ -126,15 +128,25 @@ def test_an_answer_to_the_sync_then_silence_times_out(fake: Any) -> None:
             return qga.DELIMITER + json.dumps({"return": req["arguments"]["id"]}).encode() + b"\n"
         return None
     path, _ = fake(on)
-    with pytest.raises(qga.GuestAgentTimeout, match="guest-fsfreeze-freeze"):
+    with pytest.raises(qga.GuestAgentTimeout, match="guest-fsfreeze-freeze") as e:
         qga.call(path, "guest-fsfreeze-freeze", timeout=0.3)
+    assert e.value.code == "GuestAgentTimeout"  # sent: the freeze may still happen, so the caller thaws
 
 
 def test_no_socket_or_a_closed_connection_is_unreachable(fake: Any, tmp_path: Path) -> None:
-    with pytest.raises(qga.GuestAgentError) as e:
+    with pytest.raises(qga.GuestAgentError, match="was not sent") as e:
         qga.call(str(tmp_path / "absent.sock"), "guest-ping", timeout=1)
-    assert e.value.code == "GuestAgentUnreachable"
+    assert e.value.code == qga.NOT_SENT
     path, _ = fake(lambda req: b"CLOSE")
     with pytest.raises(qga.GuestAgentError, match="closed") as e:
         qga.call(path, "guest-ping", timeout=5)
-    assert e.value.code == "GuestAgentUnreachable"
+    assert e.value.code == qga.NOT_SENT
+
+    def close_after_sync(req: dict[str, Any]) -> bytes:
+        if req["execute"] == "guest-sync-delimited":
+            return qga.DELIMITER + json.dumps({"return": req["arguments"]["id"]}).encode() + b"\n"
+        return b"CLOSE"
+    path, _ = fake(close_after_sync)
+    with pytest.raises(qga.GuestAgentError, match="closed") as e:
+        qga.call(path, "guest-fsfreeze-freeze", timeout=5)
+    assert e.value.code == "GuestAgentUnreachable"  # the freeze went out: its outcome is unknown

@@ -43,6 +43,7 @@ from ..model import Host
 from ..paths import child
 from ..progress import DiskTotals
 from ..render import render_args
+from ..replica import qga
 from ..replica.engine import STORAGE_CODES, ReplicaError, read_json, storage_error, write_json_atomic
 from ..replica.orchestrator.endpoints import Endpoint, LocalEndpoint, SSHEndpoint
 from ..replica.orchestrator.transfer import send_to_args, transfer, transfer_direct
@@ -82,7 +83,6 @@ _HINTS = {
     "NoReplica": "run the initial replication first",
     "NoSuchPoint": "list recovery points and choose another",
     "CorruptTransfer": "the transfer was refused and nothing was applied; retry the cycle",
-    "quiesceFailed": "check the VM's quiesce command, or take a crash-consistent point",
     "freezeFailed": "check the VM's freeze command on the source host",
     "StartFailed": "read the VM's log under the host root (run/*.log)",
     "ENOSPC": "free space on that host's filesystem (replica, undo logs and staging live under its root); "
@@ -106,7 +106,7 @@ _HINTS = {
 
 
 # Failures that happen at the source host whatever host the operation is attributed to.
-_SOURCE_CODES = frozenset({"freezeFailed", "thawFailed", "quiesceFailed", "ViewFailed", "QemuError", "QmpFailed",
+_SOURCE_CODES = frozenset({"freezeFailed", "thawFailed", "ViewFailed", "QemuError", "QmpFailed",
                            "QmpUnreachable", "CaptureFailed", "QemuNoDisk"})
 
 
@@ -127,7 +127,6 @@ class Quiesced:
 
     consistency: str = "crash"
     notes: list[str] = field(default_factory=list)
-    thaw_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -605,12 +604,14 @@ class LinuxFabric:
             except (ReplicaError, OSError, paramiko.SSHException, EOFError) as exc:
                 reason = f"its quiesce command failed: {exc}"
         if not reason and agent:
-            froze = True  # from here on the guest may be frozen, whatever the answer: thaw in every case
+            froze = True  # from here on the guest may be frozen, whatever the answer: thaw in every case...
             try:
                 n = self._agent(p, "guest-fsfreeze-freeze", timeout)
                 how.append(f"guest agent froze {n} filesystem(s)")
             except (ReplicaError, OSError, paramiko.SSHException, EOFError) as exc:
                 reason = f"the guest agent did not freeze the guest's filesystems: {exc}"
+                # ...unless the freeze never reached the guest (no agent there: it did not answer the sync).
+                froze = not (isinstance(exc, ReplicaError) and exc.code == qga.NOT_SENT)
         if not reason and kind == "freeze" and not how:
             how.append("freeze command")
         try:
@@ -622,8 +623,7 @@ class LinuxFabric:
                 except (ReplicaError, OSError, paramiko.SSHException, EOFError) as exc:
                     msg = f"the guest agent's thaw failed: {exc}; the guest may still be frozen: check it"
                     log.error("%s at %s: %s", p.vm, p.source.name, msg)
-                    reason = reason or msg
-                    q.thaw_error = msg
+                    reason = f"{reason}; {msg}" if reason else msg
             if reason:
                 q.notes.append(f"crash-consistent point, not app-consistent: {reason}")
                 log.warning("%s: %s", p.vm, q.notes[-1])

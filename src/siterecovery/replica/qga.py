@@ -19,6 +19,7 @@ from .engine import ReplicaError
 
 TIMEOUT = 10.0
 DELIMITER = b"\xff"
+NOT_SENT = "GuestAgentNotSent"
 
 
 class GuestAgentError(ReplicaError):
@@ -103,20 +104,29 @@ class _Conn:
 
 
 def call(path: str, command: str, args: dict[str, Any] | None = None, timeout: float = TIMEOUT) -> Any:
-    """Run one agent command within `timeout` seconds; its `return` value. Raises GuestAgentTimeout when
-    the agent does not answer in time (no agent, or a busy guest), GuestAgentError for its errors."""
+    """Run one agent command within `timeout` seconds; its `return` value. Raises GuestAgentError with
+    code GuestAgentNotSent when the agent could not be reached or did not answer the sync (no agent in
+    the guest: the command never reached it), GuestAgentTimeout when the command itself got no answer in
+    time (it may still run: a busy guest), GuestAgentError for the agent's own errors."""
     deadline = time.monotonic() + timeout
-    conn = _Conn(path, deadline)
+    try:
+        conn = _Conn(path, deadline)
+    except GuestAgentError as exc:
+        raise GuestAgentError(f"{exc}; {command} was not sent", code=NOT_SENT) from None
     try:
         sync_id = random.randrange(1, 2**31)
-        # The leading 0xFF resets the agent's parser (a half-sent request of an earlier client).
-        conn.send(DELIMITER + json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}).encode() + b"\n",
-                  "guest-sync-delimited")
-        while True:
-            conn.skip_to_delimiter("guest-sync-delimited")
-            reply = conn.line("guest-sync-delimited")
-            if reply.get("return") == sync_id:
-                break  # replies of earlier syncs (other ids) were stale: look for the next delimiter
+        try:
+            # The leading 0xFF resets the agent's parser (a half-sent request of an earlier client).
+            conn.send(DELIMITER + json.dumps({"execute": "guest-sync-delimited",
+                                              "arguments": {"id": sync_id}}).encode() + b"\n", "guest-sync-delimited")
+            while True:
+                conn.skip_to_delimiter("guest-sync-delimited")
+                reply = conn.line("guest-sync-delimited")
+                if reply.get("return") == sync_id:
+                    break  # replies of earlier syncs (other ids) were stale: look for the next delimiter
+        except GuestAgentError as exc:
+            # The agent never saw the command: a caller need not undo it (no thaw after a freeze not sent).
+            raise GuestAgentError(f"{exc}; {command} was not sent", code=NOT_SENT) from None
         req: dict[str, Any] = {"execute": command}
         if args:
             req["arguments"] = args
