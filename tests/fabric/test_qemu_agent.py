@@ -89,7 +89,7 @@ def app_cycles(tmp_path: Path, cycles: int) -> None:
             before = acks(serial)
             r = f.replicate(p, consistency="app")
             assert r.details["consistency"] == "app" and r.point is not None and r.point.consistency == "app", r.message
-            assert "app-consistent point (guest agent froze 1 filesystem(s))" in r.message
+            assert "app-consistent point (guest agent froze 1 filesystem(s), frozen " in r.message, r.message
             assert seen[-1] == "frozen", seen  # frozen while the view was taken...
             assert qga.call(sock, "guest-fsfreeze-status") == "thawed"  # ...and thawed once it was
             st = fs_state(rep)

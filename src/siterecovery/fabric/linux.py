@@ -605,6 +605,7 @@ class LinuxFabric:
                 reason = f"its quiesce command failed: {exc}"
         if not reason and agent:
             froze = True  # from here on the guest may be frozen, whatever the answer: thaw in every case...
+            t_freeze = time.monotonic()
             try:
                 n = self._agent(p, "guest-fsfreeze-freeze", timeout)
                 how.append(f"guest agent froze {n} filesystem(s)")
@@ -620,6 +621,7 @@ class LinuxFabric:
             if froze:
                 try:
                     self._agent(p, "guest-fsfreeze-thaw", timeout)
+                    how.append(f"frozen {time.monotonic() - t_freeze:.2f} s")  # freeze to thaw, round trips included
                 except (ReplicaError, OSError, paramiko.SSHException, EOFError) as exc:
                     msg = f"the guest agent's thaw failed: {exc}; the guest may still be frozen: check it"
                     log.error("%s at %s: %s", p.vm, p.source.name, msg)
