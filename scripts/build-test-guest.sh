@@ -14,7 +14,7 @@
 #          file's last line. The host reads a copy with e2fsck/debugfs (tests/fabric/guest.py).
 # `srqga=1` on the kernel command line starts the QEMU guest agent (Debian's qemu-ga, copied in with its
 # libraries when /usr/sbin/qemu-ga exists: package qemu-guest-agent) on the port org.qemu.guest_agent.0;
-# DIR/features then lists "qga".
+# DIR/stamp then says qga=<its mtime> (qga=none without it).
 # Usage: scripts/build-test-guest.sh DIR   (idempotent: rebuilds only when the kernel or busybox changed)
 set -eu
 DIR=${1:?usage: build-test-guest.sh DIR}
@@ -59,13 +59,11 @@ for m in drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_
     done
 done
 # The guest agent and the shared libraries it loads (ldd), at their own paths.
-FEATURES=""
 if [ -x "$QGA" ]; then
     for f in "$QGA" $(ldd "$QGA" | sed -n 's/.*=> \(\/[^ ]*\).*/\1/p; s/^[[:space:]]*\(\/[^ ]*\) (.*/\1/p'); do
         mkdir -p "$WORK/root$(dirname "$f")"
         cp -L "$f" "$WORK/root$f"
     done
-    FEATURES="qga"
 fi
 cat > "$WORK/root/init" <<'INIT'
 #!/bin/sh
@@ -138,5 +136,4 @@ chmod +x "$WORK/root/init"
 cp "$KERNEL" "$WORK/vmlinuz"
 mv "$WORK/vmlinuz" "$DIR/vmlinuz"
 mv "$WORK/initramfs.gz" "$DIR/initramfs.gz"
-echo "$FEATURES" > "$DIR/features"
 echo "$STAMP" > "$DIR/stamp"
