@@ -28,7 +28,7 @@ MODS=/lib/modules/$VER
 QGA=/usr/sbin/qemu-ga
 QGA_STAMP=none
 [ -x "$QGA" ] && QGA_STAMP=$(stat -c %Y "$QGA")
-STAMP="$VER $(stat -c %Y "$BUSYBOX") qga=$QGA_STAMP v4"
+STAMP="$VER $(stat -c %Y "$BUSYBOX") qga=$QGA_STAMP v5"
 mkdir -p "$DIR"
 if [ -f "$DIR/stamp" ] && [ "$(cat "$DIR/stamp")" = "$STAMP" ] && [ -f "$DIR/initramfs.gz" ]; then
     exit 0
@@ -75,10 +75,17 @@ mount -t devtmpfs dev /dev
 mode=write
 qga=0
 for w in $(cat /proc/cmdline); do case "$w" in srmode=*) mode=${w#srmode=} ;; srqga=*) qga=${w#srqga=} ;; esac; done
+n=0
+while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 if [ "$qga" = 1 ]; then
+    # Devices appear as their drivers probe them: give the agent's port a few seconds, like vda above.
     port=""
-    for p in /sys/class/virtio-ports/*; do
-        [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}
+    n=0
+    while [ -z "$port" ] && [ $n -lt 50 ]; do
+        for p in /sys/class/virtio-ports/*; do
+            [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}
+        done
+        [ -n "$port" ] && [ -c "$port" ] || { port=""; sleep 0.1; n=$((n + 1)); }
     done
     if [ -n "$port" ] && [ -x /usr/sbin/qemu-ga ]; then
         /usr/sbin/qemu-ga -m virtio-serial -p $port -t /run &
@@ -88,8 +95,6 @@ if [ "$qga" = 1 ]; then
         echo "GUEST no agent port"
     fi
 fi
-n=0
-while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 DISKS=""
 for d in vda vdb vdc vdd; do [ -b /dev/$d ] && DISKS="$DISKS $d"; done
 [ -n "$DISKS" ] || { echo "GUEST no virtio disk"; poweroff -f; }
