@@ -371,7 +371,8 @@ def replicate(pairing: str, project: str = "plans", vms: list[str] | None = None
                 note = step.message
                 if cap and not supports_bandwidth(driver):
                     note += "; bandwidth cap not supported by this driver"
-                reports[vm] = CycleReport(vm=vm, action="initial" if todo[vm][1] else "cycle", consistency=cons,
+                reports[vm] = CycleReport(vm=vm, action="initial" if todo[vm][1] else "cycle",
+                                          consistency=step.consistency or cons,
                                           bytes_sent=step.bytes_sent, started_at=step.started_at,
                                           finished_at=step.finished_at, note=note)
             for name, (fut, cons, members) in group_futs.items():
@@ -385,7 +386,8 @@ def replicate(pairing: str, project: str = "plans", vms: list[str] | None = None
                     continue
                 for step in steps:
                     ps.failed_cycles.pop(step.vm, None)
-                    reports[step.vm] = CycleReport(vm=step.vm, action="cycle", consistency=cons, bytes_sent=step.bytes_sent,
+                    reports[step.vm] = CycleReport(vm=step.vm, action="cycle", consistency=step.consistency or cons,
+                                                   bytes_sent=step.bytes_sent,
                                                    started_at=step.started_at, finished_at=step.finished_at,
                                                    note=step.message)
         ordered = [reports[vm] for vm in sc.placements]

@@ -27,6 +27,9 @@ if [ "${1:-}" != "--ssh-only" ] && [ "${1:-}" != "--postgres-only" ]; then
   command -v qemu-nbd >/dev/null 2>&1 || need+=(qemu-utils)
   dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" || need+=(busybox-static)
   ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
+  # the test guest's guest agent (copied into its initramfs) and the host-side check of its ext4 copies
+  [ -x /usr/sbin/qemu-ga ] || need+=(qemu-guest-agent)
+  command -v e2fsck >/dev/null 2>&1 || need+=(e2fsprogs)
   # Prefect on PostgreSQL (make ui, the tests' shared server) and its HA layout (Redis).
   [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)

@@ -46,11 +46,13 @@ class Step(Frozen):
     bytes_sent: int = 0
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    consistency: str = ""  # the point's label, which says what the cycle achieved (not what was asked)
 
     @classmethod
     def of(cls, r: OpResult, step: str | None = None) -> Step:
         return cls(vm=r.vm, step=step or r.operation, changed=r.changed, state=r.state.value, message=r.message,
-                   bytes_sent=r.bytes_sent, started_at=r.started_at, finished_at=r.finished_at)
+                   bytes_sent=r.bytes_sent, started_at=r.started_at, finished_at=r.finished_at,
+                   consistency=r.point.consistency if r.point is not None else "")
 
 
 # ---- enable protection -------------------------------------------------------------------------

@@ -244,6 +244,18 @@ def test_linux_vm_without_consistent_capture_is_refused(tmp_path: Path) -> None:
         assert not [p for p in problems(tmp_path) if p.path.startswith("vms[0].compute")], ok
 
 
+def test_guest_agent_needs_backend_qemu(tmp_path: Path) -> None:
+    topo = TOPOLOGY.replace("fabric: memory", "fabric: linux")
+    bad = topo.replace("    cloud: c-east\n", "    cloud: c-east\n    compute: {command: [sleep, '1000'], consistency: none, "
+                       "guest_agent: true}\n", 1)
+    write(tmp_path, topology=bad)
+    found = [p for p in problems(tmp_path) if p.path == "vms[0].compute.guest_agent"]
+    assert len(found) == 1 and "guest_agent needs backend qemu" in found[0].message, found
+    write(tmp_path, topology=topo.replace("    cloud: c-east\n", "    cloud: c-east\n    compute: {backend: qemu, "
+                                          "kernel: /boot/vmlinuz, guest_agent: true}\n", 1))
+    assert not [p for p in problems(tmp_path) if p.path.startswith("vms[0].compute")]
+
+
 def test_app_consistent_frequency_below_retention(tmp_path: Path) -> None:
     prot = edit(PROTECTION, "app_consistent_frequency_hours: 1", "app_consistent_frequency_hours: 6")
     write(tmp_path, protection=prot)

@@ -146,6 +146,9 @@ def check_topology(p: Project) -> list[Problem]:
                                    f"point: backend {comp.backend} without a freeze command reads its disks over time, so a "
                                    "point can be torn; use backend qemu or libvirt, give compute.freeze/thaw, or say "
                                    "'consistency: none' to accept torn points (unsafe)"))
+        if comp is not None and comp.guest_agent and comp.backend != "qemu":
+            out.append(src.problem(("vms", i, "compute", "guest_agent"), f"VM '{vm.name}': guest_agent needs backend "
+                                   f"qemu (the fabric talks to the agent through QEMU's port), not {comp.backend}"))
         if comp is not None and comp.formats:
             names = {d.name for d in vm.disks}
             for dn in comp.formats:

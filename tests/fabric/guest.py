@@ -71,3 +71,40 @@ def wait_for(what: str, cond: object, timeout: float) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# ---- srmode=fs: records in a file on an ext4 filesystem (the guest agent's tests) ----------------------
+
+def features(k: Path) -> set[str]:
+    """What the kit was built with: "qga" when Debian's qemu-ga went into the initramfs (its stamp says
+    qga=<mtime>; an older build's stamp says nothing of it)."""
+    try:
+        stamp = (k / "stamp").read_text()
+    except FileNotFoundError:
+        return set()
+    return {"qga"} if re.search(r"\bqga=\d+", stamp) else set()
+
+
+def make_fs(image: Path, size: int) -> None:
+    """An ext4 filesystem for srmode=fs, made on the host (e2fsprogs)."""
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True, timeout=60)
+
+
+def fs_state(image: Path) -> dict[str, object]:
+    """A copy of the guest's filesystem, read on the host without mounting it: {clean: e2fsck -fn found
+    nothing, needs_recovery: the journal still had to be replayed (the filesystem was not frozen or
+    unmounted), records: the number of gap-free "FS n" lines in /records (Torn if they are not)}."""
+    fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True, timeout=120)
+    head = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True, timeout=60)
+    feats = next((ln for ln in head.stdout.splitlines() if ln.startswith("Filesystem features:")), "")
+    cat = subprocess.run(["debugfs", "-R", "cat /records", str(image)], capture_output=True, timeout=60)
+    lines = cat.stdout.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for i, line in enumerate(lines, 1):
+        if line != f"FS {i:08d}".encode():
+            raise Torn(f"{image}: /records line {i} is {line[:40]!r}")
+    return {"clean": fsck.returncode == 0, "fsck": fsck.stdout[-600:], "needs_recovery": "needs_recovery" in feats,
+            "records": len(lines)}

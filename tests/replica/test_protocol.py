@@ -18,7 +18,7 @@ from siterecovery.replica.orchestrator.endpoints import LocalEndpoint, agent_err
 
 POINT = {"id": "web@3", "created_at": "2026-01-01T00:00:00+00:00", "consistency": "crash", "group": None}
 SEND = dict(disk="/d/a b.img", state="/s/x", mode="base", expect_gen="ab" * 16, no_compress=True,
-            freeze=["fsfreeze", "-f", "/"], thaw=[], quiesce=["sync"], seq=7,
+            freeze=["fsfreeze", "-f", "/"], thaw=[], seq=7,
             nbd={"socket": "/run/v.nbd", "export": "e", "bitmap": None}, offline_format=None, keepalive=2.5,
             bandwidth=1e6, bandwidth_bucket="/b", settle=2.1)
 REP = dict(replica="/r/x.img", meta="/r/x.meta")
@@ -47,6 +47,7 @@ SAMPLES: list[P.Command[Any]] = [
     P.LibvirtControl(uri="test:///default", domain="web", action="cont"),
     P.LibvirtCapture(uri="", domain="web", run="/run/vm", disks=[{"path": "/d", "format": "raw", "prev": None}], tag="t"),
     P.LibvirtRelease(uri="", domain="web", run="/run/vm", view={"socket": "/s", "disks": []}, failed=True),
+    P.QemuAgent(**QEMU, execute="guest-fsfreeze-freeze", timeout=2.5),
 ]
 
 

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ from ..model import Host
 from ..paths import child
 from ..progress import DiskTotals
 from ..render import render_args
+from ..replica import qga
 from ..replica.engine import RACY_NS, STORAGE_CODES, ReplicaError, read_json, storage_error, write_json_atomic
 from ..replica.orchestrator.endpoints import Endpoint, LocalEndpoint, SSHEndpoint
 from ..replica.orchestrator.transfer import send_to_args, transfer, transfer_direct
@@ -82,7 +84,6 @@ _HINTS = {
     "NoReplica": "run the initial replication first",
     "NoSuchPoint": "list recovery points and choose another",
     "CorruptTransfer": "the transfer was refused and nothing was applied; retry the cycle",
-    "quiesceFailed": "check the VM's quiesce command, or take a crash-consistent point",
     "freezeFailed": "check the VM's freeze command on the source host",
     "StartFailed": "read the VM's log under the host root (run/*.log)",
     "ENOSPC": "free space on that host's filesystem (replica, undo logs and staging live under its root); "
@@ -112,7 +113,7 @@ _HINTS = {
 
 
 # Failures that happen at the source host whatever host the operation is attributed to.
-_SOURCE_CODES = frozenset({"freezeFailed", "thawFailed", "quiesceFailed", "ViewFailed", "QemuError", "QmpFailed",
+_SOURCE_CODES = frozenset({"freezeFailed", "thawFailed", "ViewFailed", "QemuError", "QmpFailed",
                            "QmpUnreachable", "CaptureFailed", "QemuNoDisk", "FormatMismatch"})
 # Backends whose VMs run under QEMU that the agent reaches: point-in-time views, pause, dirty bitmaps.
 HYPERVISORS = ("qemu", "libvirt")
@@ -127,6 +128,14 @@ def _error_id(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return errno.errorcode.get(exc.errno or 0, "")
     return ""
+
+
+@dataclass
+class Quiesced:
+    """What the quiesce step of a cycle achieved (LinuxFabric._quiesce): the point's label and why."""
+
+    consistency: str = "crash"
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -334,7 +343,7 @@ class LinuxFabric:
             ctx["disk"] = vm.paths[disk][p.source.name] if disk else (ctx["disks"] or [""])[0]
         return render_args(raw, ctx)
 
-    def _view_args(self, p: Placement, consistency: str, vm: _VM | None = None, disk: str | None = None,
+    def _view_args(self, p: Placement, vm: _VM | None = None, disk: str | None = None,
                    held: bool = False) -> list[str]:
         """held: a consistency group's cycle holds the VM still (and quiesced it) itself."""
         c = p.compute
@@ -343,8 +352,6 @@ class LinuxFabric:
                   and (vm is None or self._capture_kind(vm, p) != "off"))
         args = ["--freeze", json.dumps(self._hook(p, "freeze", vm, disk) if frozen else []),
                 "--thaw", json.dumps(self._hook(p, "thaw", vm, disk) if frozen else [])]
-        if consistency == "app" and not held:
-            args += ["--quiesce", json.dumps(self._hook(p, "quiesce", vm, disk))]
         if not p.policy.compression:
             args.append("--no-compress")
         return args
@@ -374,7 +381,7 @@ class LinuxFabric:
         rep = self._rep_args(vm, p, disk, p.target)
         state = self._src_state(p.source, p.vm, disk)
         send = ["send", "--disk", vm.paths[disk][p.source.name], "--state", state,
-                "--keepalive", f"{self.dead_link / 3:g}", *self._view_args(p, consistency, vm, disk, held),
+                "--keepalive", f"{self.dead_link / 3:g}", *self._view_args(p, vm, disk, held),
                 *self._bandwidth_args(p, self.bandwidth_cap(p, bw))]
         if settle:
             send += ["--settle", f"{RACY_NS / 1e9 + 0.1:g}"]
@@ -505,7 +512,13 @@ class LinuxFabric:
                 raise self.records.error(exc, operation, p.vm) from None
             # One count over the VM's disks, so a caller sees one total and done never going back.
             totals = DiskTotals(progress, self._sizes(vm, p)) if progress is not None else None
-            cap = part.cap if part is not None else self._capture(vm, p, point)
+            if part is not None:
+                cap = part.cap
+            else:
+                with self._quiesce(vm, p, consistency) as q:
+                    cap = self._capture(vm, p, point)
+                point["consistency"] = q.consistency
+                notes += q.notes
             ok = False
             try:
                 for i, d in enumerate(p.disks):
@@ -545,7 +558,7 @@ class LinuxFabric:
         vm.resync_required = False
         vm.last_error = vm.last_error_id = ""
         vm.last_replication = point["created_at"]
-        if consistency == "app":
+        if point["consistency"] == "app":
             vm.last_app_point = point["created_at"]
         return point, total, notes
 
@@ -574,6 +587,74 @@ class LinuxFabric:
         if not running:
             return "off"
         return "freeze" if c.freeze else "live"
+
+    @contextlib.contextmanager
+    def _quiesce(self, vm: _VM, p: Placement, consistency: str) -> Iterator[Quiesced]:
+        """The quiesce step of an app-consistent point, the one place it happens (single VMs and group
+        members alike): the VM's `quiesce` command, then the guest agent's fsfreeze (QEMU VMs with
+        compute.guest_agent); the block is the capture; then the thaw, always, whatever the block did.
+
+        The point is app-consistent only when every quiesce method the VM has succeeded and the thaw
+        happened (a process VM's freeze command counts: it holds the workload itself). Otherwise the
+        cycle still takes its point, labelled crash-consistent, with a note naming the reason: a point
+        is never labelled app-consistent unless the guest was quiesced for it."""
+        q = Quiesced()
+        if consistency != "app":
+            yield q
+            return
+        c = p.compute
+        kind = self._capture_kind(vm, p)
+        reason, how = "", []
+        agent = c is not None and c.backend == "qemu" and c.guest_agent
+        timeout = c.guest_agent_timeout_seconds if c is not None else 10.0
+        froze = False
+        if kind == "off":
+            reason = "the VM is off: there is no guest to quiesce"
+        elif kind == "live":
+            reason = "its disks are read live over time (consistency: none)"
+        elif not (p.quiesce or agent or kind == "freeze"):
+            reason = ("the VM has no way to quiesce (QEMU: compute.guest_agent with qemu-ga in the guest; any VM: "
+                      "a quiesce command; process VMs: a freeze command)")
+        if not reason and p.quiesce:
+            try:
+                self._ep(p.source).call(["hook", "--what", "quiesce", "--argv", json.dumps(self._hook(p, "quiesce", vm))])
+                how.append("quiesce command")
+            except (ReplicaError, OSError, paramiko.SSHException, EOFError) as exc:
+                reason = f"its quiesce command failed: {exc}"
+        if not reason and agent:
+            froze = True  # from here on the guest may be frozen, whatever the answer: thaw in every case...
+            t_freeze = time.monotonic()
+            try:
+                n = self._agent(p, "guest-fsfreeze-freeze", timeout)
+                how.append(f"guest agent froze {n} filesystem(s)")
+            except (ReplicaError, OSError, paramiko.SSHException, EOFError) as exc:
+                reason = f"the guest agent did not freeze the guest's filesystems: {exc}"
+                # ...unless the freeze never reached the guest (no agent there: it did not answer the sync).
+                froze = not (isinstance(exc, ReplicaError) and exc.code == qga.NOT_SENT)
+        if not reason and kind == "freeze" and not how:
+            how.append("freeze command")
+        try:
+            yield q
+        finally:
+            if froze:
+                try:
+                    self._agent(p, "guest-fsfreeze-thaw", timeout)
+                    how.append(f"frozen {time.monotonic() - t_freeze:.2f} s")  # freeze to thaw, round trips included
+                except (ReplicaError, OSError, paramiko.SSHException, EOFError) as exc:
+                    msg = f"the guest agent's thaw failed: {exc}; the guest may still be frozen: check it"
+                    log.error("%s at %s: %s", p.vm, p.source.name, msg)
+                    reason = f"{reason}; {msg}" if reason else msg
+            if reason:
+                q.notes.append(f"crash-consistent point, not app-consistent: {reason}")
+                log.warning("%s: %s", p.vm, q.notes[-1])
+            else:
+                q.consistency = "app"
+                q.notes.append(f"app-consistent point ({', '.join(how)})")
+
+    def _agent(self, p: Placement, execute: str, timeout: float) -> Any:
+        """One guest agent command on the VM's source host (qga.py: sync first, a deadline on everything)."""
+        return self._ep(p.source).call(["qemu-agent", "--run", self._run_dir(p.source, p.vm), "--name", "vm",
+                                        "--execute", execute, "--timeout", f"{timeout:g}"])["answer"]
 
     def _capture(self, vm: _VM, p: Placement, point: dict[str, Any]) -> dict[str, Any] | None:
         """A QEMU VM's (or libvirt domain's) point-in-time view of all its disks at one instant (None for
@@ -656,7 +737,7 @@ class LinuxFabric:
                 out = src.call(["send", "--disk", vm.paths[d.disk][p.source.name],
                                 "--state", self._src_state(p.source, p.vm, d.disk), "--mode", "full",
                                 "--output", str(child(ir.export_path, p.vm, d.disk, suffix=".srstream")),
-                                *self._view_args(p, "crash", vm, d.disk)])
+                                *self._view_args(p, vm, d.disk)])
                 gens[d.disk] = out["gen"]
             working(vm, "start_initial_replication")
             vm.paths["_offline"] = {"point": json.dumps(point), **gens}
@@ -683,10 +764,11 @@ class LinuxFabric:
         """One cycle of a consistency group: every member held still at one instant, each one's disks
         shipped as its part of one group point (siterecovery.groups).
 
-        The hold: app points first quiesce every member; then every QEMU member is paused, every other
-        running member frozen (its freeze hook). QEMU members' point-in-time views are taken and they
-        continue at once; frozen members stay frozen while they are read (no reflink here) and are
-        thawed when every part has shipped or the cycle failed. Each part commits on its own: a member
+        The hold: app points first quiesce every member (_quiesce); then every QEMU member is paused, every
+        other running member frozen (its freeze hook). QEMU members' point-in-time views are taken, they
+        continue at once and their guest agents thaw; frozen members stay frozen while they are read (no
+        reflink here) and are thawed when every part has shipped or the cycle failed. The group point is
+        app-consistent only if every member was quiesced. Each part commits on its own: a member
         that fails leaves the group point incomplete, and an incomplete group point is never offered."""
         t0 = utcnow()
         ps = sorted(ps, key=lambda x: x.vm)  # one lock order for every process
@@ -717,47 +799,57 @@ class LinuxFabric:
             caps: dict[str, dict[str, Any] | None] = {}
             shipped: set[str] = set()
             ok = False
-            try:
-                if consistency == "app":
-                    for vm, p in zip(vms, ps, strict=True):
-                        with self._errors(p, "replicate", p.source):
-                            self._ep(p.source).call(["hook", "--what", "quiesce", "--argv", json.dumps(self._hook(p, "quiesce", vm))])
-                for vm, p, kind in zip(vms, ps, kinds, strict=True):
-                    with self._errors(p, "replicate", p.source):
-                        if kind == "view":
-                            self._hv(p, p.source, "control", "--action", "pause")
-                            paused.append(p)
-                        elif kind == "freeze":
-                            self._ep(p.source).call(["hook", "--what", "freeze", "--argv", json.dumps(self._hook(p, "freeze", vm))])
-                            frozen.append((vm, p))
-                when = utcnow()  # every member is still: this instant is the group point's
-                for vm, p in zip(vms, ps, strict=True):
-                    with self._errors(p, "replicate", p.source):
-                        caps[p.vm] = self._capture(vm, p, {"id": gid})
-                for p in reversed(paused):  # the views hold the instant: the QEMU members run on
-                    with self._errors(p, "replicate", p.source):
-                        self._hv(p, p.source, "control", "--action", "cont")
-                paused.clear()
-                for vm, p in zip(vms, ps, strict=True):
-                    shipped.add(p.vm)
-                    with self._errors(p, "replicate", p.source):
-                        mode = "resync" if vm.resync_required else "delta"
-                        point, sent, notes = self._cycle(vm, p, consistency, progress, mode, "replicate",
-                                                         bandwidth_bytes_per_second, GroupPart(gid, when, caps[p.vm]))
-                    out.append(result(p, "replicate", True, S.Replicating, "; ".join([f"part of group point {gid}", *notes]),
-                                      t0, point=self._rp(p, point), bytes_sent=sent,
-                                      details={"consistency": consistency, "group_point": gid}))
-                ok = True
-            finally:
-                for vm, p in zip(vms, ps, strict=True):
-                    if p.vm not in shipped and caps.get(p.vm) is not None:
-                        self._release(vm, p, caps[p.vm], False)  # a view no part was read from
-                thaw_errors = []
+            thaw_errors: list[str] = []
+
+            def run_on() -> None:
                 for p in reversed(paused):
                     try:
                         self._hv(p, p.source, "control", "--action", "cont")
                     except Exception as exc:  # noqa: BLE001 - every member must get its chance to run on
                         thaw_errors.append(f"{p.vm}: continue failed: {exc}")
+                paused.clear()
+
+            try:
+                quiesced: list[Quiesced] = []
+                with contextlib.ExitStack() as held:
+                    # Every member quiesced first (app points), thawed last: after the paused members run
+                    # on again (the callback below unwinds first), since a paused guest cannot thaw.
+                    for vm, p in zip(vms, ps, strict=True):
+                        with self._errors(p, "replicate", p.source):
+                            quiesced.append(held.enter_context(self._quiesce(vm, p, consistency)))
+                    held.callback(run_on)
+                    for vm, p, kind in zip(vms, ps, kinds, strict=True):
+                        with self._errors(p, "replicate", p.source):
+                            if kind == "view":
+                                self._hv(p, p.source, "control", "--action", "pause")
+                                paused.append(p)
+                            elif kind == "freeze":
+                                self._ep(p.source).call(["hook", "--what", "freeze", "--argv",
+                                                         json.dumps(self._hook(p, "freeze", vm))])
+                                frozen.append((vm, p))
+                    when = utcnow()  # every member is still: this instant is the group point's
+                    for vm, p in zip(vms, ps, strict=True):
+                        with self._errors(p, "replicate", p.source):
+                            caps[p.vm] = self._capture(vm, p, {"id": gid})
+                    # the views hold the instant: the QEMU members run on, then thaw (leaving the block)
+                # One label for every part (a group point's parts share it): app only if every member was quiesced.
+                label = "app" if quiesced and all(q.consistency == "app" for q in quiesced) else "crash"
+                for vm, p, q in zip(vms, ps, quiesced, strict=True):
+                    shipped.add(p.vm)
+                    with self._errors(p, "replicate", p.source):
+                        mode = "resync" if vm.resync_required else "delta"
+                        point, sent, notes = self._cycle(vm, p, label, progress, mode, "replicate",
+                                                         bandwidth_bytes_per_second, GroupPart(gid, when, caps[p.vm]))
+                    notes = [*q.notes, *notes] if consistency == "app" else notes
+                    out.append(result(p, "replicate", True, S.Replicating, "; ".join([f"part of group point {gid}", *notes]),
+                                      t0, point=self._rp(p, point), bytes_sent=sent,
+                                      details={"consistency": label, "group_point": gid}))
+                ok = True
+            finally:
+                for vm, p in zip(vms, ps, strict=True):
+                    if p.vm not in shipped and caps.get(p.vm) is not None:
+                        self._release(vm, p, caps[p.vm], False)  # a view no part was read from
+                run_on()
                 for vm, p in reversed(frozen):
                     try:
                         self._ep(p.source).call(["hook", "--what", "thaw", "--argv", json.dumps(self._hook(p, "thaw", vm))])
@@ -794,7 +886,7 @@ class LinuxFabric:
             msg = "resynchronized" if mode == "resync" else "delta cycle complete"
             return result(p, "replicate", True, S.Replicating, "; ".join([msg, *notes]), t0,
                           point=self._rp(p, point), bytes_sent=sent,
-                          details={"consistency": consistency, "data_path": self.data_path(p)})
+                          details={"consistency": point["consistency"], "data_path": self.data_path(p)})
 
     def resynchronize(self, p: Placement, progress: Progress | None = None) -> OpResult:
         t0 = utcnow()
@@ -1314,6 +1406,7 @@ class LinuxFabric:
         spec = {"memory_mb": p.memory_mb or 256, "vcpus": p.vcpus or 1,
                 "kernel": c.kernel, "initrd": c.initrd, "append": render_args((c.append,), ctx)[0] if c.append else "",
                 "accel": "" if c.accel == "auto" else c.accel, "args": render_args(c.args, ctx),
+                "guest_agent": c.guest_agent,
                 # Test copies and replicas are raw; the primary's disks have the topology's format.
                 "disks": [{"path": path, "format": "raw" if test else self._format(vm, d, host)}
                           for d, path in zip(names, disks, strict=True)]}

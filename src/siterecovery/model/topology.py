@@ -231,6 +231,12 @@ class Compute(Frozen):
     formats: dict[str, Literal["raw", "qcow2"]] = Field(
         default_factory=dict, description="qemu, libvirt: disk name -> format at the primary (default raw); replicas "
                                           "are raw")
+    guest_agent: bool = Field(False, description="qemu: give the VM the QEMU guest agent's port "
+                                                 "(org.qemu.guest_agent.0); app-consistent points freeze the "
+                                                 "guest's filesystems through it (guest-fsfreeze-freeze/thaw)")
+    guest_agent_timeout_seconds: float = Field(10, gt=0, le=120, description="qemu: the deadline of each guest "
+                                                                             "agent call; no answer in time: a "
+                                                                             "crash-consistent point")
 
 
 class VM(Frozen):

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO, TypeVar
 
-from . import engine, peer, process, qemu, virt
+from . import engine, peer, process, qemu, qga, virt
 from . import protocol as P
 from .engine import Progress, Replica, ReplicaError, SourceState
 
@@ -221,7 +221,7 @@ def _send(cmd: P.Send | P.SendTo, base: str | None, out: BinaryIO, progress: Pro
         return engine.send(cmd.disk, cmd.state, out, mode=cmd.mode,
                            expect_gen=bytes.fromhex(cmd.expect_gen) if cmd.expect_gen else None,
                            base_manifest=base, compress=not cmd.no_compress, progress=progress,
-                           freeze=list(cmd.freeze), thaw=list(cmd.thaw), quiesce=list(cmd.quiesce),
+                           freeze=list(cmd.freeze), thaw=list(cmd.thaw),
                            seq=cmd.seq, nbd=nbd, keepalive=cmd.keepalive, settle=cmd.settle)
     if cmd.offline_format:
         os.makedirs(cmd.state, exist_ok=True)
@@ -310,6 +310,8 @@ def _run(cmd: P.Command[Any], stdin: BinaryIO, stdout: BinaryIO, progress: Progr
             return virt.capture(cmd.uri, cmd.domain, cmd.run, cmd.disks, cmd.tag)
         case P.LibvirtRelease():
             return virt.release(cmd.uri, cmd.domain, cmd.run, cmd.view, ok=not cmd.failed)
+        case P.QemuAgent():
+            return {"answer": qga.call(qemu.paths(cmd.run, cmd.name)["qga"], cmd.execute, timeout=cmd.timeout)}
         case P._ReplicaCommand():
             return _replica(cmd, stdin, stdout, progress)
     raise P.ProtocolError(f"the agent has no handler for {cmd.command!r}", "command")

@@ -578,7 +578,7 @@ def reflink(src: str, dst: str) -> bool:
 
 
 @contextlib.contextmanager
-def disk_view(disk: str, state_dir: str, freeze: list[str], thaw: list[str], quiesce: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+def disk_view(disk: str, state_dir: str, freeze: list[str], thaw: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     """The path to read a crash-consistent cycle from.
 
     With a freeze command: freeze, then a reflink clone and thaw at once (the pause lasts only as long as
@@ -586,7 +586,6 @@ def disk_view(disk: str, state_dir: str, freeze: list[str], thaw: list[str], qui
     Without a freeze command the live file is read (only as consistent as the workload's own writes).
     """
     info: dict[str, Any] = {"view": "live"}
-    run_argv(quiesce, "quiesce")
     if not freeze:
         yield disk, info
         return
@@ -647,11 +646,11 @@ class SourceState:
 
 
 @contextlib.contextmanager
-def _source(disk: str, state_dir: str, freeze: list[str], thaw: list[str], quiesce: list[str],
+def _source(disk: str, state_dir: str, freeze: list[str], thaw: list[str],
             nbd: dict[str, Any] | None) -> Iterator[tuple[int, Callable[[ManifestReader | None], Iterator[Any]], dict[str, Any]]]:
     """(size, chunks(base), view info) of what a cycle reads: the file (through disk_view) or an NBD view."""
     if nbd is None:
-        with disk_view(disk, state_dir, freeze, thaw, quiesce) as (path, view):
+        with disk_view(disk, state_dir, freeze, thaw) as (path, view):
             fd = os.open(path, os.O_RDONLY)
             try:
                 size = os.fstat(fd).st_size
@@ -742,7 +741,7 @@ class Throttled:
 
 def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expect_gen: bytes | None = None,
          base_manifest: str | None = None, compress: bool = True, progress: Progress | None = None,
-         freeze: list[str] | None = None, thaw: list[str] | None = None, quiesce: list[str] | None = None,
+         freeze: list[str] | None = None, thaw: list[str] | None = None,
          seq: int = 0, nbd: dict[str, Any] | None = None, keepalive: float | None = None,
          settle: float = 0) -> dict[str, Any]:
     """Write the stream of one cycle to `out` (a NOP record after `keepalive` s without output,
@@ -783,7 +782,7 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
     # Taken before the view, so a write racing the read changes the file's times after this record:
     # source_status then rescans instead of reporting nothing pending.
     read_stat = _disk_stat(disk)
-    with _source(disk, state_dir, freeze or [], thaw or [], quiesce or [], nbd) as (size, chunks, view):
+    with _source(disk, state_dir, freeze or [], thaw or [], nbd) as (size, chunks, view):
         header = {"v": 1, "size": size, "block": BLOCK, "mode": mode, "gen": new_gen.hex(),
                   "base_gen": bh.gen.hex() if bh else None, "source": os.path.basename(disk)}
         w = StreamWriter(out, header)

@@ -233,6 +233,10 @@ class QemuCaptureResult(TypedDict):
     was_running: NotRequired[bool]
 
 
+class QemuAgentResult(TypedDict):
+    answer: Any  # the guest agent's `return`
+
+
 class QemuReleaseResult(TypedDict):
     released: bool
     errors: list[str]
@@ -383,7 +387,6 @@ class _SendOptions(Command[R]):
     no_compress: bool = False
     freeze: list[str] = field(default_factory=list)
     thaw: list[str] = field(default_factory=list)
-    quiesce: list[str] = field(default_factory=list)
     seq: int = 0
     nbd: dict[str, Any] | None = None  # {socket, export[, bitmap]}: read this point-in-time view over NBD
     offline_format: Literal["raw", "qcow2"] | None = None  # a QEMU VM that is off: read it through qemu-nbd
@@ -484,7 +487,7 @@ class Exists(Command[ExistsResult]):
 
 @dataclass(frozen=True)
 class Hook(Command[HookResult]):
-    """Run a VM's freeze, thaw or quiesce command (a consistency group's hold)."""
+    """Run a VM's freeze, thaw or quiesce command (the quiesce step of an app point; a consistency group's hold)."""
 
     command = "hook"
     result = HookResult
@@ -631,11 +634,21 @@ class LibvirtRelease(_LibvirtCommand[QemuReleaseResult]):
     failed: bool = False
 
 
+@dataclass(frozen=True)
+class QemuAgent(_QemuCommand[QemuAgentResult]):
+    """One command to the VM's guest agent (qga.py), within `timeout` seconds."""
+
+    command = "qemu-agent"
+    result = QemuAgentResult
+    execute: Literal["guest-ping", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status"]
+    timeout: float = 10
+
+
 COMMANDS: dict[str, type[Command[Any]]] = {c.command: c for c in (
     Status, Receive, Rehash, SeedSource, Adopt, Manifest, Rebuild, Revert, Prune, Drop, Scrub, Send, SendTo, SourceCommit,
     SourceDrop, SourceStatus, Digest, Copy, Remove, Exists, Hook, Spawn, Kill, Alive, QemuStart, QemuStop,
-    QemuStatus, QemuControl, QemuCapture, QemuRelease, LibvirtStart, LibvirtStop, LibvirtStatus, LibvirtControl,
-    LibvirtCapture, LibvirtRelease)}
+    QemuStatus, QemuControl, QemuCapture, QemuRelease, QemuAgent, LibvirtStart, LibvirtStop, LibvirtStatus,
+    LibvirtControl, LibvirtCapture, LibvirtRelease)}
 REPLICA_COMMANDS = frozenset(n for n, c in COMMANDS.items() if issubclass(c, _ReplicaCommand))
 
 

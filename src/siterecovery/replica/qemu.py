@@ -2,7 +2,8 @@
 
 Runs where the VM runs (the agent's `qemu-*` commands), so it works the same for local hosts and over
 SSH. A VM's run directory holds `<name>.pid`, `<name>.log`, `<name>.qmp` (the QMP socket),
-`<name>.nbd` (the NBD server QEMU starts for views) and the views' scratch files.
+`<name>.nbd` (the NBD server QEMU starts for views), `<name>.qga` (the guest agent's port, when the VM has
+one: qga.py) and the views' scratch files.
 
 A view (capture) is QEMU's image fleecing, as measured on QEMU 7.2 (docs/ENGINE.md): with the guest
 stopped for a few milliseconds, every disk's dirty bitmap rotates in one transaction and a
@@ -44,7 +45,7 @@ class QemuError(ReplicaError):
 
 
 def paths(run: str, name: str) -> dict[str, str]:
-    return {k: os.path.join(run, f"{name}.{k}") for k in ("pid", "log", "qmp", "nbd", "serial")}
+    return {k: os.path.join(run, f"{name}.{k}") for k in ("pid", "log", "qmp", "nbd", "serial", "qga")}
 
 
 def _session(sock: str, fn: Callable[[Any], Awaitable[T]], timeout: float = QMP_TIMEOUT) -> T:
@@ -89,7 +90,8 @@ def kvm_usable() -> bool:
 
 def command_line(spec: dict[str, Any], p: dict[str, str]) -> list[str]:
     """The QEMU argv for a spec: {accel, memory_mb, vcpus, kernel, initrd, append, disks: [{path, format}],
-    args}. accel: kvm, tcg, or empty for KVM when /dev/kvm opens (TCG otherwise)."""
+    guest_agent, args}. accel: kvm, tcg, or empty for KVM when /dev/kvm opens (TCG otherwise). guest_agent:
+    a virtio-serial port org.qemu.guest_agent.0 that QEMU serves on the unix socket `<name>.qga`."""
     accel = spec.get("accel") or ("kvm" if kvm_usable() else "tcg")
     argv = [spec.get("binary") or "qemu-system-x86_64", "-accel", accel, "-m", str(spec.get("memory_mb") or 256),
             "-smp", str(spec.get("vcpus") or 1), "-display", "none", "-no-user-config", "-nodefaults",
@@ -108,6 +110,11 @@ def command_line(spec: dict[str, Any], p: dict[str, str]) -> list[str]:
         argv += ["-blockdev", json.dumps({"driver": "file", "filename": d["path"], "node-name": f"d{i}-file"}),
                  "-blockdev", json.dumps({"driver": fmt, "file": f"d{i}-file", "node-name": f"d{i}"}),
                  "-device", f"virtio-blk-pci,drive=d{i},id=vd{i}"]
+    if spec.get("guest_agent"):
+        sock = p["qga"].replace(",", ",,")  # QEMU's option syntax: a comma in a value is doubled
+        argv += ["-chardev", f"socket,id=qga0,path={sock},server=on,wait=off",
+                 "-device", "virtio-serial-pci,id=qga-serial0",
+                 "-device", "virtserialport,bus=qga-serial0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
     argv += [str(a) for a in spec.get("args", [])]
     if spec.get("track"):
         argv.append("-S")  # the guest waits until start() has put a dirty bitmap on every disk
@@ -120,7 +127,7 @@ def start(run: str, name: str, spec: dict[str, Any], timeout: float = 30) -> dic
     if process.alive(p["pid"]):
         return {"started": False, "pid": process.alive(p["pid"])}
     os.makedirs(run, exist_ok=True)
-    for k in ("qmp", "nbd"):
+    for k in ("qmp", "nbd", "qga"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p[k])
     argv = command_line(spec, p)
