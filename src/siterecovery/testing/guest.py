@@ -44,3 +44,26 @@ def acks(serial: Path) -> int:
     except FileNotFoundError:
         return 0
     return int(found[-1]) if found else 0
+
+
+def _text(serial: Path) -> bytes:
+    try:
+        return Path(serial).read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def resumed_from(serial: Path) -> int | None:
+    """The record a guest in write mode started from ("GUEST writing from n"): one past the last record
+    its disks' headers named at boot. None before it said so."""
+    found = re.findall(rb"GUEST writing from (\d+)", _text(serial))
+    return int(found[-1]) if found else None
+
+
+def self_check(serial: Path) -> dict[str, tuple[bool, int]] | None:
+    """A guest booted with srmode=check: disk -> (its records 1..n all right, n). None until "CHECK done"."""
+    text = _text(serial)
+    if b"CHECK done" not in text:
+        return None
+    return {m.group(1).decode(): (m.group(2) == b"ok", int(m.group(3)))
+            for m in re.finditer(rb"CHECK (\w+) (ok|bad) records=(\d+)", text)}
