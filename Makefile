@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/$(STATE)/prefect
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv system demo demo-clean test test-fast test-slow lint validate clean bench ui ui-stop
+.PHONY: all venv system demo demo-clean demo-qemu test test-fast test-slow lint validate clean bench ui ui-stop
 
 all: test
 
@@ -47,6 +47,13 @@ demo: venv
 
 demo-clean: venv
 	$(BIN)/siterecovery demo --clean
+	$(BIN)/siterecovery demo --qemu --clean
+
+# The same drill, planned failover and failback with two real QEMU guests (TCG; KVM when /dev/kvm works).
+# Needs qemu-system-x86, qemu-utils and the guest kit's packages: `make system` installs them.
+demo-qemu: venv
+	@test -x /usr/sbin/sshd || bash scripts/setup-system.sh --ssh-only || echo "no sshd: the demo uses local transport"
+	$(BIN)/siterecovery demo --qemu
 
 lint: venv
 	$(BIN)/ruff check src flows tasks tests bench

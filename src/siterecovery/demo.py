@@ -1,6 +1,7 @@
 """The embedded demo's estate on one machine: two sites (directories, reached over a private sshd on
 127.0.0.1 when /usr/sbin/sshd exists, else locally), the runtime copy of plans/demo, the three-tier
-shop (scripts/demo/tier.py), its protection by the linux fabric and the checks the demo makes.
+shop (scripts/demo/tier.py), its protection by the linux fabric and the checks the demo makes; or, with
+`--qemu` (GUESTS), plans/demo/qemu: two real QEMU guests (the test guest kit) on the same two sites.
 No Prefect here: commands/demo.py runs the recovery plan through Prefect on top of this.
 """
 
@@ -32,6 +33,7 @@ from .fabric.linux import LinuxFabric
 from .model import Direction
 from .placement import pairing_placements
 from .project import Project, load_project
+from .testing.guest import acks, records
 
 SSHD = "/usr/sbin/sshd"
 PLAN = "shop"
@@ -41,6 +43,81 @@ HOST_NUMBERS = (11, 12, 13, 14)  # db-01, app-01, web-01, db-02 on every subnet
 SUBNET = {"primary": "127.10.0", "recovery": "127.20.0", "test": "127.30.0"}
 TEMPLATE_PORT = 8080
 DISK_MIB = {"db-01": 16, "db-02": 16, "app-01": 1, "web-01": 1}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What the demo protects: the shop (process VMs) or real QEMU guests. Same estate, flows, checks."""
+
+    name: str
+    project: str  # under the checkout
+    plan: str
+    pairing: str
+    vms: tuple[str, ...]
+    consistency: str  # of the demo's own cycles: app (the shop's freeze hooks) or crash (QEMU's views)
+
+
+SHOP = Scenario("shop", "plans/demo", PLAN, PAIRING, VMS, "app")
+# The guests have no guest agent: crash-consistent point-in-time views (QEMU's copy-before-write).
+GUESTS = Scenario("qemu", "plans/demo/qemu", "guests", "guests", ("db", "app"), "crash")
+GUEST_DISK_MIB = 16
+GUEST_BOOT = 600.0  # seconds: TCG boots the Debian kernel in 20-60 s here, minutes on a loaded machine
+QEMU_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils", "qemu-nbd": "qemu-utils"}
+KIT_KEEP = "/opt/siterecovery-guest"  # the guest kit's place in plans/demo/qemu/topology.yaml
+
+
+def qemu_missing() -> str | None:
+    """What `demo --qemu` lacks on this machine, said as what to install; None when QEMU is there."""
+    gone = [t for t in QEMU_TOOLS if shutil.which(t) is None]
+    if not gone:
+        return None
+    pkgs = " ".join(sorted({QEMU_TOOLS[t] for t in gone}))
+    return (f"the QEMU demo needs {', '.join(gone)}: install {pkgs} (and the guest kit's linux-image-amd64, "
+            "busybox-static): sudo bash scripts/setup-system.sh; `make demo` runs without QEMU")
+
+
+class MissingKit(RuntimeError):
+    """The guest kit cannot be built here (no Debian kernel or static busybox): what to install."""
+
+
+def kvm_boots(kit: Path, timeout: float = 10.0) -> bool:
+    """KVM runs the guest here: /dev/kvm opens AND the kernel prints its first line within `timeout`
+    (measured: on this CI machine /dev/kvm opens but a KVM guest never runs, so `accel: auto` would
+    hang the demo; TCG then)."""
+    from .replica.qemu import kvm_usable
+
+    if not kvm_usable():
+        return False
+    argv = ["qemu-system-x86_64", "-accel", "kvm", "-m", "128", "-display", "none", "-nodefaults", "-no-user-config",
+            "-serial", "stdio", "-kernel", str(kit / "vmlinuz"), "-initrd", str(kit / "initramfs.gz"),
+            "-append", "console=ttyS0 srmode=check"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        got = threading.Event()
+
+        def read() -> None:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip():
+                got.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        return got.wait(timeout)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def guest_kit(checkout: Path) -> Path:
+    """The tiny test guest (vmlinuz + initramfs.gz) built by scripts/build-test-guest.sh into its cache
+    (shared with the QEMU tests: SITERECOVERY_GUEST_CACHE, default ~/.cache/siterecovery/test-guest)."""
+    cache = Path(os.environ.get("SITERECOVERY_GUEST_CACHE", Path.home() / ".cache" / "siterecovery" / "test-guest"))
+    r = subprocess.run(["sh", str(checkout / "scripts" / "build-test-guest.sh"), str(cache)], capture_output=True,
+                       text=True, timeout=300, check=False)
+    if r.returncode == 2:
+        raise MissingKit(f"{r.stderr.strip()} (sudo bash scripts/setup-system.sh installs the guest kit's packages)")
+    if r.returncode != 0:
+        raise RuntimeError(f"scripts/build-test-guest.sh failed: {r.stderr.strip()[-500:]}")
+    return cache
 
 
 def web_url(where: str, port: int) -> str:
@@ -139,12 +216,15 @@ def _rewrite(obj: Any, subst: dict[str, str]) -> Any:
     return obj
 
 
-def write_project(checkout: Path, state: Path, port: int, sshd: Sshd | None) -> Path:
-    """plans/demo with this run's values: hosts reach the private sshd (or run locally), data lives
-    under <state>/sites, commands use this checkout's scripts and this Python, 8080 becomes `port`."""
-    src, dst = checkout / "plans" / "demo", state / "project"
+def write_project(checkout: Path, state: Path, port: int, sshd: Sshd | None, scenario: Scenario = SHOP,
+                  kit: Path | None = None, accel: str | None = None) -> Path:
+    """plans/demo (or the scenario's project) with this run's values: hosts reach the private sshd (or
+    run locally), data lives under <state>/sites, commands use this checkout's scripts and this Python,
+    8080 becomes `port`, the QEMU guests boot the guest kit `kit` with `accel` (kvm or tcg)."""
+    src, dst = checkout / scenario.project, state / "project"
     dst.mkdir(parents=True, exist_ok=True)
-    subst = {"/var/lib/siterecovery": str(state / "sites"), "/opt/siterecovery": str(checkout),
+    kit_subst = {KIT_KEEP: str(kit)} if kit is not None else {}  # before /opt/siterecovery, its prefix
+    subst = {"/var/lib/siterecovery": str(state / "sites"), **kit_subst, "/opt/siterecovery": str(checkout),
              f":{TEMPLATE_PORT}": f":{port}"}
     for f in sorted(src.glob("*.yaml")):
         doc = _rewrite(yaml.safe_load(f.read_text()), subst)
@@ -162,6 +242,8 @@ def write_project(checkout: Path, state: Path, port: int, sshd: Sshd | None) -> 
                 for k in ("command", "freeze", "thaw"):
                     if c.get(k) and c[k][0] == "python3":
                         c[k][0] = sys.executable
+                if accel and c.get("backend") == "qemu":
+                    c["accel"] = accel
         if doc.get("kind") == "RecoveryPlan":
             for g in doc["groups"]:
                 for a in g.get("after", []) + g.get("before", []):
@@ -250,6 +332,13 @@ class Estate:
     project: Project | None = None
     fabric: LinuxFabric | None = None
     placements: dict[str, Placement] = field(default_factory=dict)
+    scenario: Scenario = SHOP
+    kit: Path | None = None  # the guest kit (GUESTS)
+    accel: str | None = None  # the guests': kvm when it boots the kit here, else tcg
+
+    @property
+    def vms(self) -> tuple[str, ...]:
+        return self.scenario.vms
 
     @property
     def project_dir(self) -> Path:
@@ -274,14 +363,24 @@ class Estate:
         self.sshd = start_sshd(self.state / "sshd") if self.use_ssh else None
         hosts = [f"{SUBNET[s]}.{n}" for s in SUBNET for n in HOST_NUMBERS]
         self.port = free_port(hosts, TEMPLATE_PORT)
-        write_project(self.checkout, self.state, self.port, self.sshd)
+        if self.kit is not None and self.accel is None:
+            self.accel = "kvm" if kvm_boots(self.kit) else "tcg"
+        write_project(self.checkout, self.state, self.port, self.sshd, self.scenario, self.kit, self.accel)
         self.project = load_project(self.project_dir)
-        pairing = self.project.protection.pairing(PAIRING)
+        pairing = self.project.protection.pairing(self.scenario.pairing)
         self.placements = pairing_placements(self.project, pairing, Direction.forward)
         self.fabric_state.mkdir(parents=True, exist_ok=True)
         drv = driver_for("linux", FabricContext(state_dir=self.fabric_state, options=self.fabric_options))
         assert isinstance(drv, LinuxFabric)
         self.fabric = drv
+        if self.scenario is GUESTS:
+            for p in self.placements.values():
+                for d in p.disks:
+                    path = Path(d.source_path)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.truncate(GUEST_DISK_MIB << 20)
+            return
         tier = self.checkout / "scripts" / "demo" / "tier.py"
         for vm in VMS:
             disk = Path(self.placements[vm].disks[0].source_path)
@@ -292,33 +391,72 @@ class Estate:
     def transport(self) -> str:
         return f"ssh root@127.0.0.1:{self.sshd.port}" if self.sshd else "local (no sshd)"
 
-    def each(self, op: Callable[[Placement], OpResult], vms: tuple[str, ...] = VMS) -> list[OpResult]:
-        return [op(self.placements[vm]) for vm in vms]
+    def each(self, op: Callable[[Placement], OpResult], vms: tuple[str, ...] | None = None) -> list[OpResult]:
+        return [op(self.placements[vm]) for vm in (self.vms if vms is None else vms)]
 
     def start_workload(self) -> dict[str, Any]:
-        """Enable replication (the fabric then knows the VMs) and boot the shop at the primary site."""
+        """Enable replication (the fabric then knows the VMs) and boot the shop (or the guests) at the
+        primary site; a guest is up once it acknowledged its first records."""
         assert self.fabric is not None
         f = self.fabric
         self.each(f.enable_replication)
         self.each(lambda p: f.start_vm(p, side="source"))
+        if self.scenario is GUESTS:
+            wait_until("the guests' first records", lambda: all(self.acked(vm) >= 3 for vm in self.vms), GUEST_BOOT)
+            return {vm: self.acked(vm) for vm in self.vms}
         return wait_healthy(self.url("primary"))
+
+    # ---- the QEMU guests: what they said and wrote -------------------------------------------------
+    def run_dir(self, vm: str, site: str) -> Path:
+        """A VM's run directory (QEMU's serial console, pid, QMP socket) at 'primary' or 'recovery'."""
+        assert self.fabric is not None
+        p = self.placements[vm]
+        return Path(self.fabric._run_dir(p.source if site == "primary" else p.target, vm))
+
+    def acked(self, vm: str, site: str = "primary") -> int:
+        return acks(self.run_dir(vm, site) / "vm.serial")
+
+    def replica_records(self, vm: str) -> dict[str, int]:
+        """disk -> the records the replica at the recovery site holds (raises Torn for a torn point)."""
+        assert self.fabric is not None
+        p = self.placements[vm]
+        return {d.disk: records(Path(self.fabric._replica_image(p, d.disk, None)), d.disk) for d in p.disks}
+
+    def guest_pause(self, vm: str) -> float | None:
+        """The guest's pause in the last point-in-time capture (QMP stop/cont window), in seconds."""
+        assert self.fabric is not None
+        with self.fabric._vm(self.placements[vm]) as box:
+            return box[0].view_seconds if box[0] is not None else None
+
+    def running(self, vm: str, site: str) -> bool:
+        """A QEMU guest's process is alive at 'primary' or 'recovery'."""
+        from .replica import qemu
+
+        return bool(qemu.status(str(self.run_dir(vm, site)), "vm").get("pid"))
+
+    def guests_expectation(self, drill_records: dict[str, int]) -> dict[str, Any]:
+        """scripts/demo/check_guests.py's expectation file: where each guest's console is, per site."""
+        return {"vms": {vm: {s: str(self.run_dir(vm, s)) for s in ("primary", "recovery")} for vm in self.vms},
+                "drill_records": drill_records}
 
     def initial_replication(self) -> list[OpResult]:
         assert self.fabric is not None
         return self.each(self.fabric.start_initial_replication)
 
     def cycle(self) -> list[OpResult]:
-        """One app-consistent delta cycle of every VM: a consistency group's members together (the two
-        databases, both held by tier.py freeze/thaw at one instant), every other VM on its own."""
+        """One delta cycle of every VM: a consistency group's members together (the shop's two databases,
+        both held by tier.py freeze/thaw at one instant: app-consistent; the QEMU guests, both captured
+        in one QMP window: crash-consistent), every other VM on its own."""
         assert self.fabric is not None and self.project is not None
         f = self.fabric
+        c: Any = self.scenario.consistency
         out: list[OpResult] = []
         grouped: set[str] = set()
         for g in self.project.protection.consistency_groups:
-            out += f.replicate_group([self.placements[vm] for vm in g.vms], g.name, consistency="app")
+            out += f.replicate_group([self.placements[vm] for vm in g.vms], g.name, consistency=c)
             grouped.update(g.vms)
-        return out + self.each(lambda p: f.replicate(p, consistency="app"),
-                               tuple(vm for vm in VMS if vm not in grouped))
+        return out + self.each(lambda p: f.replicate(p, consistency=c),
+                               tuple(vm for vm in self.vms if vm not in grouped))
 
     def stop_workload(self) -> None:
         """Stop the shop wherever it runs now (after the failback: the primary site)."""
@@ -381,10 +519,20 @@ def clean(state: Path) -> None:
     shutil.rmtree(state)
 
 
-def drill_leftovers(state: Path, port: int) -> list[str]:
+def drill_leftovers(state: Path, port: int | None) -> list[str]:
     """What a drill could have left behind: test copies on disk, test VM processes, an answering test
-    network. Empty after a clean drill."""
+    network (port None: the VMs have no network, as the QEMU guests). Empty after a clean drill."""
     left = [str(p) for p in (state / "sites").glob("*/*/test")]
     left += [f"process {p}" for p in processes_under(state / "sites") if "/test/" in p]
-    left += [f"{SUBNET['test']}.{n}:{port} answers" for n in HOST_NUMBERS if answers(f"http://{SUBNET['test']}.{n}:{port}")]
+    if port is not None:
+        left += [f"{SUBNET['test']}.{n}:{port} answers" for n in HOST_NUMBERS
+                 if answers(f"http://{SUBNET['test']}.{n}:{port}")]
     return left
+
+
+def wait_until(what: str, cond: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)

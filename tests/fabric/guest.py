@@ -1,14 +1,10 @@
-"""The tiny test guest (scripts/build-test-guest.sh): build it once into a cache, read what it wrote.
-
-Record n of a disk lives in 4 KiB slot n ("SR <disk> <n:08d>"), the header in the disk's last 4 KiB
-("SRH <n:08d>"); the guest writes record n on every disk, then every header, each fsync'ed, then
-prints "ACK n" on its serial console.
+"""The tiny test guest (scripts/build-test-guest.sh): build it once into a cache. What it wrote is read
+by siterecovery.testing.guest (records, acks), shared with `siterecovery demo --qemu`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -16,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from siterecovery.testing.guest import acks, records  # noqa: F401 - the tests import them from here
+
 ROOT = Path(__file__).resolve().parents[2]
-SLOT = 4096
 QEMU = shutil.which("qemu-system-x86_64")
 
 
@@ -32,36 +29,6 @@ def kit() -> Path:
         pytest.skip(r.stderr.strip())
     assert r.returncode == 0, r.stderr
     return cache
-
-
-class Torn(AssertionError):
-    pass
-
-
-def records(image: Path, disk: str) -> int:
-    """The number of records the header names, after checking records 1..n are all there and right."""
-    data = image.read_bytes()
-    head = data[-SLOT:].split(b"\n", 1)[0]
-    if not head.strip(b"\0"):
-        return 0
-    m = re.fullmatch(rb"SRH (\d{8})", head)
-    if not m:
-        raise Torn(f"{image}: bad header {head[:40]!r}")
-    n = int(m.group(1))
-    for i in range(1, n + 1):
-        want = f"SR {disk} {i:08d}\n".encode()
-        got = data[i * SLOT:i * SLOT + len(want)]
-        if got != want:
-            raise Torn(f"{image}: header says {n} records, record {i} is {got!r}")
-    return n
-
-
-def acks(serial: Path) -> int:
-    try:
-        found = re.findall(rb"ACK (\d+)", serial.read_bytes())
-    except FileNotFoundError:
-        return 0
-    return int(found[-1]) if found else 0
 
 
 def wait_for(what: str, cond: object, timeout: float) -> None:

@@ -1,7 +1,7 @@
 """`siterecovery demo`: the embedded demo. It builds two sites on this machine (siterecovery.demo),
-protects the three-tier shop with the linux fabric, then drills, fails over and fails back through
-the recovery-plan flow in Prefect (ephemeral, or PREFECT_API_URL when set), approving the drill's
-manual action itself. Prefect and flows/ are imported inside the command only.
+protects the three-tier shop with the linux fabric (or, with --qemu, two real QEMU guests), then drills,
+fails over and fails back through the recovery-plan flow in Prefect (ephemeral, or PREFECT_API_URL when
+set), approving the drill's manual action itself. Prefect and flows/ are imported inside the command only.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +26,7 @@ from rich.text import Text
 from ..cli import app
 
 DEFAULT_STATE = Path(".siterecovery/demo")
+DEFAULT_STATE_QEMU = Path(".siterecovery/demo-qemu")
 APPROVER = "siterecovery-demo"
 
 
@@ -116,26 +118,41 @@ def demo(
     state: Annotated[Path, typer.Option("--state", help="the demo's state directory")] = DEFAULT_STATE,
     local: Annotated[bool, typer.Option("--local", help="local transport even when sshd is installed")] = False,
     cycles: Annotated[int, typer.Option("--cycles", min=1, max=20, help="delta cycles while the shop writes")] = 3,
+    qemu: Annotated[bool, typer.Option("--qemu", help="real QEMU guests (plans/demo/qemu) instead of the shop; "
+                                                      "needs qemu-system-x86, qemu-utils and the guest kit")] = False,
 ) -> None:
     """Run the embedded demo: protect a real three-tier shop (two databases in one consistency group),
-    drill, fail over and fail back on this machine."""
+    drill, fail over and fail back on this machine. With --qemu the same with two real QEMU guests."""
     from .. import demo as core
 
+    if qemu and state == DEFAULT_STATE:
+        state = DEFAULT_STATE_QEMU  # a QEMU demo never deletes the shop demo's state, nor the reverse
     state = state.resolve()
     console = Console()
     if clean:
         core.clean(state)
         console.print(f"removed {state}")
         return
-    rc = _run(core, state, console, use_ssh=not local, cycles=cycles)
+    kit = None
+    if qemu:
+        missing = core.qemu_missing()
+        try:
+            kit = None if missing else core.guest_kit(core.checkout_root())
+        except core.MissingKit as exc:
+            missing = f"the QEMU demo's guest kit cannot be built: {exc}"
+        if missing:
+            console.print(f"[red]siterecovery demo --qemu:[/] {missing}", soft_wrap=True)
+            raise typer.Exit(3)
+    rc = _run(core, state, console, use_ssh=not local, cycles=cycles, kit=kit)
     raise typer.Exit(rc)
 
 
-def _run(core: Any, state: Path, console: Console, use_ssh: bool, cycles: int) -> int:
+def _run(core: Any, state: Path, console: Console, use_ssh: bool, cycles: int, kit: Path | None = None) -> int:
     checkout = core.checkout_root()
     view = View([Phase(n) for n in PHASES])
-    estate = core.Estate(checkout=checkout, state=state, use_ssh=use_ssh)
-    summary: dict[str, Any] = {"state": str(state), "runs": [], "checks": {}}
+    scenario = core.SHOP if kit is None else core.GUESTS
+    estate = core.Estate(checkout=checkout, state=state, use_ssh=use_ssh, scenario=scenario, kit=kit)
+    summary: dict[str, Any] = {"state": str(state), "plan": scenario.plan, "runs": [], "checks": {}}
     t_all = time.monotonic()
     ok = False
     live = Live(get_renderable=lambda: Group(Text("siterecovery demo", "bold"), view.render()), console=console,
@@ -152,31 +169,37 @@ def _run(core: Any, state: Path, console: Console, use_ssh: bool, cycles: int) -
             view.end(f"primary {core.SUBNET['primary']}.0/24, recovery {core.SUBNET['recovery']}.0/24, "
                      f"isolated test {core.SUBNET['test']}.0/24; hosts over {estate.transport}")
 
-            view.begin("workload")
-            estate.start_workload()
-            writer = core.Writer(estate.url("primary"))
-            writer.start()
-            view.end(f"orders db, payments db, app, web up; shop at {estate.url('primary')}")
+            if scenario is core.GUESTS:
+                before_point: Any = _guests_protected(core, estate, view, summary, cycles)
+            else:
+                view.begin("workload")
+                estate.start_workload()
+                writer = core.Writer(estate.url("primary"))
+                writer.start()
+                view.end(f"orders db, payments db, app, web up; shop at {estate.url('primary')}")
 
-            view.begin("protect", "initial replication")
-            res = estate.initial_replication()
-            view.end(f"{len(res)} VMs replicating to recovery-host; initial copy {sum(r.bytes_sent for r in res) / 1024:.0f} KiB sent")
+                view.begin("protect", "initial replication")
+                res = estate.initial_replication()
+                view.end(f"{len(res)} VMs replicating to recovery-host; initial copy {sum(r.bytes_sent for r in res) / 1024:.0f} KiB sent")
 
-            view.begin("replicate")
-            last_start = time.time()
-            for i in range(cycles):
-                time.sleep(0.3)  # let the customers write between points
+                view.begin("replicate")
                 last_start = time.time()
-                res = estate.cycle()
-                view.note(f"cycle {i + 1}/{cycles}: {sum(r.bytes_sent for r in res)} bytes, point {res[0].point.id if res[0].point else '-'}")
-            before_point = writer.acked_before(last_start)
-            view.end(f"{cycles} app-consistent delta cycles (both databases frozen at one instant by tier.py, "
-                     f"one group point) while {len(writer.acked)} orders were written")
+                for i in range(cycles):
+                    time.sleep(0.3)  # let the customers write between points
+                    last_start = time.time()
+                    res = estate.cycle()
+                    view.note(f"cycle {i + 1}/{cycles}: {sum(r.bytes_sent for r in res)} bytes, point {res[0].point.id if res[0].point else '-'}")
+                before_point = writer.acked_before(last_start)
+                view.end(f"{cycles} app-consistent delta cycles (both databases frozen at one instant by tier.py, "
+                         f"one group point) while {len(writer.acked)} orders were written")
 
             prefect.join()
             if prefect.error is not None:
                 raise prefect.error
-            rc = _through_prefect(core, estate, view, console, writer, before_point, summary)
+            if scenario is core.GUESTS:
+                rc = _guests_through_prefect(core, estate, view, console, before_point, summary)
+            else:
+                rc = _through_prefect(core, estate, view, console, writer, before_point, summary)
             ok = rc == 0
         except Exception as exc:  # noqa: BLE001 - report any failure, then tear down regardless
             view.end(f"{type(exc).__name__}: {exc}", ok=False)
@@ -253,9 +276,30 @@ class _PrefectStart(threading.Thread):
         os.environ["PREFECT_API_URL"] = server.api_url
 
 
+def _plan_runner(estate: Any, view: View, summary: dict[str, Any]) -> Any:
+    """run(phase, **recovery_plan kwargs): one run of the estate's plan through the recovery-plan flow,
+    shown as a phase and kept in the summary."""
+    from flows.recovery_plan import PlanFailed, recovery_plan
+
+    def run(phase: str, extra: Any = None, **kw: Any) -> dict[str, Any]:
+        view.begin(phase)
+        try:
+            out: dict[str, Any] = recovery_plan(plan=estate.scenario.plan, project=str(estate.project_dir),
+                                                fabric_options=estate.fabric_options, **kw)
+        except PlanFailed as exc:
+            out = dict(getattr(exc, "summary", {}) or {"status": "failed", "failures": [str(exc)]})
+        summary["runs"].append({"phase": phase, **out})
+        done = out.get("status") == "succeeded"
+        said = extra(out) if extra is not None and done else ""
+        view.end(f"{out.get('status')}: RPO {_s(out.get('achieved_rpo_seconds'))}, RTO {_s(out.get('achieved_rto_seconds'))}"
+                 + said + ("" if done else f"; {'; '.join(out.get('failures', []))[:200]}"), ok=done)
+        return out
+
+    return run
+
+
 def _through_prefect(core: Any, estate: Any, view: View, console: Console, writer: Any,
                      before_point: list[str], summary: dict[str, Any]) -> int:
-    from flows.recovery_plan import PlanFailed, recovery_plan
     from siterecovery.compile import RunOptions
     from siterecovery.model import Direction, FailoverType
 
@@ -263,30 +307,32 @@ def _through_prefect(core: Any, estate: Any, view: View, console: Console, write
     def expect(items: list[str]) -> None:
         (estate.state / "expected.json").write_text(json.dumps({"items": items}))
 
-    def run(phase: str, **kw: Any) -> dict[str, Any]:
-        view.begin(phase)
-        try:
-            out: dict[str, Any] = recovery_plan(plan=core.PLAN, project=str(estate.project_dir),
-                                                fabric_options=estate.fabric_options, **kw)
-        except PlanFailed as exc:
-            out = dict(getattr(exc, "summary", {}) or {"status": "failed", "failures": [str(exc)]})
-        summary["runs"].append({"phase": phase, **out})
-        done = out.get("status") == "succeeded"
-        view.end(f"{out.get('status')}: RPO {_s(out.get('achieved_rpo_seconds'))}, RTO {_s(out.get('achieved_rto_seconds'))}"
-                 + ("" if done else f"; {'; '.join(out.get('failures', []))[:200]}"), ok=done)
-        return out
+    run = _plan_runner(estate, view, summary)
 
     checks = summary["checks"]
     # 1. The drill: the shop starts on the isolated network from the latest point; the plan's script
     #    checks every order written before that point; the demo signs off the manual action.
     expect(before_point)
-    approver = _Approver(estate, console, writer, core)
+    seen = {"test_orders": 0}
+
+    def look() -> str:
+        test_url, prod_url = estate.url("test"), estate.url("primary")
+        try:
+            n_test = len(core.orders(test_url))
+        except OSError:
+            n_test = 0
+        seen["test_orders"] = n_test
+        n_prod = len(core.orders(prod_url))
+        return (f"test shop at {test_url} holds {n_test} orders (the recovery point); production at {prod_url} "
+                f"went on to {n_prod}, untouched by the drill")
+
+    approver = _Approver(console, look)
     approver.start()
     try:
         drill = run("1 drill (test failover)", failover_type=FailoverType.test)
     finally:
         approver.halt()
-    checks["drill_saw_orders_before_point"] = approver.test_orders >= len(before_point) > 0
+    checks["drill_saw_orders_before_point"] = seen["test_orders"] >= len(before_point) > 0
     # Both databases came up from one group point (check-shop also checked that payments match orders).
     checks["drill_databases_from_one_group_point"] = bool((drill.get("group_points") or {}).get("shop-db"))
     left = core.drill_leftovers(estate.state, estate.port)
@@ -326,15 +372,153 @@ def _through_prefect(core: Any, estate: Any, view: View, console: Console, write
     return 0 if ok else 1
 
 
+def _guests_protected(core: Any, estate: Any, view: View, summary: dict[str, Any], cycles: int) -> dict[str, int]:
+    """The QEMU demo's protection: boot the guests, the initial copy, then delta cycles while they write,
+    each point read back from the replica: a clean prefix of what the guests acknowledged before it, on
+    every disk at one instant. Returns the records acknowledged before the last point (the drill's due)."""
+    from siterecovery.testing.guest import Torn
+
+    view.begin("workload", "booting the guests (minutes under TCG)")
+    t0 = time.monotonic()
+    first = estate.start_workload()
+    accel = (estate.accel or "tcg").upper()
+    view.end(f"db (vda, vdb) and app (vda) booted under {accel} in {time.monotonic() - t0:.0f} s and writing "
+             f"records ({', '.join(f'{vm} ACK {n}' for vm, n in first.items())})")
+    summary["accel"] = accel
+
+    view.begin("protect", "initial replication")
+    res = estate.initial_replication()
+    view.end(f"{len(res)} guests replicating to recovery-host; initial copy {sum(r.bytes_sent for r in res) / 1024:.0f} KiB sent")
+
+    view.begin("replicate")
+    rows: list[dict[str, Any]] = summary.setdefault("cycles", [])
+    clean_prefixes = True
+    before: dict[str, int] = {}
+    for i in range(cycles):
+        time.sleep(1.0)  # let the guests write between points
+        before = {vm: estate.acked(vm) for vm in estate.vms}
+        t = time.monotonic()
+        res = estate.cycle()
+        row: dict[str, Any] = {"cycle": i + 1, "point": next((r.point.group or r.point.id for r in res if r.point), None),
+                               "bytes": sum(r.bytes_sent for r in res), "seconds": round(time.monotonic() - t, 2),
+                               "pause_seconds": {vm: estate.guest_pause(vm) for vm in estate.vms},
+                               "acked_before": before, "replica_records": {}}
+        for vm in estate.vms:
+            try:
+                held = estate.replica_records(vm)
+            except Torn as exc:
+                row["replica_records"][vm] = f"TORN: {exc}"
+                clean_prefixes = False
+                continue
+            row["replica_records"][vm] = held
+            n = list(held.values())
+            # Each record goes to vda, then vdb: one instant holds vda equal to vdb or one ahead.
+            clean_prefixes = clean_prefixes and min(n) >= before[vm] and max(n) - min(n) <= 1 and n[0] == max(n)
+        rows.append(row)
+        view.note(f"cycle {i + 1}/{cycles}: point {row['point']}, {row['bytes']} bytes, guest pause "
+                  + ", ".join(f"{vm} {_ms(v)}" for vm, v in row["pause_seconds"].items()))
+    summary["checks"]["every_point_a_clean_prefix_of_what_the_guests_acknowledged"] = clean_prefixes
+    view.end(f"{cycles} crash-consistent delta cycles (both guests captured in one QMP window, one group point); "
+             f"last: {rows[-1]['bytes']} bytes, replica {rows[-1]['replica_records']}, acknowledged before {before}")
+    return before
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f} ms"
+
+
+def _guests_through_prefect(core: Any, estate: Any, view: View, console: Console, before_point: dict[str, int],
+                            summary: dict[str, Any]) -> int:
+    """The shop demo's three runs with the QEMU guests; the plan's check-guests script (and the demo,
+    from outside) judge each by what the guests say: a drill's test copies check their own records, a
+    guest moved by a planned failover or failback goes on from the record after its last acknowledged."""
+    from siterecovery.compile import RunOptions
+    from siterecovery.model import Direction, FailoverType
+    from siterecovery.testing.guest import resumed_from, self_check
+
+    _quiet_console(view, estate.state / "demo.log")
+    (estate.state / "expected.json").write_text(json.dumps(estate.guests_expectation(before_point)))
+    run = _plan_runner(estate, view, summary)
+    checks, moves = summary["checks"], summary.setdefault("moves", {})
+
+    def tested() -> dict[str, Any]:
+        return {vm: self_check(estate.run_dir(vm, "recovery") / "test.serial") for vm in estate.vms}
+
+    def look() -> str:
+        said = tested()
+        return "; ".join(f"test copy of {vm}: " + (", ".join(f"{d} {'ok' if ok else 'BAD'} ({n} records)"
+                                                              for d, (ok, n) in found.items()) if found else "still checking")
+                         for vm, found in said.items()) + f" (acknowledged before the point: {before_point})"
+
+    def point(out: dict[str, Any]) -> str:
+        gp = (out.get("group_points") or {}).get("guests")
+        return f", point {gp}" if gp else ""
+
+    # 1. The drill: test copies of the latest group point boot at the recovery site with srmode=check.
+    approver = _Approver(console, look)
+    approver.start()
+    try:
+        drill = run("1 drill (test failover)", point, failover_type=FailoverType.test)
+    finally:
+        approver.halt()
+    found = tested()
+    moves["drill"] = {vm: f for vm, f in found.items()}
+    checks["drill_test_copies_found_their_records_whole"] = all(
+        f and all(ok for ok, _ in f.values()) and min(n for _, n in f.values()) >= before_point[vm] for vm, f in found.items())
+    checks["drill_from_one_group_point"] = bool((drill.get("group_points") or {}).get("guests"))
+    left = core.drill_leftovers(estate.state, None)
+    checks["drill_left_nothing"] = not left
+    checks["drill_left"] = left
+    if drill.get("status") != "succeeded" or left:
+        return 1
+
+    def went_on(frm: str, to: str) -> tuple[bool, dict[str, Any]]:
+        said = {vm: {f"last_acked_at_{frm}": estate.acked(vm, frm),
+                     f"went_on_at_{to}_from": resumed_from(estate.run_dir(vm, to) / "vm.serial")} for vm in estate.vms}
+        ok = all(v[f"went_on_at_{to}_from"] is not None
+                 and v[f"last_acked_at_{frm}"] < v[f"went_on_at_{to}_from"] <= v[f"last_acked_at_{frm}"] + 2
+                 for v in said.values())
+        return ok, said
+
+    def moved(frm: str, to: str) -> Any:
+        def said(out: dict[str, Any]) -> str:
+            _, what = went_on(frm, to)
+            return point(out) + "; " + ", ".join(
+                f"{vm} last ACK {v[f'last_acked_at_{frm}']} at {frm}, goes on from {v[f'went_on_at_{to}_from']} at {to}"
+                for vm, v in what.items())
+        return said
+
+    # 2. Planned failover: the guests are shut down, their last writes travel, they boot at the recovery
+    #    site and go on from the record after the last one they acknowledged.
+    planned = run("2 planned failover", moved("primary", "recovery"), failover_type=FailoverType.planned,
+                  confirm=estate.scenario.plan, options=RunOptions(reverse_replication=True))
+    if planned.get("status") != "succeeded":
+        return 1
+    checks["failover_lost_nothing"], moves["failover"] = went_on("primary", "recovery")
+    checks["primary_down_after_failover"] = not any(estate.running(vm, "primary") for vm in estate.vms)
+
+    # 3. Failback: what the guests wrote at the recovery site comes home.
+    core.wait_until("the guests to write at the recovery site",
+                    lambda: all(estate.acked(vm, "recovery") >= (moves["failover"][vm]["went_on_at_recovery_from"] or 0) + 2
+                                for vm in estate.vms), core.GUEST_BOOT)
+    failback = run("3 failback", moved("recovery", "primary"), failover_type=FailoverType.planned,
+                   direction=Direction.failback, confirm=estate.scenario.plan, options=RunOptions(reverse_replication=True))
+    if failback.get("status") != "succeeded":
+        return 1
+    checks["failback_lost_nothing"], moves["failback"] = went_on("recovery", "primary")
+    checks["recovery_down_after_failback"] = not any(estate.running(vm, "recovery") for vm in estate.vms)
+    ok = all(v for k, v in checks.items() if k != "drill_left")
+    return 0 if ok else 1
+
+
 class _Approver(threading.Thread):
     """Plays the application owner: when the drill pauses for 'drill-sign-off', it looks at the test
-    shop on the isolated network, prints how a person would answer in the UI, and approves."""
+    copies (`look` says what it saw), prints how a person would answer in the UI, and approves."""
 
-    def __init__(self, estate: Any, console: Console, writer: Any, core: Any) -> None:
+    def __init__(self, console: Console, look: Callable[[], str]) -> None:
         super().__init__(daemon=True, name="demo-approver")
-        self.estate, self.console, self.writer, self.core = estate, console, writer, core
+        self.console, self.look = console, look
         self.halted = threading.Event()
-        self.test_orders = 0
         self.resumed: list[str] = []
 
     def halt(self) -> None:
@@ -358,15 +542,7 @@ class _Approver(threading.Thread):
                     self.approve(fr, resume_flow_run)
 
     def approve(self, fr: Any, resume: Any) -> None:
-        test_url, prod_url = self.estate.url("test"), self.estate.url("primary")
-        try:
-            n_test = len(self.core.orders(test_url))
-        except OSError:
-            n_test = 0
-        self.test_orders = n_test
-        n_prod = len(self.core.orders(prod_url))
-        comment = (f"test shop at {test_url} holds {n_test} orders (the recovery point); production at {prod_url} "
-                   f"went on to {n_prod}, untouched by the drill")
+        comment = self.look()
         fid = str(fr.id)
         self.console.print(
             f"[bold]manual action[/] 'drill-sign-off' paused flow run [cyan]{fr.name}[/] ({fid}).\n"
@@ -417,6 +593,18 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
         t.add_row(r["phase"], r.get("status", "?"), _s(r.get("achieved_rpo_seconds")), _s(r.get("achieved_rto_seconds")),
                   _s(r.get("people_seconds")), _s(r.get("seconds")))
     console.print(t)
+    if s.get("cycles"):
+        c = Table(title="replication cycles while the guests wrote", title_justify="left")
+        for col in ("cycle", "point", "bytes shipped", "took", "guest pause", "acknowledged before", "replica holds"):
+            c.add_column(col)
+        for row in s["cycles"]:
+            c.add_row(str(row["cycle"]), str(row["point"]), str(row["bytes"]), f"{row['seconds']} s",
+                      ", ".join(f"{vm} {_ms(v)}" for vm, v in row["pause_seconds"].items()),
+                      ", ".join(f"{vm} {n}" for vm, n in row["acked_before"].items()),
+                      "; ".join(f"{vm} {held}" for vm, held in row["replica_records"].items()))
+        console.print(c)
+    for what, said in (s.get("moves") or {}).items():
+        console.print(f"  {what}: {said}", soft_wrap=True)
     for r in s["runs"]:
         if r.get("report"):
             console.print(f"  report {r['phase']}: {r['report']}", soft_wrap=True)
@@ -425,8 +613,9 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
             console.print(f"  {'[green]✓[/]' if v else '[red]✗[/]'} {k.replace('_', ' ')}")
     p = s.get("prefect")
     if p:
-        console.print(f"Prefect: {p['mode']} (ready in {p['startup_seconds']} s). Artifacts 'drill-shop' and "
-                      f"'failover-shop' (report per run) are in the database under {p['home']}: "
+        plan = s.get("plan", "shop")
+        console.print(f"Prefect: {p['mode']} (ready in {p['startup_seconds']} s). Artifacts 'drill-{plan}' and "
+                      f"'failover-{plan}' (report per run) are in the database under {p['home']}: "
                       "see them with `prefect server start` → Artifacts, or `prefect artifact ls`.")
     console.print(f"summary: {s['state']}/summary.json   log: {s['state']}/demo.log", soft_wrap=True)
     if s.get("error"):
