@@ -5,6 +5,7 @@ by siterecovery.testing.guest (records, acks), shared with `siterecovery demo --
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from siterecovery.testing.guest import acks, records  # noqa: F401 - the tests import them from here
+from siterecovery.testing.guest import Torn, acks, records  # noqa: F401 - the tests import them from here
 
 ROOT = Path(__file__).resolve().parents[2]
 QEMU = shutil.which("qemu-system-x86_64")
