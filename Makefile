@@ -15,22 +15,26 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/$(STATE)/prefect
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv system demo demo-clean demo-qemu test test-fast test-slow lint validate clean bench ui ui-stop
+.PHONY: all venv venv-libvirt system demo demo-clean demo-qemu test test-fast test-slow lint validate clean bench ui ui-stop
 
 all: test
 
-# The `libvirt` extra (libvirt-python) builds against libvirt-dev, so it is installed only where that is
-# present (`make system` installs it, hence `test: system venv`); elsewhere the libvirt tests skip.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/pip install -q -e '.[orchestration,test]' 2>&1 | grep -v "^WARNING: Location" || true
-	if pkg-config --exists libvirt 2>/dev/null; then $(BIN)/pip install -q -e '.[libvirt]' 2>&1 | grep -v "^WARNING: Location" || true; fi
 	mkdir -p $(PREFECT_HOME)
 	$(BIN)/python -c "import siterecovery, prefect, paramiko, xxhash, zstandard"
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The `libvirt` extra (libvirt-python) builds against libvirt-dev, so it is installed only where that is
+# present (`make system` installs it); elsewhere the libvirt tests skip. Checked on every run, so a venv
+# made before libvirt-dev was installed (`make demo` first, then `make test`) still gets it.
+venv-libvirt: venv
+	@if pkg-config --exists libvirt 2>/dev/null && ! $(BIN)/python -c "import libvirt" 2>/dev/null; then \
+		$(BIN)/pip install -q -e '.[libvirt]' 2>&1 | grep -v "^WARNING: Location" || true; fi
 
 # Debian packages the tests and the demo use (sshd, rsync, chromium, virsh); skipped when present.
 system:
@@ -60,10 +64,10 @@ lint: venv
 	$(BIN)/mypy
 
 # Long trials (many QEMU crash trials, a Prefect server restart) are marked slow: `make test-slow`.
-test: system venv lint
+test: system venv-libvirt lint
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
-test-slow: system venv
+test-slow: system venv-libvirt
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 # The unit tier only: no sshd, no Prefect server, no browser.
