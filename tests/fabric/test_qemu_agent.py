@@ -254,3 +254,31 @@ def test_a_group_point_is_app_consistent_only_if_every_member_was_quiesced(tmp_p
     finally:
         f.close()
 
+
+
+def test_an_agent_that_froze_no_filesystem_gives_a_crash_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """guest-fsfreeze-freeze answers 0 when the guest has no filesystem it can freeze (data on raw devices,
+    or only filesystems without freeze support): nothing was quiesced, so the point is not app-consistent.
+    The agent's answers are scripted here; the label's rule is the fabric's."""
+    from siterecovery.fabric.linux import _VM
+
+    a = local_host("ny-h1", "ny", tmp_path / "ra")
+    b = local_host("chi-h1", "chi", tmp_path / "rb")
+    p = placement(a, b, tmp_path / "os.img", compute=Compute(backend="qemu", kernel="/k", guest_agent=True))
+    f = fabric(tmp_path / "state")
+    calls: list[str] = []
+    answers = {"guest-fsfreeze-freeze": 0, "guest-fsfreeze-thaw": 0}
+    monkeypatch.setattr(f, "_capture_kind", lambda vm, p: "view")
+    monkeypatch.setattr(f, "_agent", lambda p, execute, timeout: calls.append(execute) or answers[execute])
+    vm = _VM(primary="ny-h1", replica="chi-h1")
+    try:
+        with f._quiesce(vm, p, "app") as q:
+            pass
+        assert q.consistency == "crash" and "froze no filesystem" in q.notes[-1], q.notes
+        assert calls == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]  # thawed all the same
+        answers["guest-fsfreeze-freeze"] = 2
+        with f._quiesce(vm, p, "app") as q:
+            pass
+        assert q.consistency == "app" and "froze 2 filesystem(s)" in q.notes[-1], q.notes
+    finally:
+        f.close()

@@ -626,7 +626,10 @@ class LinuxFabric:
             t_freeze = time.monotonic()
             try:
                 n = self._agent(p, "guest-fsfreeze-freeze", timeout)
-                how.append(f"guest agent froze {n} filesystem(s)")
+                if n:
+                    how.append(f"guest agent froze {n} filesystem(s)")
+                else:  # the agent answered, but nothing in the guest was quiesced (no freezable filesystem)
+                    reason = "the guest agent froze no filesystem"
             except (ReplicaError, OSError, paramiko.SSHException, EOFError) as exc:
                 reason = f"the guest agent did not freeze the guest's filesystems: {exc}"
                 # ...unless the freeze never reached the guest (no agent there: it did not answer the sync).
