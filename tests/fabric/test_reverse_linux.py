@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -155,8 +156,10 @@ def test_a_racily_clean_record_proves_nothing(tmp_path: Path) -> None:
     make_disk(disk, 4 * MiB, seed=1)
     state = tmp_path / "state"
     out = tmp_path / "stream"
+    soon = time.time_ns() + 1_000_000_000
+    os.utime(disk, ns=(soon, soon))  # written "now" whatever the machine's speed: racily clean for sure
     with open(out, "wb") as o:
-        sent = engine.send(str(disk), str(state), o, mode="full")  # no settle: written a moment ago
+        sent = engine.send(str(disk), str(state), o, mode="full")  # no settle
     pending = engine.read_manifest_header(str(state / "manifest.pending"))
     assert pending is not None
     digest = engine.manifest_digest(str(state / "manifest.pending"))
@@ -167,6 +170,7 @@ def test_a_racily_clean_record_proves_nothing(tmp_path: Path) -> None:
                                                "(racily clean)"}
     assert not (tmp_path / "meta").exists()
     # With the disk left alone long enough, the same cycle with settle proves it.
+    os.utime(disk)
     with open(out, "wb") as o:
         sent = engine.send(str(disk), str(state), o, mode="full", settle=engine.RACY_NS / 1e9 + 0.1)
     digest = engine.manifest_digest(str(state / "manifest.pending"))
