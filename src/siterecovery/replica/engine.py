@@ -518,13 +518,14 @@ CLEAN_RUN = 16384  # blocks of base digests per item scan_nbd yields for an unch
 
 
 def scan_nbd(client: Any, size: int, base: ManifestReader | None = None,
-             bitmap: str | None = None) -> Iterator[tuple[int, memoryview | None, list[bytes]]]:
+             bitmap: str | None = None) -> Iterator[tuple[int, memoryview | None, list[bytes] | bytes]]:
     """scan() over an NBD export (a point-in-time view of a running VM's disk): (first block, data or
     None, digests) per span of blocks, in order, covering the disk.
 
     With `bitmap` (a qemu:dirty-bitmap context holding every block written since the point the base
     manifest describes), only dirty blocks are read: the others take their digest from `base`, so the
-    cycle sees them unchanged and its cost follows the change, not the disk. Blocks the server reports
+    cycle sees them unchanged and its cost follows the change, not the disk (a clean stretch comes as
+    the base's digests joined, bytes rather than a list: nothing to compare, no per-block work). Blocks the server reports
     as zero (base:allocation) are not read either. The blocks to read go to client.read_many in one
     pipeline (64 KiB requests, many in flight), so scattered dirty blocks do not wait for each other.
     """
@@ -534,9 +535,9 @@ def scan_nbd(client: Any, size: int, base: ManifestReader | None = None,
     spans, reads = itertools.tee(_spans(size, known, dirty, zeros))
     data = client.read_many((f * BLOCK, min(n * BLOCK, size - f * BLOCK)) for f, n, kind in reads if kind == 2)
     for first, count, kind in spans:
-        if kind == 0:
-            old = base.range(first, count) if base is not None else b""
-            yield first, None, [old[j * DIG:(j + 1) * DIG] for j in range(count)]
+        if kind == 0:  # only below `known`, the base's length: its digests are all there
+            assert base is not None
+            yield first, None, base.range(first, count)
         elif kind == 1:
             yield first, None, [zero_digest(block_len(first + j, size)) for j in range(count)]
         else:
@@ -800,6 +801,9 @@ def send(disk: str, state_dir: str, out: BinaryIO, *, mode: str = "delta", expec
                     if progress and first * BLOCK >= next_report:
                         progress(first * BLOCK, size)
                         next_report = first * BLOCK + PROGRESS_EVERY
+                    if isinstance(digs, bytes):  # clean by the dirty bitmap: the base's own digests
+                        mf.write(digs)
+                        continue
                     new = b"".join(digs)
                     old = base.range(first, len(digs)) if base_path else b""
                     if old == new:
