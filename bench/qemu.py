@@ -5,7 +5,7 @@
 
 Per size: a random raw image attached to a running QEMU (TCG, no guest kernel: the firmware idles, so the
 machine runs and the capture's stop/cont window is real); an initial copy; then per round 1% of its 64 KiB
-blocks rewritten through the VM's device (HMP qemu-io, where a guest's writes go), and three ways to bring
+blocks rewritten with random bytes through the VM's device (HMP qemu-io, where a guest's writes go), and three ways to bring
 a replica up to date, each with its own replica:
   cbt   a point-in-time view of the running VM and a delta that reads only the dirty bitmap's blocks
         (what the qemu backend does each cycle, capture and teardown included);
@@ -63,8 +63,19 @@ def image(path: Path, size: int) -> None:
             f.write(base[:min(16 * MiB, size - i)])
 
 
-def guest_writes(run: str, blocks: list[int]) -> None:
-    """Rewrite these blocks through the VM's device, as a guest would (one QMP session)."""
+def write_sources(work: Path, n: int = 64) -> list[Path]:
+    """n files of one random (incompressible) block each: what guest_writes writes."""
+    out = []
+    for i in range(n):
+        f = work / f"block-{i}.bin"
+        f.write_bytes(os.urandom(BLOCK))
+        out.append(f)
+    return out
+
+
+def guest_writes(run: str, blocks: list[int], sources: list[Path]) -> None:
+    """Rewrite these blocks through the VM's device, as a guest would (one QMP session), with random
+    bytes (one of `sources` per block): incompressible, so compression hides none of the change."""
     from qemu.qmp import QMPClient
 
     async def go() -> None:
@@ -73,7 +84,7 @@ def guest_writes(run: str, blocks: list[int]) -> None:
         try:
             for b in blocks:
                 out = await c.execute("human-monitor-command", {
-                    "command-line": f'qemu-io -d /machine/peripheral/vd0/virtio-backend "write -P {b % 251 + 1} {b * BLOCK} 64k"'})
+                    "command-line": f'qemu-io -d /machine/peripheral/vd0/virtio-backend "write -s {random.choice(sources)} {b * BLOCK} 64k"'})
                 assert out == "", out
         finally:
             await c.disconnect()
@@ -226,6 +237,7 @@ def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool, 
         if with_rsync:
             shutil.copyfile(disk, rs)
         rnd = random.Random()  # fresh changes every run: a reused image must not get its old bytes again
+        sources = write_sources(work)
         nblocks = size // BLOCK
         runs = []
         # Rounds alternate warm (the image in the page cache for both methods) and cold (dropped before
@@ -237,7 +249,7 @@ def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool, 
         last_rsync = max((r for r, (_, _, w) in enumerate(plan) if w), default=-1) if with_rsync else -1
         for r, (kind, count, is_warm) in enumerate(plan):
             blocks = rnd.sample(range(nblocks), count)
-            guest_writes(run, blocks)
+            guest_writes(run, blocks, sources)
             load0 = load()
             cache = warm_cache(disk) if is_warm else drop_cache(disk)
             ph = Phases()
@@ -287,10 +299,15 @@ class SteadyWriter:
         import threading
 
         self.sock, self.size, self.interval = sock, size, 1.0 / max(rate_mbps, 0.1)
-        # Incompressible data (1 MiB of random bytes, written at every offset): compression cannot hide
-        # the volume from the transfer.
-        source.write_bytes(os.urandom(MiB))
-        self.source = source
+        # Incompressible data: compression cannot hide the volume from the transfer. 64 different
+        # 1 MiB sources, one picked per write: with a single source, a slot written again got the
+        # bytes it already held, which no cycle needs to ship (a third of the writes by the end of a
+        # 2-minute run), so the bench under-stated the change it was replicating.
+        self.sources = []
+        for i in range(64):
+            f = source.with_name(f"{source.name}.{i}")
+            f.write_bytes(os.urandom(MiB))
+            self.sources.append(f)
         self.rnd = random.Random(seed)
         self.written = 0
         self.late = 0.0  # seconds the writer fell behind its schedule (the machine could not keep up)
@@ -308,8 +325,9 @@ class SteadyWriter:
                 due = time.monotonic()
                 while not self.halt.is_set():
                     off = self.rnd.randrange(self.size // MiB) * MiB
+                    src = self.rnd.choice(self.sources)
                     out = await c.execute("human-monitor-command", {
-                        "command-line": f'qemu-io -d /machine/peripheral/vd0/virtio-backend "write -s {self.source} {off} 1M"'})
+                        "command-line": f'qemu-io -d /machine/peripheral/vd0/virtio-backend "write -s {src} {off} 1M"'})
                     assert out == "", out
                     self.written += MiB
                     due += self.interval
