@@ -71,3 +71,45 @@ def test_status_and_down_without_anything_started(tmp_path: Path) -> None:
     ui.down(tmp_path, say=said.append)
     assert said == ["no worker running", "no server running"]
     assert ui.status(tmp_path) == {"server": None, "worker": None}
+
+
+# A leader that, like a worker waiting for its flow runs, ignores SIGTERM: it notes when the signal came
+# and whether the other leader (argv[2]) was still alive then.
+STUBBORN = """
+import os, signal, sys, time
+def term(*_):
+    try:
+        os.kill(int(sys.argv[2]), 0)
+        other = "alive"
+    except (ProcessLookupError, ValueError):
+        other = "gone"
+    with open(sys.argv[1], "w") as f:
+        f.write(other)
+signal.signal(signal.SIGTERM, term)
+open(sys.argv[1] + ".ready", "w").close()
+time.sleep(60)
+"""
+
+
+def test_down_gives_workers_that_ignore_sigterm_one_grace(tmp_path: Path) -> None:
+    """`ui down` with two stubborn workers: both get SIGTERM while both still run (one grace for all,
+    not one each: 20 s per worker with a drill paused at its approval), and both are killed after it."""
+    a = subprocess.Popen([sys.executable, "-c", STUBBORN, str(tmp_path / "a.term"), "-"], start_new_session=True)
+    b = subprocess.Popen([sys.executable, "-c", STUBBORN, str(tmp_path / "b.term"), str(a.pid)], start_new_session=True)
+    files = []
+    for name, p in (("a", a), ("b", b)):
+        ui._children[p.pid] = p
+        files.append(ui.Layout(tmp_path.resolve()).pidfile(f"worker-site-{name}"))
+        files[-1].parent.mkdir(parents=True, exist_ok=True)
+        ui.record(files[-1], p.pid)
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"{n}.term.ready").exists() for n in "ab") and time.monotonic() < deadline:
+        time.sleep(0.05)  # both have set their handlers
+    said: list[str] = []
+    ui.down(tmp_path, say=said.append, grace=3)
+    assert said == ["stopped the worker-site-a", "stopped the worker-site-b", "no server running"]
+    assert a.returncode == b.returncode == -9  # SIGKILL after the grace
+    # b was told to stop while a still ran: stopped one after the other, b would find a gone.
+    assert (tmp_path / "b.term").read_text() == "alive"
+    assert (tmp_path / "a.term").exists()
+    assert not any(f.exists() for f in files)

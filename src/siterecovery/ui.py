@@ -10,6 +10,7 @@ as subprocesses, so the core still never imports prefect.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -103,35 +104,45 @@ def recorded(pidfile: Path) -> int | None:
 
 def stop_group(pidfile: Path, grace: float = 20.0) -> bool:
     """SIGTERM the process group recorded in `pidfile`, SIGKILL it after `grace`; True if one ran."""
-    pid = recorded(pidfile)
-    if pid is None:
-        pidfile.unlink(missing_ok=True)
-        return False
-    # Each process was started as the leader of its own session and group (start_new_session), so
-    # the group holds it and its children (uvicorn, flow-run subprocesses) and nothing else.
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pidfile.unlink(missing_ok=True)
-        return False
+    return stop_groups([pidfile], grace)[0]
+
+
+def stop_groups(pidfiles: list[Path], grace: float = 20.0) -> list[bool]:
+    """stop_group for several groups at once: all get SIGTERM, then share one `grace` before SIGKILL, so
+    workers that wait for their flow runs on SIGTERM (Prefect's graceful stop) cost one grace, not one
+    each. Per pidfile: True if a group ran."""
+    pids: dict[Path, int] = {}
+    for pidfile in pidfiles:
+        pid = recorded(pidfile)
+        # Each process was started as the leader of its own session and group (start_new_session), so
+        # the group holds it and its children (uvicorn, flow-run subprocesses) and nothing else.
+        try:
+            if pid is None:
+                raise ProcessLookupError
+            os.killpg(pid, signal.SIGTERM)
+            pids[pidfile] = pid
+        except ProcessLookupError:
+            pidfile.unlink(missing_ok=True)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        _reap(pid)
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        try:
+    live = dict(pids)
+    while live and time.monotonic() < deadline:
+        for pidfile, pid in list(live.items()):
+            _reap(pid)
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                del live[pidfile]
+        if live:
+            time.sleep(0.2)
+    for pid in live.values():
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    child = _children.pop(pid, None)
-    if child is not None:
-        child.wait(10)
-    pidfile.unlink(missing_ok=True)
-    return True
+    for pidfile, pid in pids.items():
+        child = _children.pop(pid, None)
+        if child is not None:
+            child.wait(10)
+        pidfile.unlink(missing_ok=True)
+    return [p in pids for p in pidfiles]
 
 
 def _reap(pid: int) -> None:
@@ -251,16 +262,19 @@ def _workers(lay: Layout) -> list[str]:
     return sorted(p.stem for p in lay.run.glob("worker*.pid"))
 
 
-def down(state: Path, say: Callable[[str], None] = print) -> None:
+def down(state: Path, say: Callable[[str], None] = print, grace: float = 20.0) -> None:
     """Stop the workers, then the server: exactly the process groups `up` recorded; then the
-    PostgreSQL cluster in the state directory, if one runs."""
+    PostgreSQL cluster in the state directory, if one runs. A worker with a flow run in progress (a drill
+    paused at its approval) waits for it on SIGTERM: after `grace` seconds it is killed with its runs,
+    which the next run of their plan recovers (a dead run's report, its slots, its test VMs)."""
     lay = Layout(state.resolve())
     workers = _workers(lay)
-    for name in workers:
-        if stop_group(lay.pidfile(name)):
+    # All workers at once: each waits for its flow runs on SIGTERM, up to the grace.
+    for name, ran in zip(workers, stop_groups([lay.pidfile(n) for n in workers], grace), strict=True):
+        if ran:
             say(f"stopped the {name}")
     for name in ([] if workers else ["worker"]) + ["server"]:
-        if stop_group(lay.pidfile(name)):
+        if stop_group(lay.pidfile(name), grace):
             say(f"stopped the {name}")
         else:
             say(f"no {name} running")

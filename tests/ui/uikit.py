@@ -124,7 +124,9 @@ def running_stack(settings: Settings | None = None, protection_active: bool = Fa
                     db="sqlite" if available() else "postgres")
         yield Stack(state, url)
     finally:
-        ui.down(state, say=lambda _m: None)
+        # A run a test left in flight (a drill paused at its approval) would hold each worker for the
+        # default 20 s grace; the tests need no graceful stop.
+        ui.down(state, say=lambda _m: None, grace=5)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
