@@ -14,6 +14,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 from estate import fabric, local_host, placement
@@ -141,10 +142,22 @@ def check_point(reps: list[Path], acked_before: int) -> int:
 
 
 @pytest.mark.timeout(1200)  # two boots under TCG
-def test_a_libvirt_domain_protected_drilled_and_stopped(tmp_path: Path) -> None:
+def test_a_libvirt_domain_protected_drilled_and_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     need_daemon()
     k = kit()
     import libvirt
+
+    from siterecovery.fabric.base import ReplicationState as S
+    from siterecovery.replica import engine
+
+    sends: list[tuple[str, bool]] = []
+    real_send = engine.send
+
+    def spy(disk: str, state_dir: str, out: Any, **kw: Any) -> dict[str, Any]:
+        sends.append((kw.get("mode", "delta"), bool((kw.get("nbd") or {}).get("bitmap"))))
+        return real_send(disk, state_dir, out, **kw)
+
+    monkeypatch.setattr(engine, "send", spy)
 
     a = local_host("ny-h1", "ny", tmp_path / "ra")
     b = local_host("chi-h1", "chi", tmp_path / "rb")
@@ -230,5 +243,22 @@ def test_a_libvirt_domain_protected_drilled_and_stopped(tmp_path: Path) -> None:
             final = acks(serial)
             f.replicate(p)
             assert check_point(reps, final) >= final
+
+            # Planned failover: the recovery site's domain starts paused on the replica, gets a dirty bitmap
+            # on each disk before its first instruction, then runs; reverse replication then reads only
+            # the blocks it wrote since (a delta through that bitmap), no block compare, no full read.
+            assert f.prepare_planned_failover(p).state == S.PreparedForFailover
+            assert f.failover(p).state == S.FailedOverWaitingCompletion
+            assert f.start_vm(p, side="target").changed
+            with f._vm(p) as box:
+                assert box[0] is not None
+                started = dict(box[0].cbt)
+            assert sorted(started) == ["vda", "vdb"] and all(c["bitmap"].startswith("sr-start-")
+                                                             for c in started.values()), started
+            assert virt.status(uri_b, "guest")["status"] == "running"
+            assert f.commit_failover(p).state == S.FailedOver
+            sends.clear()
+            rev = f.reverse_replication(p)
+            assert sends == [("delta", True), ("delta", True)], (sends, rev.message)
         finally:
             f.close()

@@ -1385,7 +1385,16 @@ class LinuxFabric:
             # its NICs on the isolated network (virt.test_copy_xml), so cleanup leaves nothing behind.
             extra = (["--copy-of", self._domain(p, False), "--disks", json.dumps(disks), "--network", network or ""]
                      if test else [])
-            return bool(self._hv(p, host, "start", *extra, test=test)["started"])
+            since = {} if test else self._track_since(vm, p, host)
+            if since:
+                names = self._disks(vm)
+                extra += ["--track", json.dumps([{"path": path, "format": self._format(vm, d, host), "node": f"d{i}"}
+                                                 for i, (d, path) in enumerate(zip(names, disks, strict=True))
+                                                 if d in since])]
+            out = self._hv(p, host, "start", *extra, test=test)
+            if since:
+                self._tracked_from_start(vm, p, host, since, out)
+            return bool(out["started"])
         if c.backend == "qemu":
             return self._qemu_start(vm, p, host, test, disks, network)
         if not c.command:
@@ -1413,30 +1422,40 @@ class LinuxFabric:
                 # Test copies and replicas are raw; the primary's disks have the topology's format.
                 "disks": [{"path": path, "format": "raw" if test else self._format(vm, d, host)}
                           for d, path in zip(names, disks, strict=True)]}
-        # Started on its replica (a failover): the replica disks hold a known point, so dirty bitmaps added
-        # before the guest runs track every change since that point, and the first reversed cycle reads
-        # only those blocks. Only disks whose replica is proved intact (status: disk_matches) count.
-        since: dict[str, str] = {}
-        if not test and host.name == vm.replica:
-            for d in names:
-                st = self._ep(host).call(["status", *self._rep_args(vm, p, d, host)])
-                if st["disk_matches"] and st["gen"]:
-                    since[d] = st["gen"]
-            spec["track"] = bool(since)
+        since = {} if test else self._track_since(vm, p, host)
+        spec["track"] = bool(since)
         out = self._ep(host).call(["qemu-start", "--run", self._run_dir(host, p.vm), "--name", "test" if test else "vm",
                                    "--spec", json.dumps(spec)])
         if out.get("started") and not test:
             # A new QEMU has no bitmaps of the old one (raw disks), or only inconsistent ones after a
             # crash: the capture finds out and the next cycle reads everything once.
             log.info("%s: QEMU started at %s (%s)", p.vm, host.name, out.get("accel"))
-            if out.get("track_error"):
-                log.warning("%s: no dirty bitmaps from the start at %s (%s): its first cycle reads every disk",
-                            p.vm, host.name, out["track_error"])
-            bitmaps = out.get("bitmaps") or {}
-            for i, d in enumerate(names):
-                if d in since and f"d{i}" in bitmaps:
-                    vm.cbt[d] = {"bitmap": bitmaps[f"d{i}"], "since": [since[d]]}
+            self._tracked_from_start(vm, p, host, since, out)
         return bool(out.get("started"))
+
+    def _track_since(self, vm: _VM, p: Placement, host: Host) -> dict[str, str]:
+        """Started on its replica (a failover): the replica disks hold a known point, so dirty bitmaps added
+        before the guest runs track every change since that point, and the first reversed cycle reads
+        only those blocks. Per disk whose replica is proved intact (status: disk_matches), the generation
+        of that point; empty elsewhere."""
+        since: dict[str, str] = {}
+        if host.name == vm.replica:
+            for d in self._disks(vm):
+                st = self._ep(host).call(["status", *self._rep_args(vm, p, d, host)])
+                if st["disk_matches"] and st["gen"]:
+                    since[d] = st["gen"]
+        return since
+
+    def _tracked_from_start(self, vm: _VM, p: Placement, host: Host, since: dict[str, str], out: dict[str, Any]) -> None:
+        """Record the bitmaps a start added (qemu-start, libvirt-start: disk key d<i> -> bitmap) as each
+        disk's change tracking since its replica's point."""
+        if out.get("track_error"):
+            log.warning("%s: no dirty bitmaps from the start at %s (%s): its first cycle reads every disk",
+                        p.vm, host.name, out["track_error"])
+        bitmaps = out.get("bitmaps") or {}
+        for i, d in enumerate(self._disks(vm)):
+            if d in since and f"d{i}" in bitmaps:
+                vm.cbt[d] = {"bitmap": bitmaps[f"d{i}"], "since": [since[d]]}
 
     @staticmethod
     def _address(p: Placement, host: Host, test: bool) -> str:

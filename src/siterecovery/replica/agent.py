@@ -299,7 +299,7 @@ def _run(cmd: P.Command[Any], stdin: BinaryIO, stdout: BinaryIO, progress: Progr
         case P.QemuRelease():
             return qemu.release(cmd.run, cmd.name, cmd.view, ok=not cmd.failed)
         case P.LibvirtStart():
-            return virt.start(cmd.uri, cmd.domain, cmd.copy_of, cmd.disks, cmd.network)
+            return virt.start(cmd.uri, cmd.domain, cmd.copy_of, cmd.disks, cmd.network, cmd.track)
         case P.LibvirtStop():
             return virt.stop(cmd.uri, cmd.domain, cmd.grace)
         case P.LibvirtStatus():

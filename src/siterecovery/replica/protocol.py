@@ -571,6 +571,8 @@ class QemuRelease(_QemuCommand[QemuReleaseResult]):
 class LibvirtStartResult(TypedDict):
     started: bool
     status: NotRequired[str]
+    bitmaps: NotRequired[dict[str, str]]  # track: disk key -> the dirty bitmap added before the guest ran
+    track_error: NotRequired[str]  # track: why no bitmaps were added (the guest runs untracked)
 
 
 class LibvirtStatusResult(TypedDict):
@@ -594,6 +596,9 @@ class LibvirtStart(_LibvirtCommand[LibvirtStartResult]):
     copy_of: str = ""  # a test copy: a transient copy of this domain...
     disks: list[str] = field(default_factory=list)  # ...on these disks...
     network: str = ""  # ...with its NICs on this network
+    # Started on its replica: [{path, format, node (key)}], disks that get a dirty bitmap before the guest
+    # runs (the domain starts paused), so the first reversed cycle reads only what the guest wrote.
+    track: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import json
 import os
 import threading
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -137,9 +138,16 @@ def _status(conn: Any, domain: str) -> dict[str, Any]:
     return out
 
 
-def start(uri: str, domain: str, copy_of: str = "", disks: list[str] | None = None, network: str = "") -> dict[str, Any]:
+def start(uri: str, domain: str, copy_of: str = "", disks: list[str] | None = None, network: str = "",
+          track: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Start a defined domain (virDomainCreate) unless it runs; copy_of: start `domain` instead as a
-    transient copy of that domain with its disks swapped for `disks` and its NICs on `network`."""
+    transient copy of that domain with its disks swapped for `disks` and its NICs on `network`.
+
+    track ([{path, format, node}], a domain started on its replica): the domain starts paused, each of
+    these disks gets a dirty bitmap, then it runs; the answer's `bitmaps` maps each disk's `node` (the
+    fabric's key) to its bitmap, which then holds every block the guest ever writes. A bitmap that
+    cannot be added is left out and said in `track_error` (that disk's first cycle reads it whole); the
+    guest runs either way."""
     with _connect(uri) as conn:
         dom = _lookup(conn, domain)
         if dom is not None and _state(dom) not in _OFF:
@@ -155,8 +163,35 @@ def start(uri: str, domain: str, copy_of: str = "", disks: list[str] | None = No
             if dom is None:
                 raise LibvirtError(f"libvirt has no domain {domain}; define it at this host (virsh define)",
                                    code="NoDomain")
-            _call(f"start domain {domain}", dom.create)
+            if not track:
+                _call(f"start domain {domain}", dom.create)
+                return {"started": True, "status": STATES.get(_state(dom), "")}
+            _call(f"start domain {domain} paused", dom.createWithFlags, _lib().VIR_DOMAIN_START_PAUSED)
+            out: dict[str, Any] = {"started": True}
+            try:
+                out["bitmaps"] = _track_from_start(dom, track)
+            except ReplicaError as exc:
+                out["track_error"] = str(exc)
+            finally:
+                _call(f"resume domain {domain}", dom.resume)  # if even this fails, the start failed
+            out["status"] = STATES.get(_state(dom), "")
+            return out
         return {"started": True, "status": STATES.get(_state(dom), "")}
+
+
+def _track_from_start(dom: Any, track: list[dict[str, Any]]) -> dict[str, str]:
+    """A dirty bitmap on each of these disks of a domain not yet running (qemu._track_from_start over
+    libvirt's monitor passthrough); the disks are found by file, their format checked as capture does."""
+    tag = uuid.uuid4().hex[:8]
+    blocks = _monitor(dom, "query-block")
+    out: dict[str, str] = {}
+    for i, ins in enumerate(_match(blocks, dom.name(), track)):
+        add: dict[str, Any] = {"node": ins["node"], "name": f"{qemu.BITMAP_PREFIX}start-{tag}-{i}"}
+        if ins["format"] == "qcow2":
+            add["persistent"] = True
+        _monitor(dom, "block-dirty-bitmap-add", add)
+        out[ins["key"]] = add["name"]
+    return out
 
 
 def stop(uri: str, domain: str, grace: float) -> dict[str, Any]:
@@ -281,6 +316,11 @@ def _nodes(uri: str, domain: str, disks: list[dict[str, Any]]) -> list[dict[str,
     container, or the reverse, would ship the wrong bytes)."""
     with _connect(uri) as conn:
         blocks = _monitor(_need(conn, domain), "query-block")
+    return _match(blocks, domain, disks)
+
+
+def _match(blocks: list[dict[str, Any]], domain: str, disks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """_nodes from an answer of query-block."""
     by_file = {os.path.realpath(b["inserted"]["file"]): b["inserted"] for b in blocks if b.get("inserted")}
     out: list[dict[str, Any]] = []
     for d in disks:
