@@ -145,9 +145,9 @@ def start(uri: str, domain: str, copy_of: str = "", disks: list[str] | None = No
 
     track ([{path, format, node}], a domain started on its replica): the domain starts paused, each of
     these disks gets a dirty bitmap, then it runs; the answer's `bitmaps` maps each disk's `node` (the
-    fabric's key) to its bitmap, which then holds every block the guest ever writes. A bitmap that
-    cannot be added is left out and said in `track_error` (that disk's first cycle reads it whole); the
-    guest runs either way."""
+    fabric's key) to its bitmap, which then holds every block the guest ever writes. If they cannot all
+    be added, none is reported and `track_error` says why (the first cycle reads the views whole; a
+    bitmap added all the same is removed by the next capture as stale); the guest runs either way."""
     with _connect(uri) as conn:
         dom = _lookup(conn, domain)
         if dom is not None and _state(dom) not in _OFF:
