@@ -134,3 +134,22 @@ def test_partly_written_blocks_of_a_sparse_disk_are_read(tmp_path: Path) -> None
         qemu.stop(run, "vm", 0)
     assert sent["blocks"] == 3
     assert file_digest(pair.rep.path) == file_digest(str(disk))
+
+
+def test_a_view_left_behind_is_removed_by_the_next_capture(vm: Any, tmp_path: Path) -> None:
+    """A view whose release never ran (the agent killed mid-cycle, its SSH link gone) leaves the device
+    reading through our copy-before-write filter. The next capture removes it and works: without that,
+    every later cycle failed ("no device on node d0") until QEMU restarted, and the old scratch grew with
+    every guest write."""
+    run, raw, q = vm
+    disks = [{"node": "d0", "format": "raw", "prev": None}, {"node": "d1", "format": "qcow2", "prev": None}]
+    v1 = qemu.capture(run, "vm", disks, "4-aa")  # never released
+    write_after(run, 0)
+    v2 = qemu.capture(run, "vm", [{**d, "prev": v1["disks"][i]["new_bitmap"]} for i, d in enumerate(disks)], "5-bb")
+    pair = Pair(tmp_path / "p0", raw)
+    pair.cycle("full", nbd={"socket": v2["socket"], "export": v2["disks"][0]["export"]})
+    assert Path(pair.rep.path).read_bytes()[:1] == b"\x55"  # the new view: the writes after view 1 are in
+    qemu.release(run, "vm", v2, ok=True)
+    nodes = qemu.qmp(qemu.paths(run, "vm")["qmp"], "query-named-block-nodes", {"flat": True})
+    assert not [n["node-name"] for n in nodes if n["node-name"].startswith("sr-")]
+    assert not list((Path(run) / "views").iterdir())  # the old scratch files went too

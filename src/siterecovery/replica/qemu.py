@@ -255,6 +255,13 @@ def capture(run: str, name: str, disks: list[dict[str, Any]], tag: str, session:
 
     async def go(c: Any) -> dict[str, Any]:
         blocks = await c.execute("query-block")
+        if left := _left_behind(blocks, disks, scratch_dir):
+            # Otherwise the device reads through the old filter and this disk has "no device": every
+            # cycle would fail until QEMU restarts, and the old scratch would grow with every write.
+            if errors := await _teardown(c, left, ok=True):
+                raise QemuError(f"a view an earlier cycle left behind could not be removed: {'; '.join(errors)}",
+                                code="CaptureFailed")
+            blocks = await c.execute("query-block")
         qdev = {b["inserted"]["node-name"]: b.get("qdev") for b in blocks if b.get("inserted")}
         sizes = {b["inserted"]["node-name"]: b["inserted"]["image"]["virtual-size"] for b in blocks if b.get("inserted")}
         nodes = await c.execute("query-named-block-nodes", {"flat": True})
@@ -362,41 +369,63 @@ def release(run: str, name: str, view: dict[str, Any], ok: bool, session: Sessio
     p = paths(run, name)
 
     async def go(c: Any) -> dict[str, Any]:
-        errors: list[str] = []
-
-        async def step(cmd: str, args: dict[str, Any]) -> None:
-            try:
-                await c.execute(cmd, args)
-            except Exception as exc:
-                msg = str(exc)
-                if "not found" not in msg and "Cannot find" not in msg and "does not exist" not in msg:
-                    errors.append(f"{cmd}: {msg}")
-
-        blocks = await c.execute("query-block")
-        qdev = {b["inserted"]["node-name"]: b.get("qdev") for b in blocks if b.get("inserted")}
-        for v in view["disks"]:
-            await step("block-export-del", {"id": v["export"]})
-            for _ in range(100):  # a client still connected keeps the export until it leaves
-                exports = await c.execute("query-block-exports")
-                if not any(e.get("id") == v["export"] for e in exports):
-                    break
-                await asyncio.sleep(0.05)
-            await step("blockdev-del", {"node-name": v["acc"]})
-            dev = v.get("qdev") or qdev.get(v["cbw"])
-            if dev and qdev.get(v["cbw"]):
-                await step("qom-set", {"path": dev, "property": "drive", "value": v["node"]})
-            await step("blockdev-del", {"node-name": v["cbw"]})
-            await step("blockdev-del", {"node-name": v["tmp"]})
-            if v.get("bitmap"):
-                if not ok:
-                    await step("block-dirty-bitmap-merge", {"node": v["node"], "target": v["new_bitmap"],
-                                                            "bitmaps": [v["bitmap"]]})
-                await step("block-dirty-bitmap-remove", {"node": v["node"], "name": v["bitmap"]})
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(v["scratch"])
-        return {"released": True, "errors": errors}
+        return {"released": True, "errors": await _teardown(c, view["disks"], ok)}
 
     out: dict[str, Any] = (session or (lambda fn: _session(p["qmp"], fn)))(go)
+    return out
+
+
+async def _teardown(c: Any, disks: list[dict[str, Any]], ok: bool) -> list[str]:
+    """release()'s steps on an open monitor session; the errors other than "already gone"."""
+    errors: list[str] = []
+
+    async def step(cmd: str, args: dict[str, Any]) -> None:
+        try:
+            await c.execute(cmd, args)
+        except Exception as exc:
+            msg = str(exc)
+            if "not found" not in msg and "Cannot find" not in msg and "does not exist" not in msg:
+                errors.append(f"{cmd}: {msg}")
+
+    blocks = await c.execute("query-block")
+    qdev = {b["inserted"]["node-name"]: b.get("qdev") for b in blocks if b.get("inserted")}
+    for v in disks:
+        await step("block-export-del", {"id": v["export"]})
+        for _ in range(100):  # a client still connected keeps the export until it leaves
+            exports = await c.execute("query-block-exports")
+            if not any(e.get("id") == v["export"] for e in exports):
+                break
+            await asyncio.sleep(0.05)
+        await step("blockdev-del", {"node-name": v["acc"]})
+        dev = v.get("qdev") or qdev.get(v["cbw"])
+        if dev and qdev.get(v["cbw"]):
+            await step("qom-set", {"path": dev, "property": "drive", "value": v["node"]})
+        await step("blockdev-del", {"node-name": v["cbw"]})
+        await step("blockdev-del", {"node-name": v["tmp"]})
+        if v.get("bitmap"):
+            if not ok:
+                await step("block-dirty-bitmap-merge", {"node": v["node"], "target": v["new_bitmap"],
+                                                        "bitmaps": [v["bitmap"]]})
+            await step("block-dirty-bitmap-remove", {"node": v["node"], "name": v["bitmap"]})
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(v["scratch"])
+    return errors
+
+
+def _left_behind(blocks: list[dict[str, Any]], disks: list[dict[str, Any]], scratch_dir: str) -> list[dict[str, Any]]:
+    """Views an earlier cycle never released (its agent killed, its SSH link gone mid-release): a disk
+    whose device still reads through a copy-before-write filter of ours, named sr-cbw-<tag>-<key>. Each
+    as release() takes it, without bitmaps (the capture sorts those out: an unreleased chain is stale)."""
+    inserted = {b["inserted"]["node-name"]: b.get("qdev") for b in blocks if b.get("inserted")}
+    out = []
+    for d in disks:
+        if d["node"] in inserted:
+            continue
+        k = d.get("key") or d["node"]
+        for node, dev in inserted.items():
+            if node.startswith("sr-cbw-") and node.endswith(f"-{k}") and len(node) > len(f"sr-cbw--{k}"):
+                tag = node[len("sr-cbw-"):-len(k) - 1]
+                out.append({"node": d["node"], "qdev": dev, **_names(d, tag, scratch_dir)})
     return out
 
 
