@@ -153,3 +153,12 @@ def test_a_view_left_behind_is_removed_by_the_next_capture(vm: Any, tmp_path: Pa
     nodes = qemu.qmp(qemu.paths(run, "vm")["qmp"], "query-named-block-nodes", {"flat": True})
     assert not [n["node-name"] for n in nodes if n["node-name"].startswith("sr-")]
     assert not list((Path(run) / "views").iterdir())  # the old scratch files went too
+
+
+def test_a_views_names_never_leave_its_scratch_directory() -> None:
+    """A view's tag and disk key become node names and its scratch file's name: QEMU's node-name charset
+    only, so no '/' (or anything else) can take the file outside the scratch directory."""
+    assert qemu._names({"node": "d0"}, "7-ab12cd", "/run/views")["scratch"] == "/run/views/7-ab12cd-d0.scratch"
+    for tag, key in (("../../etc/x", "d0"), ("7", "d0/../../x"), ("", "d0"), ("7", "d 0")):
+        with pytest.raises(qemu.QemuError, match="letters, digits"):
+            qemu._names({"node": "d0", "key": key}, tag, "/run/views")

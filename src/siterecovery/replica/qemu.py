@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -348,10 +349,16 @@ def _sparse_scratch(path: str, size: int) -> None:
         raise QemuError(f"the view's scratch file {path}: {exc.strerror}", code="CaptureFailed") from None
 
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
 def _names(d: dict[str, Any], tag: str, scratch_dir: str) -> dict[str, str]:
     """The names a view adds for one disk; `key` (default: the node) keeps them within QEMU's 31
     characters where the node's own name is long (libvirt's libvirt-N-format)."""
     k = d.get("key") or d["node"]
+    if not _NAME.fullmatch(f"{tag}-{k}"):  # QEMU's own charset for node names; and it becomes a file name
+        raise QemuError(f"a view's tag and disk key must be letters, digits, '.', '_' or '-': {tag!r}, {k!r}",
+                        code="CaptureFailed")
     return {"scratch": os.path.join(scratch_dir, f"{tag}-{k}.scratch"), "tmp": f"sr-tmp-{tag}-{k}",
             "cbw": f"sr-cbw-{tag}-{k}", "acc": f"sr-acc-{tag}-{k}", "export": f"sr-view-{tag}-{k}"}
 
