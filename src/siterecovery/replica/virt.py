@@ -169,7 +169,7 @@ def start(uri: str, domain: str, copy_of: str = "", disks: list[str] | None = No
             _call(f"start domain {domain} paused", dom.createWithFlags, _lib().VIR_DOMAIN_START_PAUSED)
             out: dict[str, Any] = {"started": True}
             try:
-                out["bitmaps"] = _track_from_start(dom, track)
+                out["bitmaps"] = _track_from_start(dom, domain, track)
             except ReplicaError as exc:
                 out["track_error"] = str(exc)
             finally:
@@ -179,13 +179,13 @@ def start(uri: str, domain: str, copy_of: str = "", disks: list[str] | None = No
         return {"started": True, "status": STATES.get(_state(dom), "")}
 
 
-def _track_from_start(dom: Any, track: list[dict[str, Any]]) -> dict[str, str]:
+def _track_from_start(dom: Any, domain: str, track: list[dict[str, Any]]) -> dict[str, str]:
     """A dirty bitmap on each of these disks of a domain not yet running (qemu._track_from_start over
     libvirt's monitor passthrough); the disks are found by file, their format checked as capture does."""
     tag = uuid.uuid4().hex[:8]
     blocks = _monitor(dom, "query-block")
     out: dict[str, str] = {}
-    for i, ins in enumerate(_match(blocks, dom.name(), track)):
+    for i, ins in enumerate(_match(blocks, domain, track)):
         add: dict[str, Any] = {"node": ins["node"], "name": f"{qemu.BITMAP_PREFIX}start-{tag}-{i}"}
         if ins["format"] == "qcow2":
             add["persistent"] = True
