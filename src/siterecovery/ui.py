@@ -116,12 +116,11 @@ def stop_groups(pidfiles: list[Path], grace: float = 20.0) -> list[bool]:
         pid = recorded(pidfile)
         # Each process was started as the leader of its own session and group (start_new_session), so
         # the group holds it and its children (uvicorn, flow-run subprocesses) and nothing else.
-        try:
-            if pid is None:
-                raise ProcessLookupError
-            os.killpg(pid, signal.SIGTERM)
-            pids[pidfile] = pid
-        except ProcessLookupError:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+                pids[pidfile] = pid
+        if pidfile not in pids:
             pidfile.unlink(missing_ok=True)
     deadline = time.monotonic() + grace
     live = dict(pids)

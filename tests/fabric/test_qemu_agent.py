@@ -255,7 +255,6 @@ def test_a_group_point_is_app_consistent_only_if_every_member_was_quiesced(tmp_p
         f.close()
 
 
-
 def test_an_agent_that_froze_no_filesystem_gives_a_crash_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """guest-fsfreeze-freeze answers 0 when the guest has no filesystem it can freeze (data on raw devices,
     or only filesystems without freeze support): nothing was quiesced, so the point is not app-consistent.
