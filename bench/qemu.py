@@ -63,12 +63,14 @@ def image(path: Path, size: int) -> None:
             f.write(base[:min(16 * MiB, size - i)])
 
 
-def write_sources(work: Path, n: int = 64) -> list[Path]:
-    """n files of one random (incompressible) block each: what guest_writes writes."""
+def write_sources(stem: Path, size: int, n: int = 64) -> list[Path]:
+    """n files of `size` random (incompressible) bytes, <stem>.<i>: what the guest's writes write, one
+    picked per write, so a slot written again gets new bytes (with one source it would get the bytes
+    it already held, which no cycle needs to ship, and the bench would under-state the change)."""
     out = []
     for i in range(n):
-        f = work / f"block-{i}.bin"
-        f.write_bytes(os.urandom(BLOCK))
+        f = stem.with_name(f"{stem.name}.{i}")
+        f.write_bytes(os.urandom(size))
         out.append(f)
     return out
 
@@ -237,7 +239,7 @@ def bench_size(work: Path, size: int, rounds: int, fraction: float, keep: bool, 
         if with_rsync:
             shutil.copyfile(disk, rs)
         rnd = random.Random()  # fresh changes every run: a reused image must not get its old bytes again
-        sources = write_sources(work)
+        sources = write_sources(work / "block", BLOCK)
         nblocks = size // BLOCK
         runs = []
         # Rounds alternate warm (the image in the page cache for both methods) and cold (dropped before
@@ -299,15 +301,9 @@ class SteadyWriter:
         import threading
 
         self.sock, self.size, self.interval = sock, size, 1.0 / max(rate_mbps, 0.1)
-        # Incompressible data: compression cannot hide the volume from the transfer. 64 different
-        # 1 MiB sources, one picked per write: with a single source, a slot written again got the
-        # bytes it already held, which no cycle needs to ship (a third of the writes by the end of a
-        # 2-minute run), so the bench under-stated the change it was replicating.
-        self.sources = []
-        for i in range(64):
-            f = source.with_name(f"{source.name}.{i}")
-            f.write_bytes(os.urandom(MiB))
-            self.sources.append(f)
+        # Incompressible, and new bytes at every write: compression cannot hide the volume from the
+        # transfer (with one source, a third of a 2-minute run's writes needed no shipping).
+        self.sources = write_sources(source, MiB)
         self.rnd = random.Random(seed)
         self.written = 0
         self.late = 0.0  # seconds the writer fell behind its schedule (the machine could not keep up)
